@@ -1,0 +1,1 @@
+"""One decoder-only transformer for every supported HF family, plus sampling."""

@@ -1,0 +1,273 @@
+"""One Flax linen decoder-only transformer whose `ModelConfig` switches cover every supported HF family.
+
+`Decoder.apply({'params': p}, input_ids, ...)` returns the final normed hidden states [B, T, D]; the log-prob code
+multiplies them with `unembedding(params, config)` in chunks, so full logits are never needed in training.
+Every parameter carries logical axis names (embed, mlp, heads, kv_heads, head_dim, vocab, layers) for sharding rules.
+
+Decoding uses an explicit KV cache (`init_cache`), passed in and returned, so sampling stays a pure jitted function.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dpo_jax.models.config import ModelConfig
+from dpo_jax.models.rotary import apply_rotary
+
+Array = jax.Array
+Cache = dict[str, Array]  # {"k", "v"}: [layers, B, S, kv_heads, head_dim]
+
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _init(axes: tuple[str | None, ...], init: Any = nn.initializers.normal(0.02)):
+    return nn.with_logical_partitioning(init, axes)
+
+
+class Norm(nn.Module):
+    """RMSNorm or LayerNorm over the last axis, computed in float32."""
+
+    config: ModelConfig
+    axis_name: str = "embed"
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = self.config
+        pdt = jnp.dtype(c.param_dtype)
+        d = x.shape[-1]
+        scale = self.param("scale", _init((self.axis_name,), nn.initializers.ones), (d,), pdt)
+        x32 = x.astype(jnp.float32)
+        if c.norm_type == "rmsnorm":
+            y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + c.norm_eps)
+            y = y * scale.astype(jnp.float32)
+        else:
+            mean = jnp.mean(x32, -1, keepdims=True)
+            var = jnp.mean(jnp.square(x32 - mean), -1, keepdims=True)
+            bias = self.param("bias", _init((self.axis_name,), nn.initializers.zeros), (d,), pdt)
+            y = (x32 - mean) * jax.lax.rsqrt(var + c.norm_eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return y.astype(jnp.dtype(c.dtype))
+
+
+def _dense(config: ModelConfig, features, axes, name, use_bias, in_axes=-1):
+    """DenseGeneral with logical axes on the kernel and bias (bias axes = the output axes)."""
+    n_out = len(features) if isinstance(features, tuple) else 1
+    return nn.DenseGeneral(
+        features=features,
+        axis=in_axes,
+        use_bias=use_bias,
+        dtype=jnp.dtype(config.dtype),
+        param_dtype=jnp.dtype(config.param_dtype),
+        kernel_init=_init(axes),
+        bias_init=_init(axes[-n_out:], nn.initializers.zeros),
+        name=name,
+    )
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask, cache_index=None, layer_cache=None):
+        c = self.config
+        h, kv, hd = c.num_heads, c.num_kv_heads, c.head_dim
+        q = _dense(c, (h, hd), ("embed", "heads", "head_dim"), "q", c.qkv_bias)(x)
+        k = _dense(c, (kv, hd), ("embed", "kv_heads", "head_dim"), "k", c.qkv_bias)(x)
+        v = _dense(c, (kv, hd), ("embed", "kv_heads", "head_dim"), "v", c.qkv_bias)(x)
+        if c.qk_norm:
+            q = Norm(c, "head_dim", name="q_norm")(q)
+            k = Norm(c, "head_dim", name="k_norm")(k)
+        if c.position_embedding == "rotary":
+            q, k = apply_rotary(q, positions, c), apply_rotary(k, positions, c)
+        new_cache = None
+        if layer_cache is not None:  # write this step's keys/values at cache_index, attend over the whole cache
+            k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype),
+                                                        cache_index, axis=1)
+            v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype),
+                                                        cache_index, axis=1)
+            new_cache = {"k": k_all, "v": v_all}
+            k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=hd**-0.5, implementation=c.attention_impl)
+        out = _dense(c, c.hidden_size, ("heads", "head_dim", "embed"), "o", c.attn_out_bias, in_axes=(-2, -1))(out)
+        return out, new_cache
+
+
+class Mlp(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        act = _ACTIVATIONS[c.activation]
+        if c.mlp_type == "swiglu":
+            gate = _dense(c, c.intermediate_size, ("embed", "mlp"), "gate", c.mlp_bias)(x)
+            up = _dense(c, c.intermediate_size, ("embed", "mlp"), "up", c.mlp_bias)(x)
+            return _dense(c, c.hidden_size, ("mlp", "embed"), "down", c.mlp_bias)(act(gate) * up)
+        hidden = act(_dense(c, c.intermediate_size, ("embed", "mlp"), "fc_in", c.mlp_bias)(x))
+        return _dense(c, c.hidden_size, ("mlp", "embed"), "fc_out", c.mlp_bias)(hidden)
+
+
+class Block(nn.Module):
+    """One layer; the residual wiring is the config's `residual` switch. Scan-compatible signature."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask, cache_index=None, layer_cache=None):
+        c = self.config
+        attn, mlp = Attention(c, name="attn"), Mlp(c, name="mlp")
+        normed = Norm(c, name="attn_norm")(x)
+        a, new_cache = attn(normed, positions, mask, cache_index, layer_cache)
+        if c.residual == "sequential":
+            x = x + a
+            x = x + mlp(Norm(c, name="mlp_norm")(x))
+        elif c.residual == "parallel":
+            x = x + a + mlp(Norm(c, name="mlp_norm")(x))
+        else:  # parallel_shared_norm (GPT-J)
+            x = x + a + mlp(normed)
+        return x, new_cache
+
+
+def build_attention_mask(
+    config: ModelConfig,
+    query_index: Array,
+    key_valid: Array,
+    segment_ids: Array | None = None,
+) -> Array:
+    """Boolean [B, 1, Tq, S] mask: causal on slot indices, padding, packing segments and the sliding window.
+
+    query_index: [Tq] slot index of each query (0..T-1 without a cache; cache_index + t with one).
+    key_valid: [B, S] 1 where a key slot holds a real token.
+    """
+    key_index = jnp.arange(key_valid.shape[1])
+    allowed = key_index[None, :] <= query_index[:, None]  # [Tq, S]
+    if config.sliding_window is not None:
+        allowed &= query_index[:, None] - key_index[None, :] < config.sliding_window
+    mask = allowed[None, None] & key_valid.astype(bool)[:, None, None, :]
+    if segment_ids is not None:
+        mask &= (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    return mask
+
+
+class Decoder(nn.Module):
+    config: ModelConfig
+
+    def _block(self):
+        c = self.config
+        block = Block
+        if c.remat_policy != "none":
+            block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=not c.scan_layers)
+        return block
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: Array,
+        positions: Array | None = None,
+        segment_ids: Array | None = None,
+        attention_mask: Array | None = None,
+        cache: Cache | None = None,
+        cache_index: Array | int | None = None,
+    ):
+        """Final hidden states [B, T, D] (and the updated cache when `cache` is given).
+
+        attention_mask: [B, T] (or [B, S] over the cache slots when decoding) with 1 for real tokens.
+        positions default to the count of real tokens before each one (right- or left-padding both work).
+        segment_ids: [B, T] packed-sequence ids; tokens attend only within their segment.
+        """
+        c = self.config
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t) if cache is None else (b, cache["k"].shape[2]), jnp.int32)
+        if positions is None:
+            if cache is not None:
+                raise ValueError("Decoder: pass positions explicitly when decoding with a cache")
+            positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+        query_index = jnp.arange(t) if cache is None else cache_index + jnp.arange(t)
+        mask = build_attention_mask(c, query_index, attention_mask, segment_ids)
+
+        embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=jnp.dtype(c.dtype),
+                         param_dtype=jnp.dtype(c.param_dtype), embedding_init=_init(("vocab", "embed")),
+                         name="embed")
+        x = embed(input_ids)
+        if c.position_embedding == "learned":
+            x = x + nn.Embed(c.max_position_embeddings, c.hidden_size, dtype=jnp.dtype(c.dtype),
+                             param_dtype=jnp.dtype(c.param_dtype), embedding_init=_init((None, "embed")),
+                             name="pos_embed")(positions)
+
+        block = self._block()
+        if c.scan_layers:
+            scanned = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
+                length=c.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, new_cache = scanned(c, name="layers")(x, positions, mask, cache_index, cache)
+        else:
+            new_layers = []
+            for i in range(c.num_layers):
+                layer_cache = None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache)
+                x, lc = block(c, name=f"layers_{i}")(x, positions, mask, cache_index, layer_cache)
+                new_layers.append(lc)
+            new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new_layers)
+
+        x = Norm(c, name="final_norm")(x)
+        if not c.tie_word_embeddings:
+            # Created here so init makes it; used through `unembedding`, never as a full-logits matmul.
+            self.param("lm_head_kernel", _init(("embed", "vocab")), (c.hidden_size, c.vocab_size),
+                       jnp.dtype(c.param_dtype))
+        if c.lm_head_bias:
+            self.param("lm_head_bias", _init(("vocab",), nn.initializers.zeros), (c.vocab_size,),
+                       jnp.dtype(c.param_dtype))
+        return x if cache is None else (x, new_cache)
+
+
+def unembedding(params: dict, config: ModelConfig) -> tuple[Array, Array | None]:
+    """(kernel [D, V], bias [V] or None) of the output projection: the transposed embedding when tied."""
+    params = nn.meta.unbox(params)
+    kernel = params["embed"]["embedding"].T if config.tie_word_embeddings else params["lm_head_kernel"]
+    return kernel, params.get("lm_head_bias")
+
+
+def logits(params: dict, config: ModelConfig, hidden: Array) -> Array:
+    """Full float32 logits [B, T, V] — for decoding and tests; training uses chunked log-probs instead."""
+    kernel, bias = unembedding(params, config)
+    out = jnp.einsum("btd,dv->btv", hidden.astype(jnp.dtype(config.dtype)), kernel.astype(jnp.dtype(config.dtype)),
+                     preferred_element_type=jnp.float32)
+    return out if bias is None else out + bias.astype(jnp.float32)
+
+
+def init_cache(config: ModelConfig, batch: int, length: int, dtype: Any = None) -> Cache:
+    """An empty KV cache for `length` slots (prompt + new tokens)."""
+    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+    dtype = jnp.dtype(dtype or config.dtype)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def init_params(config: ModelConfig, rng: Array) -> dict:
+    """Random parameters (unboxed) for a config: tests and from-scratch models like the sentiment experiment's."""
+    ids = jnp.zeros((1, 2), jnp.int32)
+    return nn.meta.unbox(Decoder(config).init(rng, ids)["params"])
+
+
+def logical_axes(config: ModelConfig) -> Any:
+    """The logical PartitionSpec of every parameter (a pytree like the params), computed without allocating."""
+    ids = jax.ShapeDtypeStruct((1, 2), jnp.int32)
+    boxed = jax.eval_shape(lambda: Decoder(config).init(jax.random.key(0), jnp.zeros(ids.shape, ids.dtype)))
+    return nn.get_partition_spec(boxed["params"])
