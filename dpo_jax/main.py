@@ -1,8 +1,8 @@
 """The `dpo-jax` command: `dpo-jax COMMAND [--config FILE[:ARG]] [--config.key=value ...]`.
 
-Each command is a module with `default_config() -> ConfigDict` and `main(config)`. Without `--config` the
-command's built-in default is used, and `--config.key=value` overrides it either way (ml-collections; an unknown
-key is an error, never ignored).
+A config command is a module with `default_config() -> ConfigDict` and `main(config)`: without `--config` the
+built-in default is used, and `--config.key=value` overrides it either way (ml-collections; an unknown key is an
+error, never ignored). A plain-flags command (`convert`) is a module with `run(argv)`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import sys
 
 COMMANDS = {
     "smoke": ("dpo_jax.smoke", "toy DPO run on synthetic preferences: the foundation end to end, in seconds"),
+    "convert": ("dpo_jax.convert.cli", "HF checkpoint directory <-> dpo_jax model checkpoint (--help for flags)"),
 }
 
 
@@ -32,6 +33,15 @@ def run(argv: list[str] | None = None) -> None:
         print(f"dpo-jax: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         sys.exit(2)
 
+    module = importlib.import_module(COMMANDS[command][0])
+    if not hasattr(module, "default_config"):  # a plain-flags command
+        module.run(argv[1:])
+        return
+    _run_config_command(command, module, argv)
+
+
+def _run_config_command(command: str, module, argv: list[str]) -> None:
+    """Config-driven commands: `--config FILE[:ARG]` or the built-in default, then checked overrides."""
     import logging
 
     from absl import app
@@ -40,7 +50,6 @@ def run(argv: list[str] | None = None) -> None:
     from dpo_jax.config import ConfigError, check_override_keys, load_config_file, split_config_args
 
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no "no TPU here" noise on CPU/GPU
-    module = importlib.import_module(COMMANDS[command][0])
     try:
         spec, keys, argv = split_config_args(argv)
         config = load_config_file(spec) if spec else module.default_config()

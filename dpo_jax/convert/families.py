@@ -99,9 +99,10 @@ NEOX_QKV = Hook(_split_neox_qkv, _join_neox_qkv)
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    hf: str  # may contain {i} (layer index)
+    hf: str  # may contain {i} (layer index); the name written on export
     ours: tuple[str, ...]  # '/'-joined param paths, may contain {i}
     hook: Hook = IDENTITY
+    aliases: tuple[str, ...] = ()  # other names the same tensor has in the wild, accepted on load
 
 
 def _norm_rules(hf: str, ours: str) -> list[Rule]:
@@ -114,13 +115,17 @@ def _linear_rules(hf: str, ours: str, weight_hook: Hook = TRANSPOSE, bias_hook: 
 
 # ----- the families ---------------------------------------------------------------------------------------------
 
-def _rope(cj: dict) -> tuple[float, RopeScaling | None, float]:
-    """(theta, llama3 scaling, partial rotary factor) from transformers v5 `rope_parameters` or the legacy keys."""
+def _rope(cj: dict, default_partial: float = 1.0) -> tuple[float, RopeScaling | None, float]:
+    """(theta, llama3 scaling, partial rotary factor) from transformers v5 `rope_parameters` or the legacy keys.
+
+    `default_partial` is the family's default when the file names none (transformers' GPT-NeoX default is 0.25).
+    """
     params = dict(cj.get("rope_parameters") or {})
     legacy = cj.get("rope_scaling") or {}
     params = {**legacy, **params}
     theta = params.get("rope_theta", cj.get("rope_theta", cj.get("rotary_emb_base", 10000.0)))
-    partial = params.get("partial_rotary_factor", cj.get("partial_rotary_factor", cj.get("rotary_pct", 1.0)))
+    partial = params.get("partial_rotary_factor",
+                         cj.get("partial_rotary_factor", cj.get("rotary_pct", default_partial)))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
         return float(theta), None, float(partial)
@@ -132,11 +137,11 @@ def _rope(cj: dict) -> tuple[float, RopeScaling | None, float]:
 
 
 def _rope_to_hf(c: ModelConfig) -> dict:
-    params: dict[str, Any] = {"rope_theta": c.rope_theta, "rope_type": "default"}
+    """Always explicit: a family's defaults (NeoX's partial factor 0.25) must not leak into an exported model."""
+    params: dict[str, Any] = {"rope_theta": c.rope_theta, "rope_type": "default",
+                              "partial_rotary_factor": c.rotary_dims / c.head_dim}
     if c.rope_scaling is not None:
         params.update(dataclasses.asdict(c.rope_scaling), rope_type="llama3")
-    if c.rotary_dims != c.head_dim:
-        params["partial_rotary_factor"] = c.rotary_dims / c.head_dim
     return {"rope_parameters": params}
 
 
@@ -190,7 +195,7 @@ def _gptj_to_hf(c: ModelConfig) -> dict:
 
 def _neox_config(cj: dict) -> ModelConfig:
     d, h = cj["hidden_size"], cj["num_attention_heads"]
-    theta, scaling, partial = _rope(cj)
+    theta, scaling, partial = _rope(cj, default_partial=0.25)
     hd = d // h
     bias = cj.get("attention_bias", True)
     return ModelConfig(
@@ -288,7 +293,8 @@ _NEOX_RULES = [
     *_linear_rules("gpt_neox.layers.{i}.attention.dense", "layers_{i}/attn/o", LINEAR_FROM_HEADS),
     *_linear_rules("gpt_neox.layers.{i}.mlp.dense_h_to_4h", "layers_{i}/mlp/fc_in"),
     *_linear_rules("gpt_neox.layers.{i}.mlp.dense_4h_to_h", "layers_{i}/mlp/fc_out"),
-    Rule("embed_out.weight", ("lm_head_kernel",), TRANSPOSE),
+    # transformers v5 calls the head `lm_head` in memory (a torch.save'd state dict) and `embed_out` on disk.
+    Rule("embed_out.weight", ("lm_head_kernel",), TRANSPOSE, aliases=("lm_head.weight",)),
 ]
 
 _LLAMA_RULES = [
@@ -349,7 +355,8 @@ def expand(rules: list[Rule], num_layers: int) -> list[Rule]:
     out = []
     for r in rules:
         if "{i}" in r.hf:
-            out += [Rule(r.hf.format(i=i), tuple(p.format(i=i) for p in r.ours), r.hook) for i in range(num_layers)]
+            out += [Rule(r.hf.format(i=i), tuple(p.format(i=i) for p in r.ours), r.hook,
+                         tuple(a.format(i=i) for a in r.aliases)) for i in range(num_layers)]
         else:
             out.append(r)
     return out

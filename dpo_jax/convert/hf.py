@@ -124,21 +124,22 @@ def load_hf_checkpoint(
     flat: dict[str, Any] = {}
     with CheckpointReader(directory) as reader:
         available = reader.keys()
-        missing = [r.hf for r in rules if r.hf not in available]
+        source = {r.hf: next((n for n in (r.hf, *r.aliases) if n in available), None) for r in rules}
+        missing = [hf for hf, name in source.items() if name is None]
         if missing:
             raise ValueError(f"{directory}: checkpoint lacks tensor(s) {missing[:5]}"
                              f"{' and more' if len(missing) > 5 else ''} needed by this {family.model_type} config")
-        used = {r.hf for r in rules}
+        used = set(source.values())
         extra = sorted(k for k in available - used if not family.ignore(k, config))
         if extra:
             raise ValueError(f"{directory}: unexpected tensor(s) {extra[:5]}{' and more' if len(extra) > 5 else ''}"
                              f" that this {family.model_type} config has no parameter for")
         for rule in tqdm(rules, desc=f"loading {os.path.basename(os.path.normpath(directory))}", unit="tensor",
                          disable=None if progress is None else not progress, leave=False):
-            raw = reader.get(rule.hf)
+            raw = reader.get(source[rule.hf])
             for path, value in zip(rule.ours, rule.hook.to_ours([raw], config)):
                 if tuple(value.shape) != tuple(shapes[path]):
-                    raise ValueError(f"{directory}: tensor {rule.hf} has shape {tuple(raw.shape)}, which gives "
+                    raise ValueError(f"{directory}: tensor {source[rule.hf]} has shape {tuple(raw.shape)}, which gives "
                                      f"{tuple(value.shape)} for parameter {path}; expected {tuple(shapes[path])}")
                 value = np.asarray(value).astype(param_dtype)
                 flat[path] = jax.device_put(value, sharding_fn(path, value.shape)) if sharding_fn else jnp.asarray(

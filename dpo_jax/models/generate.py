@@ -1,0 +1,146 @@
+"""Jitted autoregressive sampling with a KV cache and static shapes.
+
+Prompts are left-padded to one length P so every row writes the same cache slot each step; the cache holds
+P + max_new_tokens slots, so one compile serves a whole run. Each row has its own RNG key, folded with the step,
+so a row's sample does not depend on what else is in the batch.
+
+Two log-probs come back per token: `logps` under the model itself (temperature 1, no truncation) — exactly what a
+forward pass over prompt + sample gives, which is what KL estimates and PPO need — and `sampling_logps` under the
+distribution actually sampled from (temperature, top-k, top-p; 0 for greedy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from dpo_jax.models.config import ModelConfig
+from dpo_jax.models.decoder import Decoder, init_cache, logits
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    greedy: bool = False
+    eos_id: int | None = None
+    pad_id: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.greedy and self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (or greedy=True), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+class Samples(NamedTuple):
+    tokens: Array  # [B, N] generated ids; pad_id after EOS
+    logps: Array  # [B, N] float32 log π(token | prefix), the model's own distribution
+    sampling_logps: Array  # [B, N] float32 log-prob under the sampling distribution
+    mask: Array  # [B, N] 1 for generated tokens up to and including EOS
+    lengths: Array  # [B] number of generated tokens (EOS included)
+
+
+def filter_logits(raw: Array, s: SamplingConfig) -> Array:
+    """Temperature, then top-k, then top-p (nucleus) on float32 logits [B, V]; removed entries become -inf."""
+    x = raw / s.temperature
+    if s.top_k:
+        kth = jax.lax.top_k(x, s.top_k)[0][:, -1:]
+        x = jnp.where(x < kth, -jnp.inf, x)
+    if s.top_p < 1.0:
+        sorted_x = jnp.sort(x, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_x, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each entry
+        cutoff = jnp.min(jnp.where(before > s.top_p, jnp.inf, sorted_x), axis=-1, keepdims=True)
+        x = jnp.where(x < cutoff, -jnp.inf, x)
+    return x
+
+
+def _choose(raw: Array, row_keys: Array, step: Array, s: SamplingConfig) -> tuple[Array, Array, Array]:
+    """Next token per row and its two log-probs."""
+    model_logp = jax.nn.log_softmax(raw, axis=-1)
+    if s.greedy:
+        token = jnp.argmax(raw, axis=-1)
+        sampling_lp = jnp.zeros(raw.shape[:1], jnp.float32)
+    else:
+        filtered = filter_logits(raw, s)
+        keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
+        token = jax.vmap(jax.random.categorical)(keys, filtered)
+        sampling_lp = jnp.take_along_axis(jax.nn.log_softmax(filtered, -1), token[:, None], -1)[:, 0]
+    return token, jnp.take_along_axis(model_logp, token[:, None], -1)[:, 0], sampling_lp
+
+
+def _generate(params, prompt_ids, prompt_mask, row_keys, config: ModelConfig, s: SamplingConfig) -> Samples:
+    b, p = prompt_ids.shape
+    n = s.max_new_tokens
+    model = Decoder(config)
+    key_valid = jnp.zeros((b, p + n), jnp.int32).at[:, :p].set(prompt_mask.astype(jnp.int32))
+    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
+    hidden, cache = model.apply({"params": params}, prompt_ids, positions=positions, attention_mask=key_valid,
+                                cache=init_cache(config, b, p + n), cache_index=0)
+    last_logits = logits(params, config, hidden[:, -1:])[:, 0]
+    next_pos = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)
+
+    def cond(carry):
+        i, *_, done, _ = carry
+        return (i < n) & ~jnp.all(done)
+
+    def body(carry):
+        i, cache, key_valid, raw, pos, out, done, _ = carry
+        token, lp, slp = _choose(raw, row_keys, i, s)
+        live = ~done
+        token = jnp.where(live, token, s.pad_id)
+        out = Samples(
+            out.tokens.at[:, i].set(token),
+            out.logps.at[:, i].set(jnp.where(live, lp, 0.0)),
+            out.sampling_logps.at[:, i].set(jnp.where(live, slp, 0.0)),
+            out.mask.at[:, i].set(live.astype(jnp.int32)),
+            out.lengths + live.astype(jnp.int32),
+        )
+        if s.eos_id is not None:
+            done = done | (token == s.eos_id)
+        key_valid = key_valid.at[:, p + i].set(1)
+        hidden, cache = model.apply({"params": params}, token[:, None], positions=pos[:, None],
+                                    attention_mask=key_valid, cache=cache, cache_index=p + i)
+        return i + 1, cache, key_valid, logits(params, config, hidden)[:, 0], pos + 1, out, done, None
+
+    empty = Samples(jnp.full((b, n), s.pad_id, jnp.int32), jnp.zeros((b, n)), jnp.zeros((b, n)),
+                    jnp.zeros((b, n), jnp.int32), jnp.zeros((b,), jnp.int32))
+    carry = (jnp.asarray(0), cache, key_valid, last_logits, next_pos, empty, jnp.zeros((b,), bool), None)
+    return jax.lax.while_loop(cond, body, carry)[5]
+
+
+_generate_jit = jax.jit(_generate, static_argnames=("config", "s"))
+
+
+def generate(
+    params: dict,
+    config: ModelConfig,
+    prompt_ids: Array,
+    prompt_mask: Array,
+    rng: Array,
+    sampling: SamplingConfig,
+) -> Samples:
+    """Samples up to `sampling.max_new_tokens` tokens after left-padded prompts [B, P] (mask 1 on real tokens).
+
+    rng: one key (split into one per row) or [B] keys, one per row. Compiles once per (config, sampling, shapes).
+    """
+    prompt_ids, prompt_mask = jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32)
+    if prompt_ids.shape != prompt_mask.shape or prompt_ids.ndim != 2:
+        raise ValueError(f"prompt_ids {prompt_ids.shape} and prompt_mask {prompt_mask.shape} must both be [B, P]")
+    if not isinstance(prompt_mask, jax.core.Tracer) and not bool(jnp.all(prompt_mask[:, -1] == 1)):
+        raise ValueError("prompts must be left-padded: prompt_mask[:, -1] must be 1 for every row")
+    b = prompt_ids.shape[0]
+    row_keys = rng if rng.shape == (b,) else jax.random.split(rng, b)
+    return _generate_jit(params, prompt_ids, prompt_mask, row_keys, config, sampling)
