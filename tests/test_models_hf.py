@@ -124,8 +124,8 @@ def test_sharded_safetensors_and_pytorch_bin_load_the_same(saved, tmp_path):
 
 
 def test_bfloat16_forward_is_close_to_float32(saved):
-    """bf16 compute and params vs float32 on the same weights: logits within 0.1 absolute (documented tolerance;
-    the tiny model's logits have magnitude ~1-3, bf16 keeps 8 mantissa bits)."""
+    """bf16 compute and params vs float32 on the same weights: logits within 0.03 absolute, ~3x the measured
+    0.01 on logits of magnitude ~1 (docs/ARCHITECTURE.md); bf16 keeps 8 mantissa bits."""
     _, path = saved["llama"]
     ids, mask = _batch()
     config, params = load_hf_checkpoint(path)
@@ -136,7 +136,7 @@ def test_bfloat16_forward_is_close_to_float32(saved):
     got = np.asarray(logits(bf_params, bf_config, hidden))
     want = _ours(config, params, ids, mask)
     assert got.dtype == np.float32
-    assert np.abs(got - want)[mask.astype(bool)].max() < 0.1
+    assert np.abs(got - want)[mask.astype(bool)].max() < 0.03
 
 
 def _write_variant(src, dst, edit):

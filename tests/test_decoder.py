@@ -1,0 +1,44 @@
+"""Decoder behaviours not tied to a checkpoint: packed sequences and the unembedding helper."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpo_jax.models.config import ModelConfig
+from dpo_jax.models.decoder import Decoder, init_params, logits, unembedding
+
+CONFIG = ModelConfig(vocab_size=40, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                     intermediate_size=48, qk_norm=True)
+
+
+@pytest.mark.parametrize("position_embedding", ["rotary", "learned"])
+def test_packed_sequences_equal_separate_forward_passes(position_embedding):
+    config = CONFIG.replace(position_embedding=position_embedding, max_position_embeddings=32)
+    params = init_params(config, jax.random.key(0))
+    model = Decoder(config)
+    a, b = np.arange(1, 8), np.arange(20, 25)  # lengths 7 and 5, packed into one row of 14 with 2 pad tokens
+    packed = np.concatenate([a, b, [0, 0]])[None]
+    segments = np.concatenate([np.ones(7), 2 * np.ones(5), [3, 3]])[None].astype(np.int32)
+    positions = np.concatenate([np.arange(7), np.arange(5), [0, 1]])[None]
+    got = model.apply({"params": params}, jnp.asarray(packed), positions=jnp.asarray(positions),
+                      segment_ids=jnp.asarray(segments))
+    alone_a = model.apply({"params": params}, jnp.asarray(a[None]))
+    alone_b = model.apply({"params": params}, jnp.asarray(b[None]))
+    np.testing.assert_allclose(np.asarray(got[0, :7]), np.asarray(alone_a[0]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got[0, 7:12]), np.asarray(alone_b[0]), atol=1e-5)
+    unpacked = model.apply({"params": params}, jnp.asarray(packed), positions=jnp.asarray(positions))
+    assert np.abs(np.asarray(unpacked[0, 7:12]) - np.asarray(alone_b[0])).max() > 1e-3  # segments do matter
+
+
+def test_tied_unembedding_is_the_embedding_and_lm_head_bias_is_used():
+    config = CONFIG.replace(tie_word_embeddings=True, lm_head_bias=True)
+    params = init_params(config, jax.random.key(1))
+    assert "lm_head_kernel" not in params
+    kernel, bias = unembedding(params, config)
+    np.testing.assert_array_equal(np.asarray(kernel), np.asarray(params["embed"]["embedding"]).T)
+    params["lm_head_bias"] = jnp.arange(40, dtype=jnp.float32)
+    hidden = Decoder(config).apply({"params": params}, jnp.ones((1, 3), jnp.int32))
+    no_bias = hidden @ params["embed"]["embedding"].T
+    np.testing.assert_allclose(np.asarray(logits(params, config, hidden) - no_bias),
+                               np.broadcast_to(np.arange(40.0), (1, 3, 40)), atol=1e-5)
