@@ -180,10 +180,10 @@ def read_tldr(item: Row) -> PreferenceExample | Skip:
         raise DataError(f"{where}: field 'summaries' must be two objects with a 'text' string")
     if choice not in (0, 1):
         raise DataError(f"{where}: field 'choice' must be 0 or 1, got {choice}")
+    if info.get("post") is None and isinstance(info.get("article"), str):
+        return Skip("not_reddit_post", where)  # the CNN/DailyMail rows of the comparisons
     for key in ("subreddit", "title", "post"):
         if not isinstance(info.get(key), str):
-            if key == "post" and isinstance(info.get("article"), str):
-                return Skip("not_reddit_post", where)  # the CNN/DailyMail rows of the comparisons
             raise DataError(f"{where}: field 'info.{key}' must be a string")
     prompt = f"SUBREDDIT: r/{info['subreddit']}\nTITLE: {info['title']}\nPOST: {info['post']}\nTL;DR:"
     return _example(where, prompt, summaries[choice]["text"], summaries[1 - choice]["text"])

@@ -1,0 +1,106 @@
+"""The `data` config section and the function that turns it into loaders: files -> TFDS caches -> batches."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ml_collections
+
+from dpo_jax.data import storage
+from dpo_jax.data.formats import FORMATS, detect_format, iter_rows
+from dpo_jax.data.loader import LoaderState, PreferenceLoader
+from dpo_jax.data.tokenize import TRUNCATION_MODES, Lengths
+
+CACHE_ENV = "DPO_JAX_CACHE"
+
+
+def default_cache_dir() -> str:
+    """Where caches go unless the config says otherwise: $DPO_JAX_CACHE, else ~/.cache/dpo_jax."""
+    return os.path.expanduser(os.environ.get(CACHE_ENV, "~/.cache/dpo_jax"))
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.train_path = ""  # a local file or directory (JSONL, JSONL.gz, parquet)
+    c.eval_path = ""  # optional
+    c.format = "auto"  # auto (detected from the fields) or one of FORMATS
+    c.tokenizer = ""  # a local HF tokenizer directory
+    c.max_length = 512
+    c.max_prompt_length = 256
+    c.truncation_mode = "auto"  # auto: keep_end for HH, keep_start otherwise (the authors' choice)
+    c.seq_buckets = ()  # empty: every batch is max_length long; else sorted lengths to pad to
+    c.on_bad_example = "skip"  # or "error"
+    c.shp_min_score_ratio = 2.0
+    c.shuffle = True
+    c.prefetch = 2
+    c.cache_dir = ""  # empty: default_cache_dir()
+    return c
+
+
+def resolve_format(config: ml_collections.ConfigDict) -> str:
+    if config.format != "auto":
+        if config.format not in FORMATS:
+            raise ValueError(f"config.data.format = {config.format!r}; valid: auto, {', '.join(FORMATS)}")
+        return config.format
+    where, row = next(iter_rows(config.train_path))
+    return detect_format(row, where)
+
+
+def resolve_lengths(config: ml_collections.ConfigDict, data_format: str) -> Lengths:
+    mode = config.truncation_mode
+    if mode == "auto":
+        mode = "keep_end" if data_format == "hh" else "keep_start"
+    elif mode not in TRUNCATION_MODES:
+        raise ValueError(f"config.data.truncation_mode = {mode!r}; valid: auto, {', '.join(TRUNCATION_MODES)}")
+    return Lengths(config.max_length, config.max_prompt_length, mode)
+
+
+def format_report(split: str, report: dict[str, Any]) -> str:
+    """One line per split: kept examples, skipped by reason, adjustments."""
+    def counts(d):
+        return ", ".join(f"{k} {v}" for k, v in sorted(d.items())) or "none"
+
+    skipped = {**report["skipped_reading"], **report["skipped_tokenizing"]}
+    return (f"{split}: {report['examples']} examples; skipped {sum(skipped.values())} ({counts(skipped)}); "
+            f"adjusted: {counts(report['adjusted'])}")
+
+
+def build_loaders(
+    config: ml_collections.ConfigDict,
+    *,
+    global_batch_pairs: int,
+    seed: int,
+    data_parallel_size: int = 1,
+    process_index: int = 0,
+    process_count: int = 1,
+    train_state: LoaderState | None = None,
+    tokenizer: Any = None,
+) -> dict[str, PreferenceLoader]:
+    """{'train': loader (endless, resumable from `train_state`), 'eval': one pass (if eval_path is set)}."""
+    if not config.train_path:
+        raise ValueError("config.data.train_path is empty: point it at a local data file or directory")
+    data_format = resolve_format(config)
+    lengths = resolve_lengths(config, data_format)
+    if tokenizer is None:
+        if not config.tokenizer:
+            raise ValueError("config.data.tokenizer is empty: point it at a local HF tokenizer directory")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
+    splits = {"train": config.train_path, **({"eval": config.eval_path} if config.eval_path else {})}
+    prepared = storage.prepare(splits, tokenizer, lengths, config.cache_dir or default_cache_dir(),
+                               format=data_format, on_bad_example=config.on_bad_example,
+                               shp_min_score_ratio=config.shp_min_score_ratio)
+    for split, p in prepared.items():
+        print(f"data {format_report(split, p.report)}", flush=True)
+    seq_len = tuple(config.seq_buckets) or config.max_length
+    common = dict(global_batch_pairs=global_batch_pairs, seq_len=seq_len, seed=seed, pad_id=tokenizer.pad_token_id
+                  or 0, process_index=process_index, process_count=process_count,
+                  data_parallel_size=data_parallel_size, prefetch=config.prefetch)
+    loaders = {"train": PreferenceLoader(prepared["train"].source, lengths=prepared["train"].lengths,
+                                         shuffle=config.shuffle, state=train_state, **common)}
+    if "eval" in prepared:
+        loaders["eval"] = PreferenceLoader(prepared["eval"].source, lengths=prepared["eval"].lengths, shuffle=False,
+                                           num_epochs=1, **common)
+    return loaders
