@@ -1,0 +1,166 @@
+"""Device mesh and logical-axis sharding rules -> NamedShardings for params, optimizer state and batches.
+
+Mesh axes are `data`, `fsdp` and `tensor` (sizes from config, one may be -1 = fill), optionally times cross-slice
+(DCN) sizes for multi-slice TPU. The model names its parameter axes logically (embed, mlp, heads, ...); the rules
+in config map those names to mesh axes. Layout mistakes are refused before compilation with what to change.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH = "batch"
+DEFAULT_RULES = (
+    (BATCH, ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+)
+
+
+def default_mesh_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.data, c.fsdp, c.tensor = -1, 1, 1  # per slice (ICI); one may be -1
+    c.dcn_data, c.dcn_fsdp, c.dcn_tensor = 1, 1, 1  # across slices (multi-slice TPU)
+    c.rules = DEFAULT_RULES
+    return c
+
+
+def _resolve(sizes: Sequence[int], total: int, what: str) -> list[int]:
+    sizes = list(sizes)
+    if sizes.count(-1) > 1:
+        raise ValueError(f"{what}: at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    if -1 in sizes:
+        known = math.prod(s for s in sizes if s != -1)
+        if total % known:
+            raise ValueError(f"{what}: {total} devices cannot fill {dict(zip(MESH_AXES, sizes))}; the product of "
+                             f"the fixed axes ({known}) must divide {total}")
+        sizes[sizes.index(-1)] = total // known
+    if math.prod(sizes) != total or min(sizes) < 1:
+        raise ValueError(f"{what}: mesh {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices but there are "
+                         f"{total}; make data x fsdp x tensor = {total} (or set one axis to -1)")
+    return sizes
+
+
+def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[Any] | None = None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    dcn = [config.dcn_data, config.dcn_fsdp, config.dcn_tensor]
+    if math.prod(dcn) > 1:
+        slices = math.prod(dcn)
+        if len(devices) % slices:
+            raise ValueError(f"mesh: {len(devices)} devices do not split into {slices} slices (dcn_* sizes)")
+        ici = _resolve([config.data, config.fsdp, config.tensor], len(devices) // slices, "mesh (per slice)")
+        array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+    else:
+        ici = _resolve([config.data, config.fsdp, config.tensor], len(devices), "mesh")
+        try:
+            array = mesh_utils.create_device_mesh(ici, devices)
+        except (ValueError, NotImplementedError, AssertionError):  # e.g. CPU devices without a physical topology
+            array = np.asarray(devices).reshape(ici)
+    return Mesh(array, MESH_AXES)
+
+
+def _rules(rules: Any) -> dict[str, Any]:
+    out = {}
+    for name, axes in rules:
+        if axes is not None:
+            for a in (axes,) if isinstance(axes, str) else axes:
+                if a not in MESH_AXES:
+                    raise ValueError(f"sharding rule {name!r} -> {axes!r}: {a!r} is not a mesh axis {MESH_AXES}")
+        out[name] = tuple(axes) if isinstance(axes, (list, tuple)) else axes
+    return out
+
+
+def mesh_spec(logical: PartitionSpec, rules: Any) -> PartitionSpec:
+    """Logical PartitionSpec ('embed', 'heads', ...) -> mesh PartitionSpec via the rules (unknown names: error)."""
+    table = _rules(rules)
+    out = []
+    for name in logical:
+        if name is None:
+            out.append(None)
+        elif name not in table:
+            raise ValueError(f"no sharding rule for logical axis {name!r}; add it to mesh.rules")
+        else:
+            out.append(table[name])
+    return PartitionSpec(*out)
+
+
+def _axis_size(mesh: Mesh, axes: Any) -> int:
+    if axes is None:
+        return 1
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
+def check_divisible(path: str, shape: Sequence[int], spec: PartitionSpec, mesh: Mesh, logical=None) -> None:
+    for dim, (size, axes) in enumerate(zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))):
+        n = _axis_size(mesh, axes)
+        if size % n:
+            name = f" ({logical[dim]})" if logical is not None and dim < len(logical) else ""
+            raise ValueError(f"{path}: dimension {dim}{name} of size {size} is not divisible by mesh axes {axes} "
+                             f"(size {n}); change the mesh sizes or the sharding rule for that axis")
+
+
+def param_shardings(logical_axes: Any, shapes: Any, mesh: Mesh, rules: Any) -> Any:
+    """NamedSharding per parameter from the model's logical axes; refuses dimensions the mesh does not divide."""
+    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+
+    def one(path, logical, shape):
+        spec = mesh_spec(logical, rules)
+        check_divisible(jax.tree_util.keystr(path), shape.shape, spec, mesh, logical)
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(one, logical_axes, shapes, is_leaf=is_spec)
+
+
+def state_shardings(abstract_state: Any, params_shardings: Any, abstract_params: Any, mesh: Mesh) -> Any:
+    """Shardings for a whole train state: any leaf whose path ends with a parameter's path and has its shape
+    (params themselves, optax's mu/nu/trace) gets that parameter's sharding; everything else is replicated."""
+    by_path = {}
+    flat_shapes = dict(jax.tree_util.tree_flatten_with_path(abstract_params)[0])
+    for path, sharding in jax.tree_util.tree_flatten_with_path(params_shardings)[0]:
+        by_path[tuple(str(k) for k in path)] = (sharding, tuple(flat_shapes[path].shape))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    param_depths = {len(p) for p in by_path}
+
+    def one(path, leaf):
+        keys = tuple(str(k) for k in path)
+        for depth in param_depths:
+            if len(keys) >= depth and keys[-depth:] in by_path:
+                sharding, shape = by_path[keys[-depth:]]
+                if tuple(leaf.shape) == shape:
+                    return sharding
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, abstract_state)
+
+
+def batch_sharding(mesh: Mesh, rules: Any, ndim: int = 2) -> NamedSharding:
+    """Rows over the batch axes, everything else replicated."""
+    return NamedSharding(mesh, PartitionSpec(mesh_spec(PartitionSpec(BATCH), rules)[0], *([None] * (ndim - 1))))
+
+
+def data_parallel_size(mesh: Mesh, rules: Any) -> int:
+    return _axis_size(mesh, _rules(rules)[BATCH])
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh, rules: Any) -> dict[str, jax.Array]:
+    """Host-local numpy batch -> global jax.Arrays sharded over the batch axes (multi-host: blocks in process
+    order, via jax.make_array_from_process_local_data)."""
+    out = {}
+    for k, v in local.items():
+        sharding = batch_sharding(mesh, rules, v.ndim)
+        global_shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
+        out[k] = jax.make_array_from_process_local_data(sharding, v, global_shape)
+    return out

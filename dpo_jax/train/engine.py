@@ -1,0 +1,116 @@
+"""Assembles the engine from config: mesh, shardings, the sharded train state, and the jitted steps."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import ml_collections
+import optax
+
+from dpo_jax import sharding
+from dpo_jax.models.config import ModelConfig
+from dpo_jax.models.decoder import logical_axes
+from dpo_jax.train.state import TrainState, create_state, default_optimizer_config, make_optimizer
+from dpo_jax.train.step import StepConfig, make_reference_step, make_steps
+
+REFERENCE_MODES = ("precompute", "per_batch")
+
+
+def default_train_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.mode = "dpo"  # dpo | sft (Preferred-FT) | unlikelihood
+    c.global_batch_pairs = 64
+    c.micro_batches = 1  # gradient accumulation: global batch = micro_batches x micro-batch
+    c.seed = 0
+    c.logprob_chunk_size = 128
+    return c
+
+
+def default_dpo_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.loss_type = "sigmoid"
+    c.beta = 0.1
+    c.label_smoothing = 0.0
+    c.reference_free = False
+    c.loss_kwargs = ml_collections.ConfigDict()  # e.g. tau for discopop, gamma for simpo
+    c.reference = "precompute"  # precompute: one cached pass, no reference on device during training; per_batch
+    c.unlikelihood_alpha = 1.0
+    return c
+
+
+def default_engine_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.mesh = sharding.default_mesh_config()
+    c.train = default_train_config()
+    c.dpo = default_dpo_config()
+    c.optimizer = default_optimizer_config()
+    return c
+
+
+def step_config(c: ml_collections.ConfigDict, model: ModelConfig) -> StepConfig:
+    if c.dpo.reference not in REFERENCE_MODES:
+        raise ValueError(f"config.dpo.reference = {c.dpo.reference!r}; valid: {', '.join(REFERENCE_MODES)}")
+    return StepConfig(
+        model=model, mode=c.train.mode, loss_type=c.dpo.loss_type, beta=c.dpo.beta,
+        label_smoothing=c.dpo.label_smoothing, reference_free=c.dpo.reference_free,
+        loss_kwargs=tuple(sorted(c.dpo.loss_kwargs.to_dict().items())), unlikelihood_alpha=c.dpo.unlikelihood_alpha,
+        micro_batches=c.train.micro_batches, num_blocks=jax.process_count(), chunk_size=c.train.logprob_chunk_size)
+
+
+class Engine(NamedTuple):
+    config: StepConfig
+    mesh: jax.sharding.Mesh
+    rules: Any
+    param_shardings: Any
+    state_shardings: TrainState
+    state: TrainState
+    train_step: Callable
+    eval_step: Callable
+    reference_step: Callable
+    schedule: optax.Schedule
+
+    def shard_batch(self, local: dict) -> dict:
+        """Host-local numpy batch -> global sharded arrays, keeping only the fields the step takes."""
+        keys = self.config.batch_keys()
+        return sharding.global_batch({k: v for k, v in local.items() if k in keys}, self.mesh, self.rules)
+
+
+def check_batch_layout(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    """The global batch must split into data-parallel shards, hosts and micro-batches evenly."""
+    b, m = c.train.global_batch_pairs, c.train.micro_batches
+    dp = sharding.data_parallel_size(mesh, c.mesh.rules)
+    if (2 * b) % dp:
+        raise ValueError(f"config.train.global_batch_pairs = {b}: its {2 * b} rows do not divide over the "
+                         f"data-parallel size {dp} (mesh data x fsdp); use a multiple of {dp // 2 or 1} pairs")
+    per_host = b // jax.process_count()
+    if b % jax.process_count() or per_host % m:
+        raise ValueError(f"config.train.global_batch_pairs = {b} must divide by processes ({jax.process_count()}) "
+                         f"x micro_batches ({m})")
+    if (2 * b // m) % dp:
+        raise ValueError(f"each micro-batch has {2 * b // m} rows, not divisible by the data-parallel size {dp}; "
+                         "lower config.train.micro_batches or the mesh's data x fsdp")
+
+
+def build_engine(
+    c: ml_collections.ConfigDict,
+    model: ModelConfig,
+    init_params: Callable[..., Any],
+    *init_args: Any,
+    devices: Any = None,
+) -> Engine:
+    """Mesh -> shardings (checked before compiling) -> state created sharded -> jitted steps."""
+    mesh = sharding.make_mesh(c.mesh, devices)
+    check_batch_layout(c, mesh)
+    rules = c.mesh.rules
+    sc = step_config(c, model)
+    optimizer, schedule = make_optimizer(c.optimizer)
+    abstract_params = jax.eval_shape(init_params, *init_args)
+    p_shardings = sharding.param_shardings(logical_axes(model), abstract_params, mesh, rules)
+    shardings_for = lambda abstract: sharding.state_shardings(abstract, p_shardings, abstract_params,  # noqa
+                                                              mesh)
+    state = create_state(init_params, optimizer, shardings_for, *init_args)
+    s_shardings = shardings_for(jax.eval_shape(lambda: state))
+    train_step, eval_step = make_steps(sc, optimizer, schedule, mesh, rules, s_shardings)
+    reference_step = make_reference_step(sc, mesh, rules, p_shardings)
+    return Engine(sc, mesh, rules, p_shardings, s_shardings, state, train_step, eval_step, reference_step, schedule)

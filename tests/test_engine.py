@@ -1,0 +1,210 @@
+"""The sharded train step: mesh/process/accumulation equivalence, learning, reference pass, compile count."""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpo_jax import reference
+from dpo_jax.data.loader import PreferenceLoader
+from dpo_jax.models.decoder import init_params
+from dpo_jax.train.engine import build_engine
+from tests import engine_helpers as H
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _params_equal(a, b, atol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol)
+
+
+@pytest.fixture(scope="module")
+def one_device_run():
+    e = H.engine(H.config(), devices=jax.devices()[:1])
+    return H.run(e, 2, 8)
+
+
+@pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 8, 1)])
+def test_sharded_step_equals_one_device(mesh, one_device_run):
+    want_history, want_state = one_device_run
+    e = H.engine(H.config(mesh=mesh))
+    history, state = H.run(e, 2, 8)
+    for got, want in zip(history, want_history):
+        assert got["loss"] == pytest.approx(want["loss"], abs=1e-6)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+    _params_equal(state.params, want_state.params, atol=1e-6)
+    spec = state.params["layers_0"]["mlp"]["gate"]["kernel"].sharding.spec
+    assert spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    assert e.train_step._cache_size() == 1  # one compile for the whole run
+
+
+def test_first_step_loss_is_ln2_and_rewards_zero():
+    history, _ = H.run(H.engine(H.config(mesh=(2, 1, 1)), devices=jax.devices()[:2]), 1, 8)
+    assert history[0]["loss"] == pytest.approx(math.log(2.0), abs=1e-6)
+    assert history[0]["rewards/chosen"] == 0.0 and history[0]["rewards/margins"] == 0.0
+
+
+def test_gradient_accumulation_4x2_equals_1x8():
+    whole, whole_state = H.run(H.engine(H.config(mesh=(2, 1, 1), micro=1), devices=jax.devices()[:2]), 2, 8)
+    accum, accum_state = H.run(H.engine(H.config(mesh=(2, 1, 1), micro=4), devices=jax.devices()[:2]), 2, 8)
+    for step, (a, w) in enumerate(zip(accum, whole)):
+        for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
+            assert a[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), key
+        if step:  # at step 0 rewards are exact ties (policy == reference): float order decides 'chosen > rejected'
+            assert a["rewards/accuracies"] == w["rewards/accuracies"]
+    _params_equal(accum_state.params, whole_state.params, atol=1e-6)
+
+
+def test_padding_examples_do_not_count():
+    """Padding pairs (example_mask 0) change neither the loss nor the update."""
+    full, full_state = H.run(H.engine(H.config(pairs=6), devices=jax.devices()[:1]), 1, 6)
+    padded_engine = H.engine(H.config(pairs=8), devices=jax.devices()[:1])
+    state = padded_engine.state
+    from dpo_jax import summaries
+
+    local = H.local_batch(0, 8, padding=2)
+    six = H.local_batch(0, 6)
+    # same 6 real pairs as `full`, then 2 padding pairs
+    for key in ("input_ids", "loss_mask"):
+        local[key] = np.concatenate([six[key][:6], local[key][6:8] * 0, six[key][6:], local[key][14:] * 0])
+    local["attention_mask"] = np.ones_like(local["input_ids"])
+    sc, sr, _, _ = (np.asarray(x) for x in padded_engine.reference_step(state.params, padded_engine.shard_batch(local)))
+    local["ref_chosen_logps"], local["ref_rejected_logps"] = sc, sr
+    state, metrics = padded_engine.train_step(state, padded_engine.shard_batch(local))
+    got = summaries.finalize(metrics)
+    assert got["loss"] == pytest.approx(full[0]["loss"], abs=1e-6)
+    assert got["grad_norm"] == pytest.approx(full[0]["grad_norm"], rel=1e-5)
+
+
+def test_a_short_run_learns_the_synthetic_preference():
+    history, _ = H.run(H.engine(H.config(mesh=(4, 1, 1), lr=3e-3), devices=jax.devices()[:4]), 25, 8)
+    assert history[-1]["loss"] < 0.3 < history[0]["loss"]
+    assert np.mean([h["rewards/accuracies"] for h in history[-5:]]) > 0.9
+    assert history[-1]["rewards/margins"] > 1.0
+
+
+@pytest.mark.parametrize("mode", ["sft", "unlikelihood"])
+def test_sft_and_unlikelihood_modes(mode):
+    c = H.config(mesh=(2, 1, 1))
+    c.train.mode = mode
+    e = H.engine(c, devices=jax.devices()[:2])
+    assert not e.config.needs_reference
+    history, _ = H.run(e, 15, 8)
+    assert history[-1]["loss"] < history[0]["loss"]
+    if mode == "sft":  # token-mean NLL: the first step's loss is -mean log p over the chosen response tokens
+        assert history[0]["loss"] == pytest.approx(-history[0]["logps/chosen"] / H.RESPONSE, rel=1e-5)
+        assert history[-1]["logps/rejected"] < history[0]["logps/rejected"] + 1.0
+
+
+def test_reference_precompute_is_cached_and_equals_the_per_batch_pass(tmp_path):
+    e = H.engine(H.config(mesh=(2, 1, 1)), devices=jax.devices()[:2])
+    pairs = [H.local_batch(s, 4) for s in range(3)]
+    source = []
+    for p in pairs:
+        for i in range(4):
+            source.append({"example_id": int(p["example_id"][i]),
+                           "chosen_input_ids": p["input_ids"][i], "chosen_loss_mask": p["loss_mask"][i],
+                           "rejected_input_ids": p["input_ids"][4 + i], "rejected_loss_mask": p["loss_mask"][4 + i]})
+
+    def batches():
+        return PreferenceLoader(source, global_batch_pairs=8, seq_len=12, shuffle=False, num_epochs=1, prefetch=0)
+
+    path = reference.cache_path(str(tmp_path), "train", weights=reference.weights_fingerprint(e.state.params),
+                                data="fixture", settings={"chunk": 128})
+    table, cached = reference.precompute(e.state.params, e.reference_step, batches, e.mesh, e.rules, path)
+    assert not cached and len(table) == 12 and os.path.isfile(path)
+    again, cached = reference.precompute(e.state.params, e.reference_step, batches, e.mesh, e.rules, path)
+    assert cached
+    np.testing.assert_array_equal(again.values, table.values)
+    local = H.local_batch(1, 4)
+    sc, sr, nc, _ = (np.asarray(x) for x in e.reference_step(e.state.params, e.shard_batch(local)))
+    looked_up = table.lookup(np.concatenate([local["example_id"], [-1]]))
+    np.testing.assert_allclose(looked_up["ref_chosen_logps"][:4], sc, rtol=1e-6)
+    np.testing.assert_allclose(looked_up["ref_rejected_logps"][:4], sr, rtol=1e-6)
+    assert looked_up["ref_chosen_logps"][4] == 0.0 and np.all(nc == H.RESPONSE)
+    with pytest.raises(ValueError, match=r"example ids \[999\] have no reference log-probs"):
+        table.lookup(np.array([999]))
+    other = reference.weights_fingerprint(jax.tree.map(lambda x: x + 1e-3, e.state.params))
+    assert other != reference.weights_fingerprint(e.state.params)
+
+
+def test_reference_parameters_are_freed_after_the_pass():
+    """Device memory in use (live arrays): policy + optimizer only, after a separate reference was run and freed."""
+    e = H.engine(H.config(), devices=jax.devices()[:1])
+    live = lambda: sum(x.nbytes for x in jax.live_arrays())  # noqa: E731
+    before = live()
+    ref = init_params(H.MODEL, jax.random.key(7))
+    ref_bytes = sum(x.nbytes for x in jax.tree.leaves(ref))
+    assert live() >= before + ref_bytes
+    np.asarray(e.reference_step(ref, e.shard_batch(H.local_batch(0, 8)))[0])
+    jax.tree.map(lambda x: x.delete(), ref)
+    del ref
+    assert live() < before + ref_bytes / 10
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(e.state))
+    assert live() >= state_bytes
+
+
+def test_invalid_layouts_are_refused_before_compiling():
+    with pytest.raises(ValueError, match="mesh .* has 6 devices but there are 8"):
+        H.engine(H.config(mesh=(2, 3, 1)))
+    with pytest.raises(ValueError, match="global_batch_pairs = 6: its 12 rows do not divide over the data-parallel"):
+        H.engine(H.config(mesh=(8, 1, 1), pairs=6))
+    with pytest.raises(ValueError, match=r"dimension 1 \(kv_heads\) of size 2 is not divisible by mesh axes tensor"):
+        H.engine(H.config(mesh=(2, 1, 4)))
+    with pytest.raises(ValueError, match="micro-batch has 4 rows, not divisible by the data-parallel size 8"):
+        H.engine(H.config(mesh=(8, 1, 1), pairs=8, micro=4))
+    c = H.config(mesh=(8, 1, 1))
+    c.dpo.loss_type = "dpo"
+    with pytest.raises(ValueError, match="unknown loss_type 'dpo'"):
+        H.engine(c)
+    c = H.config(mesh=(8, 1, 1))
+    c.dpo.reference = "sometimes"
+    with pytest.raises(ValueError, match="config.dpo.reference = 'sometimes'"):
+        H.engine(c)
+
+
+def test_reference_free_needs_no_reference_and_uses_a_zero_reference():
+    e = H.engine(H.config(reference_free=True), devices=jax.devices()[:1])
+    assert not e.config.needs_reference and "ref_chosen_logps" not in e.config.batch_keys()
+    history, _ = H.run(e, 1, 8)
+    local = H.local_batch(0, 8)
+    sc, sr, _, _ = (np.asarray(x) for x in e.reference_step(e.state.params, e.shard_batch(local)))
+    from dpo_jax.losses import preference_loss
+
+    want = np.mean(np.asarray(preference_loss(sc, sr, None, None, reference_free=True)[0]))
+    assert history[0]["loss"] == pytest.approx(float(want), rel=1e-5)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("mesh", [(2, 4, 1), (2, 2, 2)])
+def test_two_processes_match_one_process(mesh):
+    """2 processes x 4 CPU devices (gloo) give the same losses and params as this process's 8 devices."""
+    port = str(_free_port())
+    env = {**os.environ, "PYTHONPATH": REPO}
+    procs = [subprocess.Popen([sys.executable, "tests/multihost_worker.py", str(i), port, ",".join(map(str, mesh))],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    results = []
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        results.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
+    assert results[0] == results[1]
+    want, state = H.run(H.engine(H.config(mesh=mesh, pairs=8)), 3, 8)
+    np.testing.assert_allclose(results[0]["loss"], [h["loss"] for h in want], atol=1e-6)
+    assert results[0]["acc"] == [h["rewards/accuracies"] for h in want]
+    kernel_sum = float(jnp.sum(jnp.abs(state.params["layers_1"]["mlp"]["down"]["kernel"])))
+    assert results[0]["kernel_sum"] == pytest.approx(kernel_sum, rel=1e-5)
