@@ -174,9 +174,9 @@ def test_invalid_layouts_are_refused_before_compiling():
 def test_reference_free_needs_no_reference_and_uses_a_zero_reference():
     e = H.engine(H.config(reference_free=True), devices=jax.devices()[:1])
     assert not e.config.needs_reference and "ref_chosen_logps" not in e.config.batch_keys()
-    history, _ = H.run(e, 1, 8)
     local = H.local_batch(0, 8)
     sc, sr, _, _ = (np.asarray(x) for x in e.reference_step(e.state.params, e.shard_batch(local)))
+    history, _ = H.run(e, 1, 8)  # donates e.state
     from dpo_jax.losses import preference_loss
 
     want = np.mean(np.asarray(preference_loss(sc, sr, None, None, reference_free=True)[0]))
