@@ -10,15 +10,19 @@ from __future__ import annotations
 import importlib
 import sys
 
-COMMANDS = {
-    "smoke": ("dpo_jax.smoke", "toy DPO run on synthetic preferences: the foundation end to end, in seconds"),
-    "convert": ("dpo_jax.convert.cli", "HF checkpoint directory <-> dpo_jax model checkpoint (--help for flags)"),
+COMMANDS = {  # name: (module, function, summary); config commands' modules also have default_config()
+    "train": ("dpo_jax.train.loop", "main", "train (or resume) a run: DPO and relatives, SFT, unlikelihood"),
+    "precompute": ("dpo_jax.train.loop", "precompute_main", "build the data caches and reference log-probs only"),
+    "eval": ("dpo_jax.train.loop", "eval_main", "evaluate a run's latest checkpoint on the eval split"),
+    "export": ("dpo_jax.train.export", "run", "a run's trained policy -> HF checkpoint (--run DIR --to-hf OUT)"),
+    "convert": ("dpo_jax.convert.cli", "run", "HF checkpoint directory <-> dpo_jax model checkpoint"),
+    "smoke": ("dpo_jax.smoke", "main", "toy DPO run on synthetic preferences: the loss math end to end, in seconds"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: dpo-jax COMMAND [--config FILE[:ARG]] [--config.KEY=VALUE ...]", "", "commands:"]
-    lines += [f"  {name:<10} {doc}" for name, (_, doc) in COMMANDS.items()]
+    lines += [f"  {name:<11} {doc}" for name, (_, _, doc) in COMMANDS.items()]
     return "\n".join(lines)
 
 
@@ -33,14 +37,15 @@ def run(argv: list[str] | None = None) -> None:
         print(f"dpo-jax: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         sys.exit(2)
 
-    module = importlib.import_module(COMMANDS[command][0])
+    module_name, function, _ = COMMANDS[command]
+    module = importlib.import_module(module_name)
     if not hasattr(module, "default_config"):  # a plain-flags command
-        module.run(argv[1:])
+        getattr(module, function)(argv[1:])
         return
-    _run_config_command(command, module, argv)
+    _run_config_command(command, module, getattr(module, function), argv)
 
 
-def _run_config_command(command: str, module, argv: list[str]) -> None:
+def _run_config_command(command: str, module, entry, argv: list[str]) -> None:
     """Config-driven commands: `--config FILE[:ARG]` or the built-in default, then checked overrides."""
     import logging
 
@@ -61,11 +66,14 @@ def _run_config_command(command: str, module, argv: list[str]) -> None:
     holder = config_flags.DEFINE_config_dict("config", config, "the resolved config", sys_argv=argv)
 
     def _main(rest: list[str]) -> None:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.WARNING)  # orbax/TFDS INFO lines would bury the run's own output
         if len(rest) > 1:
             raise app.UsageError(f"unexpected arguments: {' '.join(rest[1:])}")
         try:
-            module.main(holder.value)
-        except ConfigError as e:
+            entry(holder.value)
+        except ValueError as e:  # bad config, data or checkpoint: the message names the key, file or line
             print(f"dpo-jax {command}: {e}", file=sys.stderr)
             sys.exit(2)
 

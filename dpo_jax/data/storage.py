@@ -166,6 +166,7 @@ def prepare(
 ) -> dict[str, PreparedSplit]:
     """Raw files -> (cached) RawPreferences -> (cached) TokenizedPreferences -> one PreparedSplit per split."""
     os.makedirs(cache_dir, exist_ok=True)
+    tfds.disable_progress_bar()
     kwargs = dict(data_dir=cache_dir, file_format="array_record")
     raw = RawPreferences(splits=splits, format=format, on_bad_example=on_bad_example,
                          shp_min_score_ratio=shp_min_score_ratio, **kwargs)

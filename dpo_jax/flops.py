@@ -1,0 +1,26 @@
+"""FLOP accounting for the policy train step, as MaxText counts it.
+
+Forward FLOPs per token = 2 × (matmul parameters) + attention (2 matmuls of 2·heads·head_dim·T each, halved for
+causal masking). Training = 3 × forward (forward + backward). The reference pass is not part of the step.
+"""
+
+from __future__ import annotations
+
+from dpo_jax.models.config import ModelConfig
+
+
+def matmul_params(c: ModelConfig) -> int:
+    """Parameters that take part in a matmul per token (embedding lookups excluded, the unembedding included)."""
+    attn = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+    mlp = (3 if c.mlp_type == "swiglu" else 2) * c.hidden_size * c.intermediate_size
+    return c.num_layers * (attn + mlp) + c.hidden_size * c.vocab_size
+
+
+def forward_flops_per_token(c: ModelConfig, seq_len: int) -> float:
+    attention = c.num_layers * 2 * 2 * c.num_heads * c.head_dim * seq_len / 2  # QK^T and AV, causal half
+    return 2.0 * matmul_params(c) + attention
+
+
+def train_step_flops(c: ModelConfig, rows: int, seq_len: int) -> float:
+    """FLOPs of one policy train step over `rows` sequences of `seq_len` tokens (padding included: it is computed)."""
+    return 3.0 * forward_flops_per_token(c, seq_len) * rows * seq_len

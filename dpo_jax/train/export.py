@@ -1,0 +1,80 @@
+"""`dpo-jax export --run DIR --to-hf OUT [--step N] [--dtype bfloat16]`: a run's trained policy as an HF checkpoint.
+
+The run directory's config.json rebuilds the optimizer (its state is part of the checkpoint's structure) and
+model_config.json the model; only the params are written, with the tokenizer saved alongside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from dpo_jax.convert.cli import parse_size
+from dpo_jax.convert.hf import save_hf_checkpoint
+from dpo_jax.models.config import ModelConfig
+from dpo_jax.models.decoder import init_params
+from dpo_jax.train.checkpoint import RunCheckpoints
+from dpo_jax.train.state import TrainState, make_optimizer
+
+
+def export(run_dir: str, out: str, *, step: int | None = None, dtype: str | None = None,
+           max_shard_bytes: int = 5 * 2**30) -> tuple[int, list[str]]:
+    """Writes checkpoint `step` (default: latest) of `run_dir` to `out`; returns (step, weight files)."""
+    run_dir = os.path.abspath(run_dir)
+    for name in ("config.json", "model_config.json"):
+        if not os.path.isfile(os.path.join(run_dir, name)):
+            raise ValueError(f"{run_dir}: not a dpo-jax run directory (no {name})")
+    if os.path.exists(out) and os.listdir(out):
+        raise ValueError(f"{out} exists and is not empty; choose a new directory")
+    with open(os.path.join(run_dir, "config.json")) as f:
+        c = ml_collections.ConfigDict(json.load(f))
+    with open(os.path.join(run_dir, "model_config.json")) as f:
+        model = ModelConfig.from_json(f.read())
+    checkpoints = RunCheckpoints(os.path.join(run_dir, "checkpoints"), keep=1000)
+    try:
+        step = step if step is not None else checkpoints.latest_step()
+        if step is None:
+            raise ValueError(f"{run_dir}: no checkpoint to export")
+        optimizer, _ = make_optimizer(c.optimizer)
+        abstract = jax.eval_shape(lambda: (lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)))(
+            init_params(model, jax.random.key(0))))
+        single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=single), abstract)
+        state, _, _ = checkpoints.restore(step, abstract, model=model, mode=c.train.mode)
+    finally:
+        checkpoints.close()
+    files = save_hf_checkpoint(model, state.params, out, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    tokenizer_dir = c.data.tokenizer if c.data.tokenizer and not c.data.tokenizer.startswith("bpe:") else (
+        c.model.path if c.model.source == "hf" else None)
+    if c.data.tokenizer.startswith("bpe:"):
+        from dpo_jax.train.loop import load_tokenizer
+
+        load_tokenizer(c).save_pretrained(out)
+    elif tokenizer_dir:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return step, files
+
+
+def run(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="dpo-jax export", description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, metavar="DIR", help="the run directory (train.run_dir)")
+    p.add_argument("--to-hf", required=True, metavar="OUT", help="output HF checkpoint directory")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-shard-size", type=parse_size, default="5GB")
+    args = p.parse_args(argv)
+    try:
+        step, files = export(args.run, args.to_hf, step=args.step, dtype=args.dtype,
+                             max_shard_bytes=args.max_shard_size)
+    except ValueError as e:
+        print(f"dpo-jax export: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"exported step {step} of {args.run} -> {args.to_hf} ({len(files)} safetensors file(s))")

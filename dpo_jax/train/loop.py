@@ -1,0 +1,441 @@
+"""`dpo-jax train`: config -> model, data, engine, reference tables -> the training loop with checkpoints.
+
+Resume is automatic: if the run directory holds a checkpoint, training continues from it exactly (state, loader
+position, partial logging window), and metrics.jsonl is cut back to that step. SIGTERM (TPU preemption) finishes the
+current step, saves and exits 0. A non-finite loss or gradient stops the run naming the step and example ids;
+checkpoints are only written after the metrics since the last one were checked finite, so the last one is good.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dpo_jax import distributed, reference, summaries
+from dpo_jax.convert import native
+from dpo_jax.convert.hf import load_hf_checkpoint, read_hf_config
+from dpo_jax.data.formats import read_examples
+from dpo_jax.data.loader import PreferenceLoader
+from dpo_jax.data.pipeline import build_loaders, default_cache_dir, default_data_config
+from dpo_jax.flops import train_step_flops
+from dpo_jax.metrics import MetricWriter, truncate_jsonl
+from dpo_jax.models.config import ModelConfig
+from dpo_jax.models.decoder import init_params
+from dpo_jax.models.generate import SamplingConfig, generate
+from dpo_jax.train.checkpoint import RunCheckpoints
+from dpo_jax.train.engine import Engine, build_engine, default_engine_config
+from dpo_jax.distributed import default_distributed_config
+
+MODEL_SOURCES = ("hf", "random", "checkpoint")
+
+
+class RunError(RuntimeError):
+    """The run stopped for a reason the user must act on (the message says which)."""
+
+
+# ----- config -----------------------------------------------------------------------------------------------------
+
+def default_model_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.source = "hf"  # hf: a local HF checkpoint dir; checkpoint: a `dpo-jax convert` checkpoint; random: init
+    c.path = ""
+    c.dtype = "float32"  # compute dtype; bfloat16 on accelerators
+    c.param_dtype = "float32"
+    c.remat_policy = "none"
+    c.scan_layers = False
+    c.attention_impl = ""  # "", "xla" or "cudnn"
+    # architecture, for source = random (the vocabulary comes from the tokenizer)
+    c.family = "gpt2"
+    c.hidden_size, c.num_layers, c.num_heads, c.intermediate_size = 64, 2, 4, 256
+    c.max_position_embeddings = 512
+    c.seed = 0
+    return c
+
+
+def default_run_config() -> ml_collections.ConfigDict:
+    c = default_engine_config()
+    c.model = default_model_config()
+    c.reference = ml_collections.ConfigDict({"source": "", "path": ""})  # empty: the initial policy
+    c.data = default_data_config()
+    c.distributed = default_distributed_config()
+    t = c.train
+    t.steps = 100
+    t.log_every = 10
+    t.eval_every = 0  # 0: only at the end (when there is an eval split)
+    t.save_every = 50
+    t.keep_checkpoints = 2
+    t.run_dir = "runs/default"
+    t.eval_samples = 0  # K completions for fixed eval prompts, from the policy (and once from the reference)
+    t.sample_max_new_tokens = 32
+    t.sample_temperature = 1.0
+    t.peak_tflops_per_device = 0.0  # for MFU; 0: not reported
+    t.tensorboard = True
+    return c
+
+
+# ----- model, tokenizer, reference ---------------------------------------------------------------------------------
+
+def _model_overrides(m: ml_collections.ConfigDict) -> dict[str, Any]:
+    return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy, scan_layers=m.scan_layers,
+                attention_impl=m.attention_impl or None)
+
+
+def random_model_config(m: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
+    common = dict(vocab_size=vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
+                  num_kv_heads=m.num_heads, head_dim=m.hidden_size // m.num_heads,
+                  intermediate_size=m.intermediate_size, max_position_embeddings=m.max_position_embeddings,
+                  **_model_overrides(m))
+    if m.family == "gpt2":
+        return ModelConfig(**common, norm_type="layernorm", norm_eps=1e-5, position_embedding="learned",
+                           mlp_type="gelu", activation="gelu_tanh", qkv_bias=True, attn_out_bias=True,
+                           mlp_bias=True, tie_word_embeddings=True, family="gpt2")
+    if m.family == "llama":
+        return ModelConfig(**common, family="llama")
+    raise ValueError(f"config.model.family = {m.family!r} for source=random; valid: gpt2, llama")
+
+
+def model_loader(m: ml_collections.ConfigDict, vocab_size: int) -> tuple[ModelConfig, Callable[[], Any]]:
+    """(ModelConfig, load()) where load() returns fresh initial params (jittable for source=random)."""
+    if m.source not in MODEL_SOURCES:
+        raise ValueError(f"config.model.source = {m.source!r}; valid: {', '.join(MODEL_SOURCES)}")
+    if m.source == "random":
+        config = random_model_config(m, vocab_size)
+        return config, lambda: init_params(config, jax.random.key(m.seed))
+    if not m.path:
+        raise ValueError(f"config.model.path is empty (needed for source={m.source!r})")
+    if m.source == "hf":
+        config = read_hf_config(m.path)[1].replace(**_model_overrides(m))
+        return config, lambda: load_hf_checkpoint(m.path, m.param_dtype, config_overrides=_model_overrides(m))[1]
+    config_path = os.path.join(m.path, native.CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        raise ValueError(f"config.model.path = {m.path!r} is not a dpo_jax model checkpoint (no {native.CONFIG_FILE})")
+    with open(config_path) as f:
+        config = ModelConfig.from_json(f.read()).replace(**_model_overrides(m))
+    return config, lambda: native.load_model(m.path)[1]
+
+
+def load_tokenizer(c: ml_collections.ConfigDict):
+    """data.tokenizer: a local HF tokenizer dir; `bpe:N` = a byte-level BPE of N tokens trained on the train split
+    (cached); empty = the model's own directory."""
+    from transformers import AutoTokenizer
+
+    spec = c.data.tokenizer or (c.model.path if c.model.source == "hf" else "")
+    if not spec:
+        raise ValueError("config.data.tokenizer is empty and the model has no tokenizer directory")
+    if not spec.startswith("bpe:"):
+        return AutoTokenizer.from_pretrained(spec)
+    from dpo_jax.data.bpe import train_bpe_tokenizer
+    from dpo_jax.data.storage import _fingerprint, files_fingerprint
+
+    vocab = int(spec.split(":", 1)[1])
+    directory = os.path.join(c.data.cache_dir or default_cache_dir(), "tokenizers",
+                             _fingerprint([files_fingerprint(c.data.train_path), vocab]))
+    if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
+        def texts():
+            for ex in read_examples(c.data.train_path, None if c.data.format == "auto" else c.data.format):
+                if hasattr(ex, "prompt"):
+                    for t in (ex.prompt, ex.chosen, ex.rejected):
+                        yield t if isinstance(t, str) else " ".join(m["content"] for m in t)
+        train_bpe_tokenizer(texts(), vocab, directory)
+    return AutoTokenizer.from_pretrained(directory)
+
+
+# ----- the loop ---------------------------------------------------------------------------------------------------
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop finishes its step, saves and exits 0."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _attach_reference(local: dict, engine: Engine, tables: dict | None, split: str, ref_params: Any) -> dict:
+    if not engine.config.needs_reference:
+        return local
+    if tables is not None:
+        return {**local, **tables[split].lookup(local["example_id"])}
+    sc, sr, _, _ = (np.asarray(x) for x in engine.reference_step(ref_params, engine.shard_batch(local)))
+    b, p = len(local["example_id"]), jax.process_index()
+    return {**local, "ref_chosen_logps": sc[p * b:(p + 1) * b], "ref_rejected_logps": sr[p * b:(p + 1) * b]}
+
+
+class Run:
+    """Everything a command needs, built once from the config (and resumed from the run directory if possible)."""
+
+    def __init__(self, c: ml_collections.ConfigDict):
+        distributed.initialize(c.distributed)
+        self.c = c
+        self.main = distributed.is_main_process()
+        self.run_dir = os.path.abspath(c.train.run_dir)
+        os.makedirs(self.run_dir, exist_ok=True)
+        self.tokenizer = load_tokenizer(c)
+        self.model, self.load_initial = model_loader(c.model, len(self.tokenizer))
+        if self.model.vocab_size < len(self.tokenizer):
+            raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary is "
+                             f"{self.model.vocab_size}")
+        if self.main:
+            with open(os.path.join(self.run_dir, "config.json"), "w") as f:
+                f.write(c.to_json_best_effort(indent=2, sort_keys=True))
+            with open(os.path.join(self.run_dir, "model_config.json"), "w") as f:
+                f.write(self.model.to_json())
+        if c.model.source == "random":  # initialised inside the sharded jit: born on its devices
+            self.engine = build_engine(c, self.model, self.load_initial)
+        else:  # loaded on the host, then donated into the sharded state
+            self.engine = build_engine(c, self.model, lambda p: p, self.load_initial())
+        self.loaders = self._loaders(None)
+        self.checkpoints = RunCheckpoints(os.path.join(self.run_dir, "checkpoints"), keep=c.train.keep_checkpoints)
+        self.writer = MetricWriter(self.run_dir, enabled=self.main, tensorboard=c.train.tensorboard)
+        self.state, self.window, self.start = self.engine.state, None, 0
+        self.initial_state = self.state
+        latest = self.checkpoints.latest_step()
+        if latest is not None:
+            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
+            self.state, loader_state, self.window = self.checkpoints.restore(latest, abstract, model=self.model,
+                                                                             mode=c.train.mode)
+            jax.tree.map(lambda x: x.delete(), self.engine.state)
+            self.initial_state = None
+            self.loaders["train"].close()
+            self.loaders["train"] = self._loaders(loader_state)["train"]
+            self.start = latest
+            if self.main:
+                truncate_jsonl(self.writer.metrics_path, latest)
+                truncate_jsonl(self.writer.samples_path, latest)
+                print(f"resumed from {self.checkpoints.directory}/{latest}", flush=True)
+        self.tables, self.ref_params = _prepare_reference(c, self.engine, self.loaders, self.initial_state,
+                                                          self.load_initial, self.run_dir)
+        self.prompts = _sample_prompts(self.loaders.get("eval"), c.train.eval_samples, self.tokenizer) \
+            if c.train.eval_samples else None
+
+    def _loaders(self, train_state):
+        c = self.c
+        return build_loaders(c.data, global_batch_pairs=c.train.global_batch_pairs, seed=c.train.seed,
+                             data_parallel_size=_dp(self.engine), process_index=jax.process_index(),
+                             process_count=jax.process_count(), tokenizer=self.tokenizer, train_state=train_state)
+
+    def evaluate(self, step: int) -> None:
+        _evaluate(self.c, self.engine, self.state, self.loaders["eval"], self.tables, self.ref_params, self.writer,
+                  step, self.prompts, self.tokenizer)
+
+    def close(self) -> None:
+        self.checkpoints.close()
+        for loader in self.loaders.values():
+            loader.close()
+        self.writer.close()
+
+
+def train(c: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Runs (or resumes) training; returns the last logged train metrics."""
+    run = Run(c)
+    engine, model, checkpoints, writer = run.engine, run.model, run.checkpoints, run.writer
+    state, window = run.state, run.window
+    if run.prompts is not None and run.start == 0:
+        ref = run.ref_params if run.ref_params is not None else state.params
+        writer.samples(0, "reference", _samples(ref, model, run.prompts, run.tokenizer, c))
+    preemption = _Preemption()
+    last_logged: dict[str, float] = {}
+    pending = []  # (step, loss Mean, grad norm, example ids) since the last check, for NaN diagnosis
+    t0 = time.perf_counter()
+    try:
+        for step in range(run.start + 1, c.train.steps + 1):
+            local = _attach_reference(next(run.loaders["train"]), engine, run.tables, "train", run.ref_params)
+            state, metrics = engine.train_step(state, engine.shard_batch(local))
+            run.state = state
+            window = metrics if window is None else summaries.merge(window, metrics)
+            pending.append((step, metrics["loss"], metrics["grad_norm"].total, local["example_id"]))
+            final = step == c.train.steps
+            log_now = step % c.train.log_every == 0 or final
+            save_now = step % c.train.save_every == 0 or final or preemption.requested
+            if log_now or save_now:
+                _check_finite(pending, checkpoints)
+                pending = []
+            if log_now:
+                values = summaries.finalize(window)
+                elapsed = time.perf_counter() - t0
+                steps_in_window = float(window["num_tokens"].count)
+                values["tokens_per_second"] = values["num_tokens"] * steps_in_window / elapsed if elapsed else 0.0
+                if c.train.peak_tflops_per_device:
+                    flops = train_step_flops(model, 2 * c.train.global_batch_pairs, local["input_ids"].shape[1])
+                    values["mfu"] = flops * steps_in_window / elapsed / (
+                        c.train.peak_tflops_per_device * 1e12 * jax.device_count())
+                writer.scalars(step, "train", values)
+                last_logged, window, t0 = values, None, time.perf_counter()
+            if save_now:
+                checkpoints.save(step, state, loader=run.loaders["train"].state, window=window, model=model,
+                                 mode=c.train.mode)
+            if "eval" in run.loaders and ((c.train.eval_every and step % c.train.eval_every == 0) or final):
+                run.evaluate(step)
+                t0 = time.perf_counter()
+            if preemption.requested and not final:
+                checkpoints.wait()
+                print(f"SIGTERM: saved checkpoint at step {step} in {checkpoints.directory}; exiting", flush=True)
+                break
+        else:
+            if run.start >= c.train.steps and run.main:
+                print(f"run already finished: checkpoint at step {run.start} >= train.steps", flush=True)
+    finally:
+        preemption.restore()
+        run.close()
+    return last_logged
+
+
+def precompute(c: ml_collections.ConfigDict) -> None:
+    """Builds the data caches and the reference tables, then stops (`dpo-jax precompute`)."""
+    run = Run(c)
+    run.close()
+    print("precompute done", flush=True)
+
+
+def evaluate(c: ml_collections.ConfigDict) -> None:
+    """Evaluates the run directory's latest checkpoint (or the initial model) on the eval split (`dpo-jax eval`)."""
+    run = Run(c)
+    try:
+        if "eval" not in run.loaders:
+            raise ValueError("config.data.eval_path is empty: nothing to evaluate")
+        run.evaluate(run.start)
+    finally:
+        run.close()
+
+
+def _dp(engine: Engine) -> int:
+    from dpo_jax.sharding import data_parallel_size
+
+    return data_parallel_size(engine.mesh, engine.rules)
+
+
+def _check_finite(pending: list, checkpoints: RunCheckpoints) -> None:
+    for step, loss, grad_norm, ids in pending:
+        if not (np.isfinite(float(loss.total)) and np.isfinite(float(grad_norm))):
+            good = checkpoints.latest_step()
+            real = [int(i) for i in np.asarray(ids) if i >= 0]
+            raise RunError(f"non-finite loss or gradient at step {step} (example ids {real[:16]}); stopping. "
+                           f"The last good checkpoint is {'step ' + str(good) if good is not None else 'none'} "
+                           f"in {checkpoints.directory}")
+
+
+def _reference_params(c, engine: Engine, initial_state, load_initial) -> tuple[Any, bool]:
+    """(reference params on the engine's shardings, whether they are the policy's own initial buffers)."""
+    if c.reference.path:
+        ref = ml_collections.ConfigDict({**c.model.to_dict(), "source": c.reference.source or c.model.source,
+                                         "path": c.reference.path})
+        _, load = model_loader(ref, engine.config.model.vocab_size)
+        return jax.device_put(load(), engine.param_shardings), False
+    if initial_state is not None:
+        return initial_state.params, True
+    return jax.device_put(load_initial(), engine.param_shardings), False  # resumed: rebuild the initial policy
+
+
+def _prepare_reference(c, engine: Engine, loaders, initial_state, load_initial, run_dir):
+    """(tables or None, resident reference params or None). Tables: one cached pass per split."""
+    if not engine.config.needs_reference:
+        return None, None
+    cache_dir = c.data.cache_dir or default_cache_dir()
+    if c.dpo.reference == "per_batch":
+        params, shared = _reference_params(c, engine, initial_state, load_initial)
+        return None, jax.tree.map(jnp.copy, params) if shared else params  # the policy's buffers get donated
+
+    record = os.path.join(run_dir, "reference.json")
+    paths = json.load(open(record)) if os.path.isfile(record) else {}
+    if set(paths) == set(loaders) and all(os.path.isfile(p) for p in paths.values()):
+        return {s: reference.ReferenceTable.load(p) for s, p in paths.items()}, None
+    params, shared = _reference_params(c, engine, initial_state, load_initial)
+    weights = reference.weights_fingerprint(params)
+    settings = {"chunk": c.train.logprob_chunk_size, "model": engine.config.model.to_json()}
+    tables, paths = {}, {}
+    for split, loader in loaders.items():
+        paths[split] = reference.cache_path(cache_dir, split, weights=weights, data=_data_identity(loader),
+                                            settings=settings)
+        tables[split], cached = reference.precompute(params, engine.reference_step, lambda lo=loader: _one_pass(lo),
+                                                     engine.mesh, engine.rules, paths[split])
+        print(f"reference log-probs for {split}: {len(tables[split])} examples "
+              f"({'cache hit' if cached else 'computed'}: {paths[split]})", flush=True)
+    if distributed.is_main_process():
+        with open(record, "w") as f:
+            json.dump(paths, f)
+    if not shared:
+        jax.tree.map(lambda x: x.delete(), params)  # the reference is not needed on device any more
+    return tables, None
+
+
+def _one_pass(loader: PreferenceLoader) -> PreferenceLoader:
+    """A fresh, unshuffled single pass over a loader's split, with the same batch geometry."""
+    return PreferenceLoader(loader.source, global_batch_pairs=loader.global_batch, seq_len=loader.buckets,
+                            lengths=loader.lengths, shuffle=False, num_epochs=1, prefetch=2,
+                            process_index=loader.process_index,
+                            process_count=loader.global_batch // loader.local_batch)
+
+
+def _data_identity(loader: PreferenceLoader) -> str:
+    """The tokenized split's TFDS identity (its config name fingerprints data, tokenizer and lengths)."""
+    info = getattr(loader.source, "dataset_info", None)
+    return f"{getattr(info, 'full_name', 'in-memory')}:{getattr(loader.source, 'split', '')}:{len(loader.source)}"
+
+
+def _sample_prompts(eval_loader, k: int, tokenizer):
+    if eval_loader is None:
+        raise ValueError("config.train.eval_samples > 0 needs an eval split (config.data.eval_path)")
+    rows = [eval_loader.source[i] for i in range(min(k, len(eval_loader.source)))]
+    prompts = [np.asarray(r["chosen_input_ids"])[np.asarray(r["chosen_loss_mask"]) == 0] for r in rows]
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), tokenizer.pad_token_id or 0, np.int32)
+    mask = np.zeros((len(prompts), width), np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+    return ids, mask
+
+
+def _samples(params, model: ModelConfig, prompts, tokenizer, c) -> list[dict[str, str]]:
+    ids, mask = prompts
+    out = generate(params, model, ids, mask, jax.random.key(c.train.seed),
+                   SamplingConfig(max_new_tokens=c.train.sample_max_new_tokens,
+                                  temperature=c.train.sample_temperature, eos_id=tokenizer.eos_token_id,
+                                  pad_id=tokenizer.pad_token_id or 0))
+    tokens, gen_mask = np.asarray(out.tokens), np.asarray(out.mask)
+    return [{"prompt": tokenizer.decode(ids[i][mask[i] == 1]),
+             "completion": tokenizer.decode(tokens[i][gen_mask[i] == 1], skip_special_tokens=True)}
+            for i in range(len(ids))]
+
+
+def _evaluate(c, engine, state, eval_loader, tables, ref_params, writer, step, prompts, tokenizer) -> None:
+    total = None
+    for local in _one_pass(eval_loader):
+        local = _attach_reference(local, engine, tables, "eval", ref_params)
+        m = engine.eval_step(state.params, engine.shard_batch(local))
+        total = m if total is None else summaries.merge(total, m)
+    writer.scalars(step, "eval", summaries.finalize(total))
+    if prompts is not None:
+        writer.samples(step, "policy", _samples(state.params, engine.config.model, prompts, tokenizer, c))
+
+
+def default_config() -> ml_collections.ConfigDict:
+    return default_run_config()
+
+
+def _command(fn: Callable, name: str) -> Callable[[ml_collections.ConfigDict], None]:
+    def run(c: ml_collections.ConfigDict) -> None:
+        try:
+            fn(c)
+        except RunError as e:
+            print(f"dpo-jax {name}: {e}", file=sys.stderr, flush=True)
+            sys.exit(1)
+    return run
+
+
+main = _command(train, "train")
+precompute_main = _command(precompute, "precompute")
+eval_main = _command(evaluate, "eval")
