@@ -79,3 +79,15 @@ def split_config_args(argv: list[str], flag: str = "config") -> tuple[str | None
             rest.append(a)
         i += 1
     return spec, keys, rest
+
+
+def parse_arg(arg: str | None, defaults: dict[str, str], where: str) -> dict[str, str]:
+    """`get_config(arg)` variants as 'key=value,key=value' (e.g. configs/dpo_hh.py:model=pythia-2.8b)."""
+    out = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in defaults:
+            raise ConfigError(f"{where}: bad config argument {item!r}; expected key=value with key in "
+                              f"{sorted(defaults)}")
+        out[key] = value
+    return out

@@ -47,8 +47,10 @@ class RunCheckpoints:
             "window": None if window is None else {k: [float(v.total), float(v.count)] for k, v in window.items()},
             **_identity(model, mode),
         }
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                         extra=ocp.args.JsonSave(extra)))
+        saved = self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                                 extra=ocp.args.JsonSave(extra)), force=True)
+        if not saved:
+            raise RuntimeError(f"orbax did not save step {step} in {self.directory} (latest: {self.latest_step()})")
         if wait:
             self.manager.wait_until_finished()
 

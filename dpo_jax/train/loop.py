@@ -189,11 +189,6 @@ class Run:
         if self.model.vocab_size < len(self.tokenizer):
             raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary is "
                              f"{self.model.vocab_size}")
-        if self.main:
-            with open(os.path.join(self.run_dir, "config.json"), "w") as f:
-                f.write(c.to_json_best_effort(indent=2, sort_keys=True))
-            with open(os.path.join(self.run_dir, "model_config.json"), "w") as f:
-                f.write(self.model.to_json())
         if c.model.source == "random":  # initialised inside the sharded jit: born on its devices
             self.engine = build_engine(c, self.model, self.load_initial)
         else:  # loaded on the host, then donated into the sharded state
@@ -217,6 +212,11 @@ class Run:
                 truncate_jsonl(self.writer.metrics_path, latest)
                 truncate_jsonl(self.writer.samples_path, latest)
                 print(f"resumed from {self.checkpoints.directory}/{latest}", flush=True)
+        if self.main:  # only now: a run refused by its checkpoint must not overwrite that run's files
+            with open(os.path.join(self.run_dir, "config.json"), "w") as f:
+                f.write(c.to_json_best_effort(indent=2, sort_keys=True))
+            with open(os.path.join(self.run_dir, "model_config.json"), "w") as f:
+                f.write(self.model.to_json())
         self.tables, self.ref_params = _prepare_reference(c, self.engine, self.loaders, self.initial_state,
                                                           self.load_initial, self.run_dir)
         self.prompts = _sample_prompts(self.loaders.get("eval"), c.train.eval_samples, self.tokenizer) \
@@ -259,8 +259,9 @@ def train(c: ml_collections.ConfigDict) -> dict[str, Any]:
             window = metrics if window is None else summaries.merge(window, metrics)
             pending.append((step, metrics["loss"], metrics["grad_norm"].total, local["example_id"]))
             final = step == c.train.steps
+            stop = preemption.requested  # read once: the signal may land at any moment
             log_now = step % c.train.log_every == 0 or final
-            save_now = step % c.train.save_every == 0 or final or preemption.requested
+            save_now = step % c.train.save_every == 0 or final or stop
             if log_now or save_now:
                 _check_finite(pending, checkpoints)
                 pending = []
@@ -281,7 +282,7 @@ def train(c: ml_collections.ConfigDict) -> dict[str, Any]:
             if "eval" in run.loaders and ((c.train.eval_every and step % c.train.eval_every == 0) or final):
                 run.evaluate(step)
                 t0 = time.perf_counter()
-            if preemption.requested and not final:
+            if stop and not final:
                 checkpoints.wait()
                 print(f"SIGTERM: saved checkpoint at step {step} in {checkpoints.directory}; exiting", flush=True)
                 break

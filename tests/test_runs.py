@@ -1,0 +1,175 @@
+"""Runs end to end on the tiny configs: exact resume after SIGKILL, SIGTERM save, NaN stop, mismatch, export."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers as T
+
+from dpo_jax.config import load_config_file
+from dpo_jax.models.config import ModelConfig
+from dpo_jax.models.decoder import Decoder, logits
+from dpo_jax.train import loop
+from dpo_jax.train.export import export
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "tiny.py")
+TIMING = {"tokens_per_second", "mfu"}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def _overrides(run_dir, cache, **extra):
+    base = {"train.run_dir": str(run_dir), "data.cache_dir": cache, "train.steps": 12, "train.log_every": 3,
+            "train.save_every": 4, "train.eval_samples": 0, "data.eval_path": "", "train.tensorboard": False}
+    return {**base, **extra}
+
+
+def _config(mode, overrides):
+    c = load_config_file(f"{TINY}:{mode}")
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def _cli(overrides, mode="dpo"):
+    return [sys.executable, "-m", "dpo_jax.main", "train", "--config", f"{TINY}:{mode}"] + [
+        f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+def _train_lines(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows if r["split"] == "train"]
+
+
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, cache):
+    loop.train(_config("dpo", _overrides(tmp_path / "straight", cache)))
+    want = _train_lines(tmp_path / "straight")
+    assert [r["step"] for r in want] == [3, 6, 9, 12]
+    assert want[0]["loss"] < 0.7 and want[-1]["rewards/accuracies"] > want[0]["rewards/accuracies"] - 0.2
+
+    overrides = _overrides(tmp_path / "killed", cache)
+    proc = subprocess.Popen(_cli(overrides), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("[train] step 9"):  # checkpoints 4 and 8 exist (8 mid-window: log_every 3)
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    out = subprocess.run(_cli(overrides), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from" in out.stdout
+    got = _train_lines(tmp_path / "killed")
+    assert [r["step"] for r in got] == [3, 6, 9, 12]
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys()
+        for k in w:
+            if isinstance(w[k], str):
+                assert g[k] == w[k]
+            else:
+                assert g[k] == pytest.approx(w[k], rel=1e-6, abs=1e-7), (g["step"], k)
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path, cache):
+    overrides = _overrides(tmp_path / "run", cache, **{"train.steps": 10000, "train.save_every": 10000,
+                                                         "train.log_every": 1})
+    proc = subprocess.Popen(_cli(overrides), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("[train] step 3"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, "".join(lines) + rest
+    message = next(line for line in rest.splitlines() if line.startswith("SIGTERM: saved checkpoint at step"))
+    step = int(message.split("step ")[1].split(" ")[0])
+    assert step >= 3 and os.path.isdir(tmp_path / "run" / "checkpoints" / str(step))
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, cache):
+    c = _config("dpo", _overrides(tmp_path / "run", cache, **{"train.save_every": 1, "train.log_every": 1}))
+    c.optimizer.learning_rate = 1e30
+    with pytest.raises(loop.RunError, match=r"non-finite loss or gradient at step (\d+) \(example ids \[\d+") as e:
+        loop.train(c)
+    bad = int(str(e.value).split("at step ")[1].split(" ")[0])
+    saved = sorted(int(d) for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit())
+    assert saved and max(saved) == bad - 1 and f"step {bad - 1}" in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, cache):
+    run_dir = tmp_path_factory.mktemp("finished")
+    loop.train(_config("dpo", _overrides(run_dir, cache, **{"train.steps": 4})))
+    return run_dir
+
+
+def test_a_checkpoint_for_another_model_or_mode_is_refused(finished_run, cache):
+    c = _config("dpo", _overrides(finished_run, cache, **{"train.steps": 8}))
+    c.model.hidden_size = 32
+    with pytest.raises(ValueError, match=r"different model \(.*hidden_size: 64 vs 32"):
+        loop.train(c)
+    c = _config("sft", _overrides(finished_run, cache, **{"train.steps": 8}))
+    with pytest.raises(ValueError, match="written in mode 'dpo', this run is 'sft'"):
+        loop.train(c)
+    saved = json.loads((finished_run / "config.json").read_text())
+    assert saved["train"]["mode"] == "dpo" and saved["model"]["hidden_size"] == 64  # the run's files untouched
+
+
+def test_export_loads_in_transformers_with_the_same_logits(finished_run, tmp_path):
+    step, files = export(str(finished_run), str(tmp_path / "hf"))
+    assert step == 4 and files
+    hf = T.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), attn_implementation="eager").eval()
+    tokenizer = T.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    ids = np.asarray([tokenizer("\n\nHuman: What colour is snow?\n\nAssistant: Sure!")["input_ids"]])
+    import torch
+
+    with torch.no_grad():
+        want = hf(input_ids=torch.as_tensor(ids)).logits.numpy()
+    model = ModelConfig.from_json((finished_run / "model_config.json").read_text())
+    from dpo_jax.convert.hf import load_hf_checkpoint
+
+    config, params = load_hf_checkpoint(str(tmp_path / "hf"))
+    got = np.asarray(logits(params, config, Decoder(config).apply({"params": params}, jnp.asarray(ids))))
+    assert config.hidden_size == model.hidden_size
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    out = subprocess.run([sys.executable, "-m", "dpo_jax.main", "export", "--run", str(finished_run), "--to-hf",
+                          str(tmp_path / "hf")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "exists and is not empty" in out.stderr
+
+
+@pytest.mark.parametrize("mode", ["sft", "unlikelihood", "ipo"])
+def test_tiny_configs_run_end_to_end_with_eval_and_samples(mode, tmp_path, cache):
+    overrides = _overrides(tmp_path / mode, cache, **{"train.steps": 4, "train.log_every": 2, "train.eval_samples": 1,
+                                                        "data.eval_path": os.path.join(REPO, "configs", "data",
+                                                                                       "tiny_hh", "eval.jsonl")})
+    last = loop.train(_config(mode, overrides))
+    assert np.isfinite(last["loss"])
+    rows = [json.loads(line) for line in open(tmp_path / mode / "metrics.jsonl")]
+    assert {r["split"] for r in rows} == {"train", "eval"}
+    samples = [json.loads(line) for line in open(tmp_path / mode / "samples.jsonl")]
+    assert {s["model"] for s in samples} >= {"policy"} and all("completion" in s for s in samples)
+    assert os.path.isdir(tmp_path / mode / "checkpoints" / "4")
+
+
+def test_cli_train_rejects_unknown_keys_with_a_suggestion():
+    out = subprocess.run([sys.executable, "-m", "dpo_jax.main", "train", "--config", TINY, "--config.dpo.bta=1"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "did you mean --config.dpo.beta?" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "dpo_jax.main", "train", "--config.data.train_path="],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "config.data.tokenizer is empty" in out.stderr
