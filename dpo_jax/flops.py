@@ -24,3 +24,13 @@ def forward_flops_per_token(c: ModelConfig, seq_len: int) -> float:
 def train_step_flops(c: ModelConfig, rows: int, seq_len: int) -> float:
     """FLOPs of one policy train step over `rows` sequences of `seq_len` tokens (padding included: it is computed)."""
     return 3.0 * forward_flops_per_token(c, seq_len) * rows * seq_len
+
+
+# Dense bf16 peak TFLOP/s per device, by `jax.devices()[0].device_kind` substring (vendor spec sheets).
+PEAK_TFLOPS = (("TPU v4", 275.0), ("TPU v5p", 459.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0),
+               ("TPU v6", 918.0), ("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L4", 121.0))
+
+
+def peak_tflops(device_kind: str) -> float:
+    """The device's bf16 peak, or 0 when unknown (then MFU is not reported)."""
+    return next((v for k, v in PEAK_TFLOPS if k.lower() in device_kind.lower()), 0.0)

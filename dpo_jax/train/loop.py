@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from tqdm.auto import tqdm
 
 from dpo_jax import distributed, reference, summaries
 from dpo_jax.convert import native
@@ -26,7 +27,7 @@ from dpo_jax.convert.hf import load_hf_checkpoint, read_hf_config
 from dpo_jax.data.formats import read_examples
 from dpo_jax.data.loader import PreferenceLoader
 from dpo_jax.data.pipeline import build_loaders, default_cache_dir, default_data_config
-from dpo_jax.flops import train_step_flops
+from dpo_jax.flops import peak_tflops, train_step_flops
 from dpo_jax.metrics import MetricWriter, truncate_jsonl
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.decoder import init_params
@@ -77,7 +78,7 @@ def default_run_config() -> ml_collections.ConfigDict:
     t.eval_samples = 0  # K completions for fixed eval prompts, from the policy (and once from the reference)
     t.sample_max_new_tokens = 32
     t.sample_temperature = 1.0
-    t.peak_tflops_per_device = 0.0  # for MFU; 0: not reported
+    t.peak_tflops_per_device = 0.0  # for MFU; 0: from the device kind when known (TPU v4/v5/v6, H100/H200, A100)
     t.tensorboard = True
     return c
 
@@ -248,6 +249,9 @@ def train(c: ml_collections.ConfigDict) -> dict[str, Any]:
         ref = run.ref_params if run.ref_params is not None else state.params
         writer.samples(0, "reference", _samples(ref, model, run.prompts, run.tokenizer, c))
     preemption = _Preemption()
+    peak = c.train.peak_tflops_per_device or peak_tflops(jax.devices()[0].device_kind)
+    progress = tqdm(total=c.train.steps, initial=run.start, unit="step", dynamic_ncols=True,
+                    disable=not (run.main and sys.stderr.isatty()))
     last_logged: dict[str, float] = {}
     pending = []  # (step, loss Mean, grad norm, example ids) since the last check, for NaN diagnosis
     t0 = time.perf_counter()
@@ -256,6 +260,7 @@ def train(c: ml_collections.ConfigDict) -> dict[str, Any]:
             local = _attach_reference(next(run.loaders["train"]), engine, run.tables, "train", run.ref_params)
             state, metrics = engine.train_step(state, engine.shard_batch(local))
             run.state = state
+            progress.update(1)
             window = metrics if window is None else summaries.merge(window, metrics)
             pending.append((step, metrics["loss"], metrics["grad_norm"].total, local["example_id"]))
             final = step == c.train.steps
@@ -270,10 +275,9 @@ def train(c: ml_collections.ConfigDict) -> dict[str, Any]:
                 elapsed = time.perf_counter() - t0
                 steps_in_window = float(window["num_tokens"].count)
                 values["tokens_per_second"] = values["num_tokens"] * steps_in_window / elapsed if elapsed else 0.0
-                if c.train.peak_tflops_per_device:
+                if peak:
                     flops = train_step_flops(model, 2 * c.train.global_batch_pairs, local["input_ids"].shape[1])
-                    values["mfu"] = flops * steps_in_window / elapsed / (
-                        c.train.peak_tflops_per_device * 1e12 * jax.device_count())
+                    values["mfu"] = flops * steps_in_window / elapsed / (peak * 1e12 * jax.device_count())
                 writer.scalars(step, "train", values)
                 last_logged, window, t0 = values, None, time.perf_counter()
             if save_now:
@@ -290,6 +294,7 @@ def train(c: ml_collections.ConfigDict) -> dict[str, Any]:
             if run.start >= c.train.steps and run.main:
                 print(f"run already finished: checkpoint at step {run.start} >= train.steps", flush=True)
     finally:
+        progress.close()
         preemption.restore()
         run.close()
     return last_logged
