@@ -25,6 +25,7 @@ setup(
         "tensorboardX>=2.6",
         "importlib_resources>=6.0",
         "absl-py>=2.0",
+        "vaderSentiment==3.3.2",  # the sentiment experiment's ground-truth reward (its lexicon is version-specific)
     ],
     extras_require={
         # torch is pinned: an unpinned torch pulls a multi-GB CUDA build. Tests only; runtime never imports it.

@@ -173,3 +173,27 @@ def test_cli_train_rejects_unknown_keys_with_a_suggestion():
     out = subprocess.run([sys.executable, "-m", "dpo_jax.main", "train", "--config.data.train_path="],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "config.data.tokenizer is empty" in out.stderr
+
+
+def test_precompute_then_eval_commands(tmp_path, cache):
+    eval_path = os.path.join(REPO, "configs", "data", "tiny_hh", "eval.jsonl")
+    c = _config("dpo", _overrides(tmp_path / "run", cache, **{"data.eval_path": eval_path, "train.steps": 2}))
+    loop.precompute(c)
+    record = json.loads((tmp_path / "run" / "reference.json").read_text())
+    assert set(record) == {"train", "eval"} and all(os.path.isfile(p) for p in record.values())
+    assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")  # nothing trained
+    loop.train(c)
+    loop.evaluate(c)  # the latest checkpoint (step 2) on the eval split, logged once more at step 2
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    evals = [r for r in rows if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 2] and evals[0]["loss"] == pytest.approx(evals[1]["loss"], rel=1e-6)
+
+
+def test_per_batch_reference_matches_the_precomputed_tables(tmp_path, cache):
+    pre = loop.train(_config("dpo", _overrides(tmp_path / "pre", cache, **{"train.steps": 3, "train.log_every": 3})))
+    c = _config("dpo", _overrides(tmp_path / "per", cache, **{"train.steps": 3, "train.log_every": 3}))
+    c.dpo.reference = "per_batch"
+    per = loop.train(c)
+    assert not os.path.exists(tmp_path / "per" / "reference.json")
+    for key in ("loss", "rewards/margins", "grad_norm"):
+        assert per[key] == pytest.approx(pre[key], rel=1e-4, abs=1e-6), key

@@ -1,0 +1,1 @@
+"""Experiments from the DPO paper, runnable offline (except the package index)."""

