@@ -25,7 +25,8 @@ setup(
         "tensorboardX>=2.6",
         "importlib_resources>=6.0",
         "absl-py>=2.0",
-        "vaderSentiment==3.3.2",  # the sentiment experiment's ground-truth reward (its lexicon is version-specific)
+        "vaderSentiment==3.3.2",
+        "matplotlib>=3.8",  # the sentiment experiment's frontier plot  # the sentiment experiment's ground-truth reward (its lexicon is version-specific)
     ],
     extras_require={
         # torch is pinned: an unpinned torch pulls a multi-GB CUDA build. Tests only; runtime never imports it.

@@ -11,6 +11,7 @@ import importlib
 import sys
 
 COMMANDS = {  # name: (module, function, summary); config commands' modules also have default_config()
+    "experiment": ("dpo_jax.experiments", "", "run a paper experiment: `dpo-jax experiment sentiment` (§6.1)"),
     "train": ("dpo_jax.train.loop", "main", "train (or resume) a run: DPO and relatives, SFT, unlikelihood"),
     "precompute": ("dpo_jax.train.loop", "precompute_main", "build the data caches and reference log-probs only"),
     "eval": ("dpo_jax.train.loop", "eval_main", "evaluate a run's latest checkpoint on the eval split"),
@@ -18,6 +19,8 @@ COMMANDS = {  # name: (module, function, summary); config commands' modules also
     "convert": ("dpo_jax.convert.cli", "run", "HF checkpoint directory <-> dpo_jax model checkpoint"),
     "smoke": ("dpo_jax.smoke", "main", "toy DPO run on synthetic preferences: the loss math end to end, in seconds"),
 }
+
+EXPERIMENTS = {"sentiment": "dpo_jax.experiments.sentiment"}
 
 
 def _usage() -> str:
@@ -37,6 +40,13 @@ def run(argv: list[str] | None = None) -> None:
         print(f"dpo-jax: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         sys.exit(2)
 
+    if command == "experiment":  # `dpo-jax experiment NAME [--config ...]`: NAME picks the module
+        if len(argv) < 2 or argv[1] not in EXPERIMENTS:
+            print(f"dpo-jax experiment: name one of {', '.join(EXPERIMENTS)}", file=sys.stderr)
+            sys.exit(2)
+        module = importlib.import_module(EXPERIMENTS[argv.pop(1)])
+        _run_config_command(command, module, module.main, argv)
+        return
     module_name, function, _ = COMMANDS[command]
     module = importlib.import_module(module_name)
     if not hasattr(module, "default_config"):  # a plain-flags command

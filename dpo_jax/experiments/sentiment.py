@@ -1,0 +1,347 @@
+"""The DPO paper's controlled-sentiment experiment (§6.1, Fig. 2 left) in miniature: `dpo-jax experiment sentiment`.
+
+Stages (each cached under the cache directory, keyed by what it depends on):
+ 1. corpus   — 10,605 movie-review sentences with human ratings (sentiment_corpus.py), deterministic split;
+ 2. tokenizer — a byte-level BPE trained on the train sentences;
+ 3. π_SFT    — a small GPT-2-shaped Decoder trained with the project's SFT mode on the train sentences;
+ 4. pairs    — 2-8-token prefixes of train sentences, K completions each from π_SFT, scored by VADER's compound
+                score (the ground-truth reward); all K·(K-1)/2 pairs ordered by reward, ties dropped;
+ 5. methods  — DPO (several β), conservative DPO, IPO, Unlikelihood (α sweep) and Preferred-FT, each from π_SFT with
+                the reference log-probs precomputed once; every `eval_every` steps, completions for held-out test
+                prefixes give the mean reward and the mean sequence-level KL(π‖π_ref) = Σ_t log π − log π_ref over
+                the sampled tokens (a Monte-Carlo estimate: ≥ 0 in expectation, 0 for π = π_ref);
+ 6. output   — results.csv/results.md (every point), frontier.png (reward vs KL per method), samples.jsonl, and
+                VADER's correlation with the human ratings on the test split.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dpo_jax import summaries
+from dpo_jax.convert import native
+from dpo_jax.data.loader import PreferenceLoader
+from dpo_jax.data.pipeline import default_cache_dir
+from dpo_jax.experiments import sentiment_corpus as corpus
+from dpo_jax.logprobs import token_logprobs
+from dpo_jax.models.config import ModelConfig
+from dpo_jax.models.decoder import Decoder, init_params, unembedding
+from dpo_jax.models.generate import SamplingConfig, generate
+from dpo_jax.train.engine import build_engine, default_engine_config
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.out_dir = "runs/sentiment"
+    c.cache_dir = ""  # empty: $DPO_JAX_CACHE or ~/.cache/dpo_jax
+    c.seed = 0
+    c.vocab_size = 2048
+    c.max_sentence_tokens = 40
+    c.model = ml_collections.ConfigDict(dict(hidden_size=128, num_layers=3, num_heads=4, intermediate_size=512))
+    c.sft = ml_collections.ConfigDict(dict(steps=500, batch=32, learning_rate=2e-3))
+    c.pairs = ml_collections.ConfigDict(dict(prefixes=512, samples_per_prefix=4, min_prefix=2, max_prefix=8,
+                                             max_new_tokens=24, temperature=1.0))
+    c.eval = ml_collections.ConfigDict(dict(prefixes=256, every=30, max_new_tokens=24))
+    c.train = ml_collections.ConfigDict(dict(steps=120, batch_pairs=32, learning_rate=3e-4))
+    # name: (mode, loss_type, beta, label_smoothing, unlikelihood alpha)
+    c.methods = ml_collections.ConfigDict({
+        "dpo_beta0p05": ("dpo", "sigmoid", 0.05, 0.0, 0.0), "dpo_beta0p1": ("dpo", "sigmoid", 0.1, 0.0, 0.0),
+        "dpo_beta1": ("dpo", "sigmoid", 1.0, 0.0, 0.0), "dpo_beta5": ("dpo", "sigmoid", 5.0, 0.0, 0.0),
+        "cdpo_beta0p1": ("dpo", "sigmoid", 0.1, 0.2, 0.0), "ipo_beta0p1": ("dpo", "ipo", 0.1, 0.0, 0.0),
+        "unlikelihood_alpha0p1": ("unlikelihood", "sigmoid", 0.1, 0.0, 0.1),
+        "unlikelihood_alpha1": ("unlikelihood", "sigmoid", 0.1, 0.0, 1.0),
+        "preferred_ft": ("sft", "sigmoid", 0.1, 0.0, 0.0),
+    })
+    return c
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Stages:
+    """Holds what the stages produce; each stage loads its cached result when its inputs are unchanged."""
+
+    def __init__(self, c: ml_collections.ConfigDict):
+        self.c = c
+        self.cache = os.path.join(c.cache_dir or default_cache_dir(), "sentiment")
+        os.makedirs(self.cache, exist_ok=True)
+        os.makedirs(c.out_dir, exist_ok=True)
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        self.vader = SentimentIntensityAnalyzer()
+
+    def log(self, message: str) -> None:
+        print(f"[sentiment] {message}", flush=True)
+
+    def reward(self, texts: list[str]) -> np.ndarray:
+        return np.asarray([self.vader.polarity_scores(t)["compound"] for t in texts], np.float32)
+
+    # 1-2: corpus and tokenizer
+    def data(self) -> None:
+        path = corpus.fetch_corpus(os.path.dirname(self.cache))
+        self.train_text, self.test_text = corpus.split(corpus.read_snippets(path))
+        human = np.asarray([s.rating for s in self.test_text])
+        self.vader_human_r = float(np.corrcoef(self.reward([s.text for s in self.test_text]), human)[0, 1])
+        self.log(f"corpus: {len(self.train_text)} train / {len(self.test_text)} test sentences; VADER vs human "
+                 f"rating on test: Pearson r = {self.vader_human_r:.3f}")
+        from dpo_jax.data.bpe import train_bpe_tokenizer
+        from transformers import AutoTokenizer
+
+        tok_dir = os.path.join(self.cache, "tokenizer-" + _key(path, self.c.vocab_size))
+        if not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
+            train_bpe_tokenizer((s.text for s in self.train_text), self.c.vocab_size, tok_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        self.eos, self.pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        self.train_ids = [self._encode(s.text) for s in self.train_text]
+        self.test_ids = [self._encode(s.text) for s in self.test_text]
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.c.max_sentence_tokens - 1]
+
+    def model_config(self) -> ModelConfig:
+        m = self.c.model
+        return ModelConfig(vocab_size=len(self.tokenizer), hidden_size=m.hidden_size, num_layers=m.num_layers,
+                           num_heads=m.num_heads, num_kv_heads=m.num_heads, head_dim=m.hidden_size // m.num_heads,
+                           intermediate_size=m.intermediate_size, max_position_embeddings=64, norm_type="layernorm",
+                           norm_eps=1e-5, position_embedding="learned", mlp_type="gelu", activation="gelu_tanh",
+                           qkv_bias=True, attn_out_bias=True, mlp_bias=True, tie_word_embeddings=True, family="gpt2")
+
+    def _engine(self, mode: str, loss_type: str, beta: float, eps: float, alpha: float, lr: float, pairs: int,
+                params: Any):
+        e = default_engine_config()
+        e.train.mode, e.train.global_batch_pairs = mode, pairs
+        e.dpo.loss_type, e.dpo.beta, e.dpo.label_smoothing, e.dpo.unlikelihood_alpha = loss_type, beta, eps, alpha
+        e.optimizer.name, e.optimizer.learning_rate, e.optimizer.warmup_steps = "adamw", lr, 0
+        e.optimizer.clip_grad_norm = 10.0
+        model = self.model_config()
+        if params is None:
+            return build_engine(e, model, lambda: init_params(model, jax.random.key(self.c.seed)))
+        return build_engine(e, model, lambda p: p, jax.tree.map(jnp.copy, params))
+
+    # 3: π_SFT
+    def sft(self) -> None:
+        s = self.c.sft
+        model = self.model_config()
+        key = _key(self.c.vocab_size, self.c.max_sentence_tokens, model.to_json(), s.to_dict(), self.c.seed,
+                   len(self.train_ids))
+        path = os.path.join(self.cache, "sft-" + key)
+        if os.path.isdir(path):
+            self.sft_params = native.load_model(path)[1]
+            self.log(f"π_SFT: cached ({path})")
+            return
+        engine = self._engine("sft", "sigmoid", 0.1, 0.0, 1.0, s.learning_rate, s.batch, None)
+        rng = np.random.default_rng(self.c.seed)
+        state, t0, t = engine.state, time.perf_counter(), self.c.max_sentence_tokens
+        for step in range(1, s.steps + 1):
+            rows = [self.train_ids[i] for i in rng.integers(0, len(self.train_ids), s.batch)]
+            ids = np.full((2 * s.batch, t), self.pad, np.int32)
+            mask = np.zeros_like(ids)
+            for r, seq in enumerate(rows):
+                seq = seq + [self.eos]
+                ids[r, :len(seq)], ids[s.batch + r, :len(seq)] = seq, seq
+                mask[r, 1:len(seq)] = 1
+            batch = {"input_ids": ids, "loss_mask": mask, "attention_mask": (ids != self.pad).astype(np.int32) |
+                     (np.arange(t) == 0), "example_mask": np.ones(s.batch, np.int32)}
+            state, metrics = engine.train_step(state, engine.shard_batch(batch))
+            if step % 200 == 0 or step == s.steps:
+                self.log(f"π_SFT step {step}/{s.steps}: token NLL {summaries.finalize(metrics)['loss']:.3f} "
+                         f"({time.perf_counter() - t0:.0f} s)")
+        self.sft_params = jax.device_get(state.params)
+        native.save_model(path, model, self.sft_params)
+
+    # 4: preference pairs
+    def _prefixes(self, ids: list[list[int]], n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        p = self.c.pairs
+        rng = np.random.default_rng(seed)
+        chosen = [ids[i] for i in rng.permutation(len(ids)) if len(ids[i]) > p.max_prefix][:n]
+        lengths = rng.integers(p.min_prefix, p.max_prefix + 1, len(chosen))
+        out = np.full((len(chosen), p.max_prefix), self.pad, np.int32)
+        mask = np.zeros_like(out)
+        for r, (seq, k) in enumerate(zip(chosen, lengths)):
+            out[r, p.max_prefix - k:], mask[r, p.max_prefix - k:] = seq[:k], 1
+        return out, mask
+
+    def _sample(self, params, prompts, mask, seed: int, max_new: int):
+        s = SamplingConfig(max_new_tokens=max_new, temperature=self.c.pairs.temperature, eos_id=self.eos,
+                           pad_id=self.pad)
+        out = generate(params, self.model_config(), prompts, mask, jax.random.key(seed), s)
+        texts = [self.tokenizer.decode(list(prompts[i][mask[i] == 1]) + list(np.asarray(out.tokens[i])[
+            np.asarray(out.mask[i]) == 1]), skip_special_tokens=True) for i in range(len(prompts))]
+        return out, texts
+
+    def pairs(self) -> None:
+        p = self.c.pairs
+        prompts, mask = self._prefixes(self.train_ids, p.prefixes, self.c.seed + 1)
+        k = p.samples_per_prefix
+        rep_prompts, rep_mask = np.repeat(prompts, k, 0), np.repeat(mask, k, 0)
+        out, texts = self._sample(self.sft_params, rep_prompts, rep_mask, self.c.seed + 2, p.max_new_tokens)
+        rewards = self.reward(texts).reshape(-1, k)
+        tokens, gen_mask = np.asarray(out.tokens).reshape(-1, k, p.max_new_tokens), np.asarray(out.mask).reshape(
+            -1, k, p.max_new_tokens)
+        source, records = [], []
+        for i in range(len(prompts)):
+            prefix = list(prompts[i][mask[i] == 1])
+            for a in range(k):
+                for b in range(a + 1, k):
+                    if rewards[i, a] == rewards[i, b]:
+                        continue
+                    w, l_ = (a, b) if rewards[i, a] > rewards[i, b] else (b, a)
+                    row = {"example_id": len(source)}
+                    for side, j in (("chosen", w), ("rejected", l_)):
+                        resp = list(tokens[i, j][gen_mask[i, j] == 1])
+                        row[f"{side}_input_ids"] = np.asarray(prefix + resp, np.int32)
+                        row[f"{side}_loss_mask"] = np.asarray([0] * len(prefix) + [1] * len(resp), np.int32)
+                    source.append(row)
+                    records.append({"prompt": self.tokenizer.decode(prefix), "chosen": texts[i * k + w],
+                                    "rejected": texts[i * k + l_], "reward_chosen": float(rewards[i, w]),
+                                    "reward_rejected": float(rewards[i, l_])})
+        self.pair_source = source
+        with open(os.path.join(self.c.out_dir, "pairs.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        self.sft_train_reward = float(rewards.mean())
+        self.log(f"pairs: {len(source)} from {len(prompts)} prefixes x {k} samples (mean π_SFT reward "
+                 f"{self.sft_train_reward:+.3f}); written to {self.c.out_dir}/pairs.jsonl")
+
+    # 5: methods with evaluation
+    def evaluate(self, params, ref_params, prompts, mask) -> tuple[float, float, list[str]]:
+        """(mean VADER reward, mean sequence KL(π‖π_ref) over samples, texts) on the fixed test prefixes."""
+        out, texts = self._sample(params, prompts, mask, self.c.seed + 3, self.c.eval.max_new_tokens)
+        full = jnp.concatenate([jnp.asarray(prompts), out.tokens], 1)
+        full_mask = jnp.concatenate([jnp.asarray(mask), out.mask], 1)
+        model = self.model_config()
+        hidden = Decoder(model).apply({"params": ref_params}, full, attention_mask=full_mask)
+        kernel, bias = unembedding(ref_params, model)
+        ref_lp = token_logprobs(hidden, kernel, full, bias=bias)[:, prompts.shape[1]:]
+        kl = jnp.sum((out.logps - ref_lp) * out.mask, axis=1)
+        return float(self.reward(texts).mean()), float(jnp.mean(kl)), texts
+
+    def methods(self) -> list[dict[str, Any]]:
+        t = self.c.train
+        test_prompts, test_mask = self._prefixes(self.test_ids, self.c.eval.prefixes, self.c.seed + 4)
+        sft_reward, sft_kl, sft_texts = self.evaluate(self.sft_params, self.sft_params, test_prompts, test_mask)
+        self.log(f"π_SFT on test prefixes: reward {sft_reward:+.3f}, KL {sft_kl:.4f}")
+        points = [{"method": "sft", "step": 0, "reward": sft_reward, "kl": sft_kl}]
+        samples = [{"method": "sft", "step": 0, "text": x} for x in sft_texts[:8]]
+        ref_engine = self._engine("dpo", "sigmoid", 0.1, 0.0, 0.0, t.learning_rate, t.batch_pairs, self.sft_params)
+        table = _reference_table(ref_engine, self.pair_source, t.batch_pairs, self._seq_len())
+        for name, (mode, loss_type, beta, eps, alpha) in self.c.methods.items():
+            engine = self._engine(mode, loss_type, beta, eps, alpha, t.learning_rate, t.batch_pairs,
+                                  self.sft_params)
+            loader = PreferenceLoader(self.pair_source, global_batch_pairs=t.batch_pairs, seq_len=self._seq_len(),
+                                      seed=self.c.seed, prefetch=0, pad_id=self.pad)
+            state, t0 = engine.state, time.perf_counter()
+            for step in range(1, t.steps + 1):
+                local = next(loader)
+                if engine.config.needs_reference:
+                    local = {**local, **table.lookup(local["example_id"])}
+                state, _ = engine.train_step(state, engine.shard_batch(local))
+                if step % self.c.eval.every == 0 or step == t.steps:
+                    reward, kl, texts = self.evaluate(state.params, self.sft_params, test_prompts, test_mask)
+                    points.append({"method": name, "step": step, "reward": reward, "kl": kl})
+                    samples += [{"method": name, "step": step, "text": x} for x in texts[:8]]
+            self.log(f"{name}: reward {reward:+.3f}, KL {kl:.3f} after {t.steps} steps "
+                     f"({time.perf_counter() - t0:.0f} s)")
+        with open(os.path.join(self.c.out_dir, "samples.jsonl"), "w") as f:
+            f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
+        return points
+
+    def _seq_len(self) -> int:
+        return self.c.pairs.max_prefix + max(self.c.pairs.max_new_tokens, 1)
+
+
+def _reference_table(engine, source, batch_pairs, seq_len):
+    from dpo_jax import reference
+
+    def one_pass():
+        return PreferenceLoader(source, global_batch_pairs=batch_pairs, seq_len=seq_len, shuffle=False,
+                                num_epochs=1, prefetch=0)
+
+    return reference.compute_table(engine.state.params, engine.reference_step, one_pass(), engine.mesh,
+                                   engine.rules)
+
+
+def write_results(c: ml_collections.ConfigDict, points: list[dict[str, Any]], vader_r: float) -> None:
+    out = c.out_dir
+    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["method", "step", "reward", "kl"])
+        w.writeheader()
+        w.writerows(points)
+    sft = next(p for p in points if p["method"] == "sft")
+    final = {}
+    for p in points:
+        final[p["method"]] = p
+    lines = ["# Sentiment experiment results", "",
+             f"VADER compound vs mean human rating on the test split: Pearson r = {vader_r:.3f}.", "",
+             "Final point of each method (mean VADER reward of completions on held-out prefixes; mean "
+             "sequence-level KL(π‖π_SFT) over the sampled tokens):", "",
+             "| method | steps | reward | Δ reward vs π_SFT | KL |", "|---|---|---|---|---|"]
+    for name, p in final.items():
+        lines.append(f"| {name} | {p['step']} | {p['reward']:+.3f} | {p['reward'] - sft['reward']:+.3f} | "
+                     f"{p['kl']:.3f} |")
+    lines += ["", "Every evaluated point is in results.csv; frontier.png plots them."]
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in dict.fromkeys(p["method"] for p in points):
+        pts = [p for p in points if p["method"] == name]
+        ax.plot([p["kl"] for p in pts], [p["reward"] for p in pts], "o-" if len(pts) > 1 else "k*", label=name,
+                markersize=5 if len(pts) > 1 else 12)
+    ax.set_xlabel("KL(π ‖ π_ref) per sequence (nats)")
+    ax.set_ylabel("mean VADER reward")
+    ax.set_title("Reward vs KL on held-out prefixes (cf. DPO paper, Fig. 2 left)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "frontier.png"), dpi=120)
+    plt.close(fig)
+
+
+def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
+    start = time.perf_counter()
+    stages = Stages(c)
+    stages.data()
+    stages.sft()
+    stages.pairs()
+    points = stages.methods()
+    write_results(c, points, stages.vader_human_r)
+    stages.log(f"done in {time.perf_counter() - start:.0f} s: {c.out_dir}/results.md, frontier.png, results.csv")
+    return {"points": points, "vader_human_r": stages.vader_human_r}
+
+
+def main(c: ml_collections.ConfigDict) -> None:
+    run(c)
+
+
+def full_config() -> ml_collections.ConfigDict:
+    """The paper's whole sweep at a larger (still CPU-sized) scale: more β and α values, longer runs."""
+    c = default_config()
+    c.out_dir = "runs/sentiment_full"
+    c.model.hidden_size, c.model.num_layers, c.model.intermediate_size = 256, 4, 1024
+    c.sft.steps, c.sft.batch = 3000, 64
+    c.pairs.prefixes = 2048
+    c.eval.prefixes, c.eval.every = 512, 50
+    c.train.steps = 400
+    for beta in (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0):
+        c.methods[f"dpo_beta{str(beta).replace('.', 'p')}"] = ("dpo", "sigmoid", beta, 0.0, 0.0)
+    for alpha in (0.1, 0.3, 1.0, 3.0):
+        c.methods[f"unlikelihood_alpha{str(alpha).replace('.', 'p')}"] = ("unlikelihood", "sigmoid", 0.1, 0.0, alpha)
+    c.methods["cdpo_beta0p5"] = ("dpo", "sigmoid", 0.5, 0.2, 0.0)
+    c.methods["ipo_beta0p5"] = ("dpo", "ipo", 0.5, 0.0, 0.0)
+    return c
+
