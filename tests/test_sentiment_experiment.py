@@ -17,11 +17,9 @@ def result(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sentiment")
     c = S.default_config()
     c.out_dir, c.cache_dir = str(tmp / "out"), str(tmp / "cache")
-    c.vocab_size = 512
-    c.model.hidden_size, c.model.num_layers, c.model.intermediate_size = 64, 2, 256
-    c.sft.steps, c.sft.learning_rate = 150, 3e-3
-    c.pairs.prefixes, c.eval.prefixes, c.eval.every = 96, 64, 20
-    c.train.steps, c.train.learning_rate = 40, 1e-3
+    c.sft.steps = 200  # the default model and tokenizer, trained for less time
+    c.pairs.prefixes, c.eval.prefixes, c.eval.every = 256, 128, 40
+    c.train.steps = 80
     c.methods = {k: v for k, v in c.methods.items() if k in ("dpo_beta0p1", "preferred_ft")}
     return c, S.run(c)
 

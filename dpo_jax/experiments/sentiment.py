@@ -125,9 +125,12 @@ class Stages:
         e.optimizer.name, e.optimizer.learning_rate, e.optimizer.warmup_steps = "adamw", lr, 0
         e.optimizer.clip_grad_norm = 10.0
         model = self.model_config()
+        # One device: a CPU-sized experiment gains nothing from a fake multi-device mesh (and see the known
+        # issue in docs/ARCHITECTURE.md: an XLA CPU collective deadlock seen with 8 fake devices in this SFT step).
+        devices = jax.devices()[:1]
         if params is None:
-            return build_engine(e, model, lambda: init_params(model, jax.random.key(self.c.seed)))
-        return build_engine(e, model, lambda p: p, jax.tree.map(jnp.copy, params))
+            return build_engine(e, model, lambda: init_params(model, jax.random.key(self.c.seed)), devices=devices)
+        return build_engine(e, model, lambda p: p, jax.device_put(params, devices[0]), devices=devices)
 
     # 3: π_SFT
     def sft(self) -> None:
