@@ -56,3 +56,17 @@ def test_experiment_command_needs_a_known_name():
     out = subprocess.run([sys.executable, "-m", "dpo_jax.main", "experiment", "imdb"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "name one of sentiment" in out.stderr
+
+
+def test_rerunning_a_method_reuses_every_cached_stage(result, capsys):
+    c, first = result
+    again = c.copy_and_resolve_references()
+    again.methods = {"dpo_beta0p1": c.methods["dpo_beta0p1"]}
+    r = S.run(again)
+    out = capsys.readouterr().out
+    assert "π_SFT: cached" in out and "pairs: " in out and "(cached:" in out
+    want = [p for p in first["points"] if p["method"] == "dpo_beta0p1"]
+    got = [p for p in r["points"] if p["method"] == "dpo_beta0p1"]
+    flat = lambda ps: [x for p in ps for x in (p["step"], p["reward"], p["kl"])]  # noqa: E731
+    assert flat(got) == pytest.approx(flat(want), abs=1e-5)
+    assert "summary (final point per method" in out

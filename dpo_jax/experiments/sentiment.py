@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from tqdm.auto import tqdm
 
 from dpo_jax import summaries
 from dpo_jax.convert import native
@@ -139,6 +140,7 @@ class Stages:
         key = _key(self.c.vocab_size, self.c.max_sentence_tokens, model.to_json(), s.to_dict(), self.c.seed,
                    len(self.train_ids))
         path = os.path.join(self.cache, "sft-" + key)
+        self.sft_key = key
         if os.path.isdir(path):
             self.sft_params = native.load_model(path)[1]
             self.log(f"π_SFT: cached ({path})")
@@ -146,7 +148,7 @@ class Stages:
         engine = self._engine("sft", "sigmoid", 0.1, 0.0, 1.0, s.learning_rate, s.batch, None)
         rng = np.random.default_rng(self.c.seed)
         state, t0, t = engine.state, time.perf_counter(), self.c.max_sentence_tokens
-        for step in range(1, s.steps + 1):
+        for step in tqdm(range(1, s.steps + 1), desc="π_SFT", unit="step", leave=False, disable=None):
             rows = [self.train_ids[i] for i in rng.integers(0, len(self.train_ids), s.batch)]
             ids = np.full((2 * s.batch, t), self.pad, np.int32)
             mask = np.zeros_like(ids)
@@ -185,6 +187,11 @@ class Stages:
 
     def pairs(self) -> None:
         p = self.c.pairs
+        path = os.path.join(self.cache, "pairs-" + _key(self.sft_key, p.to_dict()) + ".npz")
+        if os.path.isfile(path):
+            self._load_pairs(path)
+            self.log(f"pairs: {len(self.pair_source)} (cached: {path})")
+            return
         prompts, mask = self._prefixes(self.train_ids, p.prefixes, self.c.seed + 1)
         k = p.samples_per_prefix
         rep_prompts, rep_mask = np.repeat(prompts, k, 0), np.repeat(mask, k, 0)
@@ -212,9 +219,36 @@ class Stages:
         self.pair_source = source
         with open(os.path.join(self.c.out_dir, "pairs.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
+        self._save_pairs(path, records)
         self.sft_train_reward = float(rewards.mean())
         self.log(f"pairs: {len(source)} from {len(prompts)} prefixes x {k} samples (mean π_SFT reward "
                  f"{self.sft_train_reward:+.3f}); written to {self.c.out_dir}/pairs.jsonl")
+
+    def _save_pairs(self, path: str, records: list[dict]) -> None:
+        arrays = {}
+        for side in ("chosen", "rejected"):
+            for field in ("input_ids", "loss_mask"):
+                rows = [r[f"{side}_{field}"] for r in self.pair_source]
+                arrays[f"{side}_{field}"] = np.concatenate(rows)
+                arrays[f"{side}_lengths"] = np.asarray([len(x) for x in rows])
+        arrays["records"] = np.asarray(json.dumps(records))
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+
+    def _load_pairs(self, path: str) -> None:
+        with np.load(path) as f:
+            data = {k: f[k] for k in f.files}
+        source = [{"example_id": i} for i in range(len(data["chosen_lengths"]))]
+        for side in ("chosen", "rejected"):
+            offsets = np.concatenate([[0], np.cumsum(data[f"{side}_lengths"])])
+            for field in ("input_ids", "loss_mask"):
+                for i, row in enumerate(source):
+                    row[f"{side}_{field}"] = data[f"{side}_{field}"][offsets[i]:offsets[i + 1]]
+        self.pair_source = source
+        records = json.loads(str(data["records"]))
+        with open(os.path.join(self.c.out_dir, "pairs.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
 
     # 5: methods with evaluation
     def evaluate(self, params, ref_params, prompts, mask) -> tuple[float, float, list[str]]:
@@ -237,14 +271,16 @@ class Stages:
         points = [{"method": "sft", "step": 0, "reward": sft_reward, "kl": sft_kl}]
         samples = [{"method": "sft", "step": 0, "text": x} for x in sft_texts[:8]]
         ref_engine = self._engine("dpo", "sigmoid", 0.1, 0.0, 0.0, t.learning_rate, t.batch_pairs, self.sft_params)
-        table = _reference_table(ref_engine, self.pair_source, t.batch_pairs, self._seq_len())
+        table = _reference_table(ref_engine, self.pair_source, t.batch_pairs, self._seq_len(),
+                                 os.path.join(self.cache, "reference-" + _key(self.sft_key, self.c.pairs.to_dict(),
+                                                                               t.batch_pairs) + ".npz"))
         for name, (mode, loss_type, beta, eps, alpha) in self.c.methods.items():
             engine = self._engine(mode, loss_type, beta, eps, alpha, t.learning_rate, t.batch_pairs,
                                   self.sft_params)
             loader = PreferenceLoader(self.pair_source, global_batch_pairs=t.batch_pairs, seq_len=self._seq_len(),
                                       seed=self.c.seed, prefetch=0, pad_id=self.pad)
             state, t0 = engine.state, time.perf_counter()
-            for step in range(1, t.steps + 1):
+            for step in tqdm(range(1, t.steps + 1), desc=name, unit="step", leave=False, disable=None):
                 local = next(loader)
                 if engine.config.needs_reference:
                     local = {**local, **table.lookup(local["example_id"])}
@@ -263,15 +299,16 @@ class Stages:
         return self.c.pairs.max_prefix + max(self.c.pairs.max_new_tokens, 1)
 
 
-def _reference_table(engine, source, batch_pairs, seq_len):
+def _reference_table(engine, source, batch_pairs, seq_len, path):
+    """π_SFT's log-probs of every pair, computed once and cached (shared by all methods)."""
     from dpo_jax import reference
 
     def one_pass():
         return PreferenceLoader(source, global_batch_pairs=batch_pairs, seq_len=seq_len, shuffle=False,
                                 num_epochs=1, prefetch=0)
 
-    return reference.compute_table(engine.state.params, engine.reference_step, one_pass(), engine.mesh,
-                                   engine.rules)
+    return reference.precompute(engine.state.params, engine.reference_step, one_pass, engine.mesh, engine.rules,
+                                path)[0]
 
 
 def write_results(c: ml_collections.ConfigDict, points: list[dict[str, Any]], vader_r: float) -> None:
@@ -323,6 +360,10 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
     stages.pairs()
     points = stages.methods()
     write_results(c, points, stages.vader_human_r)
+    final = {p["method"]: p for p in points}
+    stages.log("summary (final point per method: mean reward on held-out prefixes, KL to π_SFT):")
+    for name, p in final.items():
+        print(f"    {name:<24} reward {p['reward']:+.3f}   KL {p['kl']:7.3f}", flush=True)
     stages.log(f"done in {time.perf_counter() - start:.0f} s: {c.out_dir}/results.md, frontier.png, results.csv")
     return {"points": points, "vader_human_r": stages.vader_human_r}
 
