@@ -6,7 +6,9 @@ held-out prefixes +0.141; DPO β = 0.1 at +0.591 (KL 10.1 nats), β = 1 at +0.26
 runs/sentiment/{results.md, results.csv, frontier.png, samples.jsonl, pairs.jsonl} (docs/sentiment/ has a copy).
 
 The DPO paper's controlled-sentiment experiment (§6.1, Fig. 2 left) in miniature; see
-dpo_jax/experiments/sentiment.py for the stages. `:full` runs the whole β/α sweep at a larger scale.
+dpo_jax/experiments/sentiment.py for the stages. `:full` runs the paper's whole sweep — DPO at β ∈ {0.05, 0.1,
+0.25, 0.5, 1, 2, 5}, Unlikelihood at α ∈ {0.1, 0.3, 1, 3}, cDPO, IPO and Preferred-FT — with a longer-trained π_SFT,
+twice the pairs and 200-step runs, into runs/sentiment_full (time: see docs/sentiment/full/).
 """
 
 from dpo_jax.experiments.sentiment import default_config, full_config

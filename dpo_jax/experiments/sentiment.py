@@ -373,19 +373,21 @@ def main(c: ml_collections.ConfigDict) -> None:
 
 
 def full_config() -> ml_collections.ConfigDict:
-    """The paper's whole sweep at a larger (still CPU-sized) scale: more β and α values, longer runs."""
+    """The paper's whole sweep — DPO at 7 β, Unlikelihood at 4 α, cDPO, IPO, Preferred-FT — with a longer-trained
+    π_SFT, twice the pairs and longer runs, at the default model size (so it stays a CPU job)."""
     c = default_config()
     c.out_dir = "runs/sentiment_full"
-    c.model.hidden_size, c.model.num_layers, c.model.intermediate_size = 256, 4, 1024
-    c.sft.steps, c.sft.batch = 3000, 64
-    c.pairs.prefixes = 2048
-    c.eval.prefixes, c.eval.every = 512, 50
-    c.train.steps = 400
+    c.sft.steps = 1000
+    c.pairs.prefixes = 1024
+    c.eval.prefixes, c.eval.every = 256, 40
+    c.train.steps = 200
+    methods = {}
     for beta in (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0):
-        c.methods[f"dpo_beta{str(beta).replace('.', 'p')}"] = ("dpo", "sigmoid", beta, 0.0, 0.0)
+        methods[f"dpo_beta{str(beta).replace('.', 'p')}"] = ("dpo", "sigmoid", beta, 0.0, 0.0)
     for alpha in (0.1, 0.3, 1.0, 3.0):
-        c.methods[f"unlikelihood_alpha{str(alpha).replace('.', 'p')}"] = ("unlikelihood", "sigmoid", 0.1, 0.0, alpha)
-    c.methods["cdpo_beta0p5"] = ("dpo", "sigmoid", 0.5, 0.2, 0.0)
-    c.methods["ipo_beta0p5"] = ("dpo", "ipo", 0.5, 0.0, 0.0)
+        methods[f"unlikelihood_alpha{str(alpha).replace('.', 'p')}"] = ("unlikelihood", "sigmoid", 0.1, 0.0, alpha)
+    methods["cdpo_beta0p1"] = ("dpo", "sigmoid", 0.1, 0.2, 0.0)
+    methods["ipo_beta0p1"] = ("dpo", "ipo", 0.1, 0.0, 0.0)
+    methods["preferred_ft"] = ("sft", "sigmoid", 0.1, 0.0, 0.0)
+    c.methods = ml_collections.ConfigDict(methods)
     return c
-
