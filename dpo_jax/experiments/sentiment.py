@@ -337,11 +337,16 @@ def write_results(c: ml_collections.ConfigDict, points: list[dict[str, Any]], va
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in dict.fromkeys(p["method"] for p in points):
+    fig, ax = plt.subplots(figsize=(8, 5))
+    names = list(dict.fromkeys(p["method"] for p in points))
+    colors = plt.cm.tab20(np.linspace(0, 1, 20))  # distinct colours for up to 20 methods (the default cycles at 10)
+    for i, name in enumerate(names):
         pts = [p for p in points if p["method"] == name]
-        ax.plot([p["kl"] for p in pts], [p["reward"] for p in pts], "o-" if len(pts) > 1 else "k*", label=name,
-                markersize=5 if len(pts) > 1 else 12)
+        if len(pts) == 1:
+            ax.plot([pts[0]["kl"]], [pts[0]["reward"]], "k*", markersize=12, label=name)
+        else:
+            ax.plot([p["kl"] for p in pts], [p["reward"] for p in pts], "os^D"[i % 4] + "-", color=colors[i % 20],
+                    markersize=4, label=name)
     ax.set_xlabel("KL(π ‖ π_ref) per sequence (nats)")
     ax.set_ylabel("mean VADER reward")
     ax.set_title("Reward vs KL on held-out prefixes (cf. DPO paper, Fig. 2 left)")
