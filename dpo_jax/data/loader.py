@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Any, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -211,13 +211,3 @@ class PreferenceLoader:
     def __del__(self):
         self.close()
 
-
-def lengths_of(source: Any) -> np.ndarray:
-    """Per-example max(chosen, rejected) length, by reading every example (storage keeps a sidecar instead)."""
-    return np.asarray([max(len(ex["chosen_input_ids"]), len(ex["rejected_input_ids"])) for ex in
-                       (source[i] for i in range(len(source)))], np.int32)
-
-
-def as_source(pairs: Sequence[Any]) -> list[Mapping[str, Any]]:
-    """An in-memory source from TokenizedPairs (tests, small datasets)."""
-    return [p._asdict() for p in pairs]

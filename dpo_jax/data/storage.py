@@ -25,7 +25,8 @@ from dpo_jax.data.formats import (BAD_EXAMPLE_POLICIES, DataError, PreferenceExa
 from dpo_jax.data.tokenize import Lengths, PairTokenizer
 
 
-def _fingerprint(obj: Any) -> str:
+def fingerprint(obj: Any) -> str:
+    """Short stable hash of a JSON-able value (cache keys)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -39,7 +40,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
                "chat_template": getattr(tokenizer, "chat_template", None), "class": type(tokenizer).__name__}
     if hasattr(tokenizer, "backend_tokenizer"):
         payload["backend"] = tokenizer.backend_tokenizer.to_str()
-    return _fingerprint(payload)
+    return fingerprint(payload)
 
 
 def _apply_policy(items, policy: str, counts: collections.Counter) -> Iterator[Any]:
@@ -70,7 +71,7 @@ class RawPreferences(tfds.core.GeneratorBasedBuilder):
         self._format, self._policy, self._ratio = format, on_bad_example, shp_min_score_ratio
         key = {"splits": {k: files_fingerprint(v) for k, v in splits.items()}, "format": format,
                "policy": on_bad_example, "shp_min_score_ratio": shp_min_score_ratio}
-        super().__init__(config=tfds.core.BuilderConfig(name=_fingerprint(key)), **kwargs)
+        super().__init__(config=tfds.core.BuilderConfig(name=fingerprint(key)), **kwargs)
 
     def _info(self):
         text = tfds.features.Text()
@@ -111,7 +112,7 @@ class TokenizedPreferences(tfds.core.GeneratorBasedBuilder):
         self._tokenizer, self._lengths = tokenizer, lengths
         key = {"raw": raw.builder_config.name, "tokenizer": tokenizer_fingerprint(tokenizer),
                "lengths": vars(lengths), "policy": on_bad_example}
-        super().__init__(config=tfds.core.BuilderConfig(name=_fingerprint(key)), **kwargs)
+        super().__init__(config=tfds.core.BuilderConfig(name=fingerprint(key)), **kwargs)
 
     def _info(self):
         seq = tfds.features.Tensor(shape=(None,), dtype=np.int32)

@@ -41,7 +41,7 @@ class RunCheckpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, *, loader: LoaderState, window: dict[str, Mean] | None,
-             model: ModelConfig, mode: str, wait: bool = False) -> None:
+             model: ModelConfig, mode: str) -> None:
         extra = {
             "loader": {"epoch": int(loader.epoch), "step": int(loader.step)},
             "window": None if window is None else {k: [float(v.total), float(v.count)] for k, v in window.items()},
@@ -51,8 +51,6 @@ class RunCheckpoints:
                                                                  extra=ocp.args.JsonSave(extra)), force=True)
         if not saved:
             raise RuntimeError(f"orbax did not save step {step} in {self.directory} (latest: {self.latest_step()})")
-        if wait:
-            self.manager.wait_until_finished()
 
     def restore(self, step: int, abstract_state: Any, *, model: ModelConfig, mode: str):
         """(state, loader state, logging window) of checkpoint `step`, after checking it fits this run."""

@@ -135,11 +135,11 @@ def load_tokenizer(c: ml_collections.ConfigDict):
     if not spec.startswith("bpe:"):
         return AutoTokenizer.from_pretrained(spec)
     from dpo_jax.data.bpe import train_bpe_tokenizer
-    from dpo_jax.data.storage import _fingerprint, files_fingerprint
+    from dpo_jax.data.storage import files_fingerprint, fingerprint
 
     vocab = int(spec.split(":", 1)[1])
     directory = os.path.join(c.data.cache_dir or default_cache_dir(), "tokenizers",
-                             _fingerprint([files_fingerprint(c.data.train_path), vocab]))
+                             fingerprint([files_fingerprint(c.data.train_path), vocab]))
     if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
         def texts():
             for ex in read_examples(c.data.train_path, None if c.data.format == "auto" else c.data.format):
@@ -356,7 +356,10 @@ def _prepare_reference(c, engine: Engine, loaders, initial_state, load_initial, 
         return None, jax.tree.map(jnp.copy, params) if shared else params  # the policy's buffers get donated
 
     record = os.path.join(run_dir, "reference.json")
-    paths = json.load(open(record)) if os.path.isfile(record) else {}
+    paths = {}
+    if os.path.isfile(record):
+        with open(record) as f:
+            paths = json.load(f)
     if set(paths) == set(loaders) and all(os.path.isfile(p) for p in paths.values()):
         return {s: reference.ReferenceTable.load(p) for s, p in paths.items()}, None
     params, shared = _reference_params(c, engine, initial_state, load_initial)
