@@ -151,6 +151,17 @@ def test_export_loads_in_transformers_with_the_same_logits(finished_run, tmp_pat
     assert out.returncode == 2 and "exists and is not empty" in out.stderr
 
 
+def test_dpo_starts_from_an_exported_hf_checkpoint(finished_run, tmp_path, cache):
+    export(str(finished_run), str(tmp_path / "hf"))
+    c = _config("dpo", _overrides(tmp_path / "from_hf", cache, **{"train.steps": 2, "train.log_every": 1}))
+    c.model.source, c.model.path, c.data.tokenizer = "hf", str(tmp_path / "hf"), ""  # tokenizer from the model dir
+    loop.train(c)
+    first = _train_lines(tmp_path / "from_hf")[0]
+    assert first["loss"] == pytest.approx(np.log(2), abs=1e-5)  # policy = its own reference at step 1
+    model = ModelConfig.from_json((tmp_path / "from_hf" / "model_config.json").read_text())
+    assert model.hidden_size == 64 and model.param_dtype == "float32"
+
+
 @pytest.mark.parametrize("mode", ["sft", "unlikelihood", "ipo"])
 def test_tiny_configs_run_end_to_end_with_eval_and_samples(mode, tmp_path, cache):
     overrides = _overrides(tmp_path / mode, cache, **{"train.steps": 4, "train.log_every": 2, "train.eval_samples": 1,

@@ -118,7 +118,7 @@ def load_hf_checkpoint(
     """
     family, config = read_hf_config(directory)
     param_dtype = jnp.dtype(dtype or config.param_dtype)
-    config = config.replace(param_dtype=param_dtype.name, **(config_overrides or {}))
+    config = config.replace(**{**(config_overrides or {}), "param_dtype": param_dtype.name})
     shapes = expected_shapes(config)
     rules = [r for r in expand(family.rules, config.num_layers) if all(p in shapes for p in r.ours)]
     flat: dict[str, Any] = {}
