@@ -226,6 +226,17 @@ def test_resume_yields_exactly_the_uninterrupted_batches(prefetch):
             np.testing.assert_array_equal(got[key], want[key])
 
 
+def test_close_stops_a_producer_that_finished_into_a_full_queue():
+    rows, lengths = _source(8, max_len=10)
+    loader = PreferenceLoader(rows, global_batch_pairs=2, seq_len=(10,), lengths=lengths, num_epochs=1, prefetch=1)
+    next(loader)
+    thread = loader._thread
+    while thread.is_alive() and not loader._queue.full():  # the producer is now blocked on a full queue
+        thread.join(0.01)
+    loader.close()
+    assert not thread.is_alive()
+
+
 def test_two_hosts_read_disjoint_shards_that_cover_the_data():
     rows, _ = _source(14)
 

@@ -156,20 +156,26 @@ class PreferenceLoader:
         """The position of the next batch `next()` will return (save this with the train state)."""
         return self._state
 
+    def _put(self, item) -> bool:
+        """Blocks until the queue takes `item` or close() is called (then False): never hangs a closing loader."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def _produce(self, state: LoaderState) -> None:
         try:
             while not self._stop.is_set() and not self._done(state):
                 item = (self.batch_at(int(state.epoch), int(state.step)), self._advance(state))
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                if not self._put(item):
+                    return
                 state = item[1]
-            self._queue.put(None)
+            self._put(None)
         except BaseException as e:  # surfaced to the consumer
-            self._queue.put(e)
+            self._put(e)
 
     def __iter__(self) -> Iterator[Batch]:
         return self
