@@ -1,0 +1,290 @@
+"""DPO throughput, dpo_jax vs TRL's DPOTrainer, in one invocation on one machine.
+
+    python bench/dpo_vs_trl.py [--steps 32] [--repeats 3] [--work-dir DIR] [--out docs/bench/dpo_vs_trl.json]
+
+Both systems train the same GPT-2-shaped model (6 layers, width 512, 8 heads, vocab 8192, random init) with the
+sigmoid DPO loss on the same synthetic pairs (48 prompt + 80 response tokens, 8 pairs a step, one epoch), in
+float32 on the CPU, from the same word-level tokenizer and JSONL file, with the same optimizer (AdamW, lr 1e-6
+linear decay, clip 1.0), logging every step and saving a resumable checkpoint at the end. Each run is a fresh
+process (timed from after the imports), and the systems are interleaved — ours, TRL default, TRL precompute,
+ours, ... — so drift in the machine hits all of them; ratios are reported per repeat.
+
+Measured per run: end-to-end time (data preparation, model init, the reference pass, compilation, every step, the
+final checkpoint), the reference pass, steady-state step time (median over steps after the first two), peak RSS.
+
+TRL runs in its own virtualenv under the work directory (created on first use: torch==2.13.0, trl, and this
+environment's transformers version); it is never a dependency of dpo_jax. Everything written goes under the work
+directory (default: $DPO_JAX_CACHE/bench/dpo_vs_trl, else ~/.cache/dpo_jax/bench/dpo_vs_trl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TRL_VERSION = "1.16.0"
+TORCH_VERSION = "2.13.0"
+MODEL = dict(vocab_size=8192, hidden_size=512, num_layers=6, num_heads=8, intermediate_size=2048,
+             max_positions=1024)
+PROMPT_TOKENS, RESPONSE_TOKENS = 48, 80  # the response count includes its EOS
+SYSTEMS = ("ours", "trl_default", "trl_precompute")
+
+
+def default_work_dir() -> str:
+    base = os.environ.get("DPO_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dpo_jax")
+    return os.path.join(base, "bench", "dpo_vs_trl")
+
+
+# ----- inputs shared by both systems --------------------------------------------------------------------------------
+
+def write_tokenizer(directory: str, vocab_size: int) -> None:
+    """A word-level tokenizer: token `w{i}` <-> id i, so synthetic token ids round-trip through text exactly."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>").save_pretrained(directory)
+
+
+def write_pairs(path: str, num_pairs: int, vocab_size: int, seed: int) -> None:
+    """Random words: prompt of PROMPT_TOKENS, responses of RESPONSE_TOKENS - 1 words (+ EOS, added by each system)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    words = lambda n: " ".join(f"w{i}" for i in rng.integers(2, vocab_size, n))  # noqa: E731
+    with open(path, "w") as f:
+        for _ in range(num_pairs):
+            f.write(json.dumps({"prompt": words(PROMPT_TOKENS), "chosen": " " + words(RESPONSE_TOKENS - 1),
+                                "rejected": " " + words(RESPONSE_TOKENS - 1)}) + "\n")
+
+
+def write_checkpoint(directory: str, seed: int, tokenizer_dir: str) -> None:
+    """The shared initial policy (and reference): a random-init GPT-2 written as an HF checkpoint by our exporter,
+    with the tokenizer beside it — what both systems load, as a user's run starts from an HF checkpoint."""
+    import jax
+    from transformers import AutoTokenizer
+
+    from dpo_jax.convert.hf import save_hf_checkpoint
+    from dpo_jax.models.decoder import init_params
+    from dpo_jax.train.loop import default_model_config, random_model_config
+
+    m = default_model_config()
+    m.family, m.max_position_embeddings = "gpt2", MODEL["max_positions"]
+    m.hidden_size, m.num_layers = MODEL["hidden_size"], MODEL["num_layers"]
+    m.num_heads, m.intermediate_size = MODEL["num_heads"], MODEL["intermediate_size"]
+    config = random_model_config(m, MODEL["vocab_size"])
+    save_hf_checkpoint(config, init_params(config, jax.random.key(seed)), directory,
+                       extra_config={"bos_token_id": 1, "eos_token_id": 1, "pad_token_id": 0})
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(directory)
+
+
+def settings(args, work_dir: str, precompute: bool = False) -> dict:
+    return dict(work_dir=work_dir, tokenizer_dir=os.path.join(work_dir, "tokenizer"),
+                model_dir=os.path.join(work_dir, "model"),
+                data_path=os.path.join(work_dir, "pairs.jsonl"), model=MODEL, pairs=args.pairs, steps=args.steps,
+                seed=args.seed, learning_rate=1e-6, clip_grad_norm=1.0, beta=0.1,
+                max_length=PROMPT_TOKENS + RESPONSE_TOKENS, precompute=precompute, scan_layers=args.scan_layers)
+
+
+# ----- the TRL virtualenv -------------------------------------------------------------------------------------------
+
+def trl_python(work_dir: str) -> str:
+    """The TRL virtualenv's interpreter, creating the environment on first use."""
+    import transformers
+
+    venv = os.path.join(work_dir, "trl-venv")
+    python = os.path.join(venv, "bin", "python")
+    pins = [f"torch=={TORCH_VERSION}", f"trl=={TRL_VERSION}", f"transformers=={transformers.__version__}"]
+    marker = os.path.join(venv, "dpo_jax_bench_pins.json")
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            if json.load(f) == pins:
+                return python
+    print(f"creating the TRL virtualenv in {venv}: {' '.join(pins)}", flush=True)
+    shutil.rmtree(venv, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    subprocess.run([python, "-m", "pip", "install", "-q", *pins], check=True)
+    with open(marker, "w") as f:
+        json.dump(pins, f)
+    return python
+
+
+# ----- our worker (runs in a fresh process of this interpreter) ----------------------------------------------------
+
+def run_ours(s: dict) -> dict:
+    """One end-to-end `dpo-jax train` run through the production loop, with its phases timed."""
+    t_start = time.perf_counter()
+    import jax
+
+    from dpo_jax import reference
+    from dpo_jax.data import storage
+    from dpo_jax.train import loop
+    from transformers import AutoTokenizer  # noqa: F401  (imported lazily by the loop; TRL's is before its clock)
+
+    t_imported = time.perf_counter()
+    phases: dict[str, float] = {}
+
+    def timed(module, name, key):
+        original = getattr(module, name)
+
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            out = original(*a, **k)
+            phases[key] = phases.get(key, 0.0) + time.perf_counter() - t
+            return out
+        setattr(module, name, wrapper)
+
+    timed(reference, "precompute", "reference_s")
+    timed(storage, "prepare", "data_s")
+
+    run_dir = tempfile.mkdtemp(prefix="ours_run_", dir=s["work_dir"])
+    c = loop.default_run_config()
+    m, d, t, o = c.model, c.data, c.train, c.optimizer
+    m.source, m.path, m.scan_layers = "hf", s["model_dir"], s["scan_layers"]
+    d.train_path, d.tokenizer, d.cache_dir = s["data_path"], s["tokenizer_dir"], os.path.join(run_dir, "cache")
+    d.max_length, d.max_prompt_length = s["max_length"], PROMPT_TOKENS
+    t.global_batch_pairs, t.steps, t.seed = s["pairs"], s["steps"], s["seed"]
+    t.log_every, t.save_every, t.eval_every, t.run_dir, t.tensorboard = 1, s["steps"], 0, run_dir, False
+    c.dpo.loss_type, c.dpo.beta, c.dpo.reference = "sigmoid", s["beta"], "precompute"
+    o.name, o.learning_rate, o.warmup_steps, o.schedule, o.total_steps = "adamw", s["learning_rate"], 0, "linear", \
+        s["steps"]
+    o.weight_decay, o.clip_grad_norm = 0.0, s["clip_grad_norm"]
+
+    t0 = time.perf_counter()
+    loop.train(c)
+    t_end = time.perf_counter()
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f if '"split": "train"' in line]
+    step_s = [r["num_tokens"] / r["tokens_per_second"] for r in records]
+    return {
+        "system": "ours", "end_to_end_s": t_end - t0, "import_s": t_imported - t_start,
+        "data_s": phases.get("data_s", 0.0), "reference_s": phases.get("reference_s", 0.0),
+        "step_s": step_s, "losses": [r["loss"] for r in records],
+        "tokens": {"per_row": max(r["num_tokens"] for r in records) / (2 * s["pairs"])},
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "versions": {"jax": jax.__version__}, "devices": [str(x) for x in jax.devices()],
+    }
+
+
+# ----- the driver ---------------------------------------------------------------------------------------------------
+
+def launch(python: str, script: str, s: dict, env: dict) -> dict:
+    proc = subprocess.run([python, script, json.dumps(s)] if script.endswith("trl_worker.py")
+                          else [python, script, "--worker", json.dumps(s)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise RuntimeError(f"{os.path.basename(script)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def steady(step_s: list[float]) -> float:
+    return statistics.median(step_s[2:] if len(step_s) > 4 else step_s)
+
+
+def summarize(runs: list[dict], pairs: int) -> dict:
+    """Per-repeat ratios (TRL time / our time: > 1 means we are faster) and medians per system."""
+    by_repeat: dict[int, dict[str, dict]] = {}
+    for r in runs:
+        by_repeat.setdefault(r["repeat"], {})[r["system"]] = r
+    ratios = []
+    for rep, group in sorted(by_repeat.items()):
+        ours = group["ours"]
+        ratios.append({
+            "repeat": rep,
+            "end_to_end_vs_trl_default": group["trl_default"]["end_to_end_s"] / ours["end_to_end_s"],
+            "end_to_end_vs_trl_precompute": group["trl_precompute"]["end_to_end_s"] / ours["end_to_end_s"],
+            "steady_step_vs_trl_default": steady(group["trl_default"]["step_s"]) / steady(ours["step_s"]),
+            "steady_step_vs_trl_precompute": steady(group["trl_precompute"]["step_s"]) / steady(ours["step_s"]),
+        })
+    tokens_per_step = 2 * pairs * (PROMPT_TOKENS + RESPONSE_TOKENS)
+    systems = {}
+    for name in SYSTEMS:
+        rs = [r for r in runs if r["system"] == name]
+        systems[name] = {
+            "end_to_end_s": statistics.median(r["end_to_end_s"] for r in rs),
+            "reference_s": statistics.median(r["reference_s"] for r in rs),
+            "data_s": statistics.median(r["data_s"] for r in rs),
+            "steady_step_s": statistics.median(steady(r["step_s"]) for r in rs),
+            "first_step_s": statistics.median(r["step_s"][0] for r in rs),
+            "steady_tokens_per_s": tokens_per_step / statistics.median(steady(r["step_s"]) for r in rs),
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in rs),
+            "first_loss": rs[0]["losses"][0],
+        }
+    return {"ratios": ratios, "systems": systems,
+            "median_ratios": {k: statistics.median(r[k] for r in ratios) for k in ratios[0] if k != "repeat"}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--pairs", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--work-dir", default=default_work_dir())
+    p.add_argument("--out", default="", help="write the runs and the summary here as JSON")
+    p.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(run_ours(json.loads(args.worker))), flush=True)
+        return
+
+    work_dir = os.path.abspath(args.work_dir)
+    os.makedirs(work_dir, exist_ok=True)
+    python = trl_python(work_dir)
+    s = settings(args, work_dir)
+    shutil.rmtree(s["tokenizer_dir"], ignore_errors=True)
+    write_tokenizer(s["tokenizer_dir"], MODEL["vocab_size"])
+    write_checkpoint(s["model_dir"], args.seed, s["tokenizer_dir"])
+    write_pairs(s["data_path"], args.steps * args.pairs, MODEL["vocab_size"], args.seed)
+    # Both systems keep every cache under the work directory, fresh per run (no cache hits across runs).
+    env = {**os.environ, "TMPDIR": work_dir, "HF_HOME": os.path.join(work_dir, "hf"), "TQDM_DISABLE": "1",
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("XLA_FLAGS", None)  # one real CPU device, as a user's run on this machine
+    runs = []
+    for rep in range(args.repeats):
+        for system in SYSTEMS:
+            if system == "ours":
+                r = launch(sys.executable, os.path.abspath(__file__), s, env)
+            else:
+                trl_s = {**s, "precompute": system == "trl_precompute"}
+                r = launch(python, os.path.join(HERE, "trl_worker.py"), trl_s, env)
+            r["repeat"] = rep
+            runs.append(r)
+            print(f"repeat {rep} {system:15s} end-to-end {r['end_to_end_s']:7.1f} s | reference "
+                  f"{r['reference_s']:5.1f} s | steady step {steady(r['step_s']):.3f} s | first step "
+                  f"{r['step_s'][0]:.2f} s | first loss {r['losses'][0]:.4f} | peak RSS {r['peak_rss_mib']:,.0f} MiB",
+                  flush=True)
+        for d in os.listdir(work_dir):  # run directories and dataset caches; keep the venv and inputs
+            if d.startswith(("ours_run_", "trl_run_", "tmp")) or d == "hf":
+                shutil.rmtree(os.path.join(work_dir, d), ignore_errors=True)
+    summary = summarize(runs, args.pairs)
+    for row in summary["ratios"]:
+        print("repeat {repeat}: end-to-end {end_to_end_vs_trl_default:.2f}x TRL default, "
+              "{end_to_end_vs_trl_precompute:.2f}x TRL precompute | steady step {steady_step_vs_trl_default:.2f}x "
+              "/ {steady_step_vs_trl_precompute:.2f}x".format(**row))
+    print("median ratios:", json.dumps({k: round(v, 3) for k, v in summary["median_ratios"].items()}))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"command": " ".join(["python", "bench/dpo_vs_trl.py", *sys.argv[1:]]),
+                       "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                   "processor": platform.processor()},
+                       "settings": {k: v for k, v in s.items() if k not in ("work_dir",)},
+                       "summary": summary, "runs": runs}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
