@@ -3,7 +3,8 @@
     python bench/dpo_scaling.py [--out docs/bench/dpo_scaling.json] [--model gpt2-6x512] [--steps 2]
 
 The model is bench/dpo_vs_trl.py's (GPT-2-shaped, 6 layers, width 512, 8 heads, vocab 8192) unless --model says
-otherwise, float32 on the default device, built by the production engine (`build_engine`, precomputed reference).
+otherwise, float32 on the default device, built by the production engine (`build_engine`, precomputed reference,
+the two-rows-per-pair layout so that T is each sequence's length).
 Two sweeps, each point a fresh engine:
   - sequence length 128 -> 2048 at a constant 4,096 tokens per step (pairs = 2048 / T), so growth beyond linear
     is the attention's T^2 share;
@@ -62,6 +63,7 @@ def measure_point(model_name: str, pairs: int, seq_len: int, steps: int, scan_la
     for key, value in model_overrides.items():
         m[key] = value
     c.train.global_batch_pairs, c.mesh.data = pairs, 1
+    c.data.layout = "pairs"  # a row per response: T is the sequence length the sweep names
     c.optimizer.name, c.optimizer.warmup_steps = "adamw", 0
     model = random_model_config(m, vocab)
     engine = build_engine(c, model, lambda: init_params(model, jax.random.key(0)), devices=jax.devices()[:1])

@@ -95,7 +95,8 @@ def settings(args, work_dir: str, precompute: bool = False) -> dict:
                 model_dir=os.path.join(work_dir, "model"),
                 data_path=os.path.join(work_dir, "pairs.jsonl"), model=MODEL, pairs=args.pairs, steps=args.steps,
                 seed=args.seed, learning_rate=1e-6, clip_grad_norm=1.0, beta=0.1,
-                max_length=PROMPT_TOKENS + RESPONSE_TOKENS, precompute=precompute, scan_layers=args.scan_layers)
+                max_length=PROMPT_TOKENS + RESPONSE_TOKENS, precompute=precompute, scan_layers=args.scan_layers,
+                layout=args.layout)
 
 
 # ----- the TRL virtualenv -------------------------------------------------------------------------------------------
@@ -154,7 +155,7 @@ def run_ours(s: dict) -> dict:
     m, d, t, o = c.model, c.data, c.train, c.optimizer
     m.source, m.path, m.scan_layers = "hf", s["model_dir"], s["scan_layers"]
     d.train_path, d.tokenizer, d.cache_dir = s["data_path"], s["tokenizer_dir"], os.path.join(run_dir, "cache")
-    d.max_length, d.max_prompt_length = s["max_length"], PROMPT_TOKENS
+    d.max_length, d.max_prompt_length, d.layout = s["max_length"], PROMPT_TOKENS, s["layout"]
     t.global_batch_pairs, t.steps, t.seed = s["pairs"], s["steps"], s["seed"]
     t.log_every, t.save_every, t.eval_every, t.run_dir, t.tensorboard = 1, s["steps"], 0, run_dir, False
     c.dpo.loss_type, c.dpo.beta, c.dpo.reference = "sigmoid", s["beta"], "precompute"
@@ -172,7 +173,7 @@ def run_ours(s: dict) -> dict:
         "system": "ours", "end_to_end_s": t_end - t0, "import_s": t_imported - t_start,
         "data_s": phases.get("data_s", 0.0), "reference_s": phases.get("reference_s", 0.0),
         "step_s": step_s, "losses": [r["loss"] for r in records],
-        "tokens": {"per_row": max(r["num_tokens"] for r in records) / (2 * s["pairs"])},
+        "tokens": {"processed_per_step": max(r["num_tokens"] for r in records), "layout": s["layout"]},
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "versions": {"jax": jax.__version__}, "devices": [str(x) for x in jax.devices()],
     }
@@ -233,6 +234,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--layout", default="shared_prompt", choices=("shared_prompt", "pairs"),
+                   help="our batch layout (config.data.layout); TRL always runs a row per response")
     p.add_argument("--work-dir", default=default_work_dir())
     p.add_argument("--out", default="", help="write the runs and the summary here as JSON")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)

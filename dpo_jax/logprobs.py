@@ -49,8 +49,13 @@ def token_logprobs(
     bias: Array | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     compute_dtype: jnp.dtype | None = None,
+    predecessor: Array | None = None,
 ) -> Array:
     """Per-token next-token log-probs [N, T] in float32.
+
+    predecessor: optional [N, T] int, the position whose hidden state predicts each token (default t - 1). A row
+    that packs prompt + chosen + rejected (the shared-prompt layout) predicts the rejected response's first token
+    from the prompt's last position, not from the chosen response's end. Positions with predecessor < 0 give 0.
 
     hidden: [N, T, D] final (normed) hidden states; kernel: [D, V] unembedding (pass `embedding.T` for tied
     weights: XLA folds the transpose into the matmul); bias: optional [V]. The matmul runs in `compute_dtype`
@@ -66,12 +71,18 @@ def token_logprobs(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     compute_dtype = compute_dtype or hidden.dtype
 
-    steps = t - 1  # positions 0..T-2 predict tokens 1..T-1
+    if predecessor is None:
+        steps, sources, targets = t - 1, hidden[:, :-1], input_ids[:, 1:]  # positions 0..T-2 predict 1..T-1
+    else:
+        if predecessor.shape != (n, t):
+            raise ValueError(f"predecessor must be [N={n}, T={t}] like input_ids, got {predecessor.shape}")
+        steps, targets = t, input_ids
+        sources = jnp.take_along_axis(hidden, jnp.maximum(predecessor, 0)[..., None], axis=1)
     chunk = min(chunk_size, max(steps, 1))
     num_chunks = -(-steps // chunk)
     pad = num_chunks * chunk - steps
-    h = jnp.pad(hidden[:, :-1], ((0, 0), (0, pad), (0, 0)))
-    y = jnp.pad(input_ids[:, 1:], ((0, 0), (0, pad)))
+    h = jnp.pad(sources, ((0, 0), (0, pad), (0, 0)))
+    y = jnp.pad(targets, ((0, 0), (0, pad)))
     # [N, K·C, ·] -> [K, N, C, ·]: scan over chunks, batch axis intact.
     h = h.reshape(n, num_chunks, chunk, d).swapaxes(0, 1)
     y = y.reshape(n, num_chunks, chunk).swapaxes(0, 1)
@@ -84,6 +95,8 @@ def token_logprobs(
 
     _, lp = jax.lax.scan(body, None, (h, y))  # [K, N, C]
     lp = lp.swapaxes(0, 1).reshape(n, num_chunks * chunk)[:, :steps]
+    if predecessor is not None:
+        return jnp.where(predecessor >= 0, lp, 0.0)
     return jnp.pad(lp, ((0, 0), (1, 0)))
 
 
@@ -96,16 +109,20 @@ def sequence_logprobs(
     bias: Array | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     compute_dtype: jnp.dtype | None = None,
+    predecessor: Array | None = None,
 ) -> SequenceLogProbs:
     """Masked per-token log-probs plus their per-sequence sums and counts (log π(y|x) and |y|), float32."""
     token_lp = token_logprobs(
-        hidden, kernel, input_ids, bias=bias, chunk_size=chunk_size, compute_dtype=compute_dtype
+        hidden, kernel, input_ids, bias=bias, chunk_size=chunk_size, compute_dtype=compute_dtype,
+        predecessor=predecessor,
     )
-    return _masked(token_lp, loss_mask)
+    return _masked(token_lp, loss_mask, predecessor)
 
 
-def _masked(token_lp: Array, loss_mask: Array) -> SequenceLogProbs:
-    mask = jnp.asarray(loss_mask, jnp.float32).at[:, 0].set(0.0)
+def _masked(token_lp: Array, loss_mask: Array, predecessor: Array | None = None) -> SequenceLogProbs:
+    """Scored = loss_mask and a predecessor exists (column 0 never has one in the plain layout)."""
+    mask = jnp.asarray(loss_mask, jnp.float32)
+    mask = mask.at[:, 0].set(0.0) if predecessor is None else mask * (predecessor >= 0)
     token_lp = token_lp * mask
     return SequenceLogProbs(token_lp, jnp.sum(token_lp, axis=-1), jnp.sum(mask, axis=-1))
 

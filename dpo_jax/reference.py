@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpo_jax.sharding import global_batch
+from dpo_jax.train.step import ROW_KEYS
 
 FIELDS = ("chosen_sum", "rejected_sum", "chosen_count", "rejected_count")
 
@@ -97,11 +98,13 @@ def compute_table(
     mesh: Any,
     rules: Any,
     progress: Callable[[int], None] | None = None,
+    keys: tuple[str, ...] = ROW_KEYS,
 ) -> ReferenceTable:
-    """Runs `reference_step` over one pass of host-local batches (every host gets every result back)."""
+    """Runs `reference_step` over one pass of host-local batches (every host gets every result back).
+    keys: the batch fields the step reads (the layout's row fields)."""
     ids, values = [], []
     for n, local in enumerate(batches):
-        g = global_batch({k: local[k] for k in ("input_ids", "loss_mask", "attention_mask")}, mesh, rules)
+        g = global_batch({k: local[k] for k in keys}, mesh, rules)
         sc, sr, nc, nr = (np.asarray(x) for x in reference_step(params, g))
         batch_ids = _gather_ids(local["example_id"])
         keep = batch_ids >= 0
@@ -130,10 +133,11 @@ def precompute(
     mesh: Any,
     rules: Any,
     path: str,
+    keys: tuple[str, ...] = ROW_KEYS,
 ) -> tuple[ReferenceTable, bool]:
     """(table, was_cached): loads `path` if present, else runs the pass over `batches()` and saves it."""
     if os.path.isfile(path):
         return ReferenceTable.load(path), True
-    table = compute_table(params, reference_step, batches(), mesh, rules)
+    table = compute_table(params, reference_step, batches(), mesh, rules, keys=keys)
     table.save(path)
     return table, False

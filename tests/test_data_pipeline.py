@@ -292,7 +292,11 @@ def test_build_loaders_from_the_data_config(tokenizer, tmp_path, capsys):
     assert "data train: 9 examples; skipped 1 (no_assistant_turn 1)" in out and "data eval: 3 examples" in out
     evals = list(loaders["eval"])
     assert len(evals) == 1 and list(evals[0]["example_mask"]) == [1, 1, 1, 0]
-    assert next(loaders["train"])["input_ids"].shape[0] == 8
+    assert next(loaders["train"])["input_ids"].shape[0] == 4  # the default layout: one packed row per pair
+    loaders["train"].close()
+    c.layout = "pairs"
+    loaders = build_loaders(c, global_batch_pairs=4, seed=0, data_parallel_size=2)
+    assert next(loaders["train"])["input_ids"].shape[0] == 8  # chosen rows, then rejected rows
     loaders["train"].close()
     c.format = "shp"
     with pytest.raises(DataError, match=r"train\.jsonl:1: missing field 'history'"):

@@ -199,6 +199,23 @@ def test_precompute_then_eval_commands(tmp_path, cache):
     assert [r["step"] for r in evals] == [2, 2] and evals[0]["loss"] == pytest.approx(evals[1]["loss"], rel=1e-6)
 
 
+def test_shared_prompt_layout_trains_like_the_pairs_layout_on_fewer_tokens(tmp_path, cache):
+    runs = {}
+    for layout in ("pairs", "shared_prompt"):
+        c = _config("dpo", _overrides(tmp_path / layout, cache, **{"train.steps": 3, "train.log_every": 1}))
+        c.data.layout = layout
+        loop.train(c)
+        runs[layout] = _train_lines(tmp_path / layout)
+    for want, got in zip(runs["pairs"], runs["shared_prompt"]):
+        for key in ("loss", "rewards/margins", "grad_norm", "logps/rejected"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+        assert got["num_tokens"] < want["num_tokens"]  # each prompt ran once
+    c = _config("dpo", _overrides(tmp_path / "bad", cache))
+    c.data.layout = "packed"
+    with pytest.raises(ValueError, match="config.data.layout = 'packed'; valid: pairs, shared_prompt"):
+        loop.train(c)
+
+
 def test_per_batch_reference_matches_the_precomputed_tables(tmp_path, cache):
     pre = loop.train(_config("dpo", _overrides(tmp_path / "pre", cache, **{"train.steps": 3, "train.log_every": 3})))
     c = _config("dpo", _overrides(tmp_path / "per", cache, **{"train.steps": 3, "train.log_every": 3}))

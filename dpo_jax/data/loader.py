@@ -9,6 +9,8 @@ Host-local batch (b = global_batch_pairs / P pairs, T = the smallest bucket that
 host agrees on the shape):
   input_ids, loss_mask, attention_mask  [2b, T] int32, chosen rows first then rejected
   example_id [b] int32 (-1 for padding), example_mask [b] int32 (0 for padding)
+With layout="shared_prompt" each pair is one packed row (data/packing.py): input_ids, loss_mask, attention_mask,
+segment_ids, positions, predecessor [b, T], T then bounding the packed length (prompt + chosen + rejected).
 The last batch of an epoch is completed with padding examples (all-zero masks): nothing is dropped, and padding
 never counts in metrics. A background thread prepares batches ahead so the accelerator does not wait on Python.
 """
@@ -21,7 +23,11 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from dpo_jax.data.packing import pack_pair
+
 Batch = dict[str, np.ndarray]
+LAYOUTS = ("pairs", "shared_prompt")
+PACKED_KEYS = ("input_ids", "loss_mask", "attention_mask", "segment_ids", "positions", "predecessor")
 
 
 class LoaderState(NamedTuple):
@@ -52,11 +58,17 @@ class PreferenceLoader:
         num_epochs: int | None = None,
         prefetch: int = 2,
         state: LoaderState | None = None,
+        layout: str = "pairs",
     ):
         """source: random access (`len`, `source[i]` -> dict of TokenizedPair fields), e.g. a TFDS data source.
         seq_len: a fixed T, or buckets (sorted ascending; each batch takes the smallest that fits its longest
         sequence — `lengths[i]` = max(chosen, rejected) length of example i is then required).
-        data_parallel_size: the product of the mesh's batch axes; the global batch must divide by it."""
+        data_parallel_size: the product of the mesh's batch axes; the global batch must divide by it.
+        layout: "pairs" (a row per response) or "shared_prompt" (a packed row per pair; `lengths` are then the
+        packed lengths)."""
+        if layout not in LAYOUTS:
+            raise ValueError(f"config.data.layout = {layout!r}; valid: {', '.join(LAYOUTS)}")
+        self.layout = layout
         self.source = source
         self.num_examples = len(source)
         if self.num_examples == 0:
@@ -116,6 +128,8 @@ class PreferenceLoader:
             longest = int(self.lengths[real].max())
             t = next(b for b in self.buckets if b >= longest)
         local = indices[self.process_index * self.local_batch:(self.process_index + 1) * self.local_batch]
+        if self.layout == "shared_prompt":
+            return self._packed_batch(local, t)
         b = self.local_batch
         out = {
             "input_ids": np.full((2 * b, t), self.pad_id, np.int32),
@@ -138,6 +152,30 @@ class PreferenceLoader:
                 out["input_ids"][row + offset, :len(ids)] = ids
                 out["loss_mask"][row + offset, :len(ids)] = mask
                 out["attention_mask"][row + offset, :len(ids)] = 1
+        return out
+
+    def _packed_batch(self, local: np.ndarray, t: int) -> Batch:
+        b = self.local_batch
+        out = {k: np.zeros((b, t), np.int32) for k in PACKED_KEYS}
+        out["input_ids"][:] = self.pad_id
+        out["predecessor"][:] = -1
+        out["example_id"] = np.full((b,), -1, np.int32)
+        out["example_mask"] = np.zeros((b,), np.int32)
+        for row, index in enumerate(local):
+            if index < 0:
+                continue
+            ex = self.source[int(index)]
+            packed = pack_pair(ex["chosen_input_ids"], ex["chosen_loss_mask"], ex["rejected_input_ids"],
+                               ex["rejected_loss_mask"])
+            n = len(packed["input_ids"])
+            if n > t:
+                raise ValueError(f"example {int(ex['example_id'])} packs to {n} tokens, more than seq_len {t}; "
+                                 "raise seq_len or lower data.max_length")
+            for key, value in packed.items():
+                out[key][row, :n] = value
+            out["attention_mask"][row, :n] = 1
+            out["example_id"][row] = int(ex["example_id"])
+            out["example_mask"][row] = 1
         return out
 
     def _advance(self, state: LoaderState) -> LoaderState:

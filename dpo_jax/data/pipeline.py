@@ -6,10 +6,11 @@ import os
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from dpo_jax.data import storage
 from dpo_jax.data.formats import FORMATS, detect_format, iter_rows
-from dpo_jax.data.loader import LoaderState, PreferenceLoader
+from dpo_jax.data.loader import LAYOUTS, LoaderState, PreferenceLoader
 from dpo_jax.data.tokenize import TRUNCATION_MODES, Lengths
 
 CACHE_ENV = "DPO_JAX_CACHE"
@@ -30,6 +31,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.max_prompt_length = 256
     c.truncation_mode = "auto"  # auto: keep_end for HH, keep_start otherwise (the authors' choice)
     c.seq_buckets = ()  # empty: every batch is max_length long; else sorted lengths to pad to
+    # shared_prompt: one row per pair, prompt + chosen + rejected, the prompt computed once (rows as long as the
+    # split's longest packed pair, rounded up to 16, unless seq_buckets are given); pairs: a row per response
+    c.layout = "shared_prompt"
     c.on_bad_example = "skip"  # or "error"
     c.shp_min_score_ratio = 2.0
     c.shuffle = True
@@ -94,13 +98,25 @@ def build_loaders(
                                shp_min_score_ratio=config.shp_min_score_ratio)
     for split, p in prepared.items():
         print(f"data {format_report(split, p.report)}", flush=True)
-    seq_len = tuple(config.seq_buckets) or config.max_length
-    common = dict(global_batch_pairs=global_batch_pairs, seq_len=seq_len, seed=seed, pad_id=tokenizer.pad_token_id
-                  or 0, process_index=process_index, process_count=process_count,
-                  data_parallel_size=data_parallel_size, prefetch=config.prefetch)
-    loaders = {"train": PreferenceLoader(prepared["train"].source, lengths=prepared["train"].lengths,
-                                         shuffle=config.shuffle, state=train_state, **common)}
+    if config.layout not in LAYOUTS:
+        raise ValueError(f"config.data.layout = {config.layout!r}; valid: {', '.join(LAYOUTS)}")
+    shared = config.layout == "shared_prompt"
+    common = dict(global_batch_pairs=global_batch_pairs, seed=seed, pad_id=tokenizer.pad_token_id or 0,
+                  process_index=process_index, process_count=process_count, data_parallel_size=data_parallel_size,
+                  prefetch=config.prefetch, layout=config.layout)
+
+    def split_loader(split: str, **kwargs) -> PreferenceLoader:
+        p = prepared[split]
+        lengths = p.packed_lengths if shared else p.lengths
+        seq_len = tuple(config.seq_buckets) or (packed_seq_len(lengths) if shared else config.max_length)
+        return PreferenceLoader(p.source, lengths=lengths, seq_len=seq_len, **common, **kwargs)
+
+    loaders = {"train": split_loader("train", shuffle=config.shuffle, state=train_state)}
     if "eval" in prepared:
-        loaders["eval"] = PreferenceLoader(prepared["eval"].source, lengths=prepared["eval"].lengths, shuffle=False,
-                                           num_epochs=1, **common)
+        loaders["eval"] = split_loader("eval", shuffle=False, num_epochs=1)
     return loaders
+
+
+def packed_seq_len(packed_lengths: np.ndarray, multiple: int = 16) -> int:
+    """One static row length for a split in the shared-prompt layout: its longest pair, rounded up."""
+    return int(-(-int(np.max(packed_lengths)) // multiple) * multiple)

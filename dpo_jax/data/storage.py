@@ -22,6 +22,7 @@ import tensorflow_datasets as tfds
 
 from dpo_jax.data.formats import (BAD_EXAMPLE_POLICIES, DataError, PreferenceExample, Skip, data_files,
                                   read_examples)
+from dpo_jax.data.packing import packed_length
 from dpo_jax.data.tokenize import Lengths, PairTokenizer
 
 
@@ -105,7 +106,7 @@ def decode_raw(record: dict) -> PreferenceExample:
 class TokenizedPreferences(tfds.core.GeneratorBasedBuilder):
     """TokenizedPairs of a RawPreferences dataset for one tokenizer and one set of lengths."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")  # 1.1: packed (shared-prompt) lengths in the metadata
 
     def __init__(self, *, raw: RawPreferences, tokenizer, lengths: Lengths, on_bad_example: str, **kwargs):
         self._raw, self._policy = raw, on_bad_example
@@ -129,13 +130,16 @@ class TokenizedPreferences(tfds.core.GeneratorBasedBuilder):
         pair_tokenizer = PairTokenizer(self._tokenizer, self._lengths)
         source = self._raw.as_data_source(split=split)
         examples = (pair_tokenizer(decode_raw(source[i])) for i in range(len(source)))
-        lengths = []
+        lengths, packed = [], []
         for pair in _apply_policy(examples, self._policy, counts):
             lengths.append(max(len(pair.chosen_input_ids), len(pair.rejected_input_ids)))
+            packed.append(packed_length(pair.chosen_input_ids, pair.chosen_loss_mask, pair.rejected_input_ids,
+                                        pair.rejected_loss_mask))
             yield pair.example_id, pair._asdict()
         self.info.metadata[f"skipped/{split}"] = dict(counts)
         self.info.metadata[f"adjusted/{split}"] = dict(pair_tokenizer.counts)
         self.info.metadata[f"lengths/{split}"] = lengths
+        self.info.metadata[f"packed_lengths/{split}"] = packed
 
 
 class PreparedSplit:
@@ -144,6 +148,7 @@ class PreparedSplit:
     def __init__(self, builder: TokenizedPreferences, raw: RawPreferences, split: str):
         self.source = builder.as_data_source(split=split)
         self.lengths = np.asarray(builder.info.metadata[f"lengths/{split}"], np.int32)
+        self.packed_lengths = np.asarray(builder.info.metadata[f"packed_lengths/{split}"], np.int32)
         self.report = {
             "examples": len(self.source),
             "skipped_reading": raw.info.metadata.get(f"skipped/{split}", {}),

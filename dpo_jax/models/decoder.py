@@ -146,8 +146,12 @@ def build_attention_mask(
     query_index: Array,
     key_valid: Array,
     segment_ids: Array | None = None,
+    shared_segment: int | None = None,
 ) -> Array:
     """Boolean [B, 1, Tq, S] mask: causal on slot indices, padding, packing segments and the sliding window.
+
+    shared_segment: keys of this segment are visible to every segment (still causally): one prompt shared by the
+    chosen and the rejected response packed after it in the same row.
 
     query_index: [Tq] slot index of each query (0..T-1 without a cache; cache_index + t with one).
     key_valid: [B, S] 1 where a key slot holds a real token.
@@ -158,7 +162,10 @@ def build_attention_mask(
         allowed &= query_index[:, None] - key_index[None, :] < config.sliding_window
     mask = allowed[None, None] & key_valid.astype(bool)[:, None, None, :]
     if segment_ids is not None:
-        mask &= (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]
+        if shared_segment is not None:
+            same |= (segment_ids == shared_segment)[:, None, :]
+        mask &= same[:, None]
     return mask
 
 
@@ -181,12 +188,14 @@ class Decoder(nn.Module):
         attention_mask: Array | None = None,
         cache: Cache | None = None,
         cache_index: Array | int | None = None,
+        shared_segment: int | None = None,
     ):
         """Final hidden states [B, T, D] (and the updated cache when `cache` is given).
 
         attention_mask: [B, T] (or [B, S] over the cache slots when decoding) with 1 for real tokens.
         positions default to the count of real tokens before each one (right- or left-padding both work).
-        segment_ids: [B, T] packed-sequence ids; tokens attend only within their segment.
+        segment_ids: [B, T] packed-sequence ids; tokens attend only within their segment (and to
+            `shared_segment`, a prompt shared by the sequences packed after it).
         """
         c = self.config
         b, t = input_ids.shape
@@ -197,7 +206,7 @@ class Decoder(nn.Module):
                 raise ValueError("Decoder: pass positions explicitly when decoding with a cache")
             positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
         query_index = jnp.arange(t) if cache is None else cache_index + jnp.arange(t)
-        mask = build_attention_mask(c, query_index, attention_mask, segment_ids)
+        mask = build_attention_mask(c, query_index, attention_mask, segment_ids, shared_segment)
 
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=jnp.dtype(c.dtype),
                          param_dtype=jnp.dtype(c.param_dtype), embedding_init=_init(("vocab", "embed")),

@@ -55,7 +55,13 @@ def step_config(c: ml_collections.ConfigDict, model: ModelConfig) -> StepConfig:
         model=model, mode=c.train.mode, loss_type=c.dpo.loss_type, beta=c.dpo.beta,
         label_smoothing=c.dpo.label_smoothing, reference_free=c.dpo.reference_free,
         loss_kwargs=tuple(sorted(c.dpo.loss_kwargs.to_dict().items())), unlikelihood_alpha=c.dpo.unlikelihood_alpha,
-        micro_batches=c.train.micro_batches, num_blocks=jax.process_count(), chunk_size=c.train.logprob_chunk_size)
+        micro_batches=c.train.micro_batches, num_blocks=jax.process_count(), chunk_size=c.train.logprob_chunk_size,
+        shared_prompt=uses_shared_prompt(c))
+
+
+def uses_shared_prompt(c: ml_collections.ConfigDict) -> bool:
+    """The batch layout is chosen in the data config (config.data.layout); engines built without one use pairs."""
+    return "data" in c and c.data.get("layout", "pairs") == "shared_prompt"
 
 
 class Engine(NamedTuple):
@@ -79,16 +85,19 @@ class Engine(NamedTuple):
 def check_batch_layout(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
     """The global batch must split into data-parallel shards, hosts and micro-batches evenly."""
     b, m = c.train.global_batch_pairs, c.train.micro_batches
+    rows_per_pair = 1 if uses_shared_prompt(c) else 2
     dp = sharding.data_parallel_size(mesh, c.mesh.rules)
-    if (2 * b) % dp:
-        raise ValueError(f"config.train.global_batch_pairs = {b}: its {2 * b} rows do not divide over the "
-                         f"data-parallel size {dp} (mesh data x fsdp); use a multiple of {dp // 2 or 1} pairs")
+    if (rows_per_pair * b) % dp:
+        raise ValueError(f"config.train.global_batch_pairs = {b}: its {rows_per_pair * b} rows do not divide over "
+                         f"the data-parallel size {dp} (mesh data x fsdp); use a multiple of "
+                         f"{dp // rows_per_pair or 1} pairs")
     per_host = b // jax.process_count()
     if b % jax.process_count() or per_host % m:
         raise ValueError(f"config.train.global_batch_pairs = {b} must divide by processes ({jax.process_count()}) "
                          f"x micro_batches ({m})")
-    if (2 * b // m) % dp:
-        raise ValueError(f"each micro-batch has {2 * b // m} rows, not divisible by the data-parallel size {dp}; "
+    if (rows_per_pair * b // m) % dp:
+        raise ValueError(f"each micro-batch has {rows_per_pair * b // m} rows, not divisible by the data-parallel "
+                         f"size {dp}; "
                          "lower config.train.micro_batches or the mesh's data x fsdp")
 
 

@@ -276,7 +276,8 @@ def train(c: ml_collections.ConfigDict) -> dict[str, Any]:
                 steps_in_window = float(window["num_tokens"].count)
                 values["tokens_per_second"] = values["num_tokens"] * steps_in_window / elapsed if elapsed else 0.0
                 if peak:
-                    flops = train_step_flops(model, 2 * c.train.global_batch_pairs, local["input_ids"].shape[1])
+                    flops = train_step_flops(model, engine.config.rows(c.train.global_batch_pairs),
+                                             local["input_ids"].shape[1])
                     values["mfu"] = flops * steps_in_window / elapsed / (peak * 1e12 * jax.device_count())
                 writer.scalars(step, "train", values)
                 last_logged, window, t0 = values, None, time.perf_counter()
@@ -370,7 +371,8 @@ def _prepare_reference(c, engine: Engine, loaders, initial_state, load_initial, 
         paths[split] = reference.cache_path(cache_dir, split, weights=weights, data=_data_identity(loader),
                                             settings=settings)
         tables[split], cached = reference.precompute(params, engine.reference_step, lambda lo=loader: _one_pass(lo),
-                                                     engine.mesh, engine.rules, paths[split])
+                                                     engine.mesh, engine.rules, paths[split],
+                                                     keys=engine.config.row_keys)
         print(f"reference log-probs for {split}: {len(tables[split])} examples "
               f"({'cache hit' if cached else 'computed'}: {paths[split]})", flush=True)
     if distributed.is_main_process():
@@ -386,7 +388,7 @@ def _one_pass(loader: PreferenceLoader) -> PreferenceLoader:
     return PreferenceLoader(loader.source, global_batch_pairs=loader.global_batch, seq_len=loader.buckets,
                             lengths=loader.lengths, shuffle=False, num_epochs=1, prefetch=2,
                             process_index=loader.process_index,
-                            process_count=loader.global_batch // loader.local_batch)
+                            process_count=loader.global_batch // loader.local_batch, layout=loader.layout)
 
 
 def _data_identity(loader: PreferenceLoader) -> str:

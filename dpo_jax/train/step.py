@@ -5,6 +5,10 @@ order, each block = that host's chosen rows then its rejected rows (P = 1: all c
 `example_mask` [B] (0 = padding example) and, for DPO with a reference, `ref_chosen_logps`/`ref_rejected_logps`
 [B], in the same block order. Pairs are matched inside each block, so host-local batches never need reordering.
 
+Shared-prompt layout (StepConfig.shared_prompt, data/packing.py): one packed row per pair instead of two rows,
+`input_ids`, `loss_mask`, `attention_mask`, `segment_ids`, `positions`, `predecessor` [B, T] in process order; the
+chosen/rejected split is by segment instead of by row. Everything after `pair_logprobs` is layout-independent.
+
 Gradient accumulation scans over M micro-batches: pair i of each block goes to micro-batch i mod M, so every
 device holds rows of every micro-batch and the scan moves no data. Losses are sums over examples (tokens for SFT)
 divided by the count over the whole global batch, so M micro-batches give exactly the gradient of one.
@@ -13,7 +17,7 @@ divided by the count over the whole global batch, so M micro-batches give exactl
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +25,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dpo_jax import losses
+from dpo_jax.data.packing import CHOSEN, PROMPT, REJECTED
 from dpo_jax.logprobs import SequenceLogProbs, sequence_logprobs
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.decoder import Decoder, unembedding
@@ -30,6 +35,7 @@ from dpo_jax.train.state import TrainState
 
 MODES = ("dpo", "sft", "unlikelihood")
 ROW_KEYS = ("input_ids", "loss_mask", "attention_mask")
+PACKED_KEYS = ROW_KEYS + ("segment_ids", "positions", "predecessor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +53,7 @@ class StepConfig:
     micro_batches: int = 1
     num_blocks: int = 1  # host blocks in the global batch (= process count)
     chunk_size: int = 128
+    shared_prompt: bool = False  # one packed row per pair (prompt once) instead of a row per response
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -59,9 +66,18 @@ class StepConfig:
         return self.mode == "dpo" and not self.reference_free and \
             not losses._spec(self.loss_type).ignores_reference
 
+    @property
+    def row_keys(self) -> tuple[str, ...]:
+        """The [rows, T] batch fields the model reads."""
+        return PACKED_KEYS if self.shared_prompt else ROW_KEYS
+
+    def rows(self, pairs: int) -> int:
+        """Sequences the model runs per `pairs` preference pairs."""
+        return pairs if self.shared_prompt else 2 * pairs
+
     def batch_keys(self) -> dict[str, int]:
         """Batch fields the step takes, with their ranks."""
-        keys = {k: 2 for k in ROW_KEYS} | {"example_mask": 1}
+        keys = {k: 2 for k in self.row_keys} | {"example_mask": 1}
         if self.needs_reference:
             keys |= {"ref_chosen_logps": 1, "ref_rejected_logps": 1}
         return keys
@@ -85,42 +101,86 @@ def _micro_pairs(x: jax.Array, m: int, p: int) -> jax.Array:
     return jnp.moveaxis(y, 2, 0).reshape(m, -1, *x.shape[1:])
 
 
-def to_micro_batches(batch: dict[str, jax.Array], m: int, p: int) -> dict[str, jax.Array]:
-    return {k: (_micro_rows if k in ROW_KEYS else _micro_pairs)(v, m, p) for k, v in batch.items()}
+def to_micro_batches(batch: dict[str, jax.Array], m: int, p: int, shared_prompt: bool = False) -> dict[str, jax.Array]:
+    per_row = () if shared_prompt else ROW_KEYS  # packed rows are pairs
+    return {k: (_micro_rows if k in per_row else _micro_pairs)(v, m, p) for k, v in batch.items()}
 
 
 def policy_logprobs(params: Any, batch: dict[str, jax.Array], c: StepConfig) -> SequenceLogProbs:
     """Forward over all rows, then chunked float32 log-probs of the scored tokens."""
-    hidden = Decoder(c.model).apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"])
+    if c.shared_prompt:
+        hidden = Decoder(c.model).apply({"params": params}, batch["input_ids"], positions=batch["positions"],
+                                        segment_ids=batch["segment_ids"], attention_mask=batch["attention_mask"],
+                                        shared_segment=PROMPT)
+    else:
+        hidden = Decoder(c.model).apply({"params": params}, batch["input_ids"],
+                                        attention_mask=batch["attention_mask"])
     kernel, bias = unembedding(params, c.model)
     return sequence_logprobs(hidden, kernel, batch["input_ids"], batch["loss_mask"], bias=bias,
-                             chunk_size=c.chunk_size)
+                             chunk_size=c.chunk_size, predecessor=batch.get("predecessor"))
+
+
+class PairLogProbs(NamedTuple):
+    """Per pair: log π(y|x) sums and scored-token counts [B], masked token log-probs and loss masks [B, T]."""
+
+    chosen_sums: jax.Array
+    rejected_sums: jax.Array
+    chosen_counts: jax.Array
+    rejected_counts: jax.Array
+    chosen_tokens: jax.Array
+    rejected_tokens: jax.Array
+    chosen_mask: jax.Array
+    rejected_mask: jax.Array
+
+
+def response_masks(batch: dict[str, jax.Array], c: StepConfig) -> tuple[jax.Array, jax.Array]:
+    """(chosen, rejected) loss masks [B, T], float32, in pair order."""
+    mask = batch["loss_mask"].astype(jnp.float32)
+    if not c.shared_prompt:
+        return split_pairs(mask, c.num_blocks)
+    segments = batch["segment_ids"]
+    return mask * (segments == CHOSEN), mask * (segments == REJECTED)
+
+
+def pair_logprobs(params: Any, batch: dict[str, jax.Array], c: StepConfig) -> PairLogProbs:
+    """The policy's log-probs of both responses of every pair, whatever the batch layout."""
+    lp = policy_logprobs(params, batch, c)
+    mask_c, mask_r = response_masks(batch, c)
+    if not c.shared_prompt:
+        p = c.num_blocks
+        (sc, sr), (nc, nr), (tc, tr) = (split_pairs(x, p) for x in (lp.sums, lp.counts, lp.token_logps))
+        return PairLogProbs(sc, sr, nc, nr, tc, tr, mask_c, mask_r)
+    segments = batch["segment_ids"]
+    tc, tr = lp.token_logps * (segments == CHOSEN), lp.token_logps * (segments == REJECTED)
+    scored = batch["predecessor"] >= 0
+    return PairLogProbs(jnp.sum(tc, -1), jnp.sum(tr, -1), jnp.sum(mask_c * scored, -1),
+                        jnp.sum(mask_r * scored, -1), tc, tr, mask_c, mask_r)
 
 
 def loss_denominator(batch: dict[str, jax.Array], c: StepConfig) -> jax.Array:
     """What the summed loss is divided by: real examples (DPO, unlikelihood) or real chosen tokens (SFT)."""
     if c.mode == "sft":
-        chosen_mask, _ = split_pairs(batch["loss_mask"], c.num_blocks)
-        return jnp.maximum(jnp.sum(chosen_mask[:, 1:] * batch["example_mask"][:, None]), 1.0)
+        chosen_mask, _ = response_masks(batch, c)
+        scored = (batch["predecessor"] >= 0) if c.shared_prompt else jnp.arange(chosen_mask.shape[1]) > 0
+        return jnp.maximum(jnp.sum(chosen_mask * scored * batch["example_mask"][:, None]), 1.0)
     return jnp.maximum(jnp.sum(batch["example_mask"]).astype(jnp.float32), 1.0)
 
 
 def loss_sum_and_metrics(params: Any, batch: dict[str, jax.Array], c: StepConfig) -> tuple[jax.Array, dict]:
     """Σ of per-example (SFT: per-token) losses over real examples, and metric sums. Pure."""
-    lp = policy_logprobs(params, batch, c)
-    p = c.num_blocks
-    pc, pr = split_pairs(lp.sums, p)
+    lp = pair_logprobs(params, batch, c)
+    pc, pr = lp.chosen_sums, lp.rejected_sums
     mask = batch["example_mask"].astype(jnp.float32)
     if c.mode == "dpo":
         ref_c = batch.get("ref_chosen_logps")
         ref_r = batch.get("ref_rejected_logps")
-        lc, lr = split_pairs(lp.counts, p)
+        lc, lr = lp.chosen_counts, lp.rejected_counts
         per_example, cr, rr = losses.preference_loss(
             pc, pr, ref_c, ref_r, loss_type=c.loss_type, beta=c.beta, label_smoothing=c.label_smoothing,
             reference_free=c.reference_free, chosen_lengths=lc, rejected_lengths=lr, **dict(c.loss_kwargs))
         return jnp.sum(per_example * mask), losses.preference_metrics(per_example, cr, rr, pc, pr, mask)
-    tok_c, tok_r = split_pairs(lp.token_logps, p)
-    mask_c, mask_r = split_pairs(batch["loss_mask"], p)
+    tok_c, tok_r = lp.chosen_tokens, lp.rejected_tokens
+    mask_c, mask_r = lp.chosen_mask, lp.rejected_mask
     mask_c = mask_c * mask[:, None]
     metrics = {"logps/chosen": Mean.of(jax.lax.stop_gradient(pc), mask),
                "logps/rejected": Mean.of(jax.lax.stop_gradient(pr), mask)}
@@ -149,7 +209,7 @@ def _accumulate(params: Any, batch: dict[str, jax.Array], c: StepConfig, with_gr
 
     if c.micro_batches == 1:
         return one(batch)
-    micro = constrain(to_micro_batches(batch, c.micro_batches, c.num_blocks))
+    micro = constrain(to_micro_batches(batch, c.micro_batches, c.num_blocks, c.shared_prompt))
     shapes = jax.eval_shape(one, jax.tree.map(lambda x: x[0], micro))
     init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
@@ -201,14 +261,12 @@ def make_steps(
 def make_reference_step(c: StepConfig, mesh: Mesh, rules: Any, param_shardings: Any) -> Callable:
     """Jitted reference forward (never under grad): batch -> (chosen sums, rejected sums, chosen counts,
     rejected counts), each [B] float32 in block order."""
-    keys = {k: 2 for k in ROW_KEYS}
-    shardings = {k: batch_sharding(mesh, rules, n) for k, n in keys.items()}
+    shardings = {k: batch_sharding(mesh, rules, 2) for k in c.row_keys}
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def reference(params, batch):
-        lp = policy_logprobs(params, {k: batch[k] for k in ROW_KEYS}, c)
-        (sc, sr), (nc, nr) = split_pairs(lp.sums, c.num_blocks), split_pairs(lp.counts, c.num_blocks)
-        return sc, sr, nc, nr
+        lp = pair_logprobs(params, batch, c)
+        return lp.chosen_sums, lp.rejected_sums, lp.chosen_counts, lp.rejected_counts
 
     jitted = jax.jit(reference, in_shardings=(param_shardings, shardings), out_shardings=replicated)
-    return lambda params, batch: jitted(params, {k: batch[k] for k in ROW_KEYS})
+    return lambda params, batch: jitted(params, {k: batch[k] for k in c.row_keys})

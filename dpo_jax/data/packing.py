@@ -1,0 +1,48 @@
+"""The shared-prompt row: prompt once, then the chosen and the rejected response, in one sequence.
+
+DPO scores two responses to the same prompt. The plain layout runs the prompt twice (one row per response); here
+one row holds `prompt + chosen + rejected`, the rejected tokens attend to the prompt and themselves but not to the
+chosen tokens (segment ids with the prompt as the shared segment), their positions restart where the prompt ends,
+and the rejected response's first token is predicted from the prompt's last position (`predecessor`). The model
+computes exactly the two log-probabilities of the plain layout on len(prompt) fewer tokens per pair.
+
+The shared part is the longest common prefix of the two tokenized sequences over which neither is scored, so a
+tokenizer that merged the prompt's last token differently into each response still packs correctly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+PADDING, PROMPT, CHOSEN, REJECTED = 0, 1, 2, 3
+
+
+def shared_prefix_length(chosen_ids, chosen_mask, rejected_ids, rejected_mask) -> int:
+    """Length of the common, unscored prefix of the chosen and the rejected sequence."""
+    n = min(len(chosen_ids), len(rejected_ids))
+    same = (np.asarray(chosen_ids[:n]) == np.asarray(rejected_ids[:n])) & (np.asarray(chosen_mask[:n]) == 0) & \
+        (np.asarray(rejected_mask[:n]) == 0)
+    return int(n if same.all() else np.argmin(same))
+
+
+def packed_length(chosen_ids, chosen_mask, rejected_ids, rejected_mask) -> int:
+    shared = shared_prefix_length(chosen_ids, chosen_mask, rejected_ids, rejected_mask)
+    return len(chosen_ids) + len(rejected_ids) - shared
+
+
+def pack_pair(chosen_ids, chosen_mask, rejected_ids, rejected_mask) -> dict[str, np.ndarray]:
+    """1-D arrays of one packed row: input_ids, loss_mask, segment_ids, positions, predecessor (-1: none)."""
+    chosen_ids, rejected_ids = np.asarray(chosen_ids), np.asarray(rejected_ids)
+    shared = shared_prefix_length(chosen_ids, chosen_mask, rejected_ids, rejected_mask)
+    nc, nr = len(chosen_ids), len(rejected_ids) - shared
+    predecessor = np.arange(-1, nc + nr - 1)
+    if nr:
+        predecessor[nc] = shared - 1  # the rejected response continues the prompt, not the chosen response
+    return {
+        "input_ids": np.concatenate([chosen_ids, rejected_ids[shared:]]),
+        "loss_mask": np.concatenate([np.asarray(chosen_mask), np.asarray(rejected_mask)[shared:]]),
+        "segment_ids": np.concatenate([np.full(shared, PROMPT), np.full(nc - shared, CHOSEN),
+                                       np.full(nr, REJECTED)]),
+        "positions": np.concatenate([np.arange(nc), np.arange(shared, shared + nr)]),
+        "predecessor": predecessor,
+    }
