@@ -78,8 +78,8 @@ def token_logprobs(
             raise ValueError(f"predecessor must be [N={n}, T={t}] like input_ids, got {predecessor.shape}")
         steps, targets = t, input_ids
         sources = jnp.take_along_axis(hidden, jnp.maximum(predecessor, 0)[..., None], axis=1)
-    chunk = min(chunk_size, max(steps, 1))
-    num_chunks = -(-steps // chunk)
+    num_chunks = -(-max(steps, 1) // chunk_size)
+    chunk = -(-max(steps, 1) // num_chunks)  # balanced: at most num_chunks - 1 padded positions, not chunk - 1
     pad = num_chunks * chunk - steps
     h = jnp.pad(sources, ((0, 0), (0, pad), (0, 0)))
     y = jnp.pad(targets, ((0, 0), (0, pad)))
