@@ -30,9 +30,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.max_length = 512
     c.max_prompt_length = 256
     c.truncation_mode = "auto"  # auto: keep_end for HH, keep_start otherwise (the authors' choice)
-    c.seq_buckets = ()  # empty: every batch is max_length long; else sorted lengths to pad to
+    c.seq_buckets = ()  # sorted row lengths to pad to; empty: one length (see layout)
     # shared_prompt: one row per pair, prompt + chosen + rejected, the prompt computed once (rows as long as the
     # split's longest packed pair, rounded up to 16, unless seq_buckets are given); pairs: a row per response
+    # (max_length long unless seq_buckets are given)
     c.layout = "shared_prompt"
     c.on_bad_example = "skip"  # or "error"
     c.shp_min_score_ratio = 2.0
