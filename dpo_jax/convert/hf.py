@@ -85,8 +85,11 @@ def stack_layers(flat: dict[str, Any], num_layers: int) -> dict[str, Any]:
             per_layer.setdefault(rest, [None] * num_layers)[int(head[len("layers_"):])] = value
         else:
             out[path] = value
-    for rest, values in per_layer.items():
-        out[f"layers/{rest}"] = jnp.stack(values)
+    for rest in list(per_layer):
+        values = per_layer.pop(rest)
+        host = all(isinstance(v, np.ndarray) for v in values)  # one host copy, not a compiled stack per shape
+        out[f"layers/{rest}"] = jnp.asarray(np.stack(values)) if host else jnp.stack(values)
+        del values
     return out
 
 
@@ -142,8 +145,11 @@ def load_hf_checkpoint(
                     raise ValueError(f"{directory}: tensor {source[rule.hf]} has shape {tuple(raw.shape)}, which gives "
                                      f"{tuple(value.shape)} for parameter {path}; expected {tuple(shapes[path])}")
                 value = np.asarray(value).astype(param_dtype)
-                flat[path] = jax.device_put(value, sharding_fn(path, value.shape)) if sharding_fn else jnp.asarray(
-                    value)
+                if sharding_fn:
+                    value = jax.device_put(value, sharding_fn(path, value.shape))
+                elif not (config.scan_layers and path.startswith("layers_")):  # those are stacked on the host first
+                    value = jnp.asarray(value)
+                flat[path] = value
             del raw
     if config.scan_layers:
         flat = stack_layers(flat, config.num_layers)
