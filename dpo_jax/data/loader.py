@@ -23,11 +23,10 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from dpo_jax.data.packing import pack_pair
+from dpo_jax.data.packing import ROW_FIELDS, pack_pair
 
 Batch = dict[str, np.ndarray]
 LAYOUTS = ("pairs", "shared_prompt")
-PACKED_KEYS = ("input_ids", "loss_mask", "attention_mask", "segment_ids", "positions", "predecessor")
 
 
 class LoaderState(NamedTuple):
@@ -156,7 +155,7 @@ class PreferenceLoader:
 
     def _packed_batch(self, local: np.ndarray, t: int) -> Batch:
         b = self.local_batch
-        out = {k: np.zeros((b, t), np.int32) for k in PACKED_KEYS}
+        out = {k: np.zeros((b, t), np.int32) for k in ROW_FIELDS}
         out["input_ids"][:] = self.pad_id
         out["predecessor"][:] = -1
         out["example_id"] = np.full((b,), -1, np.int32)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 PADDING, PROMPT, CHOSEN, REJECTED = 0, 1, 2, 3
+ROW_FIELDS = ("input_ids", "loss_mask", "attention_mask", "segment_ids", "positions", "predecessor")  # [rows, T]
 
 
 def shared_prefix_length(chosen_ids, chosen_mask, rejected_ids, rejected_mask) -> int:

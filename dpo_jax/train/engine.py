@@ -82,10 +82,9 @@ class Engine(NamedTuple):
         return sharding.global_batch({k: v for k, v in local.items() if k in keys}, self.mesh, self.rules)
 
 
-def check_batch_layout(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+def check_batch_layout(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rows_per_pair: int) -> None:
     """The global batch must split into data-parallel shards, hosts and micro-batches evenly."""
     b, m = c.train.global_batch_pairs, c.train.micro_batches
-    rows_per_pair = 1 if uses_shared_prompt(c) else 2
     dp = sharding.data_parallel_size(mesh, c.mesh.rules)
     if (rows_per_pair * b) % dp:
         raise ValueError(f"config.train.global_batch_pairs = {b}: its {rows_per_pair * b} rows do not divide over "
@@ -110,9 +109,9 @@ def build_engine(
 ) -> Engine:
     """Mesh -> shardings (checked before compiling) -> state created sharded -> jitted steps."""
     mesh = sharding.make_mesh(c.mesh, devices)
-    check_batch_layout(c, mesh)
-    rules = c.mesh.rules
     sc = step_config(c, model)
+    check_batch_layout(c, mesh, sc.rows(1))
+    rules = c.mesh.rules
     optimizer, schedule = make_optimizer(c.optimizer)
     abstract_params = jax.eval_shape(init_params, *init_args)
     p_shardings = sharding.param_shardings(logical_axes(model), abstract_params, mesh, rules)

@@ -25,7 +25,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dpo_jax import losses
-from dpo_jax.data.packing import CHOSEN, PROMPT, REJECTED
+from dpo_jax.data.packing import CHOSEN, PROMPT, REJECTED, ROW_FIELDS
 from dpo_jax.logprobs import SequenceLogProbs, sequence_logprobs
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.decoder import Decoder, unembedding
@@ -35,7 +35,6 @@ from dpo_jax.train.state import TrainState
 
 MODES = ("dpo", "sft", "unlikelihood")
 ROW_KEYS = ("input_ids", "loss_mask", "attention_mask")
-PACKED_KEYS = ROW_KEYS + ("segment_ids", "positions", "predecessor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +68,7 @@ class StepConfig:
     @property
     def row_keys(self) -> tuple[str, ...]:
         """The [rows, T] batch fields the model reads."""
-        return PACKED_KEYS if self.shared_prompt else ROW_KEYS
+        return ROW_FIELDS if self.shared_prompt else ROW_KEYS
 
     def rows(self, pairs: int) -> int:
         """Sequences the model runs per `pairs` preference pairs."""
