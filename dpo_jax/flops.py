@@ -21,9 +21,14 @@ def forward_flops_per_token(c: ModelConfig, seq_len: int) -> float:
     return 2.0 * matmul_params(c) + attention
 
 
-def train_step_flops(c: ModelConfig, rows: int, seq_len: int) -> float:
-    """FLOPs of one policy train step over `rows` sequences of `seq_len` tokens (padding included: it is computed)."""
-    return 3.0 * forward_flops_per_token(c, seq_len) * rows * seq_len
+def train_step_flops(c: ModelConfig, rows: int, seq_len: int, scored_positions: int = 0) -> float:
+    """FLOPs of one policy train step over `rows` sequences of `seq_len` tokens (padding included: it is computed).
+    scored_positions: > 0 when the unembedding runs on only that many positions per row (the step's score
+    window), so that only computed FLOPs are counted."""
+    forward = forward_flops_per_token(c, seq_len) * seq_len
+    if 0 < scored_positions < seq_len:
+        forward -= 2.0 * c.hidden_size * c.vocab_size * (seq_len - scored_positions)
+    return 3.0 * forward * rows
 
 
 # Dense bf16 peak TFLOP/s per device, by `jax.devices()[0].device_kind` substring (vendor spec sheets).

@@ -50,12 +50,17 @@ def token_logprobs(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     compute_dtype: jnp.dtype | None = None,
     predecessor: Array | None = None,
+    window: tuple[Array, int] | None = None,
 ) -> Array:
     """Per-token next-token log-probs [N, T] in float32.
 
     predecessor: optional [N, T] int, the position whose hidden state predicts each token (default t - 1). A row
     that packs prompt + chosen + rejected (the shared-prompt layout) predicts the rejected response's first token
     from the prompt's last position, not from the chosen response's end. Positions with predecessor < 0 give 0.
+
+    window: optional (starts [N] int, size S static): only tokens t in [start, start + S) are scored (the window
+    is moved left to fit in T), the others give 0. The unembedding, the largest matmul of a large-vocabulary model,
+    then runs on N·S positions instead of N·T: prompts, which are never scored, are skipped.
 
     hidden: [N, T, D] final (normed) hidden states; kernel: [D, V] unembedding (pass `embedding.T` for tied
     weights: XLA folds the transpose into the matmul); bias: optional [V]. The matmul runs in `compute_dtype`
@@ -69,15 +74,36 @@ def token_logprobs(
         raise ValueError(f"input_ids must be [N={n}, T={t}] like hidden, got {input_ids.shape}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if predecessor is not None and predecessor.shape != (n, t):
+        raise ValueError(f"predecessor must be [N={n}, T={t}] like input_ids, got {predecessor.shape}")
     compute_dtype = compute_dtype or hidden.dtype
 
-    if predecessor is None:
-        steps, sources, targets = t - 1, hidden[:, :-1], input_ids[:, 1:]  # positions 0..T-2 predict 1..T-1
-    else:
-        if predecessor.shape != (n, t):
-            raise ValueError(f"predecessor must be [N={n}, T={t}] like input_ids, got {predecessor.shape}")
-        steps, targets = t, input_ids
-        sources = jnp.take_along_axis(hidden, jnp.maximum(predecessor, 0)[..., None], axis=1)
+    if window is not None and window[1] < t:
+        starts, size = window
+        starts = jnp.clip(starts, 0, t - size)
+        positions = starts[:, None] + jnp.arange(size)  # [N, S]
+        sources_at = jnp.take_along_axis(predecessor, positions, axis=1) if predecessor is not None \
+            else positions - 1
+        targets = jnp.take_along_axis(input_ids, positions, axis=1)
+        lp = _gathered_logps(hidden, sources_at, targets, kernel, bias, chunk_size, compute_dtype)
+        place = jax.vmap(lambda row, values, start: jax.lax.dynamic_update_slice(row, values, (start,)))
+        return place(jnp.zeros((n, t), jnp.float32), lp, starts)
+    if predecessor is None:  # positions 0..T-2 predict 1..T-1
+        return jnp.pad(_chunked_logps(hidden[:, :-1], input_ids[:, 1:], kernel, bias, chunk_size, compute_dtype),
+                       ((0, 0), (1, 0)))
+    return _gathered_logps(hidden, predecessor, input_ids, kernel, bias, chunk_size, compute_dtype)
+
+
+def _gathered_logps(hidden, sources_at, targets, kernel, bias, chunk_size, compute_dtype) -> Array:
+    """log p(targets[:, j] | hidden[:, sources_at[:, j]]) [N, L]; 0 where sources_at < 0."""
+    sources = jnp.take_along_axis(hidden, jnp.maximum(sources_at, 0)[..., None], axis=1)
+    lp = _chunked_logps(sources, targets, kernel, bias, chunk_size, compute_dtype)
+    return jnp.where(sources_at >= 0, lp, 0.0)
+
+
+def _chunked_logps(sources, targets, kernel, bias, chunk_size, compute_dtype) -> Array:
+    """[N, L, D] hidden states and [N, L] targets -> [N, L] log-probs, the logits alive one chunk at a time."""
+    n, steps, d = sources.shape
     num_chunks = -(-max(steps, 1) // chunk_size)
     chunk = -(-max(steps, 1) // num_chunks)  # balanced: at most num_chunks - 1 padded positions, not chunk - 1
     pad = num_chunks * chunk - steps
@@ -94,10 +120,7 @@ def token_logprobs(
         return carry, chunk_fn(h_c, y_c, kernel, bias, compute_dtype)
 
     _, lp = jax.lax.scan(body, None, (h, y))  # [K, N, C]
-    lp = lp.swapaxes(0, 1).reshape(n, num_chunks * chunk)[:, :steps]
-    if predecessor is not None:
-        return jnp.where(predecessor >= 0, lp, 0.0)
-    return jnp.pad(lp, ((0, 0), (1, 0)))
+    return lp.swapaxes(0, 1).reshape(n, num_chunks * chunk)[:, :steps]
 
 
 def sequence_logprobs(
@@ -110,11 +133,13 @@ def sequence_logprobs(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     compute_dtype: jnp.dtype | None = None,
     predecessor: Array | None = None,
+    window: tuple[Array, int] | None = None,
 ) -> SequenceLogProbs:
-    """Masked per-token log-probs plus their per-sequence sums and counts (log π(y|x) and |y|), float32."""
+    """Masked per-token log-probs plus their per-sequence sums and counts (log π(y|x) and |y|), float32.
+    With a window, every scored token (loss_mask 1) must lie inside it (the caller's guarantee)."""
     token_lp = token_logprobs(
         hidden, kernel, input_ids, bias=bias, chunk_size=chunk_size, compute_dtype=compute_dtype,
-        predecessor=predecessor,
+        predecessor=predecessor, window=window,
     )
     return _masked(token_lp, loss_mask, predecessor)
 

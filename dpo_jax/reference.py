@@ -101,17 +101,27 @@ def compute_table(
     keys: tuple[str, ...] = ROW_KEYS,
 ) -> ReferenceTable:
     """Runs `reference_step` over one pass of host-local batches (every host gets every result back).
-    keys: the batch fields the step reads (the layout's row fields)."""
+    keys: the batch fields the step reads (the layout's row fields). One batch stays in flight: batch n + 1 is
+    dispatched before batch n's results are read, so the host's work overlaps the device's."""
     ids, values = [], []
-    for n, local in enumerate(batches):
-        g = global_batch({k: local[k] for k in keys}, mesh, rules)
-        sc, sr, nc, nr = (np.asarray(x) for x in reference_step(params, g))
-        batch_ids = _gather_ids(local["example_id"])
+
+    def collect(outputs, local_ids) -> None:
+        sc, sr, nc, nr = (np.asarray(x) for x in outputs)
+        batch_ids = _gather_ids(local_ids)
         keep = batch_ids >= 0
         ids.append(batch_ids[keep])
         values.append(np.stack([sc, sr, nc, nr], axis=1)[keep])
         if progress:
-            progress(n + 1)
+            progress(len(ids))
+
+    in_flight = None
+    for local in batches:
+        outputs = reference_step(params, global_batch({k: local[k] for k in keys}, mesh, rules))
+        if in_flight is not None:
+            collect(*in_flight)
+        in_flight = (outputs, local["example_id"])
+    if in_flight is not None:
+        collect(*in_flight)
     if not ids:
         raise ValueError("the reference pass saw no batches")
     return ReferenceTable(np.concatenate(ids), np.concatenate(values))

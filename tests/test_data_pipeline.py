@@ -12,6 +12,7 @@ from dpo_jax.data import storage
 from dpo_jax.data.bpe import SPECIAL, train_bpe_tokenizer
 from dpo_jax.data.formats import DataError, PreferenceExample, Skip
 from dpo_jax.data.loader import LoaderState, PreferenceLoader
+from dpo_jax.data.packing import scored_span
 from dpo_jax.data.tokenize import Lengths, PairTokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -292,11 +293,16 @@ def test_build_loaders_from_the_data_config(tokenizer, tmp_path, capsys):
     assert "data train: 9 examples; skipped 1 (no_assistant_turn 1)" in out and "data eval: 3 examples" in out
     evals = list(loaders["eval"])
     assert len(evals) == 1 and list(evals[0]["example_mask"]) == [1, 1, 1, 0]
+    # The score window is the split's longest scored span (stored with the tokenized data), rounded up to 16.
+    spans = [scored_span(m, p) for m, p in zip(evals[0]["loss_mask"], evals[0]["predecessor"])]
+    assert loaders["eval"].score_window == -(-max(spans) // 16) * 16 > 0
     assert next(loaders["train"])["input_ids"].shape[0] == 4  # the default layout: one packed row per pair
     loaders["train"].close()
     c.layout = "pairs"
     loaders = build_loaders(c, global_batch_pairs=4, seed=0, data_parallel_size=2)
     assert next(loaders["train"])["input_ids"].shape[0] == 8  # chosen rows, then rejected rows
+    spans = [scored_span(m) for m in next(iter(loaders["eval"]))["loss_mask"]]
+    assert loaders["eval"].score_window == -(-max(spans) // 16) * 16 > 0
     loaders["train"].close()
     c.format = "shp"
     with pytest.raises(DataError, match=r"train\.jsonl:1: missing field 'history'"):

@@ -15,6 +15,10 @@ def test_matmul_params_and_step_flops_by_hand():
     per_token = 2 * matmul_params(c) + 2 * 2 * 2 * 2 * 4 * 10 / 2  # layers x (QK + AV) x 2 flops x heads x hd x T/2
     assert forward_flops_per_token(c, 10) == pytest.approx(per_token)
     assert train_step_flops(c, rows=3, seq_len=10) == pytest.approx(3 * per_token * 30)
+    unembedding = 2 * c.hidden_size * c.vocab_size  # per position; a score window of 4 skips 6 of 10 positions
+    assert train_step_flops(c, rows=3, seq_len=10, scored_positions=4) == pytest.approx(3 * (per_token * 10 - 6 *
+                                                                                                 unembedding) * 3)
+    assert train_step_flops(c, rows=3, seq_len=10, scored_positions=10) == train_step_flops(c, rows=3, seq_len=10)
 
 
 def test_peak_table():

@@ -67,6 +67,49 @@ def test_chunked_gradients_match_naive(chunk_size):
     assert np.any(g_hidden[0, 3] != 0.0)  # position 3 predicts the first response token
 
 
+@pytest.mark.parametrize("with_predecessor", [False, True])
+def test_a_score_window_computes_only_its_positions_with_the_same_values_and_gradients(with_predecessor):
+    hidden, kernel, bias, ids, mask = _problem(seed=2)
+    mask[1] = 0
+    mask[1, 9:] = 1  # scored to the row's end: its window (size 7) must move left to fit in T = 13
+    predecessor = None
+    if with_predecessor:  # a packed-looking row: token 8 continues from position 5, not 7
+        predecessor = np.tile(np.arange(-1, 12), (4, 1)).astype(np.int32)
+        predecessor[:, 8] = 5
+        predecessor = jnp.asarray(predecessor)
+    scored = (mask > 0) & (np.arange(13) > 0)
+    starts = jnp.asarray(np.argmax(scored, axis=1), jnp.int32)  # row 3 has none: 0
+    weights = jnp.asarray([1.0, -0.5, 2.0, 3.0])
+
+    def run(window):
+        def f(h, k, b):
+            out = sequence_logprobs(h, k, ids, mask, bias=b, chunk_size=4, predecessor=predecessor, window=window)
+            return jnp.sum(weights * out.sums), out
+        return jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(hidden, kernel, bias)
+
+    (v_full, full), g_full = run(None)
+    (v_win, win), g_win = run((starts, 7))
+    np.testing.assert_allclose(np.asarray(win.token_logps), np.asarray(full.token_logps), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(win.counts), np.asarray(full.counts))
+    np.testing.assert_allclose(float(v_win), float(v_full), rtol=1e-6)
+    for gw, gf in zip(g_win, g_full):
+        np.testing.assert_allclose(np.asarray(gw), np.asarray(gf), rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(full.sums[1])) > 0  # the moved window still covers row 1's tokens
+    # Unmasked, positions outside the window are 0 with a window and a log-prob without one.
+    raw = token_logprobs(hidden, kernel, ids, bias=bias, predecessor=predecessor, window=(starts, 7))
+    assert np.all(np.asarray(raw)[0, :4] == 0.0) and np.all(np.asarray(raw)[0, 11:] == 0.0)
+    assert np.all(np.asarray(token_logprobs(hidden, kernel, ids, bias=bias))[0, 1:4] != 0.0)
+
+
+def test_a_score_window_shrinks_the_unembedding_matmul():
+    hidden, kernel, bias, ids, mask = _problem(t=64, v=50)
+    starts = jnp.zeros((4,), jnp.int32)
+    window = jax.jit(lambda h: token_logprobs(h, kernel, ids, window=(starts, 16))).lower(hidden).as_text()
+    full = jax.jit(lambda h: token_logprobs(h, kernel, ids)).lower(hidden).as_text()
+    assert "4x16x50" in window and "4x63x50" not in window  # logits for 16 positions per row, not T - 1 = 63
+    assert "4x63x50" in full
+
+
 def test_bfloat16_inputs_give_float32_logprobs_close_to_float32_path():
     hidden, kernel, bias, ids, mask = _problem(seed=2, d=64, v=300)
     out16 = sequence_logprobs(jnp.asarray(hidden, jnp.bfloat16), jnp.asarray(kernel, jnp.bfloat16), ids, mask,

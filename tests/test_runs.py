@@ -199,17 +199,27 @@ def test_precompute_then_eval_commands(tmp_path, cache):
     assert [r["step"] for r in evals] == [2, 2] and evals[0]["loss"] == pytest.approx(evals[1]["loss"], rel=1e-6)
 
 
-def test_shared_prompt_layout_trains_like_the_pairs_layout_on_fewer_tokens(tmp_path, cache):
-    runs = {}
-    for layout in ("pairs", "shared_prompt"):
-        c = _config("dpo", _overrides(tmp_path / layout, cache, **{"train.steps": 3, "train.log_every": 1}))
+def test_shared_prompt_layout_trains_like_the_pairs_layout_on_fewer_tokens(tmp_path, cache, monkeypatch, capsys):
+    """Both layouts with their score windows, and the shared layout without one: the same run, step by step."""
+    runs, windows, build = {}, {}, loop.build_engine
+
+    def recording_build(*args, score_window=0, **kwargs):
+        windows[name] = score_window
+        return build(*args, score_window=0 if name == "no_window" else score_window, **kwargs)
+
+    monkeypatch.setattr(loop, "build_engine", recording_build)
+    for name, layout in (("pairs", "pairs"), ("shared_prompt", "shared_prompt"), ("no_window", "shared_prompt")):
+        c = _config("dpo", _overrides(tmp_path / name, cache, **{"train.steps": 3, "train.log_every": 1}))
         c.data.layout = layout
         loop.train(c)
-        runs[layout] = _train_lines(tmp_path / layout)
-    for want, got in zip(runs["pairs"], runs["shared_prompt"]):
-        for key in ("loss", "rewards/margins", "grad_norm", "logps/rejected"):
-            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
-        assert got["num_tokens"] < want["num_tokens"]  # each prompt ran once
+        runs[name] = _train_lines(tmp_path / name)
+    assert f"the unembedding runs on at most {windows['pairs']} positions per row" in capsys.readouterr().out
+    assert 0 < windows["pairs"] < c.data.max_length and 0 < windows["shared_prompt"] < c.data.max_length
+    for name in ("shared_prompt", "no_window"):
+        for want, got in zip(runs["pairs"], runs[name]):
+            for key in ("loss", "rewards/margins", "grad_norm", "logps/rejected"):
+                assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), (name, key)
+            assert got["num_tokens"] < want["num_tokens"]  # each prompt ran once
     c = _config("dpo", _overrides(tmp_path / "bad", cache))
     c.data.layout = "packed"
     with pytest.raises(ValueError, match="config.data.layout = 'packed'; valid: pairs, shared_prompt"):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dpo_jax.data.loader import PreferenceLoader
-from dpo_jax.data.packing import CHOSEN, PROMPT, REJECTED, pack_pair, packed_length
+from dpo_jax.data.packing import CHOSEN, PROMPT, REJECTED, pack_pair, packed_length, scored_span
 from dpo_jax.models.decoder import init_params
 from dpo_jax.train.step import StepConfig, loss_sum_and_metrics, pair_logprobs
 from tests import engine_helpers as H
@@ -46,12 +46,40 @@ def _pairs(n, seed=0, vocab=H.MODEL.vocab_size):
     return rows
 
 
-def _batches(rows, pairs):
+def _batches(rows, pairs, windows=(0, 0)):
     """The same global batch in both layouts (the last example slot is padding)."""
     kw = dict(global_batch_pairs=pairs, shuffle=False, num_epochs=1, prefetch=0)
-    plain = next(iter(PreferenceLoader(rows, seq_len=16, **kw)))
-    shared = next(iter(PreferenceLoader(rows, seq_len=24, layout="shared_prompt", **kw)))
+    plain = next(iter(PreferenceLoader(rows, seq_len=16, score_window=windows[0], **kw)))
+    shared = next(iter(PreferenceLoader(rows, seq_len=24, layout="shared_prompt", score_window=windows[1], **kw)))
     return plain, shared
+
+
+def _windows(rows):
+    """The tightest score windows (plain, shared) for these pairs: their longest scored spans."""
+    plain = max(scored_span(r[f"{side}_loss_mask"]) for r in rows for side in ("chosen", "rejected"))
+    shared = max(scored_span(p["loss_mask"], p["predecessor"]) for p in (
+        pack_pair(r["chosen_input_ids"], r["chosen_loss_mask"], r["rejected_input_ids"], r["rejected_loss_mask"])
+        for r in rows))
+    return plain, shared
+
+
+def test_scored_span_runs_from_the_first_to_the_last_scored_token():
+    assert scored_span([0, 0, 1, 1, 0, 1, 0]) == 4 and scored_span([1, 1, 0]) == 1  # position 0 is never scored
+    assert scored_span([0, 0, 0]) == 0
+    packed = pack_pair([5, 6, 7, 8, 9], [0, 0, 0, 1, 1], [5, 6, 7, 10], [0, 0, 0, 1])
+    assert scored_span(packed["loss_mask"], packed["predecessor"]) == 3
+
+
+def test_a_loader_refuses_an_example_wider_than_its_score_window():
+    rows = _pairs(7)
+    plain, shared = _windows(rows)
+    _batches(rows, pairs=8, windows=(plain, shared))  # the tightest windows hold
+    kw = dict(global_batch_pairs=8, shuffle=False, num_epochs=1, prefetch=0)
+    with pytest.raises(ValueError, match=r"example \d+ has \d+ positions from its first to its last scored token, "
+                                         rf"more than the score window {plain - 1}"):
+        next(iter(PreferenceLoader(rows, seq_len=16, score_window=plain - 1, **kw)))
+    with pytest.raises(ValueError, match=rf"more than the score window {shared - 1}"):
+        next(iter(PreferenceLoader(rows, seq_len=24, layout="shared_prompt", score_window=shared - 1, **kw)))
 
 
 @pytest.fixture(scope="module")
@@ -72,21 +100,27 @@ def test_both_layouts_give_the_same_pair_logprobs(params):
 
 @pytest.mark.parametrize("mode", ["dpo", "sft", "unlikelihood"])
 def test_both_layouts_give_the_same_loss_and_gradient(params, mode):
-    plain, shared = _batches(_pairs(8, seed=1), pairs=8)
+    """Plain and shared-prompt rows, each with and without a score window: one loss, metrics and gradient."""
+    rows = _pairs(8, seed=1)
+    windows = _windows(rows)
+    assert windows[0] < 16 and windows[1] < 24  # the windows skip positions in both layouts
+    plain, shared = _batches(rows, pairs=8, windows=windows)
     ref = {"ref_chosen_logps": np.linspace(-30, -10, 8).astype(np.float32),
            "ref_rejected_logps": np.linspace(-25, -12, 8).astype(np.float32)}
     results = []
-    for batch, layout in ((plain, False), (shared, True)):
-        c = StepConfig(H.MODEL, mode=mode, shared_prompt=layout)
+    for batch, layout, window in ((plain, False, 0), (shared, True, 0), (plain, False, windows[0]),
+                                  (shared, True, windows[1])):
+        c = StepConfig(H.MODEL, mode=mode, shared_prompt=layout, score_window=window)
         b = {k: jnp.asarray(v) for k, v in {**batch, **ref}.items() if k in c.batch_keys()}
         (total, metrics), grads = jax.value_and_grad(loss_sum_and_metrics, has_aux=True)(params, b, c)
         results.append((total, metrics, grads))
-    (t0, m0, g0), (t1, m1, g1) = results
-    np.testing.assert_allclose(t1, t0, rtol=1e-5, atol=1e-5)
-    for key in m0:
-        np.testing.assert_allclose(m1[key].total, m0[key].total, rtol=1e-5, atol=1e-5, err_msg=key)
-    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    t0, m0, g0 = results[0]
+    for t1, m1, g1 in results[1:]:
+        np.testing.assert_allclose(t1, t0, rtol=1e-5, atol=1e-5)
+        for key in m0:
+            np.testing.assert_allclose(m1[key].total, m0[key].total, rtol=1e-5, atol=1e-5, err_msg=key)
+        for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g0)) > 1e-4
 
 

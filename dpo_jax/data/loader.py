@@ -23,7 +23,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from dpo_jax.data.packing import ROW_FIELDS, pack_pair
+from dpo_jax.data.packing import ROW_FIELDS, pack_pair, scored_span
 
 Batch = dict[str, np.ndarray]
 LAYOUTS = ("pairs", "shared_prompt")
@@ -58,13 +58,16 @@ class PreferenceLoader:
         prefetch: int = 2,
         state: LoaderState | None = None,
         layout: str = "pairs",
+        score_window: int = 0,
     ):
         """source: random access (`len`, `source[i]` -> dict of TokenizedPair fields), e.g. a TFDS data source.
         seq_len: a fixed T, or buckets (sorted ascending; each batch takes the smallest that fits its longest
         sequence — `lengths[i]` = max(chosen, rejected) length of example i is then required).
         data_parallel_size: the product of the mesh's batch axes; the global batch must divide by it.
         layout: "pairs" (a row per response) or "shared_prompt" (a packed row per pair; `lengths` are then the
-        packed lengths)."""
+        packed lengths).
+        score_window: > 0 promises the step that every row's scored tokens lie within this many positions (the
+        split's longest scored span, from the prepared metadata); each batch is checked against it."""
         if layout not in LAYOUTS:
             raise ValueError(f"config.data.layout = {layout!r}; valid: {', '.join(LAYOUTS)}")
         self.layout = layout
@@ -91,6 +94,7 @@ class PreferenceLoader:
             if self.lengths.max() > self.buckets[-1]:
                 raise ValueError(f"an example has {self.lengths.max()} tokens, more than the largest seq_len "
                                  f"{self.buckets[-1]}; raise seq_len or lower data.max_length")
+        self.score_window = score_window
         self.global_batch = global_batch_pairs
         self.local_batch = global_batch_pairs // process_count
         self.process_index = process_index
@@ -148,6 +152,7 @@ class PreferenceLoader:
                 if len(ids) > t:
                     raise ValueError(f"example {int(ex['example_id'])} has {len(ids)} tokens, more than seq_len "
                                      f"{t}; raise seq_len or lower data.max_length")
+                self._check_span(ex, scored_span(mask))
                 out["input_ids"][row + offset, :len(ids)] = ids
                 out["loss_mask"][row + offset, :len(ids)] = mask
                 out["attention_mask"][row + offset, :len(ids)] = 1
@@ -170,12 +175,19 @@ class PreferenceLoader:
             if n > t:
                 raise ValueError(f"example {int(ex['example_id'])} packs to {n} tokens, more than seq_len {t}; "
                                  "raise seq_len or lower data.max_length")
+            self._check_span(ex, scored_span(packed["loss_mask"], packed["predecessor"]))
             for key, value in packed.items():
                 out[key][row, :n] = value
             out["attention_mask"][row, :n] = 1
             out["example_id"][row] = int(ex["example_id"])
             out["example_mask"][row] = 1
         return out
+
+    def _check_span(self, ex, span: int) -> None:
+        if self.score_window and span > self.score_window:
+            raise ValueError(f"example {int(ex['example_id'])} has {span} positions from its first to its last "
+                             f"scored token, more than the score window {self.score_window} the step was built "
+                             "for; the prepared data's metadata does not match it (delete the data cache)")
 
     def _advance(self, state: LoaderState) -> LoaderState:
         epoch, step = int(state.epoch), int(state.step) + 1

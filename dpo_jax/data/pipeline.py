@@ -110,7 +110,8 @@ def build_loaders(
         p = prepared[split]
         lengths = p.packed_lengths if shared else p.lengths
         seq_len = tuple(config.seq_buckets) or (packed_seq_len(lengths) if shared else config.max_length)
-        return PreferenceLoader(p.source, lengths=lengths, seq_len=seq_len, **common, **kwargs)
+        window = packed_seq_len(p.packed_score_spans if shared else p.score_spans)
+        return PreferenceLoader(p.source, lengths=lengths, seq_len=seq_len, score_window=window, **common, **kwargs)
 
     loaders = {"train": split_loader("train", shuffle=config.shuffle, state=train_state)}
     if "eval" in prepared:
@@ -119,5 +120,5 @@ def build_loaders(
 
 
 def packed_seq_len(packed_lengths: np.ndarray, multiple: int = 16) -> int:
-    """One static row length for a split in the shared-prompt layout: its longest pair, rounded up."""
-    return int(-(-int(np.max(packed_lengths)) // multiple) * multiple)
+    """One static length for a split: its longest row (or scored span), rounded up (at least `multiple`)."""
+    return int(max(-(-int(np.max(packed_lengths)) // multiple), 1) * multiple)

@@ -22,7 +22,7 @@ import tensorflow_datasets as tfds
 
 from dpo_jax.data.formats import (BAD_EXAMPLE_POLICIES, DataError, PreferenceExample, Skip, data_files,
                                   read_examples)
-from dpo_jax.data.packing import packed_length
+from dpo_jax.data.packing import pack_pair, scored_span
 from dpo_jax.data.tokenize import Lengths, PairTokenizer
 
 
@@ -106,7 +106,7 @@ def decode_raw(record: dict) -> PreferenceExample:
 class TokenizedPreferences(tfds.core.GeneratorBasedBuilder):
     """TokenizedPairs of a RawPreferences dataset for one tokenizer and one set of lengths."""
 
-    VERSION = tfds.core.Version("1.1.0")  # 1.1: packed (shared-prompt) lengths in the metadata
+    VERSION = tfds.core.Version("1.2.0")  # 1.1: packed (shared-prompt) lengths; 1.2: scored spans, in the metadata
 
     def __init__(self, *, raw: RawPreferences, tokenizer, lengths: Lengths, on_bad_example: str, **kwargs):
         self._raw, self._policy = raw, on_bad_example
@@ -130,16 +130,21 @@ class TokenizedPreferences(tfds.core.GeneratorBasedBuilder):
         pair_tokenizer = PairTokenizer(self._tokenizer, self._lengths)
         source = self._raw.as_data_source(split=split)
         examples = (pair_tokenizer(decode_raw(source[i])) for i in range(len(source)))
-        lengths, packed = [], []
+        lengths, packed, spans, packed_spans = [], [], [], []
         for pair in _apply_policy(examples, self._policy, counts):
             lengths.append(max(len(pair.chosen_input_ids), len(pair.rejected_input_ids)))
-            packed.append(packed_length(pair.chosen_input_ids, pair.chosen_loss_mask, pair.rejected_input_ids,
-                                        pair.rejected_loss_mask))
+            row = pack_pair(pair.chosen_input_ids, pair.chosen_loss_mask, pair.rejected_input_ids,
+                            pair.rejected_loss_mask)
+            packed.append(len(row["input_ids"]))
+            spans.append(max(scored_span(pair.chosen_loss_mask), scored_span(pair.rejected_loss_mask)))
+            packed_spans.append(scored_span(row["loss_mask"], row["predecessor"]))
             yield pair.example_id, pair._asdict()
         self.info.metadata[f"skipped/{split}"] = dict(counts)
         self.info.metadata[f"adjusted/{split}"] = dict(pair_tokenizer.counts)
         self.info.metadata[f"lengths/{split}"] = lengths
         self.info.metadata[f"packed_lengths/{split}"] = packed
+        self.info.metadata[f"score_spans/{split}"] = spans
+        self.info.metadata[f"packed_score_spans/{split}"] = packed_spans
 
 
 class PreparedSplit:
@@ -149,6 +154,8 @@ class PreparedSplit:
         self.source = builder.as_data_source(split=split)
         self.lengths = np.asarray(builder.info.metadata[f"lengths/{split}"], np.int32)
         self.packed_lengths = np.asarray(builder.info.metadata[f"packed_lengths/{split}"], np.int32)
+        self.score_spans = np.asarray(builder.info.metadata[f"score_spans/{split}"], np.int32)
+        self.packed_score_spans = np.asarray(builder.info.metadata[f"packed_score_spans/{split}"], np.int32)
         self.report = {
             "examples": len(self.source),
             "skipped_reading": raw.info.metadata.get(f"skipped/{split}", {}),

@@ -48,7 +48,7 @@ def default_engine_config() -> ml_collections.ConfigDict:
     return c
 
 
-def step_config(c: ml_collections.ConfigDict, model: ModelConfig) -> StepConfig:
+def step_config(c: ml_collections.ConfigDict, model: ModelConfig, score_window: int = 0) -> StepConfig:
     if c.dpo.reference not in REFERENCE_MODES:
         raise ValueError(f"config.dpo.reference = {c.dpo.reference!r}; valid: {', '.join(REFERENCE_MODES)}")
     return StepConfig(
@@ -56,7 +56,7 @@ def step_config(c: ml_collections.ConfigDict, model: ModelConfig) -> StepConfig:
         label_smoothing=c.dpo.label_smoothing, reference_free=c.dpo.reference_free,
         loss_kwargs=tuple(sorted(c.dpo.loss_kwargs.to_dict().items())), unlikelihood_alpha=c.dpo.unlikelihood_alpha,
         micro_batches=c.train.micro_batches, num_blocks=jax.process_count(), chunk_size=c.train.logprob_chunk_size,
-        shared_prompt=uses_shared_prompt(c))
+        shared_prompt=uses_shared_prompt(c), score_window=score_window)
 
 
 def uses_shared_prompt(c: ml_collections.ConfigDict) -> bool:
@@ -106,10 +106,12 @@ def build_engine(
     init_params: Callable[..., Any],
     *init_args: Any,
     devices: Any = None,
+    score_window: int = 0,
 ) -> Engine:
-    """Mesh -> shardings (checked before compiling) -> state created sharded -> jitted steps."""
+    """Mesh -> shardings (checked before compiling) -> state created sharded -> jitted steps.
+    score_window: see StepConfig (the data's longest scored span, from the loaders)."""
     mesh = sharding.make_mesh(c.mesh, devices)
-    sc = step_config(c, model)
+    sc = step_config(c, model, score_window)
     check_batch_layout(c, mesh, sc.rows(1))
     rules = c.mesh.rules
     optimizer, schedule = make_optimizer(c.optimizer)

@@ -190,11 +190,16 @@ class Run:
         if self.model.vocab_size < len(self.tokenizer):
             raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary is "
                              f"{self.model.vocab_size}")
-        if c.model.source == "random":  # initialised inside the sharded jit: born on its devices
-            self.engine = build_engine(c, self.model, self.load_initial)
-        else:  # loaded on the host, then donated into the sharded state
-            self.engine = build_engine(c, self.model, lambda p: p, self.load_initial())
         self.loaders = self._loaders(None)
+        window = min(loader.score_window for loader in self.loaders.values())  # 0 if any split has none
+        window = max(loader.score_window for loader in self.loaders.values()) if window else 0
+        if window and self.main:
+            print(f"score window: the unembedding runs on at most {window} positions per row (the data's longest "
+                  "scored span)", flush=True)
+        if c.model.source == "random":  # initialised inside the sharded jit: born on its devices
+            self.engine = build_engine(c, self.model, self.load_initial, score_window=window)
+        else:  # loaded on the host, then donated into the sharded state
+            self.engine = build_engine(c, self.model, lambda p: p, self.load_initial(), score_window=window)
         self.checkpoints = RunCheckpoints(os.path.join(self.run_dir, "checkpoints"), keep=c.train.keep_checkpoints)
         self.writer = MetricWriter(self.run_dir, enabled=self.main, tensorboard=c.train.tensorboard)
         self.state, self.window, self.start = self.engine.state, None, 0
@@ -226,7 +231,7 @@ class Run:
     def _loaders(self, train_state):
         c = self.c
         return build_loaders(c.data, global_batch_pairs=c.train.global_batch_pairs, seed=c.train.seed,
-                             data_parallel_size=_dp(self.engine), process_index=jax.process_index(),
+                             data_parallel_size=_dp(c), process_index=jax.process_index(),
                              process_count=jax.process_count(), tokenizer=self.tokenizer, train_state=train_state)
 
     def evaluate(self, step: int) -> None:
@@ -254,37 +259,54 @@ def train(c: ml_collections.ConfigDict) -> dict[str, Any]:
                     disable=not (run.main and sys.stderr.isatty()))
     last_logged: dict[str, float] = {}
     pending = []  # (step, loss Mean, grad norm, example ids) since the last check, for NaN diagnosis
+    deferred = None  # a log point whose metrics are read after the next step is dispatched
     t0 = time.perf_counter()
+
+    def write_log(point) -> None:
+        """Checks a log point's steps finite, then writes its window (this waits for its last step)."""
+        nonlocal last_logged, t0
+        step, logged_window, logged_pending, tokens_per_row = point
+        _check_finite(logged_pending, checkpoints)
+        values = summaries.finalize(logged_window)
+        elapsed = time.perf_counter() - t0  # from the previous log point's results to this one's
+        steps_in_window = float(logged_window["num_tokens"].count)
+        values["tokens_per_second"] = values["num_tokens"] * steps_in_window / elapsed if elapsed else 0.0
+        if peak:
+            flops = train_step_flops(model, engine.config.rows(c.train.global_batch_pairs), tokens_per_row,
+                                     engine.config.score_window)
+            values["mfu"] = flops * steps_in_window / elapsed / (peak * 1e12 * jax.device_count())
+        writer.scalars(step, "train", values)
+        last_logged, t0 = values, time.perf_counter()
+
     try:
         for step in range(run.start + 1, c.train.steps + 1):
             local = _attach_reference(next(run.loaders["train"]), engine, run.tables, "train", run.ref_params)
             state, metrics = engine.train_step(state, engine.shard_batch(local))
             run.state = state
             progress.update(1)
+            if deferred is not None:  # the previous step's metrics, read while this step runs
+                write_log(deferred)
+                deferred = None
             window = metrics if window is None else summaries.merge(window, metrics)
             pending.append((step, metrics["loss"], metrics["grad_norm"].total, local["example_id"]))
             final = step == c.train.steps
             stop = preemption.requested  # read once: the signal may land at any moment
             log_now = step % c.train.log_every == 0 or final
             save_now = step % c.train.save_every == 0 or final or stop
-            if log_now or save_now:
+            evaluate_now = "eval" in run.loaders and ((c.train.eval_every and step % c.train.eval_every == 0)
+                                                      or final)
+            if log_now:
+                deferred = (step, window, pending, local["input_ids"].shape[1])
+                window, pending = None, []
+                if save_now or evaluate_now:  # these need the step's results now
+                    write_log(deferred)
+                    deferred = None
+            if save_now:
                 _check_finite(pending, checkpoints)
                 pending = []
-            if log_now:
-                values = summaries.finalize(window)
-                elapsed = time.perf_counter() - t0
-                steps_in_window = float(window["num_tokens"].count)
-                values["tokens_per_second"] = values["num_tokens"] * steps_in_window / elapsed if elapsed else 0.0
-                if peak:
-                    flops = train_step_flops(model, engine.config.rows(c.train.global_batch_pairs),
-                                             local["input_ids"].shape[1])
-                    values["mfu"] = flops * steps_in_window / elapsed / (peak * 1e12 * jax.device_count())
-                writer.scalars(step, "train", values)
-                last_logged, window, t0 = values, None, time.perf_counter()
-            if save_now:
                 checkpoints.save(step, state, loader=run.loaders["train"].state, window=window, model=model,
                                  mode=c.train.mode)
-            if "eval" in run.loaders and ((c.train.eval_every and step % c.train.eval_every == 0) or final):
+            if evaluate_now:
                 run.evaluate(step)
                 t0 = time.perf_counter()
             if stop and not final:
@@ -319,10 +341,11 @@ def evaluate(c: ml_collections.ConfigDict) -> None:
         run.close()
 
 
-def _dp(engine: Engine) -> int:
-    from dpo_jax.sharding import data_parallel_size
+def _dp(c: ml_collections.ConfigDict) -> int:
+    """The data-parallel size of the mesh the engine will build (the loaders are built first)."""
+    from dpo_jax.sharding import data_parallel_size, make_mesh
 
-    return data_parallel_size(engine.mesh, engine.rules)
+    return data_parallel_size(make_mesh(c.mesh), c.mesh.rules)
 
 
 def _check_finite(pending: list, checkpoints: RunCheckpoints) -> None:
@@ -365,7 +388,8 @@ def _prepare_reference(c, engine: Engine, loaders, initial_state, load_initial, 
         return {s: reference.ReferenceTable.load(p) for s, p in paths.items()}, None
     params, shared = _reference_params(c, engine, initial_state, load_initial)
     weights = reference.weights_fingerprint(params)
-    settings = {"chunk": c.train.logprob_chunk_size, "model": engine.config.model.to_json()}
+    settings = {"chunk": c.train.logprob_chunk_size, "model": engine.config.model.to_json(),
+                "score_window": engine.config.score_window}
     tables, paths = {}, {}
     for split, loader in loaders.items():
         paths[split] = reference.cache_path(cache_dir, split, weights=weights, data=_data_identity(loader),
@@ -388,7 +412,8 @@ def _one_pass(loader: PreferenceLoader) -> PreferenceLoader:
     return PreferenceLoader(loader.source, global_batch_pairs=loader.global_batch, seq_len=loader.buckets,
                             lengths=loader.lengths, shuffle=False, num_epochs=1, prefetch=2,
                             process_index=loader.process_index,
-                            process_count=loader.global_batch // loader.local_batch, layout=loader.layout)
+                            process_count=loader.global_batch // loader.local_batch, layout=loader.layout,
+                            score_window=loader.score_window)
 
 
 def _data_identity(loader: PreferenceLoader) -> str:

@@ -53,6 +53,7 @@ class StepConfig:
     num_blocks: int = 1  # host blocks in the global batch (= process count)
     chunk_size: int = 128
     shared_prompt: bool = False  # one packed row per pair (prompt once) instead of a row per response
+    score_window: int = 0  # > 0: every row's scored tokens lie within this many positions (logprobs.py `window`)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -116,7 +117,17 @@ def policy_logprobs(params: Any, batch: dict[str, jax.Array], c: StepConfig) -> 
                                         attention_mask=batch["attention_mask"])
     kernel, bias = unembedding(params, c.model)
     return sequence_logprobs(hidden, kernel, batch["input_ids"], batch["loss_mask"], bias=bias,
-                             chunk_size=c.chunk_size, predecessor=batch.get("predecessor"))
+                             chunk_size=c.chunk_size, predecessor=batch.get("predecessor"),
+                             window=score_window(batch, c))
+
+
+def score_window(batch: dict[str, jax.Array], c: StepConfig) -> tuple[jax.Array, int] | None:
+    """(each row's first scored position, c.score_window), or None when every position is scored."""
+    if not c.score_window or c.score_window >= batch["input_ids"].shape[1]:
+        return None
+    scored = batch["loss_mask"] > 0
+    scored = scored & (batch["predecessor"] >= 0) if c.shared_prompt else scored.at[:, 0].set(False)
+    return jnp.argmax(scored, axis=1).astype(jnp.int32), c.score_window
 
 
 class PairLogProbs(NamedTuple):
