@@ -5,7 +5,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -234,3 +236,22 @@ def test_per_batch_reference_matches_the_precomputed_tables(tmp_path, cache):
     assert not os.path.exists(tmp_path / "per" / "reference.json")
     for key in ("loss", "rewards/margins", "grad_norm"):
         assert per[key] == pytest.approx(pre[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("reference", ["precompute", "per_batch"])
+def test_the_train_step_compiles_once_on_a_background_thread(tmp_path, cache, reference):
+    """The compile started before the reference pass is the one the first step uses (no second compile)."""
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration" and "train_step" in kwargs.get("fun_name", ""):
+            compiles.append(threading.current_thread() is threading.main_thread())
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        c = _config("dpo", _overrides(tmp_path / "run", cache, **{"train.steps": 2, "train.log_every": 1}))
+        c.dpo.reference = reference
+        loop.train(c)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == [False]  # one compile, not on the main thread

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -176,10 +177,38 @@ def _attach_reference(local: dict, engine: Engine, tables: dict | None, split: s
     return {**local, "ref_chosen_logps": sc[p * b:(p + 1) * b], "ref_rejected_logps": sr[p * b:(p + 1) * b]}
 
 
+class CompileAhead:
+    """Compiles the train step for the first batch's shapes on a background thread, so that compilation overlaps
+    the reference pass (on an accelerator the pass runs on the device and the compile on the host). The jit's own
+    cache then serves the first step; `wait()` re-raises a compile error before training starts."""
+
+    def __init__(self, engine: Engine, loader: PreferenceLoader, state: Any):
+        first = loader.batch_at(int(loader.state.epoch), int(loader.state.step))  # pure: consumes nothing
+        if engine.config.needs_reference:
+            zeros = np.zeros(len(first["example_id"]), np.float32)
+            first = {**first, "ref_chosen_logps": zeros, "ref_rejected_logps": zeros}
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                (state, engine.shard_batch(first)))
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._compile, args=(engine.train_step, abstract), daemon=True)
+        self._thread.start()
+
+    def _compile(self, train_step, abstract) -> None:
+        try:
+            train_step.lower(*abstract).compile()
+        except BaseException as e:  # noqa: BLE001 — handed to the main thread by wait()
+            self._error = e
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
 class Run:
     """Everything a command needs, built once from the config (and resumed from the run directory if possible)."""
 
-    def __init__(self, c: ml_collections.ConfigDict):
+    def __init__(self, c: ml_collections.ConfigDict, compile_train_step: bool = False):
         distributed.initialize(c.distributed)
         self.c = c
         self.main = distributed.is_main_process()
@@ -223,6 +252,8 @@ class Run:
                 f.write(c.to_json_best_effort(indent=2, sort_keys=True))
             with open(os.path.join(self.run_dir, "model_config.json"), "w") as f:
                 f.write(self.model.to_json())
+        self.compile_ahead = CompileAhead(self.engine, self.loaders["train"], self.state) \
+            if compile_train_step and self.start < c.train.steps else None
         self.tables, self.ref_params = _prepare_reference(c, self.engine, self.loaders, self.initial_state,
                                                           self.load_initial, self.run_dir)
         self.prompts = _sample_prompts(self.loaders.get("eval"), c.train.eval_samples, self.tokenizer) \
@@ -247,7 +278,7 @@ class Run:
 
 def train(c: ml_collections.ConfigDict) -> dict[str, Any]:
     """Runs (or resumes) training; returns the last logged train metrics."""
-    run = Run(c)
+    run = Run(c, compile_train_step=True)
     engine, model, checkpoints, writer = run.engine, run.model, run.checkpoints, run.writer
     state, window = run.state, run.window
     if run.prompts is not None and run.start == 0:
@@ -261,6 +292,8 @@ def train(c: ml_collections.ConfigDict) -> dict[str, Any]:
     pending = []  # (step, loss Mean, grad norm, example ids) since the last check, for NaN diagnosis
     deferred = None  # a log point whose metrics are read after the next step is dispatched
     t0 = time.perf_counter()
+    if run.compile_ahead is not None:
+        run.compile_ahead.wait()
 
     def write_log(point) -> None:
         """Checks a log point's steps finite, then writes its window (this waits for its last step)."""
