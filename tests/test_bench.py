@@ -50,3 +50,15 @@ def test_scaling_point_reports_consistent_flops_and_memory():
     assert 0.5 < point["xla_tflops_per_step"] / point["model_tflops_per_step"] < 3
     assert point["memory_mib"] > point["temp_mib"] > 0
     assert point["achieved_gflops"] == pytest.approx(point["model_tflops_per_step"] * 1e3 / point["step_s"])
+
+
+def test_step_variants_batch_matches_the_bench_job():
+    """bench/step_variants.py times the DPO-vs-TRL job: 8 packed rows of 48 + 80 + 80 tokens, a 160-wide window."""
+    from dpo_jax.data.packing import scored_span
+
+    bench = _bench_module("step_variants")
+    batch = bench.bench_batch()
+    assert batch["input_ids"].shape == (8, 208) and int(batch["loss_mask"].sum()) == 8 * 160
+    assert {scored_span(m, p) for m, p in zip(batch["loss_mask"], batch["predecessor"])} == {160}
+    with pytest.raises(ValueError, match="unknown variant 'bf16'"):
+        bench.engine_for("bf16", 160)
