@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import statistics
@@ -26,6 +27,7 @@ import time
 import jax
 import numpy as np
 
+from dpo_jax.convert.hf import _flatten, _unflatten, unstack_layers
 from dpo_jax.data.packing import pack_pair, scored_span
 from dpo_jax.models.decoder import init_params
 from dpo_jax.train.engine import build_engine
@@ -62,8 +64,17 @@ def engine_for(variant: str, window: int):
     elif variant not in ("window", "no_window"):
         raise ValueError(f"unknown variant {variant!r}")
     model = random_model_config(copy.deepcopy(m), VOCAB)
-    return build_engine(c, model, lambda: init_params(model, jax.random.key(0)),
-                        score_window=0 if variant == "no_window" else window, devices=jax.devices()[:1])
+    scanned = dataclasses.replace(model, scan_layers=True)
+
+    def same_weights():  # every variant starts from the scanned model's initial weights
+        params = init_params(scanned, jax.random.key(0))
+        if model.scan_layers:
+            return params
+        flat = {"/".join(k): v for k, v in _flatten(params)}
+        return _unflatten(unstack_layers(flat, model.num_layers))
+
+    return build_engine(c, model, same_weights, score_window=0 if variant == "no_window" else window,
+                        devices=jax.devices()[:1])
 
 
 def main() -> None:
