@@ -220,8 +220,8 @@ class Run:
             raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary is "
                              f"{self.model.vocab_size}")
         self.loaders = self._loaders(None)
-        window = min(loader.score_window for loader in self.loaders.values())  # 0 if any split has none
-        window = max(loader.score_window for loader in self.loaders.values()) if window else 0
+        windows = [loader.score_window for loader in self.loaders.values()]
+        window = max(windows) if all(windows) else 0  # one step serves every split; 0: a split has no window
         if window and self.main:
             print(f"score window: the unembedding runs on at most {window} positions per row (the data's longest "
                   "scored span)", flush=True)
