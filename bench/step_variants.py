@@ -26,8 +26,9 @@ import time
 
 import jax
 import numpy as np
+from flax import traverse_util
 
-from dpo_jax.convert.hf import _flatten, _unflatten, unstack_layers
+from dpo_jax.convert.hf import unstack_layers
 from dpo_jax.data.packing import pack_pair, scored_span
 from dpo_jax.models.decoder import init_params
 from dpo_jax.train.engine import build_engine
@@ -70,8 +71,8 @@ def engine_for(variant: str, window: int):
         params = init_params(scanned, jax.random.key(0))
         if model.scan_layers:
             return params
-        flat = {"/".join(k): v for k, v in _flatten(params)}
-        return _unflatten(unstack_layers(flat, model.num_layers))
+        flat = traverse_util.flatten_dict(params, sep="/")
+        return traverse_util.unflatten_dict(unstack_layers(flat, model.num_layers), sep="/")
 
     return build_engine(c, model, same_weights, score_window=0 if variant == "no_window" else window,
                         devices=jax.devices()[:1])

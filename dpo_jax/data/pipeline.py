@@ -109,8 +109,8 @@ def build_loaders(
     def split_loader(split: str, **kwargs) -> PreferenceLoader:
         p = prepared[split]
         lengths = p.packed_lengths if shared else p.lengths
-        seq_len = tuple(config.seq_buckets) or (packed_seq_len(lengths) if shared else config.max_length)
-        window = packed_seq_len(p.packed_score_spans if shared else p.score_spans)
+        seq_len = tuple(config.seq_buckets) or (rounded_max(lengths) if shared else config.max_length)
+        window = rounded_max(p.packed_score_spans if shared else p.score_spans)
         return PreferenceLoader(p.source, lengths=lengths, seq_len=seq_len, score_window=window, **common, **kwargs)
 
     loaders = {"train": split_loader("train", shuffle=config.shuffle, state=train_state)}
@@ -119,6 +119,6 @@ def build_loaders(
     return loaders
 
 
-def packed_seq_len(packed_lengths: np.ndarray, multiple: int = 16) -> int:
-    """One static length for a split: its longest row (or scored span), rounded up (at least `multiple`)."""
-    return int(max(-(-int(np.max(packed_lengths)) // multiple), 1) * multiple)
+def rounded_max(lengths: np.ndarray, multiple: int = 16) -> int:
+    """One static length for a split: its longest packed row or scored span, rounded up (at least `multiple`)."""
+    return int(max(-(-int(np.max(lengths)) // multiple), 1) * multiple)
