@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from matmul_peak import measure_matmul_peak  # noqa: E402
 
 MODELS = {  # name: (family, hidden, layers, heads, intermediate, vocab)
-    "gpt2-6x512": ("gpt2", 512, 6, 8, 2048, 8192),
+    "gpt2-6x512": ("gpt2", 512, 6, 8, 2048, 8192),  # PRESETS["gpt2-bench"]
     "llama-1b": ("llama", 2048, 16, 32, 8192, 128256),  # Llama-3.2-1B's shape (MHA here: 32 KV heads)
     "tiny": ("gpt2", 64, 2, 4, 256, 512),  # for a quick check that the scripts run
 }

@@ -35,7 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TRL_VERSION = "1.16.0"
 TORCH_VERSION = "2.13.0"
 MODEL = dict(vocab_size=8192, hidden_size=512, num_layers=6, num_heads=8, intermediate_size=2048,
-             max_positions=1024)
+             max_positions=1024)  # = models/config.py PRESETS["gpt2-bench"] (this file also runs in TRL's venv)
 PROMPT_TOKENS, RESPONSE_TOKENS = 48, 80  # the response count includes its EOS
 SYSTEMS = ("ours", "trl_default", "trl_precompute")
 

@@ -30,6 +30,7 @@ from flax import traverse_util
 
 from dpo_jax.convert.hf import unstack_layers
 from dpo_jax.data.packing import pack_pair, scored_span
+from dpo_jax.models.config import PRESETS
 from dpo_jax.models.decoder import init_params
 from dpo_jax.train.engine import build_engine
 from dpo_jax.train.loop import default_run_config, random_model_config
@@ -55,7 +56,7 @@ def bench_batch(seed: int = 0) -> dict[str, np.ndarray]:
 def engine_for(variant: str, window: int):
     c = default_run_config()
     m = c.model
-    m.family, m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size = "gpt2", 512, 6, 8, 2048
+    m.update(PRESETS["gpt2-bench"])
     c.train.global_batch_pairs, c.mesh.data, c.data.layout = PAIRS, 1, "shared_prompt"
     c.optimizer.name, c.optimizer.warmup_steps = "adamw", 0
     if variant.startswith("remat_"):

@@ -14,6 +14,7 @@ and checkpoints. MODE: dpo (default), sft (Preferred-FT), unlikelihood, or any p
 import os
 
 from dpo_jax.losses import loss_types
+from dpo_jax.models.config import PRESETS
 from dpo_jax.train.loop import default_run_config
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiny_hh")
@@ -23,8 +24,7 @@ def get_config(arg=None):
     mode = arg or "dpo"
     c = default_run_config()
     c.model.source = "random"
-    c.model.family = "gpt2"
-    c.model.hidden_size, c.model.num_layers, c.model.num_heads, c.model.intermediate_size = 64, 2, 4, 256
+    c.model.update(PRESETS["gpt2-tiny"])
     c.model.max_position_embeddings = 128
     c.data.train_path = os.path.join(DATA, "train.jsonl")
     c.data.eval_path = os.path.join(DATA, "eval.jsonl")

@@ -38,6 +38,7 @@ class LogRatios(NamedTuple):
     policy_rejected: Array
     ref_chosen: Array
     ref_rejected: Array
+    mask: Array  # [B] float32, 1 = a real example, 0 = padding: losses over the batch (sorts, means) skip padding
 
     @property
     def h(self) -> Array:
@@ -157,11 +158,12 @@ def _bco_pair(lr: LogRatios, beta: float, eps: float, delta: Array | float | Non
     """BCO, pairwise (Jung et al. 2024): −logσ(β·c − δ) − logσ(−(β·r − δ)).
 
     δ is the reward shift; the paper (and TRL) keep a running mean of the rewards across steps. Pass it as
-    `delta=` (loss_kwargs); without it, δ is this batch's mean reward over chosen and rejected, under stop_gradient.
+    `delta=` (loss_kwargs); without it, δ is this batch's mean reward over chosen and rejected of the real
+    examples, under stop_gradient.
     """
     zc, zr = beta * lr.chosen, beta * lr.rejected
     if delta is None:
-        delta = jax.lax.stop_gradient(jnp.mean(jnp.concatenate([zc, zr])))
+        delta = jax.lax.stop_gradient(jnp.sum((zc + zr) * lr.mask) / jnp.maximum(2.0 * jnp.sum(lr.mask), 1.0))
     return -log_sigmoid(zc - delta) - log_sigmoid(-(zr - delta))
 
 
@@ -184,20 +186,32 @@ def _apo_down(lr: LogRatios, beta: float, eps: float) -> Array:
     return sigmoid(beta * lr.chosen) + sigmoid(-beta * lr.h)
 
 
+def _sorted_difference(a: Array, b: Array, mask: Array) -> Array:
+    """sort(a) − sort(b) over the real examples (mask 1), as a per-example array: example j gets
+    a_j − (the b of the same rank as a_j), 0 for padding. Summed over examples it is Σ_k sort(a)_k − sort(b)_k,
+    and padding never takes part in either sort."""
+    real = mask > 0
+    rank = jnp.argsort(jnp.argsort(jnp.where(real, a, jnp.inf), stable=True), stable=True)
+    b_sorted = jnp.sort(jnp.where(real, b, jnp.inf))
+    return jnp.where(real, a - jnp.where(real, b_sorted[rank], 0.0), 0.0)
+
+
 @_register("aot", label_smoothing=True)
 def _aot(lr: LogRatios, beta: float, eps: float) -> Array:
     """AOT, paired (Melnyk et al. 2024): the sigmoid loss on δ = sort(π_w − π_l) − sort(ref_w − ref_l).
 
-    Sorting runs over the batch given: the global batch under a sharded jit, each micro-batch under accumulation.
+    Sorting runs over the real examples of the batch given: the global batch under a sharded jit, each
+    micro-batch under accumulation. Example j carries the term of its own policy margin's rank.
     """
-    delta = jnp.sort(lr.policy_chosen - lr.policy_rejected) - jnp.sort(lr.ref_chosen - lr.ref_rejected)
+    delta = _sorted_difference(lr.policy_chosen - lr.policy_rejected, lr.ref_chosen - lr.ref_rejected, lr.mask)
     return _smoothed_sigmoid(beta * delta, eps)
 
 
 @_register("aot_unpaired", label_smoothing=True)
 def _aot_unpaired(lr: LogRatios, beta: float, eps: float) -> Array:
-    """AOT, unpaired (Melnyk et al. 2024; TRL's `aot_pair`): the sigmoid loss on δ = sort(c) − sort(r)."""
-    delta = jnp.sort(lr.chosen) - jnp.sort(lr.rejected)
+    """AOT, unpaired (Melnyk et al. 2024; TRL's `aot_pair`): the sigmoid loss on δ = sort(c) − sort(r), over the
+    real examples; example j carries the term of its own chosen log-ratio's rank."""
+    delta = _sorted_difference(lr.chosen, lr.rejected, lr.mask)
     return _smoothed_sigmoid(beta * delta, eps)
 
 
@@ -261,6 +275,7 @@ def preference_loss(
     reference_free: bool = False,
     chosen_lengths: Array | None = None,
     rejected_lengths: Array | None = None,
+    example_mask: Array | None = None,
     **loss_kwargs: Any,
 ) -> tuple[Array, Array, Array]:
     """Per-example pairwise preference losses and implicit rewards.
@@ -269,7 +284,12 @@ def preference_loss(
     rejected_rewards[B]), all float32; rewards are β·(policy − reference) under stop_gradient.
     `reference_free=True` treats the reference log-ratio as 0. Length-normalised losses (`ipo_mean`, `simpo`)
     need `chosen_lengths`/`rejected_lengths` (response token counts; a zero length is treated as 1).
+    `example_mask` [B] (1 = real, 0 = padding; default all real): losses that look across the batch (`aot`,
+    `aot_unpaired`, `bco_pair`) sort and average over the real examples only, and padding examples' losses are 0.
     Loss-specific options go in `loss_kwargs` (see `loss_types()` and each loss's docstring).
+
+    With `reference_free` the rewards are β·log π (the reference log-ratio taken as 0, so they are β(π − 0)),
+    which is what TRL reports; the DPO authors' code reports β(π − π_ref) with whatever reference log-probs it has.
     """
     spec = _spec(loss_type)
     kwargs = validate_loss_args(loss_type, beta, label_smoothing, **loss_kwargs)
@@ -293,8 +313,9 @@ def preference_loss(
         lr_ = jnp.maximum(f32(rejected_lengths), 1.0)
         pc, pr, rc, rr = pc / lc, pr / lr_, rc / lc, rr / lr_
 
-    ratios = LogRatios(pc - rc, pr - rr, pc, pr, rc, rr)
-    losses = spec.fn(ratios, beta, label_smoothing, **kwargs)
+    mask = jnp.ones_like(pc) if example_mask is None else f32(example_mask)
+    ratios = LogRatios(pc - rc, pr - rr, pc, pr, rc, rr, mask)
+    losses = jnp.where(mask > 0, spec.fn(ratios, beta, label_smoothing, **kwargs), 0.0)
     chosen_rewards = jax.lax.stop_gradient(beta * ratios.chosen)
     rejected_rewards = jax.lax.stop_gradient(beta * ratios.rejected)
     return losses, chosen_rewards, rejected_rewards
@@ -311,6 +332,8 @@ def preference_metrics(
     """TRL-named metrics as (sum, count) pairs, so they average exactly over micro-batches and hosts.
 
     `example_mask` [B] (1 = real example) lets padded examples in a fixed-shape batch drop out.
+    `rewards/*` are the rewards `preference_loss` returns: β(log π − log π_ref), and under `reference_free` (or a
+    reference-free loss such as SimPO) β·log π — the reference taken as 0, as TRL reports them.
     """
     margins = chosen_rewards - rejected_rewards
     values = {

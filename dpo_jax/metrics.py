@@ -14,6 +14,12 @@ from typing import Any
 SUMMARY_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "grad_norm", "learning_rate")
 
 
+def itstime(step: int, every: int, total: int) -> bool:
+    """Whether a periodic action (log, save, eval) runs after `step` (1-based): every `every` steps and after the
+    last one; `every` = 0 means after the last step only."""
+    return step == total or (every > 0 and step % every == 0)
+
+
 def truncate_jsonl(path: str, max_step: int) -> None:
     if not os.path.isfile(path):
         return

@@ -13,8 +13,6 @@ same inputs loads it instead of recomputing.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from typing import Any, Callable, Iterable
 
@@ -22,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpo_jax.fingerprint import fingerprint
 from dpo_jax.sharding import global_batch
 from dpo_jax.train.step import ROW_KEYS
 
@@ -82,12 +81,11 @@ def weights_fingerprint(params: Any) -> str:
     payload = [(jax.tree_util.keystr(k), np.asarray(v).round(6).tolist()) for k, v in leaves]
     shapes = [(jax.tree_util.keystr(k), list(x.shape), str(x.dtype))
               for k, x in jax.tree_util.tree_flatten_with_path(params)[0]]
-    return hashlib.sha256(json.dumps([payload, shapes]).encode()).hexdigest()[:16]
+    return fingerprint([payload, shapes])
 
 
 def cache_path(cache_dir: str, split: str, *, weights: str, data: str, settings: dict[str, Any]) -> str:
-    key = hashlib.sha256(json.dumps({"weights": weights, "data": data, "settings": settings}, sort_keys=True,
-                                    default=str).encode()).hexdigest()[:16]
+    key = fingerprint({"weights": weights, "data": data, "settings": settings})
     return os.path.join(cache_dir, "reference", key, f"{split}.npz")
 
 

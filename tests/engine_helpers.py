@@ -12,11 +12,11 @@ MODEL = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, nu
 PROMPT, RESPONSE = 4, 8
 
 
-def config(mesh=(1, 1, 1), pairs=8, micro=1, lr=3e-3, **dpo):
+def config(mesh=(1, 1, 1), pairs=8, micro=1, lr=3e-3, optimizer_name="adamw", **dpo):
     c = default_engine_config()
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
     c.train.global_batch_pairs, c.train.micro_batches = pairs, micro
-    c.optimizer.name, c.optimizer.learning_rate, c.optimizer.warmup_steps = "adamw", lr, 0
+    c.optimizer.name, c.optimizer.learning_rate, c.optimizer.warmup_steps = optimizer_name, lr, 0
     for k, v in dpo.items():
         setattr(c.dpo, k, v)
     return c

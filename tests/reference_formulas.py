@@ -40,11 +40,11 @@ def pairwise(name, pc, pr, rc, rr, beta, eps=0.0, **kw):
         return (1 - sig(beta * c)) + sig(beta * r)
     if name == "apo_down":
         return sig(beta * c) + (1 - sig(beta * (c - r)))
-    if name == "aot":
-        d = np.sort(pc - pr) - np.sort(rc - rr)
-        return -(1 - eps) * logsig(beta * d) - eps * logsig(-beta * d)
-    if name == "aot_unpaired":
-        d = np.sort(c) - np.sort(r)
+    if name in ("aot", "aot_unpaired"):
+        # δ = sort(a) − sort(b); the term of rank k belongs to the example whose a has rank k.
+        a, b = (pc - pr, rc - rr) if name == "aot" else (c, r)
+        d = np.empty_like(a)
+        d[np.argsort(a, kind="stable")] = np.sort(a) - np.sort(b)
         return -(1 - eps) * logsig(beta * d) - eps * logsig(-beta * d)
     if name == "discopop":
         tau = kw.get("tau", 0.05)

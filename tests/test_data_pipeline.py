@@ -82,8 +82,12 @@ def test_truncation_keep_end_keep_start_and_response_budget(bos_tokenizer):
     assert pt.counts["prompt_truncated"] == 2 and pt.counts["response_truncated"] == 1
 
     start = PairTokenizer(bos_tokenizer, Lengths(24, 10, "keep_start"))
-    skipped = start(_ex(long_prompt, " a", " b"))
-    assert isinstance(skipped, Skip) and skipped.reason == "prompt_too_long"
+    kept = start(_ex(long_prompt, " the world is wide. " * 5, " b"))  # the authors keep it: prompt cut, then responses
+    assert list(kept.chosen_input_ids[:10]) == full_prompt[:10] and int((kept.chosen_loss_mask == 0).sum()) == 10
+    assert len(kept.chosen_input_ids) == 10 + (24 - 10) and kept.rejected_input_ids[-1] == bos_tokenizer.eos_token_id
+    assert list(kept.rejected_input_ids[:10]) == full_prompt[:10] and start.counts["prompt_truncated"] == 2
+    skipped = PairTokenizer(bos_tokenizer, Lengths(24, 10, "skip"))(_ex(long_prompt, " a", " b"))
+    assert isinstance(skipped, Skip) and skipped.reason == "prompt_too_long"  # only when asked for
     short = start(_ex("Hello world", " the world is wide. " * 5, " b"))
     prompt = [bos_tokenizer.bos_token_id] + _enc(bos_tokenizer, "Hello world")
     assert list(short.chosen_input_ids[:len(prompt)]) == prompt  # a prompt that fits is untouched

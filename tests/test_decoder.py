@@ -42,3 +42,16 @@ def test_tied_unembedding_is_the_embedding_and_lm_head_bias_is_used():
     no_bias = hidden @ params["embed"]["embedding"].T
     np.testing.assert_allclose(np.asarray(logits(params, config, hidden) - no_bias),
                                np.broadcast_to(np.arange(40.0), (1, 3, 40)), atol=1e-5)
+
+
+def test_presets_build_the_shapes_they_name_and_gpt2_matches_the_hf_reading():
+    from dpo_jax.convert.families import _gpt2_config
+    from dpo_jax.models.config import PRESETS, shaped_config
+
+    for name, shape in PRESETS.items():
+        config = shaped_config(vocab_size=100, **shape)
+        assert config.family == shape["family"] and config.num_heads * config.head_dim == shape["hidden_size"], name
+    hf = {"vocab_size": 100, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128}  # HF GPT2Config defaults
+    assert _gpt2_config(hf) == shaped_config(vocab_size=100, max_position_embeddings=128, **PRESETS["gpt2-tiny"])
+    with pytest.raises(ValueError, match="model family 'gptj' for a from-scratch model; valid: gpt2, llama"):
+        shaped_config("gptj", 100, 64, 2, 4, 256)

@@ -85,6 +85,33 @@ def test_padding_examples_do_not_count():
     assert got["grad_norm"] == pytest.approx(full[0]["grad_norm"], rel=1e-5)
 
 
+@pytest.mark.parametrize("loss_type", ["aot", "aot_unpaired", "bco_pair"])
+def test_padding_examples_do_not_count_in_batch_level_losses(loss_type):
+    """Losses that sort or average across the batch: 5 real pairs + 1 padding pair give the 5 pairs' loss and
+    gradient (the audit found padding taking part in the sort / the mean)."""
+    from dpo_jax import summaries
+
+    ref = init_params(H.MODEL, jax.random.key(7))  # a reference unlike the policy: non-zero log-ratios
+    results = []
+    for pairs, padding in ((5, 0), (6, 1)):
+        e = H.engine(H.config(pairs=pairs, loss_type=loss_type, optimizer_name="sgd", beta=5.0),
+                     devices=jax.devices()[:1])
+        local = H.local_batch(0, pairs, padding=padding)
+        if padding:  # the same 5 real pairs as the unpadded batch, then the padding pair
+            five = H.local_batch(0, 5)
+            for key in ("input_ids", "loss_mask"):
+                local[key] = np.concatenate([five[key][:5], local[key][5:6] * 0, five[key][5:], local[key][11:] * 0])
+        sc, sr, _, _ = (np.asarray(x) for x in e.reference_step(ref, e.shard_batch(local)))
+        local["ref_chosen_logps"], local["ref_rejected_logps"] = sc, sr
+        state, metrics = e.train_step(e.state, e.shard_batch(local))
+        results.append((summaries.finalize(metrics), state.params))
+    (want, want_params), (got, got_params) = results
+    assert abs(want["loss"] - np.log(2)) > 1e-3  # the reference differs from the policy
+    for key in ("loss", "grad_norm", "rewards/margins"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+    _params_equal(got_params, want_params, atol=1e-7)
+
+
 def test_a_short_run_learns_the_synthetic_preference():
     history, _ = H.run(H.engine(H.config(mesh=(4, 1, 1), lr=3e-3), devices=jax.devices()[:4]), 25, 8)
     assert history[-1]["loss"] < 0.3 < history[0]["loss"]
@@ -103,6 +130,28 @@ def test_sft_and_unlikelihood_modes(mode):
     if mode == "sft":  # token-mean NLL: the first step's loss is -mean log p over the chosen response tokens
         assert history[0]["loss"] == pytest.approx(-history[0]["logps/chosen"] / H.RESPONSE, rel=1e-5)
         assert history[-1]["logps/rejected"] < history[0]["logps/rejected"] + 1.0
+
+
+def test_unlikelihood_never_penalises_the_unscorable_first_token():
+    """An explicit empty prompt without BOS puts loss_mask 1 at column 0, which has no prediction (log-prob 0):
+    it must not count — before the fix it added −α·log(1 − 1 + 1e-6) ≈ 13.8·α per example."""
+    from dpo_jax.logprobs import naive_sequence_logprobs
+    from dpo_jax.models.decoder import Decoder, unembedding
+    from dpo_jax.train.step import StepConfig, loss_sum_and_metrics
+
+    params = init_params(H.MODEL, jax.random.key(2))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, H.MODEL.vocab_size, (4, 7)).astype(np.int32)  # 2 pairs: chosen rows, rejected rows
+    batch = {"input_ids": ids, "loss_mask": np.ones_like(ids), "attention_mask": np.ones_like(ids),
+             "example_mask": np.ones(2, np.int32)}
+    c = StepConfig(H.MODEL, mode="unlikelihood", unlikelihood_alpha=1.0)
+    total, metrics = loss_sum_and_metrics(params, jax.tree.map(jnp.asarray, batch), c)
+    hidden = Decoder(H.MODEL).apply({"params": params}, ids)
+    lp = naive_sequence_logprobs(hidden, unembedding(params, H.MODEL)[0], ids, np.ones_like(ids)).token_logps
+    chosen, rejected = np.asarray(lp[:2, 1:], np.float64), np.asarray(lp[2:, 1:], np.float64)
+    want = -chosen.sum(1) - np.log1p(-np.exp(rejected)).sum(1)
+    assert float(total) == pytest.approx(float(want.sum()), rel=1e-5)
+    assert float(metrics["loss"].total) == pytest.approx(float(want.sum()), rel=1e-5)
 
 
 def test_reference_precompute_is_cached_and_equals_the_per_batch_pass(tmp_path):

@@ -265,3 +265,39 @@ def test_bradley_terry_loss_and_accuracy():
     np.testing.assert_allclose(np.asarray(with_margin), np.log1p(np.exp(-(rw - rl - 1.0))), rtol=1e-5)
     extreme, _ = L.bradley_terry_loss(jnp.asarray([1e4, -1e4]), jnp.asarray([0.0, 0.0]))
     assert np.all(np.isfinite(np.asarray(extreme)))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_padding_examples_take_no_part_in_any_loss(name):
+    """Padding pairs (zero log-probs, example_mask 0) change no real example's loss, even for the losses that sort
+    or average over the batch (aot, aot_unpaired, bco_pair), and their own losses are 0."""
+    pc, pr, rc, rr, lc, lr = _inputs(seed=zlib.crc32(name.encode()), batch=6, scale=5.0)
+    real, _, _ = _run(name, pc, pr, rc, rr, lc, lr, beta=0.5)
+    pad = lambda x, v=0.0: np.concatenate([x[:2], [v], x[2:4], [v, v], x[4:]])  # noqa: E731
+    mask = pad(np.ones(6), 0.0)
+    padded, _, _ = _run(name, pad(pc), pad(pr), pad(rc), pad(rr), pad(lc, 1.0), pad(lr, 1.0), beta=0.5,
+                        example_mask=jnp.asarray(mask))
+    np.testing.assert_array_equal(np.asarray(padded)[mask == 0], 0.0)
+    assert float(jnp.sum(padded)) == pytest.approx(float(jnp.sum(real)), rel=1e-5, abs=1e-5)
+    if name in ("aot", "aot_unpaired", "bco_pair", "sigmoid"):  # per-example, not only in the sum
+        np.testing.assert_allclose(np.asarray(padded)[mask == 1], np.asarray(real), rtol=1e-5, atol=1e-6)
+
+
+def test_the_audit_numbers_for_batch_level_losses_with_one_padding_pair():
+    """2 real pairs + 1 padding pair (the audit's repro): the padded batch gives the 2-pair loss."""
+    pc, pr, rc, rr = (np.asarray(v, np.float32) for v in ([-3.0, -5.0], [-6.0, -4.0], [-4.0, -4.5], [-5.0, -5.5]))
+    for name in ("aot", "aot_unpaired", "bco_pair"):
+        want = float(jnp.mean(L.preference_loss(pc, pr, rc, rr, loss_type=name, beta=1.0)[0]))
+        pad = lambda x: np.concatenate([x, [0.0]]).astype(np.float32)  # noqa: E731
+        got, _, _ = L.preference_loss(pad(pc), pad(pr), pad(rc), pad(rr), loss_type=name, beta=1.0,
+                                      example_mask=jnp.asarray([1.0, 1.0, 0.0]))
+        assert float(jnp.sum(got)) / 2 == pytest.approx(want, rel=1e-6), name
+
+
+def test_reference_free_rewards_are_beta_times_the_policy_logps():
+    """What `rewards/*` mean without a reference (documented in preference_loss / preference_metrics): β·log π."""
+    pc, pr, rc, rr, lc, lr = _inputs(seed=11, batch=4)
+    _, chosen, rejected = L.preference_loss(jnp.asarray(pc), jnp.asarray(pr), jnp.asarray(rc), jnp.asarray(rr),
+                                            beta=0.2, reference_free=True)
+    np.testing.assert_allclose(np.asarray(chosen), 0.2 * pc, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(rejected), 0.2 * pr, rtol=1e-5)

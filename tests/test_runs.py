@@ -74,6 +74,9 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, cache):
     out = subprocess.run(_cli(overrides), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resumed from" in out.stdout
+    resumed = loop.Run(_config("dpo", overrides))  # the engine hands out the restored state, not a deleted one
+    resumed.close()
+    assert resumed.start == 12 and not any(x.is_deleted() for x in jax.tree.leaves(resumed.engine.state))
     got = _train_lines(tmp_path / "killed")
     assert [r["step"] for r in got] == [3, 6, 9, 12]
     for g, w in zip(got, want):
@@ -100,6 +103,49 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path, cache):
     message = next(line for line in rest.splitlines() if line.startswith("SIGTERM: saved checkpoint at step"))
     step = int(message.split("step ")[1].split(" ")[0])
     assert step >= 3 and os.path.isdir(tmp_path / "run" / "checkpoints" / str(step))
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, cache, capsys):
+    """Multi-host preemption: only process 1 gets SIGTERM; both agree on a step (JAX's preemption sync point), save
+    it together and exit 0; the run then resumes from that step."""
+    import socket
+
+    overrides = _overrides(tmp_path / "run", cache, **{"train.steps": 10000, "train.save_every": 10000,
+                                                         "train.log_every": 1})
+    loop.precompute(_config("dpo", overrides))  # tokenizer, data and reference caches: built once, not raced
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    procs, logs = [], []
+    for i in range(2):
+        cli = _cli({**overrides, "distributed.mode": "explicit", "distributed.coordinator_address":
+                    f"127.0.0.1:{port}", "distributed.num_processes": 2, "distributed.process_id": i})
+        logs.append(open(tmp_path / f"process{i}.log", "w+"))
+        procs.append(subprocess.Popen(cli, cwd=REPO, stdout=subprocess.PIPE if i == 0 else logs[i],
+                                      stderr=subprocess.STDOUT, text=True, env=env))
+    try:
+        for line in procs[0].stdout:
+            logs[0].write(line)
+            if line.startswith("[train] step 3"):
+                procs[1].send_signal(signal.SIGTERM)
+                break
+        logs[0].write(procs[0].communicate(timeout=180)[0])
+        procs[1].wait(timeout=60)
+    finally:
+        for p in procs:
+            p.kill()
+    saved = []
+    for i, log in enumerate(logs):
+        log.seek(0)
+        text = log.read()
+        assert procs[i].returncode == 0, text[-3000:]
+        saved.append(int(text.split("SIGTERM: saved checkpoint at step ")[1].split(" ")[0]))
+    assert saved[0] == saved[1] >= 3
+    capsys.readouterr()
+    loop.train(_config("dpo", {**overrides, "train.steps": saved[0] + 2}))
+    assert f"resumed from {tmp_path / 'run' / 'checkpoints'}/{saved[0]}" in capsys.readouterr().out
+    assert [r["step"] for r in _train_lines(tmp_path / "run")][-2:] == [saved[0] + 1, saved[0] + 2]
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, cache):
@@ -191,7 +237,7 @@ def test_precompute_then_eval_commands(tmp_path, cache):
     eval_path = os.path.join(REPO, "configs", "data", "tiny_hh", "eval.jsonl")
     c = _config("dpo", _overrides(tmp_path / "run", cache, **{"data.eval_path": eval_path, "train.steps": 2}))
     loop.precompute(c)
-    record = json.loads((tmp_path / "run" / "reference.json").read_text())
+    record = json.loads((tmp_path / "run" / "reference.json").read_text())["paths"]
     assert set(record) == {"train", "eval"} and all(os.path.isfile(p) for p in record.values())
     assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")  # nothing trained
     loop.train(c)
@@ -228,6 +274,54 @@ def test_shared_prompt_layout_trains_like_the_pairs_layout_on_fewer_tokens(tmp_p
         loop.train(c)
 
 
+def test_a_relaunch_with_other_data_settings_recomputes_the_reference_tables(tmp_path, cache, capsys):
+    """reference.json is re-checked against the weights' source, the data and the settings; a relaunch in the same
+    run directory with another max_length trains against the new tables, not the stale ones."""
+    loop.precompute(_config("dpo", _overrides(tmp_path / "run", cache)))
+    stale = json.loads((tmp_path / "run" / "reference.json").read_text())["paths"]["train"]
+    changed = _overrides(tmp_path / "run", cache, **{"data.max_length": 40, "data.max_prompt_length": 24})
+    run = loop.Run(_config("dpo", changed))
+    run.close()
+    assert "were computed for another data; recomputing" in capsys.readouterr().out
+    fresh = loop.Run(_config("dpo", {**changed, "train.run_dir": str(tmp_path / "fresh")}))
+    fresh.close()
+    got, want, old = run.tables["train"], fresh.tables["train"], loop.reference.ReferenceTable.load(stale)
+    np.testing.assert_array_equal(got.example_ids, want.example_ids)
+    np.testing.assert_allclose(got.values, want.values, rtol=1e-6)
+    assert not np.allclose(old.values[:, 0], got.lookup(old.example_ids)["ref_chosen_logps"])  # truncation bit
+    again = loop.Run(_config("dpo", changed))  # unchanged now: the recorded tables are reused
+    again.close()
+    assert "recomputing" not in capsys.readouterr().out
+
+
+def test_mfu_counts_each_step_at_its_own_bucket_length(tmp_path, cache):
+    """With seq_buckets the steps of one logging window have different lengths; the MFU sums their FLOPs."""
+    from dpo_jax.data.pipeline import build_loaders
+    from dpo_jax.flops import train_step_flops
+
+    overrides = _overrides(tmp_path / "run", cache, **{
+        "data.seq_buckets": "(16,24,32,40,48,56,64)", "train.global_batch_pairs": 2, "train.steps": 8,
+        "train.log_every": 4, "train.peak_tflops_per_device": 1.0, "mesh.data": 1})
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}  # 2 pairs a step: one device
+    out = subprocess.run(_cli(overrides), cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    c = _config("dpo", {**overrides, "data.seq_buckets": (16, 24, 32, 40, 48, 56, 64)})
+    loader = build_loaders(c.data, global_batch_pairs=2, seed=c.train.seed, tokenizer=loop.load_tokenizer(c))["train"]
+    lengths = [loader.batch_at(0, k)["input_ids"].shape[1] for k in range(8)]
+    loader.close()
+    model, _ = loop.model_loader(c.model, len(loop.load_tokenizer(c)))
+    flops = [train_step_flops(model, 2, t, loader.score_window) for t in lengths]  # shared prompt: a row per pair
+    assert len(set(lengths[:4])) > 1 and len(set(lengths[4:])) > 1  # the buckets do vary within a window
+    for row, window in zip(_train_lines_with_timing(tmp_path / "run"), (flops[:4], flops[4:])):
+        elapsed = row["num_tokens"] * 4 / row["tokens_per_second"]
+        assert row["mfu"] * elapsed * 1e12 == pytest.approx(sum(window), rel=1e-5)
+
+
+def _train_lines_with_timing(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["split"] == "train"]
+
+
 def test_per_batch_reference_matches_the_precomputed_tables(tmp_path, cache):
     pre = loop.train(_config("dpo", _overrides(tmp_path / "pre", cache, **{"train.steps": 3, "train.log_every": 3})))
     c = _config("dpo", _overrides(tmp_path / "per", cache, **{"train.steps": 3, "train.log_every": 3}))
@@ -255,3 +349,11 @@ def test_the_train_step_compiles_once_on_a_background_thread(tmp_path, cache, re
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == [False]  # one compile, not on the main thread
+
+
+def test_itstime_runs_periodic_actions_every_n_steps_and_after_the_last():
+    from dpo_jax.metrics import itstime
+
+    assert [s for s in range(1, 11) if itstime(s, 4, 10)] == [4, 8, 10]
+    assert [s for s in range(1, 11) if itstime(s, 0, 10)] == [10]  # 0: at the end only
+    assert [s for s in range(1, 7) if itstime(s, 3, 6)] == [3, 6]

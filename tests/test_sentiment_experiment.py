@@ -70,3 +70,29 @@ def test_rerunning_a_method_reuses_every_cached_stage(result, capsys):
     flat = lambda ps: [x for p in ps for x in (p["step"], p["reward"], p["kl"])]  # noqa: E731
     assert flat(got) == pytest.approx(flat(want), abs=1e-5)
     assert "summary (final point per method" in out
+
+
+def test_evaluation_samples_at_temperature_one_whatever_the_pairs_used(result, monkeypatch):
+    """The KL(π‖π_SFT) estimator is unbiased only for samples from π at temperature 1."""
+    c, _ = result
+    c = c.copy_and_resolve_references()
+    c.pairs.temperature = 0.5
+    stages = S.Stages(c)
+    stages.data()
+    stages.sft()
+    seen, generate = [], S.generate
+    monkeypatch.setattr(S, "generate", lambda *a, **k: seen.append(a[-1].temperature) or generate(*a, **k))
+    prompts, mask = stages._prefixes(stages.test_ids, 8, 0)
+    reward, kl, texts = stages.evaluate(stages.sft_params, stages.sft_params, prompts, mask)
+    assert seen == [1.0] and len(texts) == 8 and abs(kl) < 1e-3
+
+
+def test_zero_training_steps_evaluates_only_the_sft_policy(result, capsys):
+    c, first = result
+    again = c.copy_and_resolve_references()
+    again.train.steps = 0
+    r = S.run(again)
+    assert [p["method"] for p in r["points"]] == ["sft"]
+    sft = next(p for p in first["points"] if p["method"] == "sft")
+    assert (r["points"][0]["reward"], r["points"][0]["kl"]) == pytest.approx((sft["reward"], sft["kl"]), abs=1e-6)
+    assert "train.steps = 0: no method is trained" in capsys.readouterr().out

@@ -144,3 +144,31 @@ def test_engine_with_micro_batches_on_a_mesh_matches_the_plain_layout(params):
     for want, got in zip(*history):
         for key in ("loss", "rewards/margins", "grad_norm", "logps/chosen"):
             assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+
+
+SLIDING = H.MODEL.replace(sliding_window=8)
+
+
+def _one_pair(prompt, chosen, rejected, seed=4):
+    rng = np.random.default_rng(seed)
+    p = rng.integers(0, SLIDING.vocab_size, prompt)
+    c, r = rng.integers(0, SLIDING.vocab_size, chosen), rng.integers(0, SLIDING.vocab_size, rejected)
+    return {"example_id": 0, "chosen_input_ids": np.concatenate([p, c]).astype(np.int32),
+            "chosen_loss_mask": (np.arange(prompt + chosen) >= prompt).astype(np.int32),
+            "rejected_input_ids": np.concatenate([p, r]).astype(np.int32),
+            "rejected_loss_mask": (np.arange(prompt + rejected) >= prompt).astype(np.int32)}
+
+
+@pytest.mark.parametrize("rows", [[_one_pair(6, 10, 5)], _pairs(7, seed=5)])
+def test_sliding_window_models_give_the_same_pair_logprobs_in_both_layouts(rows):
+    """The window counts positions, not slots: in a packed row the rejected response sees the prompt keys it would
+    see as its own sequence (the audit's case: prompt 6, chosen 10, rejected 5 tokens, window 8)."""
+    params = init_params(SLIDING, jax.random.key(0))
+    plain, shared = _batches(rows, pairs=len(rows) + (len(rows) > 1))
+    assert shared["attention_mask"].sum(1).max() > SLIDING.sliding_window  # rows longer than the window
+    got = pair_logprobs(params, jax.tree.map(jnp.asarray, shared), StepConfig(SLIDING, shared_prompt=True))
+    want = pair_logprobs(params, jax.tree.map(jnp.asarray, plain), StepConfig(SLIDING))
+    unwindowed = pair_logprobs(params, jax.tree.map(jnp.asarray, plain), StepConfig(H.MODEL))
+    for field in ("chosen_sums", "rejected_sums", "chosen_counts", "rejected_counts"):
+        np.testing.assert_allclose(getattr(got, field), getattr(want, field), atol=2e-5, err_msg=field)
+    assert float(jnp.abs(want.chosen_sums - unwindowed.chosen_sums).max()) > 1e-4  # the window does bite

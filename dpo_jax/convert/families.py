@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from dpo_jax.models.config import ModelConfig, RopeScaling
+from dpo_jax.models.config import ModelConfig, RopeScaling, shaped_config
 
 Arrays = Sequence[np.ndarray]
 
@@ -160,12 +160,11 @@ def _gpt2_config(cj: dict) -> ModelConfig:
     d, h = cj["n_embd"], cj["n_head"]
     if cj.get("scale_attn_by_inverse_layer_idx") or cj.get("reorder_and_upcast_attn"):
         raise ValueError("gpt2: scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported")
-    return ModelConfig(
-        vocab_size=cj["vocab_size"], hidden_size=d, num_layers=cj["n_layer"], num_heads=h, num_kv_heads=h,
-        head_dim=d // h, intermediate_size=cj.get("n_inner") or 4 * d, max_position_embeddings=cj["n_positions"],
-        norm_type="layernorm", norm_eps=cj.get("layer_norm_epsilon", 1e-5), position_embedding="learned",
-        mlp_type="gelu", activation=_activation(cj.get("activation_function", "gelu_new")), qkv_bias=True,
-        attn_out_bias=True, mlp_bias=True, tie_word_embeddings=cj.get("tie_word_embeddings", True), family="gpt2",
+    return shaped_config(
+        "gpt2", cj["vocab_size"], d, cj["n_layer"], h, cj.get("n_inner") or 4 * d,
+        max_position_embeddings=cj["n_positions"], norm_eps=cj.get("layer_norm_epsilon", 1e-5),
+        activation=_activation(cj.get("activation_function", "gelu_new")),
+        tie_word_embeddings=cj.get("tie_word_embeddings", True),
     )
 
 

@@ -29,7 +29,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.tokenizer = ""  # a local HF tokenizer directory
     c.max_length = 512
     c.max_prompt_length = 256
-    c.truncation_mode = "auto"  # auto: keep_end for HH, keep_start otherwise (the authors' choice)
+    c.truncation_mode = "auto"  # auto: keep_end for HH, keep_start otherwise (the authors' choice); skip: drop
+    #                             examples whose prompt would have to be cut
     c.seq_buckets = ()  # sorted row lengths to pad to; empty: one length (see layout)
     # shared_prompt: one row per pair, prompt + chosen + rejected, the prompt computed once (rows as long as the
     # split's longest packed pair, rounded up to 16, unless seq_buckets are given); pairs: a row per response

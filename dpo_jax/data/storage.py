@@ -12,7 +12,6 @@ Bad examples are handled here, once: `on_bad_example="error"` raises at the firs
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import os
 from typing import Any, Iterator
@@ -24,11 +23,7 @@ from dpo_jax.data.formats import (BAD_EXAMPLE_POLICIES, DataError, PreferenceExa
                                   read_examples)
 from dpo_jax.data.packing import pack_pair, scored_span
 from dpo_jax.data.tokenize import Lengths, PairTokenizer
-
-
-def fingerprint(obj: Any) -> str:
-    """Short stable hash of a JSON-able value (cache keys)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+from dpo_jax.fingerprint import fingerprint
 
 
 def files_fingerprint(path: str) -> list:
@@ -106,7 +101,7 @@ def decode_raw(record: dict) -> PreferenceExample:
 class TokenizedPreferences(tfds.core.GeneratorBasedBuilder):
     """TokenizedPairs of a RawPreferences dataset for one tokenizer and one set of lengths."""
 
-    VERSION = tfds.core.Version("1.2.0")  # 1.1: packed (shared-prompt) lengths; 1.2: scored spans, in the metadata
+    VERSION = tfds.core.Version("1.3.0")  # 1.1: packed lengths; 1.2: scored spans; 1.3: keep_start cuts the prompt
 
     def __init__(self, *, raw: RawPreferences, tokenizer, lengths: Lengths, on_bad_example: str, **kwargs):
         self._raw, self._policy = raw, on_bad_example

@@ -5,9 +5,10 @@
   prefix (the merged token counts as response) and `counts["boundary_merge"]` records it.
 - BOS is prepended once when the tokenizer adds one to plain text; chat-template renderings bring their own.
   EOS is appended to each response exactly once (not if the response already ends with it).
-- Truncation (authors' code): if prompt + the longer response exceeds `max_length`, the prompt is cut to
-  `max_prompt_length` (`keep_end` keeps its BOS and last tokens; `keep_start` cutting a prompt is a bad example);
-  if still too long, responses are cut to `max_length - max_prompt_length`.
+- Truncation (authors' `tokenize_batch_element`): if prompt + the longer response exceeds `max_length`, the prompt
+  is cut to `max_prompt_length` (`keep_end` keeps its BOS and last tokens, `keep_start` its first tokens); if still
+  too long, responses are cut to `max_length - max_prompt_length`. `skip` is not the authors': a prompt that would
+  have to be cut makes the example a bad one (`prompt_too_long`), for users who would rather drop than cut.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 
 from dpo_jax.data.formats import PreferenceExample, Skip, Text
 
-TRUNCATION_MODES = ("keep_end", "keep_start")
+TRUNCATION_MODES = ("keep_end", "keep_start", "skip")
 
 
 class TokenizedPair(NamedTuple):
@@ -106,10 +107,13 @@ class PairTokenizer:
             truncated = []
             for p, r in pairs:
                 if len(p) > lim.max_prompt_length:
-                    if lim.truncation_mode == "keep_start":
+                    if lim.truncation_mode == "skip":
                         return Skip("prompt_too_long", where)
-                    keep = 1 if self.bos_id is not None and p[:1] == [self.bos_id] else 0
-                    p = p[:keep] + p[len(p) - (lim.max_prompt_length - keep):]
+                    if lim.truncation_mode == "keep_start":
+                        p = p[:lim.max_prompt_length]
+                    else:
+                        keep = 1 if self.bos_id is not None and p[:1] == [self.bos_id] else 0
+                        p = p[:keep] + p[len(p) - (lim.max_prompt_length - keep):]
                     self.counts["prompt_truncated"] += 1
                 truncated.append((p, r))
             pairs = truncated

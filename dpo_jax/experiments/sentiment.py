@@ -9,7 +9,9 @@ Stages (each cached under the cache directory, keyed by what it depends on):
  5. methods  — DPO (several β), conservative DPO, IPO, Unlikelihood (α sweep) and Preferred-FT, each from π_SFT with
                 the reference log-probs precomputed once; every `eval_every` steps, completions for held-out test
                 prefixes give the mean reward and the mean sequence-level KL(π‖π_ref) = Σ_t log π − log π_ref over
-                the sampled tokens (a Monte-Carlo estimate: ≥ 0 in expectation, 0 for π = π_ref);
+                the sampled tokens (a Monte-Carlo estimate: ≥ 0 in expectation, 0 for π = π_ref). It is unbiased
+                only for samples from π itself, so evaluation samples at temperature 1 whatever
+                `pairs.temperature` the preference pairs were drawn at;
  6. output   — results.csv/results.md (every point), frontier.png (reward vs KL per method), samples.jsonl, and
                 VADER's correlation with the human ratings on the test split.
 """
@@ -17,7 +19,6 @@ Stages (each cached under the cache directory, keyed by what it depends on):
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import time
@@ -34,8 +35,10 @@ from dpo_jax.convert import native
 from dpo_jax.data.loader import PreferenceLoader
 from dpo_jax.data.pipeline import default_cache_dir
 from dpo_jax.experiments import sentiment_corpus as corpus
+from dpo_jax.fingerprint import fingerprint
+from dpo_jax.metrics import itstime
 from dpo_jax.logprobs import token_logprobs
-from dpo_jax.models.config import ModelConfig
+from dpo_jax.models.config import PRESETS, ModelConfig, shaped_config
 from dpo_jax.models.decoder import Decoder, init_params, unembedding
 from dpo_jax.models.generate import SamplingConfig, generate
 from dpo_jax.train.engine import build_engine, default_engine_config
@@ -48,7 +51,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.vocab_size = 2048
     c.max_sentence_tokens = 40
-    c.model = ml_collections.ConfigDict(dict(hidden_size=128, num_layers=3, num_heads=4, intermediate_size=512))
+    c.model = ml_collections.ConfigDict(PRESETS["gpt2-sentiment"])  # family and shape of π_SFT
     c.sft = ml_collections.ConfigDict(dict(steps=500, batch=32, learning_rate=2e-3))
     c.pairs = ml_collections.ConfigDict(dict(prefixes=512, samples_per_prefix=4, min_prefix=2, max_prefix=8,
                                              max_new_tokens=24, temperature=1.0))
@@ -67,7 +70,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def _key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return fingerprint(list(parts))
 
 
 class Stages:
@@ -112,11 +115,8 @@ class Stages:
 
     def model_config(self) -> ModelConfig:
         m = self.c.model
-        return ModelConfig(vocab_size=len(self.tokenizer), hidden_size=m.hidden_size, num_layers=m.num_layers,
-                           num_heads=m.num_heads, num_kv_heads=m.num_heads, head_dim=m.hidden_size // m.num_heads,
-                           intermediate_size=m.intermediate_size, max_position_embeddings=64, norm_type="layernorm",
-                           norm_eps=1e-5, position_embedding="learned", mlp_type="gelu", activation="gelu_tanh",
-                           qkv_bias=True, attn_out_bias=True, mlp_bias=True, tie_word_embeddings=True, family="gpt2")
+        return shaped_config(m.family, len(self.tokenizer), m.hidden_size, m.num_layers, m.num_heads,
+                             m.intermediate_size, max_position_embeddings=64)
 
     def _engine(self, mode: str, loss_type: str, beta: float, eps: float, alpha: float, lr: float, pairs: int,
                 params: Any):
@@ -159,7 +159,7 @@ class Stages:
             batch = {"input_ids": ids, "loss_mask": mask, "attention_mask": (ids != self.pad).astype(np.int32) |
                      (np.arange(t) == 0), "example_mask": np.ones(s.batch, np.int32)}
             state, metrics = engine.train_step(state, engine.shard_batch(batch))
-            if step % 200 == 0 or step == s.steps:
+            if itstime(step, 200, s.steps):
                 self.log(f"π_SFT step {step}/{s.steps}: token NLL {summaries.finalize(metrics)['loss']:.3f} "
                          f"({time.perf_counter() - t0:.0f} s)")
         self.sft_params = jax.device_get(state.params)
@@ -177,9 +177,8 @@ class Stages:
             out[r, p.max_prefix - k:], mask[r, p.max_prefix - k:] = seq[:k], 1
         return out, mask
 
-    def _sample(self, params, prompts, mask, seed: int, max_new: int):
-        s = SamplingConfig(max_new_tokens=max_new, temperature=self.c.pairs.temperature, eos_id=self.eos,
-                           pad_id=self.pad)
+    def _sample(self, params, prompts, mask, seed: int, max_new: int, temperature: float):
+        s = SamplingConfig(max_new_tokens=max_new, temperature=temperature, eos_id=self.eos, pad_id=self.pad)
         out = generate(params, self.model_config(), prompts, mask, jax.random.key(seed), s)
         texts = [self.tokenizer.decode(list(prompts[i][mask[i] == 1]) + list(np.asarray(out.tokens[i])[
             np.asarray(out.mask[i]) == 1]), skip_special_tokens=True) for i in range(len(prompts))]
@@ -195,7 +194,8 @@ class Stages:
         prompts, mask = self._prefixes(self.train_ids, p.prefixes, self.c.seed + 1)
         k = p.samples_per_prefix
         rep_prompts, rep_mask = np.repeat(prompts, k, 0), np.repeat(mask, k, 0)
-        out, texts = self._sample(self.sft_params, rep_prompts, rep_mask, self.c.seed + 2, p.max_new_tokens)
+        out, texts = self._sample(self.sft_params, rep_prompts, rep_mask, self.c.seed + 2, p.max_new_tokens,
+                                  p.temperature)
         rewards = self.reward(texts).reshape(-1, k)
         tokens, gen_mask = np.asarray(out.tokens).reshape(-1, k, p.max_new_tokens), np.asarray(out.mask).reshape(
             -1, k, p.max_new_tokens)
@@ -252,8 +252,9 @@ class Stages:
 
     # 5: methods with evaluation
     def evaluate(self, params, ref_params, prompts, mask) -> tuple[float, float, list[str]]:
-        """(mean VADER reward, mean sequence KL(π‖π_ref) over samples, texts) on the fixed test prefixes."""
-        out, texts = self._sample(params, prompts, mask, self.c.seed + 3, self.c.eval.max_new_tokens)
+        """(mean VADER reward, mean sequence KL(π‖π_ref) over samples, texts) on the fixed test prefixes.
+        Samples come from π at temperature 1: the KL estimate Σ_t log π − log π_ref is unbiased only for those."""
+        out, texts = self._sample(params, prompts, mask, self.c.seed + 3, self.c.eval.max_new_tokens, 1.0)
         full = jnp.concatenate([jnp.asarray(prompts), out.tokens], 1)
         full_mask = jnp.concatenate([jnp.asarray(mask), out.mask], 1)
         model = self.model_config()
@@ -274,7 +275,9 @@ class Stages:
         table = _reference_table(ref_engine, self.pair_source, t.batch_pairs, self._seq_len(),
                                  os.path.join(self.cache, "reference-" + _key(self.sft_key, self.c.pairs.to_dict(),
                                                                                t.batch_pairs) + ".npz"))
-        for name, (mode, loss_type, beta, eps, alpha) in self.c.methods.items():
+        if t.steps < 1:
+            self.log(f"train.steps = {t.steps}: no method is trained; only π_SFT is evaluated")
+        for name, (mode, loss_type, beta, eps, alpha) in self.c.methods.items() if t.steps >= 1 else ():
             engine = self._engine(mode, loss_type, beta, eps, alpha, t.learning_rate, t.batch_pairs,
                                   self.sft_params)
             loader = PreferenceLoader(self.pair_source, global_batch_pairs=t.batch_pairs, seq_len=self._seq_len(),
@@ -285,7 +288,7 @@ class Stages:
                 if engine.config.needs_reference:
                     local = {**local, **table.lookup(local["example_id"])}
                 state, _ = engine.train_step(state, engine.shard_batch(local))
-                if step % self.c.eval.every == 0 or step == t.steps:
+                if itstime(step, self.c.eval.every, t.steps):
                     reward, kl, texts = self.evaluate(state.params, self.sft_params, test_prompts, test_mask)
                     points.append({"method": name, "step": step, "reward": reward, "kl": kl})
                     samples += [{"method": name, "step": step, "text": x} for x in texts[:8]]

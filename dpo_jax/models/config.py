@@ -98,3 +98,35 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"ModelConfig JSON has unknown keys: {sorted(unknown)}")
         return cls(**data)
+
+
+# Each from-scratch family's switches; a checkpoint's own config.json is read by convert/families.py instead.
+FAMILY_SWITCHES: dict[str, dict[str, Any]] = {
+    "gpt2": dict(norm_type="layernorm", norm_eps=1e-5, position_embedding="learned", mlp_type="gelu",
+                 activation="gelu_tanh", qkv_bias=True, attn_out_bias=True, mlp_bias=True, tie_word_embeddings=True,
+                 family="gpt2"),
+    "llama": dict(family="llama"),  # ModelConfig's defaults are Llama's (RMSNorm, rotary, SwiGLU, no biases)
+}
+
+# nanoGPT-style table of shapes: family, width, depth, heads, MLP width. The config `model` section has the same
+# keys, so `c.model.update(PRESETS[name])` picks a shape; the vocabulary always comes from the tokenizer.
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2-tiny": dict(family="gpt2", hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256),  # tiny.py
+    "gpt2-sentiment": dict(family="gpt2", hidden_size=128, num_layers=3, num_heads=4, intermediate_size=512),
+    "gpt2-bench": dict(family="gpt2", hidden_size=512, num_layers=6, num_heads=8, intermediate_size=2048),
+    "llama-bench": dict(family="llama", hidden_size=512, num_layers=6, num_heads=8, intermediate_size=2048),
+    "gpt2-small": dict(family="gpt2", hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
+    "gpt2-medium": dict(family="gpt2", hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096),
+    "gpt2-large": dict(family="gpt2", hidden_size=1280, num_layers=36, num_heads=20, intermediate_size=5120),
+}
+
+
+def shaped_config(family: str, vocab_size: int, hidden_size: int, num_layers: int, num_heads: int,
+                  intermediate_size: int, **overrides: Any) -> ModelConfig:
+    """A from-scratch ModelConfig: `family`'s switches with this shape (multi-head attention, head_dim = D / H);
+    `overrides` set any other field (max_position_embeddings, dtype, remat_policy, ...)."""
+    if family not in FAMILY_SWITCHES:
+        raise ValueError(f"model family {family!r} for a from-scratch model; valid: {', '.join(FAMILY_SWITCHES)}")
+    return ModelConfig(**{**FAMILY_SWITCHES[family], "vocab_size": vocab_size, "hidden_size": hidden_size,
+                          "num_layers": num_layers, "num_heads": num_heads, "num_kv_heads": num_heads,
+                          "head_dim": hidden_size // num_heads, "intermediate_size": intermediate_size, **overrides})

@@ -147,6 +147,7 @@ def build_attention_mask(
     key_valid: Array,
     segment_ids: Array | None = None,
     shared_segment: int | None = None,
+    positions: Array | None = None,
 ) -> Array:
     """Boolean [B, 1, Tq, S] mask: causal on slot indices, padding, packing segments and the sliding window.
 
@@ -155,12 +156,20 @@ def build_attention_mask(
 
     query_index: [Tq] slot index of each query (0..T-1 without a cache; cache_index + t with one).
     key_valid: [B, S] 1 where a key slot holds a real token.
+    positions: [B, T] token positions when queries and keys are the same tokens (no cache). The sliding window is
+        measured in positions, not slots: in a packed row a response's positions restart after the shared prompt,
+        and it must see the prompt keys it would see as its own sequence. With a cache (left-padded prompts, one
+        token per slot after them) slot distance equals position distance for every real key.
     """
     key_index = jnp.arange(key_valid.shape[1])
-    allowed = key_index[None, :] <= query_index[:, None]  # [Tq, S]
+    allowed = (key_index[None, :] <= query_index[:, None])[None]  # [1, Tq, S]
     if config.sliding_window is not None:
-        allowed &= query_index[:, None] - key_index[None, :] < config.sliding_window
-    mask = allowed[None, None] & key_valid.astype(bool)[:, None, None, :]
+        if positions is None:
+            distance = (query_index[:, None] - key_index[None, :])[None]
+        else:
+            distance = positions[:, :, None] - positions[:, None, :]  # [B, T, T]
+        allowed = allowed & (distance < config.sliding_window)
+    mask = allowed[:, None] & key_valid.astype(bool)[:, None, None, :]
     if segment_ids is not None:
         same = segment_ids[:, :, None] == segment_ids[:, None, :]
         if shared_segment is not None:
@@ -206,7 +215,8 @@ class Decoder(nn.Module):
                 raise ValueError("Decoder: pass positions explicitly when decoding with a cache")
             positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
         query_index = jnp.arange(t) if cache is None else cache_index + jnp.arange(t)
-        mask = build_attention_mask(c, query_index, attention_mask, segment_ids, shared_segment)
+        mask = build_attention_mask(c, query_index, attention_mask, segment_ids, shared_segment,
+                                    positions if cache is None else None)
 
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=jnp.dtype(c.dtype),
                          param_dtype=jnp.dtype(c.param_dtype), embedding_init=_init(("vocab", "embed")),

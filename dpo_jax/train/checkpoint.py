@@ -71,6 +71,10 @@ class RunCheckpoints:
             for k, (t, c) in extra["window"].items()}
         return state, loader, window
 
+    def reached_preemption(self, step: int) -> bool:
+        """Whether every process has agreed to stop and save at `step` (JAX's preemption sync point)."""
+        return self.manager.reached_preemption(step)
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

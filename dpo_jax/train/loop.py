@@ -29,8 +29,8 @@ from dpo_jax.data.formats import read_examples
 from dpo_jax.data.loader import PreferenceLoader
 from dpo_jax.data.pipeline import build_loaders, default_cache_dir, default_data_config
 from dpo_jax.flops import peak_tflops, train_step_flops
-from dpo_jax.metrics import MetricWriter, truncate_jsonl
-from dpo_jax.models.config import ModelConfig
+from dpo_jax.metrics import MetricWriter, itstime, truncate_jsonl
+from dpo_jax.models.config import FAMILY_SWITCHES, PRESETS, ModelConfig, shaped_config
 from dpo_jax.models.decoder import init_params
 from dpo_jax.models.generate import SamplingConfig, generate
 from dpo_jax.train.checkpoint import RunCheckpoints
@@ -55,9 +55,9 @@ def default_model_config() -> ml_collections.ConfigDict:
     c.remat_policy = "dots"  # save matmul outputs, recompute the rest: less memory than "none" and faster here
     c.scan_layers = True  # one compiled layer body: faster compiles, and faster steps on XLA:CPU (docs/PERFORMANCE.md)
     c.attention_impl = ""  # "", "xla" or "cudnn"
-    # architecture, for source = random (the vocabulary comes from the tokenizer)
-    c.family = "gpt2"
-    c.hidden_size, c.num_layers, c.num_heads, c.intermediate_size = 64, 2, 4, 256
+    # architecture, for source = random (the vocabulary comes from the tokenizer): a shape from models/config.py
+    # PRESETS (`c.model.update(PRESETS[name])`), or these fields set one by one
+    c.update(PRESETS["gpt2-tiny"])  # family, hidden_size, num_layers, num_heads, intermediate_size
     c.max_position_embeddings = 512
     c.seed = 0
     return c
@@ -92,17 +92,11 @@ def _model_overrides(m: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def random_model_config(m: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
-    common = dict(vocab_size=vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
-                  num_kv_heads=m.num_heads, head_dim=m.hidden_size // m.num_heads,
-                  intermediate_size=m.intermediate_size, max_position_embeddings=m.max_position_embeddings,
-                  **_model_overrides(m))
-    if m.family == "gpt2":
-        return ModelConfig(**common, norm_type="layernorm", norm_eps=1e-5, position_embedding="learned",
-                           mlp_type="gelu", activation="gelu_tanh", qkv_bias=True, attn_out_bias=True,
-                           mlp_bias=True, tie_word_embeddings=True, family="gpt2")
-    if m.family == "llama":
-        return ModelConfig(**common, family="llama")
-    raise ValueError(f"config.model.family = {m.family!r} for source=random; valid: gpt2, llama")
+    """The from-scratch model of a `model` section (source = random): its family's switches and its shape."""
+    if m.family not in FAMILY_SWITCHES:
+        raise ValueError(f"config.model.family = {m.family!r} for source=random; valid: {', '.join(FAMILY_SWITCHES)}")
+    return shaped_config(m.family, vocab_size, m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size,
+                         max_position_embeddings=m.max_position_embeddings, **_model_overrides(m))
 
 
 def model_loader(m: ml_collections.ConfigDict, vocab_size: int) -> tuple[ModelConfig, Callable[[], Any]]:
@@ -136,7 +130,8 @@ def load_tokenizer(c: ml_collections.ConfigDict):
     if not spec.startswith("bpe:"):
         return AutoTokenizer.from_pretrained(spec)
     from dpo_jax.data.bpe import train_bpe_tokenizer
-    from dpo_jax.data.storage import files_fingerprint, fingerprint
+    from dpo_jax.data.storage import files_fingerprint
+    from dpo_jax.fingerprint import fingerprint
 
     vocab = int(spec.split(":", 1)[1])
     directory = os.path.join(c.data.cache_dir or default_cache_dir(), "tokenizers",
@@ -154,17 +149,28 @@ def load_tokenizer(c: ml_collections.ConfigDict):
 # ----- the loop ---------------------------------------------------------------------------------------------------
 
 class _Preemption:
-    """SIGTERM sets a flag; the loop finishes its step, saves and exits 0."""
+    """SIGTERM: the loop finishes its step, saves and exits 0.
 
-    def __init__(self):
+    One process: a SIGTERM handler sets a flag. Several processes: the save is collective, so every host must stop
+    at the same step whichever of them got the signal; JAX's preemption sync manager (started by
+    `jax.distributed.initialize`, which catches SIGTERM itself) agrees on that step, and orbax's
+    `reached_preemption(step)` asks it. Every host calls `reached(step)` at every step."""
+
+    def __init__(self, checkpoints: RunCheckpoints):
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._checkpoints = checkpoints
+        self._multi = jax.process_count() > 1
+        self._previous = None if self._multi else signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
 
+    def reached(self, step: int) -> bool:
+        return self._checkpoints.reached_preemption(step) if self._multi else self.requested
+
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _attach_reference(local: dict, engine: Engine, tables: dict | None, split: str, ref_params: Any) -> dict:
@@ -239,6 +245,7 @@ class Run:
             self.state, loader_state, self.window = self.checkpoints.restore(latest, abstract, model=self.model,
                                                                              mode=c.train.mode)
             jax.tree.map(lambda x: x.delete(), self.engine.state)
+            self.engine = self.engine._replace(state=self.state)  # never hand out the deleted initial state
             self.initial_state = None
             self.loaders["train"].close()
             self.loaders["train"] = self._loaders(loader_state)["train"]
@@ -284,12 +291,13 @@ def train(c: ml_collections.ConfigDict) -> dict[str, Any]:
     if run.prompts is not None and run.start == 0:
         ref = run.ref_params if run.ref_params is not None else state.params
         writer.samples(0, "reference", _samples(ref, model, run.prompts, run.tokenizer, c))
-    preemption = _Preemption()
+    preemption = _Preemption(checkpoints)
     peak = c.train.peak_tflops_per_device or peak_tflops(jax.devices()[0].device_kind)
     progress = tqdm(total=c.train.steps, initial=run.start, unit="step", dynamic_ncols=True,
                     disable=not (run.main and sys.stderr.isatty()))
     last_logged: dict[str, float] = {}
     pending = []  # (step, loss Mean, grad norm, example ids) since the last check, for NaN diagnosis
+    window_flops = 0.0  # model FLOPs of the steps in the logging window (each step at its own sequence length)
     deferred = None  # a log point whose metrics are read after the next step is dispatched
     t0 = time.perf_counter()
     if run.compile_ahead is not None:
@@ -298,16 +306,14 @@ def train(c: ml_collections.ConfigDict) -> dict[str, Any]:
     def write_log(point) -> None:
         """Checks a log point's steps finite, then writes its window (this waits for its last step)."""
         nonlocal last_logged, t0
-        step, logged_window, logged_pending, tokens_per_row = point
+        step, logged_window, logged_pending, flops = point
         _check_finite(logged_pending, checkpoints)
         values = summaries.finalize(logged_window)
         elapsed = time.perf_counter() - t0  # from the previous log point's results to this one's
         steps_in_window = float(logged_window["num_tokens"].count)
         values["tokens_per_second"] = values["num_tokens"] * steps_in_window / elapsed if elapsed else 0.0
         if peak:
-            flops = train_step_flops(model, engine.config.rows(c.train.global_batch_pairs), tokens_per_row,
-                                     engine.config.score_window)
-            values["mfu"] = flops * steps_in_window / elapsed / (peak * 1e12 * jax.device_count())
+            values["mfu"] = flops / elapsed / (peak * 1e12 * jax.device_count())
         writer.scalars(step, "train", values)
         last_logged, t0 = values, time.perf_counter()
 
@@ -321,16 +327,17 @@ def train(c: ml_collections.ConfigDict) -> dict[str, Any]:
                 write_log(deferred)
                 deferred = None
             window = metrics if window is None else summaries.merge(window, metrics)
+            window_flops += train_step_flops(model, engine.config.rows(c.train.global_batch_pairs),
+                                             local["input_ids"].shape[1], engine.config.score_window)
             pending.append((step, metrics["loss"], metrics["grad_norm"].total, local["example_id"]))
             final = step == c.train.steps
-            stop = preemption.requested  # read once: the signal may land at any moment
-            log_now = step % c.train.log_every == 0 or final
-            save_now = step % c.train.save_every == 0 or final or stop
-            evaluate_now = "eval" in run.loaders and ((c.train.eval_every and step % c.train.eval_every == 0)
-                                                      or final)
+            stop = preemption.reached(step)  # read once: the signal may land at any moment
+            log_now = itstime(step, c.train.log_every, c.train.steps)
+            save_now = itstime(step, c.train.save_every, c.train.steps) or stop
+            evaluate_now = "eval" in run.loaders and itstime(step, c.train.eval_every, c.train.steps)
             if log_now:
-                deferred = (step, window, pending, local["input_ids"].shape[1])
-                window, pending = None, []
+                deferred = (step, window, pending, window_flops)
+                window, pending, window_flops = None, [], 0.0
                 if save_now or evaluate_now:  # these need the step's results now
                     write_log(deferred)
                     deferred = None
@@ -391,12 +398,30 @@ def _check_finite(pending: list, checkpoints: RunCheckpoints) -> None:
                            f"in {checkpoints.directory}")
 
 
+def _reference_model_config(c) -> ml_collections.ConfigDict:
+    """The model section that loads the separate reference (config.reference.path)."""
+    return ml_collections.ConfigDict({**c.model.to_dict(), "source": c.reference.source or c.model.source,
+                                      "path": c.reference.path})
+
+
+def source_identity(m: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What identifies a model's initial weights without loading them: the seed of a random init, or the path of a
+    checkpoint with every file's size and modification time (a rewritten checkpoint changes it)."""
+    if m.source == "random":
+        return {"source": "random", "seed": m.seed}
+    path = os.path.abspath(m.path)
+    files = []
+    for root, _, names in sorted(os.walk(path)):
+        for name in sorted(names):
+            st = os.stat(os.path.join(root, name))
+            files.append([os.path.relpath(os.path.join(root, name), path), st.st_size, st.st_mtime_ns])
+    return {"source": m.source, "path": path, "files": files}
+
+
 def _reference_params(c, engine: Engine, initial_state, load_initial) -> tuple[Any, bool]:
     """(reference params on the engine's shardings, whether they are the policy's own initial buffers)."""
     if c.reference.path:
-        ref = ml_collections.ConfigDict({**c.model.to_dict(), "source": c.reference.source or c.model.source,
-                                         "path": c.reference.path})
-        _, load = model_loader(ref, engine.config.model.vocab_size)
+        _, load = model_loader(_reference_model_config(c), engine.config.model.vocab_size)
         return jax.device_put(load(), engine.param_shardings), False
     if initial_state is not None:
         return initial_state.params, True
@@ -412,20 +437,26 @@ def _prepare_reference(c, engine: Engine, loaders, initial_state, load_initial, 
         params, shared = _reference_params(c, engine, initial_state, load_initial)
         return None, jax.tree.map(jnp.copy, params) if shared else params  # the policy's buffers get donated
 
-    record = os.path.join(run_dir, "reference.json")
-    paths = {}
-    if os.path.isfile(record):
-        with open(record) as f:
-            paths = json.load(f)
-    if set(paths) == set(loaders) and all(os.path.isfile(p) for p in paths.values()):
-        return {s: reference.ReferenceTable.load(p) for s, p in paths.items()}, None
-    params, shared = _reference_params(c, engine, initial_state, load_initial)
-    weights = reference.weights_fingerprint(params)
     settings = {"chunk": c.train.logprob_chunk_size, "model": engine.config.model.to_json(),
                 "score_window": engine.config.score_window}
+    ref_model = _reference_model_config(c) if c.reference.path else c.model
+    identity = {"reference": source_identity(ref_model),
+                "data": {split: _data_identity(loader) for split, loader in loaders.items()}, "settings": settings}
+    record = os.path.join(run_dir, "reference.json")
+    if os.path.isfile(record):
+        with open(record) as f:
+            saved = json.load(f)
+        paths = saved.get("paths", {})
+        changed = [k for k in identity if saved.get("identity", {}).get(k) != identity[k]]
+        if not changed and set(paths) == set(loaders) and all(os.path.isfile(p) for p in paths.values()):
+            return {s: reference.ReferenceTable.load(p) for s, p in paths.items()}, None
+        print(f"reference tables in {record} were computed for another "
+              f"{', '.join(changed) or 'set of cache files'}; recomputing", flush=True)
+    params, shared = _reference_params(c, engine, initial_state, load_initial)
+    weights = reference.weights_fingerprint(params)
     tables, paths = {}, {}
     for split, loader in loaders.items():
-        paths[split] = reference.cache_path(cache_dir, split, weights=weights, data=_data_identity(loader),
+        paths[split] = reference.cache_path(cache_dir, split, weights=weights, data=identity["data"][split],
                                             settings=settings)
         tables[split], cached = reference.precompute(params, engine.reference_step, lambda lo=loader: _one_pass(lo),
                                                      engine.mesh, engine.rules, paths[split],
@@ -434,7 +465,7 @@ def _prepare_reference(c, engine: Engine, loaders, initial_state, load_initial, 
               f"({'cache hit' if cached else 'computed'}: {paths[split]})", flush=True)
     if distributed.is_main_process():
         with open(record, "w") as f:
-            json.dump(paths, f)
+            json.dump({"identity": identity, "paths": paths}, f)
     if not shared:
         jax.tree.map(lambda x: x.delete(), params)  # the reference is not needed on device any more
     return tables, None

@@ -121,17 +121,23 @@ def policy_logprobs(params: Any, batch: dict[str, jax.Array], c: StepConfig) -> 
                              window=score_window(batch, c))
 
 
+def scored_mask(batch: dict[str, jax.Array], c: StepConfig) -> jax.Array:
+    """[rows, T] bool: the tokens whose log-prob counts — loss_mask 1 and a predecessor to predict them from
+    (column 0 never has one in the two-row layout; a packed row says so in `predecessor`)."""
+    scored = batch["loss_mask"] > 0
+    return scored & (batch["predecessor"] >= 0) if c.shared_prompt else scored.at[:, 0].set(False)
+
+
 def score_window(batch: dict[str, jax.Array], c: StepConfig) -> tuple[jax.Array, int] | None:
     """(each row's first scored position, c.score_window), or None when every position is scored."""
     if not c.score_window or c.score_window >= batch["input_ids"].shape[1]:
         return None
-    scored = batch["loss_mask"] > 0
-    scored = scored & (batch["predecessor"] >= 0) if c.shared_prompt else scored.at[:, 0].set(False)
-    return jnp.argmax(scored, axis=1).astype(jnp.int32), c.score_window
+    return jnp.argmax(scored_mask(batch, c), axis=1).astype(jnp.int32), c.score_window
 
 
 class PairLogProbs(NamedTuple):
-    """Per pair: log π(y|x) sums and scored-token counts [B], masked token log-probs and loss masks [B, T]."""
+    """Per pair: log π(y|x) sums and scored-token counts [B], masked token log-probs and scored masks [B, T]
+    (counts are the masks' sums: one rule for which tokens are scored)."""
 
     chosen_sums: jax.Array
     rejected_sums: jax.Array
@@ -144,8 +150,8 @@ class PairLogProbs(NamedTuple):
 
 
 def response_masks(batch: dict[str, jax.Array], c: StepConfig) -> tuple[jax.Array, jax.Array]:
-    """(chosen, rejected) loss masks [B, T], float32, in pair order."""
-    mask = batch["loss_mask"].astype(jnp.float32)
+    """(chosen, rejected) scored-token masks [B, T], float32, in pair order."""
+    mask = scored_mask(batch, c).astype(jnp.float32)
     if not c.shared_prompt:
         return split_pairs(mask, c.num_blocks)
     segments = batch["segment_ids"]
@@ -157,22 +163,18 @@ def pair_logprobs(params: Any, batch: dict[str, jax.Array], c: StepConfig) -> Pa
     lp = policy_logprobs(params, batch, c)
     mask_c, mask_r = response_masks(batch, c)
     if not c.shared_prompt:
-        p = c.num_blocks
-        (sc, sr), (nc, nr), (tc, tr) = (split_pairs(x, p) for x in (lp.sums, lp.counts, lp.token_logps))
-        return PairLogProbs(sc, sr, nc, nr, tc, tr, mask_c, mask_r)
-    segments = batch["segment_ids"]
-    tc, tr = lp.token_logps * (segments == CHOSEN), lp.token_logps * (segments == REJECTED)
-    scored = batch["predecessor"] >= 0
-    return PairLogProbs(jnp.sum(tc, -1), jnp.sum(tr, -1), jnp.sum(mask_c * scored, -1),
-                        jnp.sum(mask_r * scored, -1), tc, tr, mask_c, mask_r)
+        tc, tr = split_pairs(lp.token_logps, c.num_blocks)
+    else:
+        tc, tr = lp.token_logps * mask_c, lp.token_logps * mask_r
+    return PairLogProbs(jnp.sum(tc, -1), jnp.sum(tr, -1), jnp.sum(mask_c, -1), jnp.sum(mask_r, -1), tc, tr,
+                        mask_c, mask_r)
 
 
 def loss_denominator(batch: dict[str, jax.Array], c: StepConfig) -> jax.Array:
     """What the summed loss is divided by: real examples (DPO, unlikelihood) or real chosen tokens (SFT)."""
     if c.mode == "sft":
         chosen_mask, _ = response_masks(batch, c)
-        scored = (batch["predecessor"] >= 0) if c.shared_prompt else jnp.arange(chosen_mask.shape[1]) > 0
-        return jnp.maximum(jnp.sum(chosen_mask * scored * batch["example_mask"][:, None]), 1.0)
+        return jnp.maximum(jnp.sum(chosen_mask * batch["example_mask"][:, None]), 1.0)
     return jnp.maximum(jnp.sum(batch["example_mask"]).astype(jnp.float32), 1.0)
 
 
@@ -187,7 +189,8 @@ def loss_sum_and_metrics(params: Any, batch: dict[str, jax.Array], c: StepConfig
         lc, lr = lp.chosen_counts, lp.rejected_counts
         per_example, cr, rr = losses.preference_loss(
             pc, pr, ref_c, ref_r, loss_type=c.loss_type, beta=c.beta, label_smoothing=c.label_smoothing,
-            reference_free=c.reference_free, chosen_lengths=lc, rejected_lengths=lr, **dict(c.loss_kwargs))
+            reference_free=c.reference_free, chosen_lengths=lc, rejected_lengths=lr, example_mask=mask,
+            **dict(c.loss_kwargs))
         return jnp.sum(per_example * mask), losses.preference_metrics(per_example, cr, rr, pc, pr, mask)
     tok_c, tok_r = lp.chosen_tokens, lp.rejected_tokens
     mask_c, mask_r = lp.chosen_mask, lp.rejected_mask
