@@ -51,10 +51,11 @@ def _cli(overrides, mode="dpo"):
         f"--config.{k}={v}" for k, v in overrides.items()]
 
 
-def _train_lines(run_dir):
+def _train_lines(run_dir, timing=False):
+    """The train split's metric lines; without the timing-dependent keys unless `timing`."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows if r["split"] == "train"]
+    return [{k: v for k, v in r.items() if timing or k not in TIMING} for r in rows if r["split"] == "train"]
 
 
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, cache):
@@ -312,14 +313,9 @@ def test_mfu_counts_each_step_at_its_own_bucket_length(tmp_path, cache):
     model, _ = loop.model_loader(c.model, len(loop.load_tokenizer(c)))
     flops = [train_step_flops(model, 2, t, loader.score_window) for t in lengths]  # shared prompt: a row per pair
     assert len(set(lengths[:4])) > 1 and len(set(lengths[4:])) > 1  # the buckets do vary within a window
-    for row, window in zip(_train_lines_with_timing(tmp_path / "run"), (flops[:4], flops[4:])):
+    for row, window in zip(_train_lines(tmp_path / "run", timing=True), (flops[:4], flops[4:])):
         elapsed = row["num_tokens"] * 4 / row["tokens_per_second"]
         assert row["mfu"] * elapsed * 1e12 == pytest.approx(sum(window), rel=1e-5)
-
-
-def _train_lines_with_timing(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r["split"] == "train"]
 
 
 def test_per_batch_reference_matches_the_precomputed_tables(tmp_path, cache):

@@ -271,13 +271,15 @@ class Stages:
         self.log(f"π_SFT on test prefixes: reward {sft_reward:+.3f}, KL {sft_kl:.4f}")
         points = [{"method": "sft", "step": 0, "reward": sft_reward, "kl": sft_kl}]
         samples = [{"method": "sft", "step": 0, "text": x} for x in sft_texts[:8]]
-        ref_engine = self._engine("dpo", "sigmoid", 0.1, 0.0, 0.0, t.learning_rate, t.batch_pairs, self.sft_params)
-        table = _reference_table(ref_engine, self.pair_source, t.batch_pairs, self._seq_len(),
-                                 os.path.join(self.cache, "reference-" + _key(self.sft_key, self.c.pairs.to_dict(),
-                                                                               t.batch_pairs) + ".npz"))
+        methods = self.c.methods.items() if t.steps >= 1 else ()
         if t.steps < 1:
             self.log(f"train.steps = {t.steps}: no method is trained; only π_SFT is evaluated")
-        for name, (mode, loss_type, beta, eps, alpha) in self.c.methods.items() if t.steps >= 1 else ():
+        if methods:  # π_SFT's log-probs of every pair, shared by all methods (no pass when nothing trains)
+            ref_engine = self._engine("dpo", "sigmoid", 0.1, 0.0, 0.0, t.learning_rate, t.batch_pairs,
+                                      self.sft_params)
+            table = _reference_table(ref_engine, self.pair_source, t.batch_pairs, self._seq_len(), os.path.join(
+                self.cache, "reference-" + _key(self.sft_key, self.c.pairs.to_dict(), t.batch_pairs) + ".npz"))
+        for name, (mode, loss_type, beta, eps, alpha) in methods:
             engine = self._engine(mode, loss_type, beta, eps, alpha, t.learning_rate, t.batch_pairs,
                                   self.sft_params)
             loader = PreferenceLoader(self.pair_source, global_batch_pairs=t.batch_pairs, seq_len=self._seq_len(),
