@@ -29,7 +29,8 @@ import numpy as np
 from flax import traverse_util
 
 from dpo_jax.convert.hf import unstack_layers
-from dpo_jax.data.packing import pack_pair, scored_span
+from dpo_jax.data.packing import pack_pair
+from dpo_jax.layout import scored_span
 from dpo_jax.models.config import PRESETS
 from dpo_jax.models.decoder import init_params
 from dpo_jax.train.engine import build_engine

@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -144,10 +145,15 @@ def sequence_logprobs(
     return _masked(token_lp, loss_mask, predecessor)
 
 
+def scored_mask(loss_mask, predecessor=None):
+    """[..., T] bool: the tokens whose log-prob counts — loss_mask 1 and a position to predict them from (t ≥ 1, or
+    predecessor ≥ 0 in a packed row). The one definition; numpy in, numpy out; jax in, jax out."""
+    has_predecessor = np.arange(loss_mask.shape[-1]) > 0 if predecessor is None else predecessor >= 0
+    return (loss_mask > 0) & has_predecessor
+
+
 def _masked(token_lp: Array, loss_mask: Array, predecessor: Array | None = None) -> SequenceLogProbs:
-    """Scored = loss_mask and a predecessor exists (column 0 never has one in the plain layout)."""
-    mask = jnp.asarray(loss_mask, jnp.float32)
-    mask = mask.at[:, 0].set(0.0) if predecessor is None else mask * (predecessor >= 0)
+    mask = scored_mask(jnp.asarray(loss_mask), predecessor).astype(jnp.float32)
     token_lp = token_lp * mask
     return SequenceLogProbs(token_lp, jnp.sum(token_lp, axis=-1), jnp.sum(mask, axis=-1))
 

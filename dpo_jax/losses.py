@@ -86,6 +86,11 @@ def is_length_normalized(loss_type: str) -> bool:
     return _spec(loss_type).length_normalized
 
 
+def ignores_reference(loss_type: str) -> bool:
+    """Whether `loss_type` never reads reference log-probs (SimPO): no reference pass is needed."""
+    return _spec(loss_type).ignores_reference
+
+
 def _spec(loss_type: str) -> _LossSpec:
     try:
         return _REGISTRY[loss_type]

@@ -21,8 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpo_jax.fingerprint import fingerprint
-from dpo_jax.sharding import global_batch
-from dpo_jax.train.step import ROW_KEYS
 
 FIELDS = ("chosen_sum", "rejected_sum", "chosen_count", "rejected_count")
 
@@ -89,18 +87,18 @@ def cache_path(cache_dir: str, split: str, *, weights: str, data: str, settings:
     return os.path.join(cache_dir, "reference", key, f"{split}.npz")
 
 
+ReferenceFn = Callable[[Any, dict[str, np.ndarray]], tuple]  # (params, host batch) -> sums and counts (Engine)
+
+
 def compute_table(
     params: Any,
-    reference_step: Callable,
+    reference_logps: ReferenceFn,
     batches: Iterable[dict[str, np.ndarray]],
-    mesh: Any,
-    rules: Any,
     progress: Callable[[int], None] | None = None,
-    keys: tuple[str, ...] = ROW_KEYS,
 ) -> ReferenceTable:
-    """Runs `reference_step` over one pass of host-local batches (every host gets every result back).
-    keys: the batch fields the step reads (the layout's row fields). One batch stays in flight: batch n + 1 is
-    dispatched before batch n's results are read, so the host's work overlaps the device's."""
+    """Runs `reference_logps` (`Engine.reference_logps`: host batch -> global (chosen sums, rejected sums, chosen
+    counts, rejected counts)) over one pass of host-local batches; every host gets every result back. One batch
+    stays in flight: batch n + 1 is dispatched before batch n's results are read, so host and device overlap."""
     ids, values = [], []
 
     def collect(outputs, local_ids) -> None:
@@ -114,7 +112,7 @@ def compute_table(
 
     in_flight = None
     for local in batches:
-        outputs = reference_step(params, global_batch({k: local[k] for k in keys}, mesh, rules))
+        outputs = reference_logps(params, local)
         if in_flight is not None:
             collect(*in_flight)
         in_flight = (outputs, local["example_id"])
@@ -136,16 +134,13 @@ def _gather_ids(local_ids: np.ndarray) -> np.ndarray:
 
 def precompute(
     params: Any,
-    reference_step: Callable,
+    reference_logps: ReferenceFn,
     batches: Callable[[], Iterable[dict[str, np.ndarray]]],
-    mesh: Any,
-    rules: Any,
     path: str,
-    keys: tuple[str, ...] = ROW_KEYS,
 ) -> tuple[ReferenceTable, bool]:
     """(table, was_cached): loads `path` if present, else runs the pass over `batches()` and saves it."""
     if os.path.isfile(path):
         return ReferenceTable.load(path), True
-    table = compute_table(params, reference_step, batches(), mesh, rules, keys=keys)
+    table = compute_table(params, reference_logps, batches())
     table.save(path)
     return table, False

@@ -169,9 +169,9 @@ def test_reference_precompute_is_cached_and_equals_the_per_batch_pass(tmp_path):
 
     path = reference.cache_path(str(tmp_path), "train", weights=reference.weights_fingerprint(e.state.params),
                                 data="fixture", settings={"chunk": 128})
-    table, cached = reference.precompute(e.state.params, e.reference_step, batches, e.mesh, e.rules, path)
+    table, cached = reference.precompute(e.state.params, e.reference_logps, batches, path)
     assert not cached and len(table) == 12 and os.path.isfile(path)
-    again, cached = reference.precompute(e.state.params, e.reference_step, batches, e.mesh, e.rules, path)
+    again, cached = reference.precompute(e.state.params, e.reference_logps, batches, path)
     assert cached
     np.testing.assert_array_equal(again.values, table.values)
     local = H.local_batch(1, 4)

@@ -2,15 +2,17 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from dpo_jax.data.loader import PreferenceLoader
-from dpo_jax.data.packing import CHOSEN, PROMPT, REJECTED, pack_pair, packed_length, scored_span
+from dpo_jax.data.packing import CHOSEN, PROMPT, REJECTED, pack_pair, packed_length
+from dpo_jax.layout import LAYOUTS, PAIRS, scored_span
 from dpo_jax.models.decoder import init_params
 from dpo_jax.train.step import StepConfig, loss_sum_and_metrics, pair_logprobs
 from tests import engine_helpers as H
+
+SHARED = LAYOUTS["shared_prompt"]
 
 
 def test_pack_pair_shares_the_unscored_common_prefix():
@@ -91,7 +93,7 @@ def test_both_layouts_give_the_same_pair_logprobs(params):
     plain, shared = _batches(_pairs(7), pairs=8)
     assert shared["input_ids"].shape == (8, 24) and plain["input_ids"].shape == (16, 16)
     assert shared["attention_mask"].sum() < plain["attention_mask"].sum()  # each prompt runs once
-    got = pair_logprobs(params, jax.tree.map(jnp.asarray, shared), StepConfig(H.MODEL, shared_prompt=True))
+    got = pair_logprobs(params, jax.tree.map(jnp.asarray, shared), StepConfig(H.MODEL, layout=SHARED))
     want = pair_logprobs(params, jax.tree.map(jnp.asarray, plain), StepConfig(H.MODEL))
     for field in ("chosen_sums", "rejected_sums", "chosen_counts", "rejected_counts"):
         np.testing.assert_allclose(getattr(got, field), getattr(want, field), atol=2e-5, err_msg=field)
@@ -108,9 +110,9 @@ def test_both_layouts_give_the_same_loss_and_gradient(params, mode):
     ref = {"ref_chosen_logps": np.linspace(-30, -10, 8).astype(np.float32),
            "ref_rejected_logps": np.linspace(-25, -12, 8).astype(np.float32)}
     results = []
-    for batch, layout, window in ((plain, False, 0), (shared, True, 0), (plain, False, windows[0]),
-                                  (shared, True, windows[1])):
-        c = StepConfig(H.MODEL, mode=mode, shared_prompt=layout, score_window=window)
+    for batch, layout, window in ((plain, PAIRS, 0), (shared, SHARED, 0), (plain, PAIRS, windows[0]),
+                                  (shared, SHARED, windows[1])):
+        c = StepConfig(H.MODEL, mode=mode, layout=layout, score_window=window)
         b = {k: jnp.asarray(v) for k, v in {**batch, **ref}.items() if k in c.batch_keys()}
         (total, metrics), grads = jax.value_and_grad(loss_sum_and_metrics, has_aux=True)(params, b, c)
         results.append((total, metrics, grads))
@@ -129,11 +131,11 @@ def test_engine_with_micro_batches_on_a_mesh_matches_the_plain_layout(params):
     plain, shared = _batches(rows, pairs=16)
     c_plain = H.config(pairs=16)
     c_shared = H.config(mesh=(2, 1, 1), pairs=16, micro=2)
-    c_shared.data = ml_collections.ConfigDict({"layout": "shared_prompt"})
     history = []
-    for c, batch, devices in ((c_plain, plain, jax.devices()[:1]), (c_shared, shared, jax.devices()[:2])):
-        e = H.engine(c, devices=devices)
-        sc, sr, _, _ = (np.asarray(x) for x in e.reference_step(e.state.params, e.shard_batch(batch)))
+    for c, batch, devices, layout in ((c_plain, plain, jax.devices()[:1], PAIRS),
+                                      (c_shared, shared, jax.devices()[:2], SHARED)):
+        e = H.engine(c, devices=devices, layout=layout)
+        sc, sr, _, _ = (np.asarray(x) for x in e.reference_logps(e.state.params, batch))
         local = {**batch, "ref_chosen_logps": sc, "ref_rejected_logps": sr}
         state, out = e.state, []
         for _ in range(2):
@@ -166,7 +168,7 @@ def test_sliding_window_models_give_the_same_pair_logprobs_in_both_layouts(rows)
     params = init_params(SLIDING, jax.random.key(0))
     plain, shared = _batches(rows, pairs=len(rows) + (len(rows) > 1))
     assert shared["attention_mask"].sum(1).max() > SLIDING.sliding_window  # rows longer than the window
-    got = pair_logprobs(params, jax.tree.map(jnp.asarray, shared), StepConfig(SLIDING, shared_prompt=True))
+    got = pair_logprobs(params, jax.tree.map(jnp.asarray, shared), StepConfig(SLIDING, layout=SHARED))
     want = pair_logprobs(params, jax.tree.map(jnp.asarray, plain), StepConfig(SLIDING))
     unwindowed = pair_logprobs(params, jax.tree.map(jnp.asarray, plain), StepConfig(H.MODEL))
     for field in ("chosen_sums", "rejected_sums", "chosen_counts", "rejected_counts"):

@@ -5,12 +5,9 @@ Batch `k` of epoch `e` is a pure function of (seed, e, k): the epoch's permutati
 reads only the h-th `global_batch_pairs / P` of them. Resuming from `LoaderState(epoch, step)` therefore yields
 exactly the batches an uninterrupted run would have seen, on any number of restarts.
 
-Host-local batch (b = global_batch_pairs / P pairs, T = the smallest bucket that fits the *global* batch, so every
-host agrees on the shape):
-  input_ids, loss_mask, attention_mask  [2b, T] int32, chosen rows first then rejected
-  example_id [b] int32 (-1 for padding), example_mask [b] int32 (0 for padding)
-With layout="shared_prompt" each pair is one packed row (data/packing.py): input_ids, loss_mask, attention_mask,
-segment_ids, positions, predecessor [b, T], T then bounding the packed length (prompt + chosen + rejected).
+Host-local batch: b = global_batch_pairs / P pairs as rows of T tokens in the layout's fields (dpo_jax/layout.py:
+a row per response, or one packed row per pair), T the smallest bucket that fits the *global* batch so every host
+agrees on the shape; example_id [b] int32 (-1 for padding) and example_mask [b] int32 (0 for padding).
 The last batch of an epoch is completed with padding examples (all-zero masks): nothing is dropped, and padding
 never counts in metrics. A background thread prepares batches ahead so the accelerator does not wait on Python.
 """
@@ -23,10 +20,9 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from dpo_jax.data.packing import ROW_FIELDS, pack_pair, scored_span
+from dpo_jax.layout import Layout, get_layout
 
 Batch = dict[str, np.ndarray]
-LAYOUTS = ("pairs", "shared_prompt")
 
 
 class LoaderState(NamedTuple):
@@ -57,20 +53,18 @@ class PreferenceLoader:
         num_epochs: int | None = None,
         prefetch: int = 2,
         state: LoaderState | None = None,
-        layout: str = "pairs",
+        layout: Layout | str = "pairs",
         score_window: int = 0,
     ):
         """source: random access (`len`, `source[i]` -> dict of TokenizedPair fields), e.g. a TFDS data source.
         seq_len: a fixed T, or buckets (sorted ascending; each batch takes the smallest that fits its longest
         sequence — `lengths[i]` = max(chosen, rejected) length of example i is then required).
         data_parallel_size: the product of the mesh's batch axes; the global batch must divide by it.
-        layout: "pairs" (a row per response) or "shared_prompt" (a packed row per pair; `lengths` are then the
-        packed lengths).
+        layout: how pairs become rows (dpo_jax/layout.py; a name or a Layout); `lengths` are its row lengths.
         score_window: > 0 promises the step that every row's scored tokens lie within this many positions (the
         split's longest scored span, from the prepared metadata); each batch is checked against it."""
-        if layout not in LAYOUTS:
-            raise ValueError(f"config.data.layout = {layout!r}; valid: {', '.join(LAYOUTS)}")
-        self.layout = layout
+        self._arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self.layout = get_layout(layout) if isinstance(layout, str) else layout
         self.source = source
         self.num_examples = len(source)
         if self.num_examples == 0:
@@ -131,63 +125,17 @@ class PreferenceLoader:
             longest = int(self.lengths[real].max())
             t = next(b for b in self.buckets if b >= longest)
         local = indices[self.process_index * self.local_batch:(self.process_index + 1) * self.local_batch]
-        if self.layout == "shared_prompt":
-            return self._packed_batch(local, t)
-        b = self.local_batch
-        out = {
-            "input_ids": np.full((2 * b, t), self.pad_id, np.int32),
-            "loss_mask": np.zeros((2 * b, t), np.int32),
-            "attention_mask": np.zeros((2 * b, t), np.int32),
-            "example_id": np.full((b,), -1, np.int32),
-            "example_mask": np.zeros((b,), np.int32),
-        }
-        for row, index in enumerate(local):
-            if index < 0:
-                continue
-            ex = self.source[int(index)]
-            out["example_id"][row] = int(ex["example_id"])
-            out["example_mask"][row] = 1
-            for offset, side in ((0, "chosen"), (b, "rejected")):
-                ids, mask = np.asarray(ex[f"{side}_input_ids"]), np.asarray(ex[f"{side}_loss_mask"])
-                if len(ids) > t:
-                    raise ValueError(f"example {int(ex['example_id'])} has {len(ids)} tokens, more than seq_len "
-                                     f"{t}; raise seq_len or lower data.max_length")
-                self._check_span(ex, scored_span(mask))
-                out["input_ids"][row + offset, :len(ids)] = ids
-                out["loss_mask"][row + offset, :len(ids)] = mask
-                out["attention_mask"][row + offset, :len(ids)] = 1
+        examples = [None if i < 0 else self.source[int(i)] for i in local]
+        out = self.layout.host_rows(examples, t, self.pad_id, self.score_window)
+        out["example_id"] = np.asarray([-1 if ex is None else int(ex["example_id"]) for ex in examples], np.int32)
+        out["example_mask"] = (out["example_id"] >= 0).astype(np.int32)
         return out
 
-    def _packed_batch(self, local: np.ndarray, t: int) -> Batch:
-        b = self.local_batch
-        out = {k: np.zeros((b, t), np.int32) for k in ROW_FIELDS}
-        out["input_ids"][:] = self.pad_id
-        out["predecessor"][:] = -1
-        out["example_id"] = np.full((b,), -1, np.int32)
-        out["example_mask"] = np.zeros((b,), np.int32)
-        for row, index in enumerate(local):
-            if index < 0:
-                continue
-            ex = self.source[int(index)]
-            packed = pack_pair(ex["chosen_input_ids"], ex["chosen_loss_mask"], ex["rejected_input_ids"],
-                               ex["rejected_loss_mask"])
-            n = len(packed["input_ids"])
-            if n > t:
-                raise ValueError(f"example {int(ex['example_id'])} packs to {n} tokens, more than seq_len {t}; "
-                                 "raise seq_len or lower data.max_length")
-            self._check_span(ex, scored_span(packed["loss_mask"], packed["predecessor"]))
-            for key, value in packed.items():
-                out[key][row, :n] = value
-            out["attention_mask"][row, :n] = 1
-            out["example_id"][row] = int(ex["example_id"])
-            out["example_mask"][row] = 1
-        return out
-
-    def _check_span(self, ex, span: int) -> None:
-        if self.score_window and span > self.score_window:
-            raise ValueError(f"example {int(ex['example_id'])} has {span} positions from its first to its last "
-                             f"scored token, more than the score window {self.score_window} the step was built "
-                             "for; the prepared data's metadata does not match it (delete the data cache)")
+    def one_pass(self, prefetch: int = 2) -> "PreferenceLoader":
+        """A fresh, unshuffled single pass over this loader's split with the same batch geometry (evaluation and
+        the reference pass)."""
+        return PreferenceLoader(**{**self._arguments, "shuffle": False, "num_epochs": 1, "state": None,
+                                   "prefetch": prefetch})
 
     def _advance(self, state: LoaderState) -> LoaderState:
         epoch, step = int(state.epoch), int(state.step) + 1

@@ -15,7 +15,6 @@ from __future__ import annotations
 import numpy as np
 
 PADDING, PROMPT, CHOSEN, REJECTED = 0, 1, 2, 3
-ROW_FIELDS = ("input_ids", "loss_mask", "attention_mask", "segment_ids", "positions", "predecessor")  # [rows, T]
 
 
 def shared_prefix_length(chosen_ids, chosen_mask, rejected_ids, rejected_mask) -> int:
@@ -29,16 +28,6 @@ def shared_prefix_length(chosen_ids, chosen_mask, rejected_ids, rejected_mask) -
 def packed_length(chosen_ids, chosen_mask, rejected_ids, rejected_mask) -> int:
     shared = shared_prefix_length(chosen_ids, chosen_mask, rejected_ids, rejected_mask)
     return len(chosen_ids) + len(rejected_ids) - shared
-
-
-def scored_span(loss_mask, predecessor=None) -> int:
-    """Positions from a row's first scored token to its last, inclusive (0 if none): what a score window (the
-    unembedding's positions, logprobs.py) must cover. A token is scored when its mask is 1 and it has a predecessor
-    (position 0 never has one in the plain layout)."""
-    scored = np.asarray(loss_mask) > 0
-    scored = scored & (np.arange(len(scored)) > 0) if predecessor is None else scored & (np.asarray(predecessor) >= 0)
-    where = np.flatnonzero(scored)
-    return int(where[-1] - where[0] + 1) if len(where) else 0
 
 
 def pack_pair(chosen_ids, chosen_mask, rejected_ids, rejected_mask) -> dict[str, np.ndarray]:

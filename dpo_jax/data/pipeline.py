@@ -6,12 +6,12 @@ import os
 from typing import Any
 
 import ml_collections
-import numpy as np
 
 from dpo_jax.data import storage
 from dpo_jax.data.formats import FORMATS, detect_format, iter_rows
-from dpo_jax.data.loader import LAYOUTS, LoaderState, PreferenceLoader
+from dpo_jax.data.loader import LoaderState, PreferenceLoader
 from dpo_jax.data.tokenize import TRUNCATION_MODES, Lengths
+from dpo_jax.layout import get_layout, rounded_max
 
 CACHE_ENV = "DPO_JAX_CACHE"
 
@@ -86,6 +86,7 @@ def build_loaders(
     """{'train': loader (endless, resumable from `train_state`), 'eval': one pass (if eval_path is set)}."""
     if not config.train_path:
         raise ValueError("config.data.train_path is empty: point it at a local data file or directory")
+    layout = get_layout(config.layout)
     data_format = resolve_format(config)
     lengths = resolve_lengths(config, data_format)
     if tokenizer is None:
@@ -100,18 +101,15 @@ def build_loaders(
                                shp_min_score_ratio=config.shp_min_score_ratio)
     for split, p in prepared.items():
         print(f"data {format_report(split, p.report)}", flush=True)
-    if config.layout not in LAYOUTS:
-        raise ValueError(f"config.data.layout = {config.layout!r}; valid: {', '.join(LAYOUTS)}")
-    shared = config.layout == "shared_prompt"
     common = dict(global_batch_pairs=global_batch_pairs, seed=seed, pad_id=tokenizer.pad_token_id or 0,
                   process_index=process_index, process_count=process_count, data_parallel_size=data_parallel_size,
-                  prefetch=config.prefetch, layout=config.layout)
+                  prefetch=config.prefetch, layout=layout)
 
     def split_loader(split: str, **kwargs) -> PreferenceLoader:
         p = prepared[split]
-        lengths = p.packed_lengths if shared else p.lengths
-        seq_len = tuple(config.seq_buckets) or (rounded_max(lengths) if shared else config.max_length)
-        window = rounded_max(p.packed_score_spans if shared else p.score_spans)
+        lengths = layout.row_lengths(p)
+        seq_len = tuple(config.seq_buckets) or layout.default_seq_len(lengths, config.max_length)
+        window = rounded_max(layout.score_spans(p))
         return PreferenceLoader(p.source, lengths=lengths, seq_len=seq_len, score_window=window, **common, **kwargs)
 
     loaders = {"train": split_loader("train", shuffle=config.shuffle, state=train_state)}
@@ -119,7 +117,3 @@ def build_loaders(
         loaders["eval"] = split_loader("eval", shuffle=False, num_epochs=1)
     return loaders
 
-
-def rounded_max(lengths: np.ndarray, multiple: int = 16) -> int:
-    """One static length for a split: its longest packed row or scored span, rounded up (at least `multiple`)."""
-    return int(max(-(-int(np.max(lengths)) // multiple), 1) * multiple)

@@ -9,6 +9,7 @@ import ml_collections
 import optax
 
 from dpo_jax import sharding
+from dpo_jax.layout import PAIRS, Layout
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.decoder import logical_axes
 from dpo_jax.train.state import TrainState, create_state, default_optimizer_config, make_optimizer
@@ -48,7 +49,8 @@ def default_engine_config() -> ml_collections.ConfigDict:
     return c
 
 
-def step_config(c: ml_collections.ConfigDict, model: ModelConfig, score_window: int = 0) -> StepConfig:
+def step_config(c: ml_collections.ConfigDict, model: ModelConfig, layout: Layout = PAIRS,
+                score_window: int = 0) -> StepConfig:
     if c.dpo.reference not in REFERENCE_MODES:
         raise ValueError(f"config.dpo.reference = {c.dpo.reference!r}; valid: {', '.join(REFERENCE_MODES)}")
     return StepConfig(
@@ -56,12 +58,7 @@ def step_config(c: ml_collections.ConfigDict, model: ModelConfig, score_window: 
         label_smoothing=c.dpo.label_smoothing, reference_free=c.dpo.reference_free,
         loss_kwargs=tuple(sorted(c.dpo.loss_kwargs.to_dict().items())), unlikelihood_alpha=c.dpo.unlikelihood_alpha,
         micro_batches=c.train.micro_batches, num_blocks=jax.process_count(), chunk_size=c.train.logprob_chunk_size,
-        shared_prompt=uses_shared_prompt(c), score_window=score_window)
-
-
-def uses_shared_prompt(c: ml_collections.ConfigDict) -> bool:
-    """The batch layout is chosen in the data config (config.data.layout); engines built without one use pairs."""
-    return "data" in c and c.data.get("layout", "pairs") == "shared_prompt"
+        layout=layout, score_window=score_window)
 
 
 class Engine(NamedTuple):
@@ -80,6 +77,12 @@ class Engine(NamedTuple):
         """Host-local numpy batch -> global sharded arrays, keeping only the fields the step takes."""
         keys = self.config.batch_keys()
         return sharding.global_batch({k: v for k, v in local.items() if k in keys}, self.mesh, self.rules)
+
+    def reference_logps(self, params: Any, local: dict) -> tuple[jax.Array, ...]:
+        """A host-local batch's (chosen sums, rejected sums, chosen counts, rejected counts) under `params`, each
+        [global B] in block order: the reference pass."""
+        rows = {k: local[k] for k in self.config.layout.row_keys}
+        return self.reference_step(params, sharding.global_batch(rows, self.mesh, self.rules))
 
 
 def check_batch_layout(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rows_per_pair: int) -> None:
@@ -106,13 +109,14 @@ def build_engine(
     init_params: Callable[..., Any],
     *init_args: Any,
     devices: Any = None,
+    layout: Layout = PAIRS,
     score_window: int = 0,
 ) -> Engine:
     """Mesh -> shardings (checked before compiling) -> state created sharded -> jitted steps.
-    score_window: see StepConfig (the data's longest scored span, from the loaders)."""
+    layout and score_window: see StepConfig (from the loaders: the data's layout and longest scored span)."""
     mesh = sharding.make_mesh(c.mesh, devices)
-    sc = step_config(c, model, score_window)
-    check_batch_layout(c, mesh, sc.rows(1))
+    sc = step_config(c, model, layout, score_window)
+    check_batch_layout(c, mesh, layout.rows_per_pair)
     rules = c.mesh.rules
     optimizer, schedule = make_optimizer(c.optimizer)
     abstract_params = jax.eval_shape(init_params, *init_args)

@@ -1,17 +1,13 @@
 """The pure train and eval steps, jitted over a device mesh with explicit shardings and a donated state.
 
-Batch layout (global arrays): `input_ids`, `loss_mask`, `attention_mask` [2B, T] made of P host blocks in process
-order, each block = that host's chosen rows then its rejected rows (P = 1: all chosen rows, then all rejected);
+The batch is global arrays in a layout (dpo_jax/layout.py: a row per response, or one packed row per pair) plus
 `example_mask` [B] (0 = padding example) and, for DPO with a reference, `ref_chosen_logps`/`ref_rejected_logps`
-[B], in the same block order. Pairs are matched inside each block, so host-local batches never need reordering.
+[B]; the layout turns rows into the two responses of every pair, and everything after `pair_logprobs` is
+layout-independent.
 
-Shared-prompt layout (StepConfig.shared_prompt, data/packing.py): one packed row per pair instead of two rows,
-`input_ids`, `loss_mask`, `attention_mask`, `segment_ids`, `positions`, `predecessor` [B, T] in process order; the
-chosen/rejected split is by segment instead of by row. Everything after `pair_logprobs` is layout-independent.
-
-Gradient accumulation scans over M micro-batches: pair i of each block goes to micro-batch i mod M, so every
-device holds rows of every micro-batch and the scan moves no data. Losses are sums over examples (tokens for SFT)
-divided by the count over the whole global batch, so M micro-batches give exactly the gradient of one.
+Gradient accumulation scans over M micro-batches (the layout's split moves no data). Losses are sums over examples
+(tokens for SFT) divided by the count over the whole global batch, so M micro-batches give exactly the gradient of
+one.
 """
 
 from __future__ import annotations
@@ -25,7 +21,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dpo_jax import losses
-from dpo_jax.data.packing import CHOSEN, PROMPT, REJECTED, ROW_FIELDS
+from dpo_jax.layout import PAIRS, Layout
 from dpo_jax.logprobs import SequenceLogProbs, sequence_logprobs
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.decoder import Decoder, unembedding
@@ -34,7 +30,6 @@ from dpo_jax.summaries import Mean
 from dpo_jax.train.state import TrainState
 
 MODES = ("dpo", "sft", "unlikelihood")
-ROW_KEYS = ("input_ids", "loss_mask", "attention_mask")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +47,7 @@ class StepConfig:
     micro_batches: int = 1
     num_blocks: int = 1  # host blocks in the global batch (= process count)
     chunk_size: int = 128
-    shared_prompt: bool = False  # one packed row per pair (prompt once) instead of a row per response
+    layout: Layout = PAIRS  # how pairs are rows (dpo_jax/layout.py)
     score_window: int = 0  # > 0: every row's scored tokens lie within this many positions (logprobs.py `window`)
 
     def __post_init__(self):
@@ -63,76 +58,30 @@ class StepConfig:
 
     @property
     def needs_reference(self) -> bool:
-        return self.mode == "dpo" and not self.reference_free and \
-            not losses._spec(self.loss_type).ignores_reference
-
-    @property
-    def row_keys(self) -> tuple[str, ...]:
-        """The [rows, T] batch fields the model reads."""
-        return ROW_FIELDS if self.shared_prompt else ROW_KEYS
-
-    def rows(self, pairs: int) -> int:
-        """Sequences the model runs per `pairs` preference pairs."""
-        return pairs if self.shared_prompt else 2 * pairs
+        return self.mode == "dpo" and not self.reference_free and not losses.ignores_reference(self.loss_type)
 
     def batch_keys(self) -> dict[str, int]:
         """Batch fields the step takes, with their ranks."""
-        keys = {k: 2 for k in self.row_keys} | {"example_mask": 1}
+        keys = {k: 2 for k in self.layout.row_keys} | {"example_mask": 1}
         if self.needs_reference:
             keys |= {"ref_chosen_logps": 1, "ref_rejected_logps": 1}
         return keys
 
 
-def split_pairs(x: jax.Array, num_blocks: int) -> tuple[jax.Array, jax.Array]:
-    """[2B, ...] in block layout -> (chosen [B, ...], rejected [B, ...]), both in block order."""
-    y = x.reshape(num_blocks, 2, -1, *x.shape[1:])
-    return y[:, 0].reshape(-1, *x.shape[1:]), y[:, 1].reshape(-1, *x.shape[1:])
-
-
-def _micro_rows(x: jax.Array, m: int, p: int) -> jax.Array:
-    """[2B, ...] -> [M, 2B/M, ...]; micro-batch k takes pairs i ≡ k (mod M) of every block, itself in block layout."""
-    y = x.reshape(p, 2, -1, m, *x.shape[1:])
-    return jnp.moveaxis(y, 3, 0).reshape(m, -1, *x.shape[1:])
-
-
-def _micro_pairs(x: jax.Array, m: int, p: int) -> jax.Array:
-    """[B, ...] -> [M, B/M, ...] with the same assignment as `_micro_rows`."""
-    y = x.reshape(p, -1, m, *x.shape[1:])
-    return jnp.moveaxis(y, 2, 0).reshape(m, -1, *x.shape[1:])
-
-
-def to_micro_batches(batch: dict[str, jax.Array], m: int, p: int, shared_prompt: bool = False) -> dict[str, jax.Array]:
-    per_row = () if shared_prompt else ROW_KEYS  # packed rows are pairs
-    return {k: (_micro_rows if k in per_row else _micro_pairs)(v, m, p) for k, v in batch.items()}
-
-
 def policy_logprobs(params: Any, batch: dict[str, jax.Array], c: StepConfig) -> SequenceLogProbs:
     """Forward over all rows, then chunked float32 log-probs of the scored tokens."""
-    if c.shared_prompt:
-        hidden = Decoder(c.model).apply({"params": params}, batch["input_ids"], positions=batch["positions"],
-                                        segment_ids=batch["segment_ids"], attention_mask=batch["attention_mask"],
-                                        shared_segment=PROMPT)
-    else:
-        hidden = Decoder(c.model).apply({"params": params}, batch["input_ids"],
-                                        attention_mask=batch["attention_mask"])
+    hidden = Decoder(c.model).apply({"params": params}, batch["input_ids"], **c.layout.decoder_inputs(batch))
     kernel, bias = unembedding(params, c.model)
     return sequence_logprobs(hidden, kernel, batch["input_ids"], batch["loss_mask"], bias=bias,
-                             chunk_size=c.chunk_size, predecessor=batch.get("predecessor"),
+                             chunk_size=c.chunk_size, predecessor=c.layout.predecessor(batch),
                              window=score_window(batch, c))
-
-
-def scored_mask(batch: dict[str, jax.Array], c: StepConfig) -> jax.Array:
-    """[rows, T] bool: the tokens whose log-prob counts — loss_mask 1 and a predecessor to predict them from
-    (column 0 never has one in the two-row layout; a packed row says so in `predecessor`)."""
-    scored = batch["loss_mask"] > 0
-    return scored & (batch["predecessor"] >= 0) if c.shared_prompt else scored.at[:, 0].set(False)
 
 
 def score_window(batch: dict[str, jax.Array], c: StepConfig) -> tuple[jax.Array, int] | None:
     """(each row's first scored position, c.score_window), or None when every position is scored."""
     if not c.score_window or c.score_window >= batch["input_ids"].shape[1]:
         return None
-    return jnp.argmax(scored_mask(batch, c), axis=1).astype(jnp.int32), c.score_window
+    return jnp.argmax(c.layout.scored(batch), axis=1).astype(jnp.int32), c.score_window
 
 
 class PairLogProbs(NamedTuple):
@@ -151,21 +100,14 @@ class PairLogProbs(NamedTuple):
 
 def response_masks(batch: dict[str, jax.Array], c: StepConfig) -> tuple[jax.Array, jax.Array]:
     """(chosen, rejected) scored-token masks [B, T], float32, in pair order."""
-    mask = scored_mask(batch, c).astype(jnp.float32)
-    if not c.shared_prompt:
-        return split_pairs(mask, c.num_blocks)
-    segments = batch["segment_ids"]
-    return mask * (segments == CHOSEN), mask * (segments == REJECTED)
+    return c.layout.responses(c.layout.scored(batch).astype(jnp.float32), batch, c.num_blocks)
 
 
 def pair_logprobs(params: Any, batch: dict[str, jax.Array], c: StepConfig) -> PairLogProbs:
     """The policy's log-probs of both responses of every pair, whatever the batch layout."""
     lp = policy_logprobs(params, batch, c)
     mask_c, mask_r = response_masks(batch, c)
-    if not c.shared_prompt:
-        tc, tr = split_pairs(lp.token_logps, c.num_blocks)
-    else:
-        tc, tr = lp.token_logps * mask_c, lp.token_logps * mask_r
+    tc, tr = c.layout.responses(lp.token_logps, batch, c.num_blocks)
     return PairLogProbs(jnp.sum(tc, -1), jnp.sum(tr, -1), jnp.sum(mask_c, -1), jnp.sum(mask_r, -1), tc, tr,
                         mask_c, mask_r)
 
@@ -222,7 +164,7 @@ def _accumulate(params: Any, batch: dict[str, jax.Array], c: StepConfig, with_gr
 
     if c.micro_batches == 1:
         return one(batch)
-    micro = constrain(to_micro_batches(batch, c.micro_batches, c.num_blocks, c.shared_prompt))
+    micro = constrain(c.layout.micro_batches(batch, c.micro_batches, c.num_blocks))
     shapes = jax.eval_shape(one, jax.tree.map(lambda x: x[0], micro))
     init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
@@ -274,7 +216,7 @@ def make_steps(
 def make_reference_step(c: StepConfig, mesh: Mesh, rules: Any, param_shardings: Any) -> Callable:
     """Jitted reference forward (never under grad): batch -> (chosen sums, rejected sums, chosen counts,
     rejected counts), each [B] float32 in block order."""
-    shardings = {k: batch_sharding(mesh, rules, 2) for k in c.row_keys}
+    shardings = {k: batch_sharding(mesh, rules, 2) for k in c.layout.row_keys}
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def reference(params, batch):
@@ -282,4 +224,4 @@ def make_reference_step(c: StepConfig, mesh: Mesh, rules: Any, param_shardings: 
         return lp.chosen_sums, lp.rejected_sums, lp.chosen_counts, lp.rejected_counts
 
     jitted = jax.jit(reference, in_shardings=(param_shardings, shardings), out_shardings=replicated)
-    return lambda params, batch: jitted(params, {k: batch[k] for k in c.row_keys})
+    return lambda params, batch: jitted(params, {k: batch[k] for k in c.layout.row_keys})
