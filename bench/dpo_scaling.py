@@ -30,7 +30,8 @@ import numpy as np
 from dpo_jax.flops import train_step_flops
 from dpo_jax.models.decoder import init_params
 from dpo_jax.train.engine import build_engine
-from dpo_jax.train.loop import default_run_config, random_model_config
+from dpo_jax.train.model_source import random_model_config
+from dpo_jax.train.run import default_run_config
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from matmul_peak import measure_matmul_peak  # noqa: E402

@@ -78,7 +78,7 @@ def write_checkpoint(directory: str, seed: int, tokenizer_dir: str) -> None:
 
     from dpo_jax.convert.hf import save_hf_checkpoint
     from dpo_jax.models.decoder import init_params
-    from dpo_jax.train.loop import default_model_config, random_model_config
+    from dpo_jax.train.model_source import default_model_config, random_model_config
 
     m = default_model_config()
     m.family, m.max_position_embeddings = "gpt2", MODEL["max_positions"]
@@ -131,7 +131,7 @@ def run_ours(s: dict) -> dict:
 
     from dpo_jax import reference
     from dpo_jax.data import storage
-    from dpo_jax.train import loop
+    from dpo_jax.train import run as train_run
     from transformers import AutoTokenizer  # noqa: F401  (imported lazily by the loop; TRL's is before its clock)
 
     t_imported = time.perf_counter()
@@ -151,7 +151,7 @@ def run_ours(s: dict) -> dict:
     timed(storage, "prepare", "data_s")
 
     run_dir = tempfile.mkdtemp(prefix="ours_run_", dir=s["work_dir"])
-    c = loop.default_run_config()
+    c = train_run.default_run_config()
     m, d, t, o = c.model, c.data, c.train, c.optimizer
     m.source, m.path, m.scan_layers = "hf", s["model_dir"], s["scan_layers"]
     d.train_path, d.tokenizer, d.cache_dir = s["data_path"], s["tokenizer_dir"], os.path.join(run_dir, "cache")
@@ -164,7 +164,7 @@ def run_ours(s: dict) -> dict:
     o.weight_decay, o.clip_grad_norm = 0.0, s["clip_grad_norm"]
 
     t0 = time.perf_counter()
-    loop.train(c)
+    train_run.train(c)
     t_end = time.perf_counter()
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f if '"split": "train"' in line]

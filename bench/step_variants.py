@@ -34,7 +34,8 @@ from dpo_jax.layout import scored_span
 from dpo_jax.models.config import PRESETS
 from dpo_jax.models.decoder import init_params
 from dpo_jax.train.engine import build_engine
-from dpo_jax.train.loop import default_run_config, random_model_config
+from dpo_jax.train.model_source import random_model_config
+from dpo_jax.train.run import default_run_config
 
 PAIRS, PROMPT, RESPONSE, VOCAB = 8, 48, 80, 8192
 

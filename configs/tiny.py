@@ -15,7 +15,7 @@ import os
 
 from dpo_jax.losses import loss_types
 from dpo_jax.models.config import PRESETS
-from dpo_jax.train.loop import default_run_config
+from dpo_jax.train.run import default_run_config
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiny_hh")
 

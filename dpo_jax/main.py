@@ -12,9 +12,9 @@ import sys
 
 COMMANDS = {  # name: (module, function, summary); config commands' modules also have default_config()
     "experiment": ("dpo_jax.experiments", "", "run a paper experiment: `dpo-jax experiment sentiment` (§6.1)"),
-    "train": ("dpo_jax.train.loop", "main", "train (or resume) a run: DPO and relatives, SFT, unlikelihood"),
-    "precompute": ("dpo_jax.train.loop", "precompute_main", "build the data caches and reference log-probs only"),
-    "eval": ("dpo_jax.train.loop", "eval_main", "evaluate a run's latest checkpoint on the eval split"),
+    "train": ("dpo_jax.train.run", "main", "train (or resume) a run: DPO and relatives, SFT, unlikelihood"),
+    "precompute": ("dpo_jax.train.run", "precompute_main", "build the data caches and reference log-probs only"),
+    "eval": ("dpo_jax.train.run", "eval_main", "evaluate a run's latest checkpoint on the eval split"),
     "export": ("dpo_jax.train.export", "run", "a run's trained policy -> HF checkpoint (--run DIR --to-hf OUT)"),
     "convert": ("dpo_jax.convert.cli", "run", "HF checkpoint directory <-> dpo_jax model checkpoint"),
     "smoke": ("dpo_jax.smoke", "main", "toy DPO run on synthetic preferences: the loss math end to end, in seconds"),

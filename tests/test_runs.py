@@ -16,7 +16,10 @@ import transformers as T
 from dpo_jax.config import load_config_file
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.decoder import Decoder, logits
-from dpo_jax.train import loop
+from dpo_jax import reference
+from dpo_jax.train import model_source
+from dpo_jax.train import run as train_run
+from dpo_jax.train.trainer import RunError
 from dpo_jax.train.export import export
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,7 +62,7 @@ def _train_lines(run_dir, timing=False):
 
 
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, cache):
-    loop.train(_config("dpo", _overrides(tmp_path / "straight", cache)))
+    train_run.train(_config("dpo", _overrides(tmp_path / "straight", cache)))
     want = _train_lines(tmp_path / "straight")
     assert [r["step"] for r in want] == [3, 6, 9, 12]
     assert want[0]["loss"] < 0.7 and want[-1]["rewards/accuracies"] > want[0]["rewards/accuracies"] - 0.2
@@ -75,7 +78,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, cache):
     out = subprocess.run(_cli(overrides), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resumed from" in out.stdout
-    resumed = loop.Run(_config("dpo", overrides))  # the engine hands out the restored state, not a deleted one
+    resumed = train_run.build_run(_config("dpo", overrides))  # the engine hands out the restored state, not a deleted one
     resumed.close()
     assert resumed.start == 12 and not any(x.is_deleted() for x in jax.tree.leaves(resumed.engine.state))
     got = _train_lines(tmp_path / "killed")
@@ -113,7 +116,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, c
 
     overrides = _overrides(tmp_path / "run", cache, **{"train.steps": 10000, "train.save_every": 10000,
                                                          "train.log_every": 1})
-    loop.precompute(_config("dpo", overrides))  # tokenizer, data and reference caches: built once, not raced
+    train_run.precompute(_config("dpo", overrides))  # tokenizer, data and reference caches: built once, not raced
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -144,7 +147,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, c
         saved.append(int(text.split("SIGTERM: saved checkpoint at step ")[1].split(" ")[0]))
     assert saved[0] == saved[1] >= 3
     capsys.readouterr()
-    loop.train(_config("dpo", {**overrides, "train.steps": saved[0] + 2}))
+    train_run.train(_config("dpo", {**overrides, "train.steps": saved[0] + 2}))
     assert f"resumed from {tmp_path / 'run' / 'checkpoints'}/{saved[0]}" in capsys.readouterr().out
     assert [r["step"] for r in _train_lines(tmp_path / "run")][-2:] == [saved[0] + 1, saved[0] + 2]
 
@@ -152,8 +155,8 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, c
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, cache):
     c = _config("dpo", _overrides(tmp_path / "run", cache, **{"train.save_every": 1, "train.log_every": 1}))
     c.optimizer.learning_rate = 1e30
-    with pytest.raises(loop.RunError, match=r"non-finite loss or gradient at step (\d+) \(example ids \[\d+") as e:
-        loop.train(c)
+    with pytest.raises(RunError, match=r"non-finite loss or gradient at step (\d+) \(example ids \[\d+") as e:
+        train_run.train(c)
     bad = int(str(e.value).split("at step ")[1].split(" ")[0])
     saved = sorted(int(d) for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit())
     assert saved and max(saved) == bad - 1 and f"step {bad - 1}" in str(e.value)
@@ -162,7 +165,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, cache):
     run_dir = tmp_path_factory.mktemp("finished")
-    loop.train(_config("dpo", _overrides(run_dir, cache, **{"train.steps": 4})))
+    train_run.train(_config("dpo", _overrides(run_dir, cache, **{"train.steps": 4})))
     return run_dir
 
 
@@ -170,10 +173,10 @@ def test_a_checkpoint_for_another_model_or_mode_is_refused(finished_run, cache):
     c = _config("dpo", _overrides(finished_run, cache, **{"train.steps": 8}))
     c.model.hidden_size = 32
     with pytest.raises(ValueError, match=r"different model \(.*hidden_size: 64 vs 32"):
-        loop.train(c)
+        train_run.train(c)
     c = _config("sft", _overrides(finished_run, cache, **{"train.steps": 8}))
     with pytest.raises(ValueError, match="written in mode 'dpo', this run is 'sft'"):
-        loop.train(c)
+        train_run.train(c)
     saved = json.loads((finished_run / "config.json").read_text())
     assert saved["train"]["mode"] == "dpo" and saved["model"]["hidden_size"] == 64  # the run's files untouched
 
@@ -204,7 +207,7 @@ def test_dpo_starts_from_an_exported_hf_checkpoint(finished_run, tmp_path, cache
     export(str(finished_run), str(tmp_path / "hf"))
     c = _config("dpo", _overrides(tmp_path / "from_hf", cache, **{"train.steps": 2, "train.log_every": 1}))
     c.model.source, c.model.path, c.data.tokenizer = "hf", str(tmp_path / "hf"), ""  # tokenizer from the model dir
-    loop.train(c)
+    train_run.train(c)
     first = _train_lines(tmp_path / "from_hf")[0]
     assert first["loss"] == pytest.approx(np.log(2), abs=1e-5)  # policy = its own reference at step 1
     model = ModelConfig.from_json((tmp_path / "from_hf" / "model_config.json").read_text())
@@ -216,7 +219,7 @@ def test_tiny_configs_run_end_to_end_with_eval_and_samples(mode, tmp_path, cache
     overrides = _overrides(tmp_path / mode, cache, **{"train.steps": 4, "train.log_every": 2, "train.eval_samples": 1,
                                                         "data.eval_path": os.path.join(REPO, "configs", "data",
                                                                                        "tiny_hh", "eval.jsonl")})
-    last = loop.train(_config(mode, overrides))
+    last = train_run.train(_config(mode, overrides))
     assert np.isfinite(last["loss"])
     rows = [json.loads(line) for line in open(tmp_path / mode / "metrics.jsonl")]
     assert {r["split"] for r in rows} == {"train", "eval"}
@@ -237,12 +240,12 @@ def test_cli_train_rejects_unknown_keys_with_a_suggestion():
 def test_precompute_then_eval_commands(tmp_path, cache):
     eval_path = os.path.join(REPO, "configs", "data", "tiny_hh", "eval.jsonl")
     c = _config("dpo", _overrides(tmp_path / "run", cache, **{"data.eval_path": eval_path, "train.steps": 2}))
-    loop.precompute(c)
+    train_run.precompute(c)
     record = json.loads((tmp_path / "run" / "reference.json").read_text())["paths"]
     assert set(record) == {"train", "eval"} and all(os.path.isfile(p) for p in record.values())
     assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")  # nothing trained
-    loop.train(c)
-    loop.evaluate(c)  # the latest checkpoint (step 2) on the eval split, logged once more at step 2
+    train_run.train(c)
+    train_run.evaluate(c)  # the latest checkpoint (step 2) on the eval split, logged once more at step 2
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     evals = [r for r in rows if r["split"] == "eval"]
     assert [r["step"] for r in evals] == [2, 2] and evals[0]["loss"] == pytest.approx(evals[1]["loss"], rel=1e-6)
@@ -250,17 +253,17 @@ def test_precompute_then_eval_commands(tmp_path, cache):
 
 def test_shared_prompt_layout_trains_like_the_pairs_layout_on_fewer_tokens(tmp_path, cache, monkeypatch, capsys):
     """Both layouts with their score windows, and the shared layout without one: the same run, step by step."""
-    runs, windows, build = {}, {}, loop.build_engine
+    runs, windows, build = {}, {}, train_run.build_engine
 
     def recording_build(*args, score_window=0, **kwargs):
         windows[name] = score_window
         return build(*args, score_window=0 if name == "no_window" else score_window, **kwargs)
 
-    monkeypatch.setattr(loop, "build_engine", recording_build)
+    monkeypatch.setattr(train_run, "build_engine", recording_build)
     for name, layout in (("pairs", "pairs"), ("shared_prompt", "shared_prompt"), ("no_window", "shared_prompt")):
         c = _config("dpo", _overrides(tmp_path / name, cache, **{"train.steps": 3, "train.log_every": 1}))
         c.data.layout = layout
-        loop.train(c)
+        train_run.train(c)
         runs[name] = _train_lines(tmp_path / name)
     assert f"the unembedding runs on at most {windows['pairs']} positions per row" in capsys.readouterr().out
     assert 0 < windows["pairs"] < c.data.max_length and 0 < windows["shared_prompt"] < c.data.max_length
@@ -272,25 +275,26 @@ def test_shared_prompt_layout_trains_like_the_pairs_layout_on_fewer_tokens(tmp_p
     c = _config("dpo", _overrides(tmp_path / "bad", cache))
     c.data.layout = "packed"
     with pytest.raises(ValueError, match="config.data.layout = 'packed'; valid: pairs, shared_prompt"):
-        loop.train(c)
+        train_run.train(c)
 
 
 def test_a_relaunch_with_other_data_settings_recomputes_the_reference_tables(tmp_path, cache, capsys):
     """reference.json is re-checked against the weights' source, the data and the settings; a relaunch in the same
     run directory with another max_length trains against the new tables, not the stale ones."""
-    loop.precompute(_config("dpo", _overrides(tmp_path / "run", cache)))
+    train_run.precompute(_config("dpo", _overrides(tmp_path / "run", cache)))
     stale = json.loads((tmp_path / "run" / "reference.json").read_text())["paths"]["train"]
     changed = _overrides(tmp_path / "run", cache, **{"data.max_length": 40, "data.max_prompt_length": 24})
-    run = loop.Run(_config("dpo", changed))
+    run = train_run.build_run(_config("dpo", changed))
     run.close()
     assert "were computed for another data; recomputing" in capsys.readouterr().out
-    fresh = loop.Run(_config("dpo", {**changed, "train.run_dir": str(tmp_path / "fresh")}))
+    fresh = train_run.build_run(_config("dpo", {**changed, "train.run_dir": str(tmp_path / "fresh")}))
     fresh.close()
-    got, want, old = run.tables["train"], fresh.tables["train"], loop.reference.ReferenceTable.load(stale)
+    got, want = run.reference.tables["train"], fresh.reference.tables["train"]
+    old = reference.ReferenceTable.load(stale)
     np.testing.assert_array_equal(got.example_ids, want.example_ids)
     np.testing.assert_allclose(got.values, want.values, rtol=1e-6)
     assert not np.allclose(old.values[:, 0], got.lookup(old.example_ids)["ref_chosen_logps"])  # truncation bit
-    again = loop.Run(_config("dpo", changed))  # unchanged now: the recorded tables are reused
+    again = train_run.build_run(_config("dpo", changed))  # unchanged now: the recorded tables are reused
     again.close()
     assert "recomputing" not in capsys.readouterr().out
 
@@ -307,10 +311,10 @@ def test_mfu_counts_each_step_at_its_own_bucket_length(tmp_path, cache):
     out = subprocess.run(_cli(overrides), cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     c = _config("dpo", {**overrides, "data.seq_buckets": (16, 24, 32, 40, 48, 56, 64)})
-    loader = build_loaders(c.data, global_batch_pairs=2, seed=c.train.seed, tokenizer=loop.load_tokenizer(c))["train"]
+    loader = build_loaders(c.data, global_batch_pairs=2, seed=c.train.seed, tokenizer=model_source.load_tokenizer(c))["train"]
     lengths = [loader.batch_at(0, k)["input_ids"].shape[1] for k in range(8)]
     loader.close()
-    model, _ = loop.model_loader(c.model, len(loop.load_tokenizer(c)))
+    model, _ = model_source.model_loader(c.model, len(model_source.load_tokenizer(c)))
     flops = [train_step_flops(model, 2, t, loader.score_window) for t in lengths]  # shared prompt: a row per pair
     assert len(set(lengths[:4])) > 1 and len(set(lengths[4:])) > 1  # the buckets do vary within a window
     for row, window in zip(_train_lines(tmp_path / "run", timing=True), (flops[:4], flops[4:])):
@@ -319,10 +323,10 @@ def test_mfu_counts_each_step_at_its_own_bucket_length(tmp_path, cache):
 
 
 def test_per_batch_reference_matches_the_precomputed_tables(tmp_path, cache):
-    pre = loop.train(_config("dpo", _overrides(tmp_path / "pre", cache, **{"train.steps": 3, "train.log_every": 3})))
+    pre = train_run.train(_config("dpo", _overrides(tmp_path / "pre", cache, **{"train.steps": 3, "train.log_every": 3})))
     c = _config("dpo", _overrides(tmp_path / "per", cache, **{"train.steps": 3, "train.log_every": 3}))
     c.dpo.reference = "per_batch"
-    per = loop.train(c)
+    per = train_run.train(c)
     assert not os.path.exists(tmp_path / "per" / "reference.json")
     for key in ("loss", "rewards/margins", "grad_norm"):
         assert per[key] == pytest.approx(pre[key], rel=1e-4, abs=1e-6), key
@@ -341,7 +345,7 @@ def test_the_train_step_compiles_once_on_a_background_thread(tmp_path, cache, re
     try:
         c = _config("dpo", _overrides(tmp_path / "run", cache, **{"train.steps": 2, "train.log_every": 1}))
         c.dpo.reference = reference
-        loop.train(c)
+        train_run.train(c)
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == [False]  # one compile, not on the main thread

@@ -52,8 +52,9 @@ class RunCheckpoints:
         if not saved:
             raise RuntimeError(f"orbax did not save step {step} in {self.directory} (latest: {self.latest_step()})")
 
-    def restore(self, step: int, abstract_state: Any, *, model: ModelConfig, mode: str):
-        """(state, loader state, logging window) of checkpoint `step`, after checking it fits this run."""
+    def restore_extra(self, step: int, *, model: ModelConfig, mode: str) -> tuple[LoaderState, dict | None]:
+        """(loader state, logging window) of checkpoint `step`, after checking it was written for this model and
+        mode (before anything is built for it)."""
         extra = self.manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore())).extra
         want = _identity(model, mode)
         if extra.get("mode") != mode:
@@ -62,14 +63,22 @@ class RunCheckpoints:
         if extra.get("model") != want["model"]:
             raise CheckpointMismatch(f"{self.directory}/{step}: checkpoint was written for a different model "
                                      f"({_model_diff(extra.get('model'), want['model'])}); use a new run directory")
-        state = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state))).state
         loader = LoaderState(np.asarray(extra["loader"]["epoch"], np.int64),
                              np.asarray(extra["loader"]["step"], np.int64))
         window = None if extra["window"] is None else {
             k: Mean(jax.numpy.asarray(t, jax.numpy.float32), jax.numpy.asarray(c, jax.numpy.float32))
             for k, (t, c) in extra["window"].items()}
-        return state, loader, window
+        return loader, window
+
+    def restore_state(self, step: int, abstract_state: Any) -> Any:
+        """The train state of checkpoint `step`, restored directly onto `abstract_state`'s shardings."""
+        return self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state))).state
+
+    def restore(self, step: int, abstract_state: Any, *, model: ModelConfig, mode: str):
+        """(state, loader state, logging window) of checkpoint `step`, after checking it fits this run."""
+        loader, window = self.restore_extra(step, model=model, mode=mode)
+        return self.restore_state(step, abstract_state), loader, window
 
     def reached_preemption(self, step: int) -> bool:
         """Whether every process has agreed to stop and save at `step` (JAX's preemption sync point)."""

@@ -109,12 +109,14 @@ def build_engine(
     init_params: Callable[..., Any],
     *init_args: Any,
     devices: Any = None,
+    mesh: jax.sharding.Mesh | None = None,
     layout: Layout = PAIRS,
     score_window: int = 0,
 ) -> Engine:
     """Mesh -> shardings (checked before compiling) -> state created sharded -> jitted steps.
+    mesh: an already built mesh (else one from config.mesh over `devices`, default all).
     layout and score_window: see StepConfig (from the loaders: the data's layout and longest scored span)."""
-    mesh = sharding.make_mesh(c.mesh, devices)
+    mesh = mesh if mesh is not None else sharding.make_mesh(c.mesh, devices)
     sc = step_config(c, model, layout, score_window)
     check_batch_layout(c, mesh, layout.rows_per_pair)
     rules = c.mesh.rules

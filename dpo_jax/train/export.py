@@ -53,7 +53,7 @@ def export(run_dir: str, out: str, *, step: int | None = None, dtype: str | None
     tokenizer_dir = c.data.tokenizer if c.data.tokenizer and not c.data.tokenizer.startswith("bpe:") else (
         c.model.path if c.model.source == "hf" else None)
     if c.data.tokenizer.startswith("bpe:"):
-        from dpo_jax.train.loop import load_tokenizer
+        from dpo_jax.train.model_source import load_tokenizer
 
         load_tokenizer(c).save_pretrained(out)
     elif tokenizer_dir:

@@ -1,0 +1,110 @@
+"""Where a run's model and tokenizer come from: a local HF checkpoint, a `dpo-jax convert` checkpoint, or a random
+init of a preset shape; the tokenizer from a local HF directory or a byte-level BPE trained on the train split."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import jax
+import ml_collections
+
+from dpo_jax.convert import native
+from dpo_jax.convert.hf import load_hf_checkpoint, read_hf_config
+from dpo_jax.data.formats import read_examples
+from dpo_jax.data.pipeline import default_cache_dir
+from dpo_jax.models.config import FAMILY_SWITCHES, PRESETS, ModelConfig, shaped_config
+from dpo_jax.models.decoder import init_params
+
+MODEL_SOURCES = ("hf", "random", "checkpoint")
+
+
+def default_model_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.source = "hf"  # hf: a local HF checkpoint dir; checkpoint: a `dpo-jax convert` checkpoint; random: init
+    c.path = ""
+    c.dtype = "float32"  # compute dtype; bfloat16 on accelerators
+    c.param_dtype = "float32"
+    c.remat_policy = "dots"  # save matmul outputs, recompute the rest: less memory than "none" and faster here
+    c.scan_layers = True  # one compiled layer body: faster compiles, and faster steps on XLA:CPU (docs/PERFORMANCE.md)
+    c.attention_impl = ""  # "", "xla" or "cudnn"
+    # architecture, for source = random (the vocabulary comes from the tokenizer): a shape from models/config.py
+    # PRESETS (`c.model.update(PRESETS[name])`), or these fields set one by one
+    c.update(PRESETS["gpt2-tiny"])  # family, hidden_size, num_layers, num_heads, intermediate_size
+    c.max_position_embeddings = 512
+    c.seed = 0
+    return c
+
+
+def _model_overrides(m: ml_collections.ConfigDict) -> dict[str, Any]:
+    return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy, scan_layers=m.scan_layers,
+                attention_impl=m.attention_impl or None)
+
+
+def random_model_config(m: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
+    """The from-scratch model of a `model` section (source = random): its family's switches and its shape."""
+    if m.family not in FAMILY_SWITCHES:
+        raise ValueError(f"config.model.family = {m.family!r} for source=random; valid: {', '.join(FAMILY_SWITCHES)}")
+    return shaped_config(m.family, vocab_size, m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size,
+                         max_position_embeddings=m.max_position_embeddings, **_model_overrides(m))
+
+
+def model_loader(m: ml_collections.ConfigDict, vocab_size: int) -> tuple[ModelConfig, Callable[[], Any]]:
+    """(ModelConfig, load()) where load() returns fresh initial params (jittable for source=random)."""
+    if m.source not in MODEL_SOURCES:
+        raise ValueError(f"config.model.source = {m.source!r}; valid: {', '.join(MODEL_SOURCES)}")
+    if m.source == "random":
+        config = random_model_config(m, vocab_size)
+        return config, lambda: init_params(config, jax.random.key(m.seed))
+    if not m.path:
+        raise ValueError(f"config.model.path is empty (needed for source={m.source!r})")
+    if m.source == "hf":
+        config = read_hf_config(m.path)[1].replace(**_model_overrides(m))
+        return config, lambda: load_hf_checkpoint(m.path, m.param_dtype, config_overrides=_model_overrides(m))[1]
+    config_path = os.path.join(m.path, native.CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        raise ValueError(f"config.model.path = {m.path!r} is not a dpo_jax model checkpoint (no {native.CONFIG_FILE})")
+    with open(config_path) as f:
+        config = ModelConfig.from_json(f.read()).replace(**_model_overrides(m))
+    return config, lambda: native.load_model(m.path)[1]
+
+
+def source_identity(m: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What identifies a model's initial weights without loading them: the seed of a random init, or the path of a
+    checkpoint with every file's size and modification time (a rewritten checkpoint changes it)."""
+    if m.source == "random":
+        return {"source": "random", "seed": m.seed}
+    path = os.path.abspath(m.path)
+    files = []
+    for root, _, names in sorted(os.walk(path)):
+        for name in sorted(names):
+            st = os.stat(os.path.join(root, name))
+            files.append([os.path.relpath(os.path.join(root, name), path), st.st_size, st.st_mtime_ns])
+    return {"source": m.source, "path": path, "files": files}
+
+
+def load_tokenizer(c: ml_collections.ConfigDict):
+    """data.tokenizer: a local HF tokenizer dir; `bpe:N` = a byte-level BPE of N tokens trained on the train split
+    (cached); empty = the model's own directory."""
+    from transformers import AutoTokenizer
+
+    spec = c.data.tokenizer or (c.model.path if c.model.source == "hf" else "")
+    if not spec:
+        raise ValueError("config.data.tokenizer is empty and the model has no tokenizer directory")
+    if not spec.startswith("bpe:"):
+        return AutoTokenizer.from_pretrained(spec)
+    from dpo_jax.data.bpe import train_bpe_tokenizer
+    from dpo_jax.data.storage import files_fingerprint
+    from dpo_jax.fingerprint import fingerprint
+
+    vocab = int(spec.split(":", 1)[1])
+    directory = os.path.join(c.data.cache_dir or default_cache_dir(), "tokenizers",
+                             fingerprint([files_fingerprint(c.data.train_path), vocab]))
+    if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
+        def texts():
+            for ex in read_examples(c.data.train_path, None if c.data.format == "auto" else c.data.format):
+                if hasattr(ex, "prompt"):
+                    for t in (ex.prompt, ex.chosen, ex.rejected):
+                        yield t if isinstance(t, str) else " ".join(m["content"] for m in t)
+        train_bpe_tokenizer(texts(), vocab, directory)
+    return AutoTokenizer.from_pretrained(directory)

@@ -1,0 +1,218 @@
+"""`dpo-jax train | precompute | eval`: a run config -> its parts (`build_run`) -> the one loop (`Trainer.fit`).
+
+Resume is automatic: if the run directory holds a checkpoint, training continues from it exactly (state, loader
+position, partial logging window), and metrics.jsonl is cut back to that step. SIGTERM (TPU preemption) finishes the
+current step, saves and exits 0. A non-finite loss or gradient stops the run naming the step and example ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Any, Callable
+
+import jax
+import ml_collections
+
+from dpo_jax import distributed
+from dpo_jax.data.loader import PreferenceLoader
+from dpo_jax.data.pipeline import build_loaders, default_data_config
+from dpo_jax.distributed import default_distributed_config
+from dpo_jax.flops import peak_tflops
+from dpo_jax.layout import get_layout
+from dpo_jax.metrics import MetricWriter, truncate_jsonl
+from dpo_jax.models.config import ModelConfig
+from dpo_jax.models.generate import SamplingConfig
+from dpo_jax.sharding import data_parallel_size, make_mesh
+from dpo_jax.train.checkpoint import RunCheckpoints
+from dpo_jax.train.engine import Engine, build_engine, default_engine_config
+from dpo_jax.train.evaluation import evaluate_split, sample_completions, sample_prompts
+from dpo_jax.train.model_source import default_model_config, load_tokenizer, model_loader
+from dpo_jax.train.reference_source import prepare_reference
+from dpo_jax.train.trainer import CompileAhead, RunError, Trainer
+
+
+def default_run_config() -> ml_collections.ConfigDict:
+    c = default_engine_config()
+    c.model = default_model_config()
+    c.reference = ml_collections.ConfigDict({"source": "", "path": ""})  # empty: the initial policy
+    c.data = default_data_config()
+    c.distributed = default_distributed_config()
+    t = c.train
+    t.steps = 100
+    t.log_every = 10
+    t.eval_every = 0  # 0: only at the end (when there is an eval split)
+    t.save_every = 50
+    t.keep_checkpoints = 2
+    t.run_dir = "runs/default"
+    t.eval_samples = 0  # K completions for fixed eval prompts, from the policy (and once from the reference)
+    t.sample_max_new_tokens = 32
+    t.sample_temperature = 1.0
+    t.peak_tflops_per_device = 0.0  # for MFU; 0: from the device kind when known (TPU v4/v5/v6, H100/H200, A100)
+    t.tensorboard = True
+    return c
+
+
+default_config = default_run_config
+
+
+@dataclasses.dataclass
+class Run:
+    """A run's parts, built once from the config and resumed from the run directory when it holds a checkpoint."""
+
+    config: ml_collections.ConfigDict
+    tokenizer: Any
+    loaders: dict[str, PreferenceLoader]
+    engine: Engine
+    state: Any  # the train state to start from (initial or restored)
+    start: int  # the step it is at
+    window: dict | None  # a restored partial logging window
+    reference: Any  # train/reference_source.py: attaches reference log-probs to host batches
+    checkpoints: RunCheckpoints
+    writer: MetricWriter
+    prompts: tuple | None  # fixed eval prompts for samples
+
+    @property
+    def model(self) -> ModelConfig:
+        return self.engine.config.model
+
+    def evaluate(self, step: int, state: Any) -> None:
+        self.writer.scalars(step, "eval", evaluate_split(self.engine, state.params, self.loaders["eval"],
+                                                         self.reference))
+        if self.prompts is not None:
+            self.writer.samples(step, "policy", self.samples(state.params))
+
+    def samples(self, params: Any) -> list[dict[str, str]]:
+        t = self.config.train
+        sampling = SamplingConfig(max_new_tokens=t.sample_max_new_tokens, temperature=t.sample_temperature,
+                                  eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id or 0)
+        return sample_completions(params, self.model, self.prompts, self.tokenizer, sampling, t.seed)
+
+    def close(self) -> None:
+        self.checkpoints.close()
+        for loader in self.loaders.values():
+            loader.close()
+        self.writer.close()
+
+
+def build_run(c: ml_collections.ConfigDict, compile_train_step: bool = False) -> Run:
+    """Processes -> tokenizer and model source -> mesh -> input -> engine -> resume -> reference -> evals."""
+    # ----- processes and run directory
+    distributed.initialize(c.distributed)
+    main = distributed.is_main_process()
+    run_dir = os.path.abspath(c.train.run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+
+    # ----- tokenizer and model source
+    tokenizer = load_tokenizer(c)
+    model, load_initial = model_loader(c.model, len(tokenizer))
+    if model.vocab_size < len(tokenizer):
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
+                         f"{model.vocab_size}")
+
+    # ----- mesh and input
+    mesh = make_mesh(c.mesh)
+    checkpoints = RunCheckpoints(os.path.join(run_dir, "checkpoints"), keep=c.train.keep_checkpoints)
+    latest = checkpoints.latest_step()
+    restored = None if latest is None else checkpoints.restore_extra(latest, model=model, mode=c.train.mode)
+    loaders = build_loaders(c.data, global_batch_pairs=c.train.global_batch_pairs, seed=c.train.seed,
+                            data_parallel_size=data_parallel_size(mesh, c.mesh.rules),
+                            process_index=jax.process_index(), process_count=jax.process_count(),
+                            tokenizer=tokenizer, train_state=None if restored is None else restored[0])
+    windows = [loader.score_window for loader in loaders.values()]
+    window = max(windows) if all(windows) else 0  # one step serves every split; 0: a split has no window
+    if window and main:
+        print(f"score window: the unembedding runs on at most {window} positions per row (the data's longest "
+              "scored span)", flush=True)
+
+    # ----- model, optimizer and sharded state
+    layout = get_layout(c.data.layout)
+    if c.model.source == "random":  # initialised inside the sharded jit: born on its devices
+        engine = build_engine(c, model, load_initial, mesh=mesh, layout=layout, score_window=window)
+    else:  # loaded on the host, then donated into the sharded state
+        engine = build_engine(c, model, lambda p: p, load_initial(), mesh=mesh, layout=layout, score_window=window)
+    state, initial_params, start, log_window = engine.state, engine.state.params, 0, None
+
+    # ----- resume
+    writer = MetricWriter(run_dir, enabled=main, tensorboard=c.train.tensorboard)
+    if latest is not None:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        state = checkpoints.restore_state(latest, abstract)
+        jax.tree.map(lambda x: x.delete(), engine.state)
+        engine = engine._replace(state=state)  # never hand out the deleted initial state
+        initial_params, start, log_window = None, latest, restored[1]
+        if main:
+            truncate_jsonl(writer.metrics_path, latest)
+            truncate_jsonl(writer.samples_path, latest)
+            print(f"resumed from {checkpoints.directory}/{latest}", flush=True)
+    if main:  # only now: a run refused by its checkpoint must not overwrite that run's files
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            f.write(c.to_json_best_effort(indent=2, sort_keys=True))
+        with open(os.path.join(run_dir, "model_config.json"), "w") as f:
+            f.write(model.to_json())
+
+    # ----- reference log-probs, while the train step compiles
+    train = loaders["train"]
+    compiling = CompileAhead(engine, state, train.batch_at(int(train.state.epoch), int(train.state.step))) \
+        if compile_train_step and start < c.train.steps else None
+    reference = prepare_reference(c, engine, loaders, initial_params, load_initial, run_dir)
+    if compiling is not None:
+        compiling.wait()
+
+    # ----- evals
+    prompts = sample_prompts(loaders.get("eval"), c.train.eval_samples, tokenizer.pad_token_id or 0) \
+        if c.train.eval_samples else None
+    return Run(c, tokenizer, loaders, engine, state, start, log_window, reference, checkpoints, writer, prompts)
+
+
+def train(c: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Runs (or resumes) training; returns the last logged train metrics."""
+    run = build_run(c, compile_train_step=True)
+    t = c.train
+    try:
+        if run.prompts is not None and run.start == 0:
+            ref = run.reference.params if run.reference.params is not None else run.state.params
+            run.writer.samples(0, "reference", run.samples(ref))
+        trainer = Trainer(run.engine, steps=t.steps, reference=run.reference, writer=run.writer,
+                          log_every=t.log_every, checkpoints=run.checkpoints, save_every=t.save_every,
+                          eval_every=t.eval_every, evaluate=run.evaluate if "eval" in run.loaders else None,
+                          peak_tflops=t.peak_tflops_per_device or peak_tflops(jax.devices()[0].device_kind))
+        _, last = trainer.fit(run.state, run.loaders["train"], start=run.start, window=run.window)
+        if run.start >= t.steps and distributed.is_main_process():
+            print(f"run already finished: checkpoint at step {run.start} >= train.steps", flush=True)
+        return last
+    finally:
+        run.close()
+
+
+def precompute(c: ml_collections.ConfigDict) -> None:
+    """Builds the data caches and the reference tables, then stops (`dpo-jax precompute`)."""
+    build_run(c).close()
+    print("precompute done", flush=True)
+
+
+def evaluate(c: ml_collections.ConfigDict) -> None:
+    """Evaluates the run directory's latest checkpoint (or the initial model) on the eval split (`dpo-jax eval`)."""
+    run = build_run(c)
+    try:
+        if "eval" not in run.loaders:
+            raise ValueError("config.data.eval_path is empty: nothing to evaluate")
+        run.evaluate(run.start, run.state)
+    finally:
+        run.close()
+
+
+def _command(fn: Callable, name: str) -> Callable[[ml_collections.ConfigDict], None]:
+    def command(c: ml_collections.ConfigDict) -> None:
+        try:
+            fn(c)
+        except RunError as e:
+            print(f"dpo-jax {name}: {e}", file=sys.stderr, flush=True)
+            sys.exit(1)
+    return command
+
+
+main = _command(train, "train")
+precompute_main = _command(precompute, "precompute")
+eval_main = _command(evaluate, "eval")
