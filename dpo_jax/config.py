@@ -1,43 +1,73 @@
-"""Config files and command-line overrides.
+"""Config files and command-line overrides, through ml_collections' config_flags.
 
-Configs are Python files with `get_config(arg=None) -> ConfigDict` (big_vision style, `path.py:arg`). Overrides
-are `--config.a.b=value`; every key is checked against the config before anything runs, so a typo is an error that
-names the key and the closest valid one instead of a traceback or, worse, a silently ignored setting.
+Configs are Python files with `get_config(arg=None) -> ConfigDict` (big_vision style, `path.py:arg`), loaded by
+`config_flags.DEFINE_config_file`; a command without `--config` uses its built-in `default_config()` through
+`DEFINE_config_dict`. Overrides are `--config.a.b=value`, applied and locked by config_flags. What is ours is the
+messages: every override key is checked against the config before anything runs, so a typo is an error that names
+the key and the closest valid one, and a broken config file is an error that names the file.
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib.util
-import inspect
 import os
-from typing import Iterable
+import sys
+from typing import Callable, Iterable, Sequence
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
 
 class ConfigError(ValueError):
     """A user mistake in a config file or an override; the message names the file or key."""
 
 
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-    """Loads `path/to/config.py[:arg]` by calling its `get_config(arg)`."""
-    path, _, arg = spec.partition(":")
+def load_config(spec: str | None, default: Callable[[], ml_collections.ConfigDict] | None = None
+                ) -> ml_collections.ConfigDict:
+    """The config of `path/to/config.py[:arg]` (its `get_config(arg)`, loaded by config_flags as `--config` would
+    load it), or `default()` without a spec; before overrides."""
+    flag_values = flags.FlagValues()
+    if spec is None:
+        config_flags.DEFINE_config_dict("config", default(), flag_values=flag_values, sys_argv=[])
+        return flag_values["config"].value
+    path = spec.partition(":")[0]
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")
-    module_spec = importlib.util.spec_from_file_location(f"_dpo_jax_config_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    get_config = getattr(module, "get_config", None)
-    if get_config is None:
-        raise ConfigError(f"config file {path!r} has no get_config(arg=None) function")
-    takes_arg = bool(inspect.signature(get_config).parameters)
-    if arg and not takes_arg:
-        raise ConfigError(f"config file {path!r}: get_config() takes no argument, but {arg!r} was given")
-    config = get_config(arg or None) if takes_arg else get_config()
+    # config_flags imports every file as the module `config_config` with importlib's load_module, which reuses a
+    # module of that name: a second file without get_config would silently get the first file's.
+    sys.modules.pop("config_config", None)
+    try:
+        config_flags.DEFINE_config_file("config", spec, flag_values=flag_values, lock_config=False, sys_argv=[])
+    except (flags.IllegalFlagValueError, AttributeError) as e:
+        reason = str(e).strip().splitlines()[-1]
+        if "has no attribute 'get_config'" in reason:
+            raise ConfigError(f"config file {path!r} has no get_config(arg=None) function") from None
+        raise ConfigError(f"config file {path!r}: {reason}") from None
+    config = flag_values["config"].value
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"config file {path!r}: get_config() returned {type(config).__name__}, not a ConfigDict")
     return config
+
+
+load_config_file = load_config
+
+
+def define_config_flag(spec: str | None, default: Callable[[], ml_collections.ConfigDict], argv: Sequence[str],
+                       flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Defines `--config` on `flag_values`: DEFINE_config_file for the file `spec`, else DEFINE_config_dict for
+    `default()`. `argv` is the command line without `--config FILE`; its `--config.KEY=VALUE` overrides are checked
+    against the config first (ConfigError naming the key and the closest valid one), then registered, applied and
+    locked by config_flags when absl parses argv."""
+    base = load_config(spec, default)
+    check_override_keys(base, [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")])
+    if spec is None:
+        config_flags.DEFINE_config_dict("config", base, "the command's built-in config", flag_values=flag_values,
+                                        lock_config=True, sys_argv=list(argv))
+    else:
+        sys.modules.pop("config_config", None)
+        config_flags.DEFINE_config_file("config", spec, "a config file, path.py[:arg]", flag_values=flag_values,
+                                        lock_config=True, sys_argv=list(argv))
 
 
 def _all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

@@ -59,21 +59,17 @@ def _run_config_command(command: str, module, entry, argv: list[str]) -> None:
     """Config-driven commands: `--config FILE[:ARG]` or the built-in default, then checked overrides."""
     import logging
 
-    from absl import app
-    from ml_collections import config_flags
+    from absl import app, flags
 
-    from dpo_jax.config import ConfigError, check_override_keys, load_config_file, split_config_args
+    from dpo_jax.config import ConfigError, define_config_flag, split_config_args
 
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no "no TPU here" noise on CPU/GPU
     try:
-        spec, keys, argv = split_config_args(argv)
-        config = load_config_file(spec) if spec else module.default_config()
-        check_override_keys(config, keys)
+        spec, _, argv = split_config_args(argv)
+        define_config_flag(spec, module.default_config, argv)
     except ConfigError as e:
         print(f"dpo-jax {command}: {e}", file=sys.stderr)
         sys.exit(2)
-    argv = [f"dpo-jax {command}"] + argv[1:]
-    holder = config_flags.DEFINE_config_dict("config", config, "the resolved config", sys_argv=argv)
 
     def _main(rest: list[str]) -> None:
         from absl import logging as absl_logging
@@ -82,12 +78,12 @@ def _run_config_command(command: str, module, entry, argv: list[str]) -> None:
         if len(rest) > 1:
             raise app.UsageError(f"unexpected arguments: {' '.join(rest[1:])}")
         try:
-            entry(holder.value)
+            entry(flags.FLAGS.config)
         except ValueError as e:  # bad config, data or checkpoint: the message names the key, file or line
             print(f"dpo-jax {command}: {e}", file=sys.stderr)
             sys.exit(2)
 
-    app.run(_main, argv=argv)
+    app.run(_main, argv=[f"dpo-jax {command}"] + argv[1:])
 
 
 if __name__ == "__main__":

@@ -38,12 +38,14 @@ def _fmt(value: float) -> str:
 
 
 class MetricWriter:
-    def __init__(self, run_dir: str, *, enabled: bool = True, tensorboard: bool = True):
+    """run_dir None: the stdout line only (the experiments' inner runs)."""
+
+    def __init__(self, run_dir: str | None, *, enabled: bool = True, tensorboard: bool = True):
         self.enabled = enabled
-        self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
-        self.samples_path = os.path.join(run_dir, "samples.jsonl")
+        self.metrics_path = os.path.join(run_dir, "metrics.jsonl") if run_dir else None
+        self.samples_path = os.path.join(run_dir, "samples.jsonl") if run_dir else None
         self._tb = None
-        if enabled and tensorboard:
+        if enabled and tensorboard and run_dir:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
@@ -52,8 +54,9 @@ class MetricWriter:
         if not self.enabled:
             return
         record = {"step": step, "split": split, **{k: float(v) for k, v in values.items()}}
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.metrics_path:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
         if self._tb is not None:
             for k, v in values.items():
                 self._tb.add_scalar(f"{split}/{k}", float(v), step)
@@ -68,7 +71,7 @@ class MetricWriter:
             print(f"[{split}] step {step} | " + " | ".join(shown + extra), flush=True)
 
     def samples(self, step: int, source: str, rows: list[dict[str, Any]]) -> None:
-        if not self.enabled:
+        if not self.enabled or not self.samples_path:
             return
         with open(self.samples_path, "a") as f:
             for row in rows:

@@ -2,7 +2,9 @@
 
 Mesh axes are `data`, `fsdp` and `tensor` (sizes from config, one may be -1 = fill), optionally times cross-slice
 (DCN) sizes for multi-slice TPU. The model names its parameter axes logically (embed, mlp, heads, ...); the rules
-in config map those names to mesh axes. Layout mistakes are refused before compilation with what to change.
+in config map those names to mesh axes through flax's `logical_to_mesh_axes` / `logical_to_mesh_sharding`. What is
+added here is refusing mistakes before compilation, with what to change: a logical name without a rule (flax
+would silently replicate it), a rule naming no mesh axis, a dimension the mesh does not divide.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -72,29 +75,26 @@ def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[Any] | None =
     return Mesh(array, MESH_AXES)
 
 
-def _rules(rules: Any) -> dict[str, Any]:
-    out = {}
+def _rules(rules: Any) -> tuple[tuple[str, Any], ...]:
+    """Config rules (lists from JSON or overrides) -> flax's ((logical name, mesh axes), ...), checked."""
+    out = []
     for name, axes in rules:
         if axes is not None:
             for a in (axes,) if isinstance(axes, str) else axes:
                 if a not in MESH_AXES:
                     raise ValueError(f"sharding rule {name!r} -> {axes!r}: {a!r} is not a mesh axis {MESH_AXES}")
-        out[name] = tuple(axes) if isinstance(axes, (list, tuple)) else axes
-    return out
+        out.append((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes))
+    return tuple(out)
 
 
-def mesh_spec(logical: PartitionSpec, rules: Any) -> PartitionSpec:
-    """Logical PartitionSpec ('embed', 'heads', ...) -> mesh PartitionSpec via the rules (unknown names: error)."""
+def mesh_spec(logical: Sequence[str | None], rules: Any) -> PartitionSpec:
+    """Logical axis names ('embed', 'heads', ...) -> mesh PartitionSpec via the rules (unknown names: error)."""
     table = _rules(rules)
-    out = []
+    known = {name for name, _ in table}
     for name in logical:
-        if name is None:
-            out.append(None)
-        elif name not in table:
+        if name is not None and name not in known:
             raise ValueError(f"no sharding rule for logical axis {name!r}; add it to mesh.rules")
-        else:
-            out.append(table[name])
-    return PartitionSpec(*out)
+    return nn.logical_to_mesh_axes(tuple(logical), table)
 
 
 def _axis_size(mesh: Mesh, axes: Any) -> int:
@@ -116,12 +116,11 @@ def param_shardings(logical_axes: Any, shapes: Any, mesh: Mesh, rules: Any) -> A
     """NamedSharding per parameter from the model's logical axes; refuses dimensions the mesh does not divide."""
     is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
 
-    def one(path, logical, shape):
-        spec = mesh_spec(logical, rules)
-        check_divisible(jax.tree_util.keystr(path), shape.shape, spec, mesh, logical)
-        return NamedSharding(mesh, spec)
+    def check(path, logical, shape):
+        check_divisible(jax.tree_util.keystr(path), shape.shape, mesh_spec(logical, rules), mesh, logical)
 
-    return jax.tree_util.tree_map_with_path(one, logical_axes, shapes, is_leaf=is_spec)
+    jax.tree_util.tree_map_with_path(check, logical_axes, shapes, is_leaf=is_spec)
+    return nn.logical_to_mesh_sharding(logical_axes, mesh, _rules(rules))
 
 
 def state_shardings(abstract_state: Any, params_shardings: Any, abstract_params: Any, mesh: Mesh) -> Any:
@@ -148,11 +147,11 @@ def state_shardings(abstract_state: Any, params_shardings: Any, abstract_params:
 
 def batch_sharding(mesh: Mesh, rules: Any, ndim: int = 2) -> NamedSharding:
     """Rows over the batch axes, everything else replicated."""
-    return NamedSharding(mesh, PartitionSpec(mesh_spec(PartitionSpec(BATCH), rules)[0], *([None] * (ndim - 1))))
+    return NamedSharding(mesh, mesh_spec((BATCH,) + (None,) * (ndim - 1), rules))
 
 
 def data_parallel_size(mesh: Mesh, rules: Any) -> int:
-    return _axis_size(mesh, _rules(rules)[BATCH])
+    return _axis_size(mesh, mesh_spec((BATCH,), rules)[0])
 
 
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh, rules: Any) -> dict[str, jax.Array]:

@@ -1,13 +1,11 @@
-"""A toy DPO run that exercises the foundation end to end in seconds: `dpo-jax smoke`.
+"""A toy DPO run through the production pieces, in seconds: `dpo-jax smoke`.
 
-The policy is a tiny bigram language model (embedding → tanh layer → unembedding). Preference pairs share a random
-prompt; the chosen response is drawn from the lower half of the vocabulary ("preferred" tokens), the rejected one
-from the upper half. DPO, with the reference frozen at the initial policy and its log-probs computed in a separate
-jitted pass, should move probability mass to the preferred half while the implicit-reward accuracy climbs to 1.
-The first step has policy == reference, so its loss is exactly ln 2.
-
-This is a stand-in main job until the sentiment experiment lands; it uses the real loss registry, chunked
-log-probs and metric sums, not copies of them.
+The policy is a one-layer GPT-2-shaped Decoder. Preference pairs share a random prompt; the chosen response is
+drawn from the lower half of the vocabulary ("preferred" tokens), the rejected one from the upper half. The run
+uses what `dpo-jax train` uses — the engine (sharded jitted step), the loader, the reference log-probs
+precomputed in a separate jitted pass, the loss registry and the one training loop (`Trainer.fit`) — so DPO
+should move probability mass to the preferred half while the implicit-reward accuracy climbs to 1. The first step
+has policy == reference, so its loss is exactly ln 2.
 """
 
 from __future__ import annotations
@@ -19,13 +17,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
-from dpo_jax import losses, summaries
+from dpo_jax import losses, reference
 from dpo_jax.config import ConfigError
-from dpo_jax.logprobs import sequence_logprobs
-
-Params = dict[str, jax.Array]
+from dpo_jax.data.loader import PreferenceLoader
+from dpo_jax.metrics import MetricWriter
+from dpo_jax.models.config import shaped_config
+from dpo_jax.models.decoder import Decoder, init_params, logits
+from dpo_jax.train.engine import build_engine, default_engine_config
+from dpo_jax.train.reference_source import ReferenceTables
+from dpo_jax.train.trainer import Trainer
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -37,52 +38,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.prompt_len = 4
     c.response_len = 8
     c.vocab_size = 64
-    c.width = 32
+    c.width = 32  # the Decoder's hidden size (one layer, two heads)
     c.chunk_size = 4  # log-prob chunk along the sequence; deliberately small to exercise the scan
-    c.learning_rate = 3e-2
+    c.learning_rate = 1e-2  # Adam
     c.dpo = ml_collections.ConfigDict(dict(loss_type="sigmoid", beta=0.1, label_smoothing=0.0))
     return c
-
-
-def _init(key: jax.Array, vocab: int, width: int) -> Params:
-    k1, k2, k3 = jax.random.split(key, 3)
-    return {
-        "embed": jax.random.normal(k1, (vocab, width)),
-        "mix": jax.random.normal(k2, (width, width)) / math.sqrt(width),
-        "unembed": jax.random.normal(k3, (width, vocab)) / math.sqrt(width),
-    }
-
-
-def _hidden(params: Params, ids: jax.Array) -> jax.Array:
-    return jnp.tanh(params["embed"][ids] @ params["mix"])
-
-
-def _batch(key: jax.Array, c: ml_collections.ConfigDict) -> dict[str, jax.Array]:
-    """[2B, T] rows: chosen first, rejected second, sharing prompts; loss_mask marks the response."""
-    kp, kc, kr = jax.random.split(key, 3)
-    b, half = c.batch_pairs, c.vocab_size // 2
-    prompt = jax.random.randint(kp, (b, c.prompt_len), 0, c.vocab_size)
-    chosen = jax.random.randint(kc, (b, c.response_len), 0, half)
-    rejected = jax.random.randint(kr, (b, c.response_len), half, c.vocab_size)
-    ids = jnp.concatenate([jnp.concatenate([prompt, chosen], 1), jnp.concatenate([prompt, rejected], 1)], 0)
-    mask = jnp.concatenate([jnp.zeros((2 * b, c.prompt_len)), jnp.ones((2 * b, c.response_len))], 1)
-    return {"input_ids": ids, "loss_mask": mask}
-
-
-def _sequence_logps(params: Params, batch: dict[str, jax.Array], chunk_size: int) -> jax.Array:
-    out = sequence_logprobs(_hidden(params, batch["input_ids"]), params["unembed"], batch["input_ids"],
-                            batch["loss_mask"], chunk_size=chunk_size)
-    return out.sums
-
-
-def _preferred_mass_and_kl(params: Params, ref: Params, vocab: int) -> tuple[float, float]:
-    """Over every one-token context: mean probability of a preferred next token, and mean KL(π‖π_ref) in nats."""
-    ids = jnp.arange(vocab)[:, None]
-    logp = jax.nn.log_softmax(_hidden(params, ids)[:, 0] @ params["unembed"], -1)
-    logq = jax.nn.log_softmax(_hidden(ref, ids)[:, 0] @ ref["unembed"], -1)
-    mass = jnp.mean(jnp.sum(jnp.exp(logp[:, : vocab // 2]), -1))
-    kl = jnp.mean(jnp.sum(jnp.exp(logp) * (logp - logq), -1))
-    return float(mass), float(kl)
 
 
 def check_config(c: ml_collections.ConfigDict) -> None:
@@ -95,54 +55,64 @@ def check_config(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.dpo: {e}") from None
 
 
+def _pairs(c: ml_collections.ConfigDict, n: int, seed: int) -> list[dict[str, Any]]:
+    """n pairs: a shared random prompt, a chosen response from the low half of the vocabulary, a rejected one
+    from the high half; the responses are scored."""
+    rng = np.random.default_rng(seed)
+    half, mask = c.vocab_size // 2, np.r_[np.zeros(c.prompt_len), np.ones(c.response_len)].astype(np.int32)
+    out = []
+    for i in range(n):
+        prompt = rng.integers(0, c.vocab_size, c.prompt_len)
+        chosen, rejected = rng.integers(0, half, c.response_len), rng.integers(half, c.vocab_size, c.response_len)
+        out.append({"example_id": i, "chosen_input_ids": np.r_[prompt, chosen].astype(np.int32),
+                    "chosen_loss_mask": mask, "rejected_input_ids": np.r_[prompt, rejected].astype(np.int32),
+                    "rejected_loss_mask": mask})
+    return out
+
+
+def _preferred_mass_and_kl(model, params, ref, prompts: np.ndarray) -> tuple[float, float]:
+    """The next-token distribution after held-out prompts: mean probability of a preferred token, and mean
+    KL(π‖π_ref) in nats."""
+    def next_token(p):
+        return jax.nn.log_softmax(logits(p, model, Decoder(model).apply({"params": p}, prompts))[:, -1], -1)
+
+    logp, logq = next_token(params), next_token(ref)
+    mass = jnp.mean(jnp.sum(jnp.exp(logp[:, : model.vocab_size // 2]), -1))
+    kl = jnp.mean(jnp.sum(jnp.exp(logp) * (logp - logq), -1))
+    return float(mass), float(kl)
+
+
 def train(c: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Runs the toy DPO; returns the per-log-interval metrics and the before/after preferred mass and KL."""
+    """Runs the toy DPO; returns the log points and the before/after preferred mass and KL."""
     check_config(c)
-    key = jax.random.key(c.seed)
-    ref = _init(jax.random.fold_in(key, 0), c.vocab_size, c.width)
-    params = jax.tree.map(jnp.copy, ref)
-    opt = optax.adam(c.learning_rate)
-    dpo = dict(c.dpo)
+    model = shaped_config("gpt2", c.vocab_size, c.width, 1, 2, 4 * c.width,
+                          max_position_embeddings=c.prompt_len + c.response_len)
+    e = default_engine_config()
+    e.train.global_batch_pairs, e.train.logprob_chunk_size = c.batch_pairs, c.chunk_size
+    e.dpo.update(c.dpo.to_dict())
+    e.optimizer.name, e.optimizer.learning_rate, e.optimizer.warmup_steps = "adam", c.learning_rate, 0
+    engine = build_engine(e, model, lambda: init_params(model, jax.random.key(c.seed)), devices=jax.devices()[:1])
+    initial = jax.tree.map(jnp.copy, engine.state.params)  # the reference; the state's own buffers get donated
 
-    @jax.jit
-    def reference_pass(ref_params, batch):  # separate jitted forward, never under grad
-        logps = _sequence_logps(ref_params, batch, c.chunk_size)
-        return logps[: c.batch_pairs], logps[c.batch_pairs:]
+    loader = PreferenceLoader(_pairs(c, c.steps * c.batch_pairs, c.seed), global_batch_pairs=c.batch_pairs,
+                              seq_len=c.prompt_len + c.response_len, seed=c.seed)
+    table = reference.compute_table(initial, engine.reference_logps, loader.one_pass())  # separate jitted pass
+    prompts = np.stack([p["chosen_input_ids"][: c.prompt_len] for p in _pairs(c, 256, c.seed + 1)])
+    before = _preferred_mass_and_kl(model, initial, initial, prompts)
+    trainer = Trainer(engine, steps=c.steps, reference=ReferenceTables({"train": table}),
+                      writer=MetricWriter(None), log_every=c.log_every)
+    state, _ = trainer.fit(engine.state, loader)
+    loader.close()
+    after = _preferred_mass_and_kl(model, state.params, initial, prompts)
+    return {"first_loss": _first_loss(engine, initial, loader, table), "history": trainer.history,
+            "preferred_mass": (before[0], after[0]), "kl": (before[1], after[1])}
 
-    def loss_fn(p, batch, ref_chosen, ref_rejected):
-        logps = _sequence_logps(p, batch, c.chunk_size)
-        pc, pr = logps[: c.batch_pairs], logps[c.batch_pairs:]
-        per_example, cr, rr = losses.preference_loss(pc, pr, ref_chosen, ref_rejected, **dpo)
-        return jnp.mean(per_example), losses.preference_metrics(per_example, cr, rr, pc, pr)
 
-    def train_step(p, opt_state, batch, ref_chosen, ref_rejected):
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, batch, ref_chosen, ref_rejected)
-        updates, opt_state = opt.update(grads, opt_state, p)
-        return optax.apply_updates(p, updates), opt_state, metrics
-
-    train_step = jax.jit(train_step, donate_argnums=(0, 1))  # params and optimizer state are updated in place
-    opt_state = opt.init(params)
-    before = _preferred_mass_and_kl(params, ref, c.vocab_size)
-    history, window, first_loss = [], None, None
-    for step in range(1, c.steps + 1):
-        batch = _batch(jax.random.fold_in(key, step), c)
-        params, opt_state, metrics = train_step(params, opt_state, batch, *reference_pass(ref, batch))
-        if first_loss is None:
-            first_loss = summaries.finalize(metrics)["loss"]
-        window = metrics if window is None else summaries.merge(window, metrics)
-        if step % c.log_every == 0 or step == c.steps:
-            row = {"step": step, **summaries.finalize(window)}
-            history.append(row)
-            print(
-                f"step {step:4d}  loss {row['loss']:.4f}  rewards/accuracies {row['rewards/accuracies']:.3f}  "
-                f"rewards/margins {row['rewards/margins']:+.3f}  logps/chosen {row['logps/chosen']:8.3f}  "
-                f"logps/rejected {row['logps/rejected']:8.3f}",
-                flush=True,
-            )
-            window = None
-    after = _preferred_mass_and_kl(params, ref, c.vocab_size)
-    return {"first_loss": first_loss, "history": history, "preferred_mass": (before[0], after[0]),
-            "kl": (before[1], after[1])}
+def _first_loss(engine, params, loader: PreferenceLoader, table) -> float:
+    """The loss of the first training batch at the initial policy (= the reference): the first step's loss."""
+    batch = ReferenceTables({"train": table}).attach(loader.batch_at(0, 0), "train")
+    metrics = engine.eval_step(params, engine.shard_batch(batch))
+    return float(metrics["loss"].total / metrics["loss"].count)
 
 
 def main(c: ml_collections.ConfigDict) -> None:

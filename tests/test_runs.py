@@ -78,7 +78,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, cache):
     out = subprocess.run(_cli(overrides), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resumed from" in out.stdout
-    resumed = train_run.build_run(_config("dpo", overrides))  # the engine hands out the restored state, not a deleted one
+    resumed = train_run.build_run(_config("dpo", overrides))  # the engine hands out the restored state
     resumed.close()
     assert resumed.start == 12 and not any(x.is_deleted() for x in jax.tree.leaves(resumed.engine.state))
     got = _train_lines(tmp_path / "killed")
@@ -311,7 +311,8 @@ def test_mfu_counts_each_step_at_its_own_bucket_length(tmp_path, cache):
     out = subprocess.run(_cli(overrides), cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     c = _config("dpo", {**overrides, "data.seq_buckets": (16, 24, 32, 40, 48, 56, 64)})
-    loader = build_loaders(c.data, global_batch_pairs=2, seed=c.train.seed, tokenizer=model_source.load_tokenizer(c))["train"]
+    tokenizer = model_source.load_tokenizer(c)
+    loader = build_loaders(c.data, global_batch_pairs=2, seed=c.train.seed, tokenizer=tokenizer)["train"]
     lengths = [loader.batch_at(0, k)["input_ids"].shape[1] for k in range(8)]
     loader.close()
     model, _ = model_source.model_loader(c.model, len(model_source.load_tokenizer(c)))
@@ -323,7 +324,8 @@ def test_mfu_counts_each_step_at_its_own_bucket_length(tmp_path, cache):
 
 
 def test_per_batch_reference_matches_the_precomputed_tables(tmp_path, cache):
-    pre = train_run.train(_config("dpo", _overrides(tmp_path / "pre", cache, **{"train.steps": 3, "train.log_every": 3})))
+    pre = train_run.train(_config("dpo", _overrides(tmp_path / "pre", cache, **{"train.steps": 3,
+                                                                                 "train.log_every": 3})))
     c = _config("dpo", _overrides(tmp_path / "per", cache, **{"train.steps": 3, "train.log_every": 3}))
     c.dpo.reference = "per_batch"
     per = train_run.train(c)

@@ -18,7 +18,6 @@ Stages (each cached under the cache directory, keyed by what it depends on):
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import time
@@ -28,20 +27,22 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from tqdm.auto import tqdm
 
-from dpo_jax import summaries
+from dpo_jax import reference
 from dpo_jax.convert import native
 from dpo_jax.data.loader import PreferenceLoader
 from dpo_jax.data.pipeline import default_cache_dir
 from dpo_jax.experiments import sentiment_corpus as corpus
+from dpo_jax.experiments.sentiment_report import write_results
 from dpo_jax.fingerprint import fingerprint
-from dpo_jax.metrics import itstime
 from dpo_jax.logprobs import token_logprobs
+from dpo_jax.metrics import MetricWriter
 from dpo_jax.models.config import PRESETS, ModelConfig, shaped_config
 from dpo_jax.models.decoder import Decoder, init_params, unembedding
 from dpo_jax.models.generate import SamplingConfig, generate
 from dpo_jax.train.engine import build_engine, default_engine_config
+from dpo_jax.train.reference_source import NO_REFERENCE, ReferenceTables
+from dpo_jax.train.trainer import Trainer
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -57,16 +58,24 @@ def default_config() -> ml_collections.ConfigDict:
                                              max_new_tokens=24, temperature=1.0))
     c.eval = ml_collections.ConfigDict(dict(prefixes=256, every=30, max_new_tokens=24))
     c.train = ml_collections.ConfigDict(dict(steps=120, batch_pairs=32, learning_rate=3e-4))
-    # name: (mode, loss_type, beta, label_smoothing, unlikelihood alpha)
+    # every compared method, by name: its train.mode and the engine dpo-section fields it sets; all get the same
+    # steps, batch, learning rate and evaluation (e.g. --config.methods.dpo_beta1.dpo.beta=2)
     c.methods = ml_collections.ConfigDict({
-        "dpo_beta0p05": ("dpo", "sigmoid", 0.05, 0.0, 0.0), "dpo_beta0p1": ("dpo", "sigmoid", 0.1, 0.0, 0.0),
-        "dpo_beta1": ("dpo", "sigmoid", 1.0, 0.0, 0.0), "dpo_beta5": ("dpo", "sigmoid", 5.0, 0.0, 0.0),
-        "cdpo_beta0p1": ("dpo", "sigmoid", 0.1, 0.2, 0.0), "ipo_beta0p1": ("dpo", "ipo", 0.1, 0.0, 0.0),
-        "unlikelihood_alpha0p1": ("unlikelihood", "sigmoid", 0.1, 0.0, 0.1),
-        "unlikelihood_alpha1": ("unlikelihood", "sigmoid", 0.1, 0.0, 1.0),
-        "preferred_ft": ("sft", "sigmoid", 0.1, 0.0, 0.0),
+        "dpo_beta0p05": method("dpo", beta=0.05), "dpo_beta0p1": method("dpo", beta=0.1),
+        "dpo_beta1": method("dpo", beta=1.0), "dpo_beta5": method("dpo", beta=5.0),
+        "cdpo_beta0p1": method("dpo", beta=0.1, label_smoothing=0.2),
+        "ipo_beta0p1": method("dpo", loss_type="ipo", beta=0.1),
+        "unlikelihood_alpha0p1": method("unlikelihood", unlikelihood_alpha=0.1),
+        "unlikelihood_alpha1": method("unlikelihood", unlikelihood_alpha=1.0),
+        "preferred_ft": method("sft"),
     })
     return c
+
+
+def method(mode: str, **dpo: Any) -> ml_collections.ConfigDict:
+    """A compared method: train.mode (dpo, sft = Preferred-FT, unlikelihood) and the `dpo` config fields it sets
+    (loss_type, beta, label_smoothing, unlikelihood_alpha, loss_kwargs ...; unset ones keep their defaults)."""
+    return ml_collections.ConfigDict({"mode": mode, "dpo": dpo})
 
 
 def _key(*parts: Any) -> str:
@@ -118,12 +127,15 @@ class Stages:
         return shaped_config(m.family, len(self.tokenizer), m.hidden_size, m.num_layers, m.num_heads,
                              m.intermediate_size, max_position_embeddings=64)
 
-    def _engine(self, mode: str, loss_type: str, beta: float, eps: float, alpha: float, lr: float, pairs: int,
-                params: Any):
+    def _engine(self, name: str, m: ml_collections.ConfigDict, learning_rate: float, pairs: int, params: Any):
+        """An engine for method `m` (see `method`), from `params` (None: a fresh init)."""
         e = default_engine_config()
-        e.train.mode, e.train.global_batch_pairs = mode, pairs
-        e.dpo.loss_type, e.dpo.beta, e.dpo.label_smoothing, e.dpo.unlikelihood_alpha = loss_type, beta, eps, alpha
-        e.optimizer.name, e.optimizer.learning_rate, e.optimizer.warmup_steps = "adamw", lr, 0
+        e.train.mode, e.train.global_batch_pairs = m.mode, pairs
+        unknown = sorted(set(m.dpo) - set(e.dpo))
+        if unknown:
+            raise ValueError(f"config.methods.{name}.dpo: unknown key(s) {unknown}; valid: {', '.join(e.dpo)}")
+        e.dpo.update(m.dpo.to_dict())
+        e.optimizer.name, e.optimizer.learning_rate, e.optimizer.warmup_steps = "adamw", learning_rate, 0
         e.optimizer.clip_grad_norm = 10.0
         model = self.model_config()
         # One device: a CPU-sized experiment gains nothing from a fake multi-device mesh (and see the known
@@ -145,25 +157,27 @@ class Stages:
             self.sft_params = native.load_model(path)[1]
             self.log(f"π_SFT: cached ({path})")
             return
-        engine = self._engine("sft", "sigmoid", 0.1, 0.0, 1.0, s.learning_rate, s.batch, None)
-        rng = np.random.default_rng(self.c.seed)
-        state, t0, t = engine.state, time.perf_counter(), self.c.max_sentence_tokens
-        for step in tqdm(range(1, s.steps + 1), desc="π_SFT", unit="step", leave=False, disable=None):
-            rows = [self.train_ids[i] for i in rng.integers(0, len(self.train_ids), s.batch)]
-            ids = np.full((2 * s.batch, t), self.pad, np.int32)
-            mask = np.zeros_like(ids)
-            for r, seq in enumerate(rows):
-                seq = seq + [self.eos]
-                ids[r, :len(seq)], ids[s.batch + r, :len(seq)] = seq, seq
-                mask[r, 1:len(seq)] = 1
-            batch = {"input_ids": ids, "loss_mask": mask, "attention_mask": (ids != self.pad).astype(np.int32) |
-                     (np.arange(t) == 0), "example_mask": np.ones(s.batch, np.int32)}
-            state, metrics = engine.train_step(state, engine.shard_batch(batch))
-            if itstime(step, 200, s.steps):
-                self.log(f"π_SFT step {step}/{s.steps}: token NLL {summaries.finalize(metrics)['loss']:.3f} "
-                         f"({time.perf_counter() - t0:.0f} s)")
+        engine = self._engine("sft", method("sft"), s.learning_rate, s.batch, None)
+        trainer = Trainer(engine, steps=s.steps, writer=MetricWriter(None), name="π_SFT", log_every=200)
+        state, _ = trainer.fit(engine.state, self._sentence_batches())
         self.sft_params = jax.device_get(state.params)
         native.save_model(path, model, self.sft_params)
+
+    def _sentence_batches(self):
+        """π_SFT's batches: `sft.batch` train sentences drawn with replacement, each + EOS as the scored response
+        of a pair whose two rows are the same sentence (SFT reads the chosen rows only)."""
+        b, t = self.c.sft.batch, self.c.max_sentence_tokens
+        rng = np.random.default_rng(self.c.seed)
+        while True:
+            index = rng.integers(0, len(self.train_ids), b)
+            ids = np.full((2 * b, t), self.pad, np.int32)
+            mask = np.zeros_like(ids)
+            for r, i in enumerate(index):
+                seq = self.train_ids[i] + [self.eos]
+                ids[r, :len(seq)], ids[b + r, :len(seq)] = seq, seq
+                mask[r, 1:len(seq)] = 1
+            yield {"input_ids": ids, "loss_mask": mask, "attention_mask": (ids != self.pad).astype(np.int32) |
+                   (np.arange(t) == 0), "example_id": index.astype(np.int32), "example_mask": np.ones(b, np.int32)}
 
     # 4: preference pairs
     def _prefixes(self, ids: list[list[int]], n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -275,91 +289,37 @@ class Stages:
         if t.steps < 1:
             self.log(f"train.steps = {t.steps}: no method is trained; only π_SFT is evaluated")
         if methods:  # π_SFT's log-probs of every pair, shared by all methods (no pass when nothing trains)
-            ref_engine = self._engine("dpo", "sigmoid", 0.1, 0.0, 0.0, t.learning_rate, t.batch_pairs,
-                                      self.sft_params)
-            table = _reference_table(ref_engine, self.pair_source, t.batch_pairs, self._seq_len(), os.path.join(
-                self.cache, "reference-" + _key(self.sft_key, self.c.pairs.to_dict(), t.batch_pairs) + ".npz"))
-        for name, (mode, loss_type, beta, eps, alpha) in methods:
-            engine = self._engine(mode, loss_type, beta, eps, alpha, t.learning_rate, t.batch_pairs,
-                                  self.sft_params)
-            loader = PreferenceLoader(self.pair_source, global_batch_pairs=t.batch_pairs, seq_len=self._seq_len(),
-                                      seed=self.c.seed, prefetch=0, pad_id=self.pad)
-            state, t0 = engine.state, time.perf_counter()
-            for step in tqdm(range(1, t.steps + 1), desc=name, unit="step", leave=False, disable=None):
-                local = next(loader)
-                if engine.config.needs_reference:
-                    local = {**local, **table.lookup(local["example_id"])}
-                state, _ = engine.train_step(state, engine.shard_batch(local))
-                if itstime(step, self.c.eval.every, t.steps):
-                    reward, kl, texts = self.evaluate(state.params, self.sft_params, test_prompts, test_mask)
-                    points.append({"method": name, "step": step, "reward": reward, "kl": kl})
-                    samples += [{"method": name, "step": step, "text": x} for x in texts[:8]]
-            self.log(f"{name}: reward {reward:+.3f}, KL {kl:.3f} after {t.steps} steps "
+            ref_engine = self._engine("reference", method("dpo"), t.learning_rate, t.batch_pairs, self.sft_params)
+            path = os.path.join(self.cache, "reference-" + _key(self.sft_key, self.c.pairs.to_dict(),
+                                                                t.batch_pairs) + ".npz")
+            table = reference.precompute(ref_engine.state.params, ref_engine.reference_logps,
+                                         self._pair_loader().one_pass, path)[0]
+        for name, m in methods:
+            engine = self._engine(name, m, t.learning_rate, t.batch_pairs, self.sft_params)
+
+            def evaluate(step: int, state: Any, name: str = name) -> None:
+                reward, kl, texts = self.evaluate(state.params, self.sft_params, test_prompts, test_mask)
+                points.append({"method": name, "step": step, "reward": reward, "kl": kl})
+                samples.extend({"method": name, "step": step, "text": x} for x in texts[:8])
+
+            t0 = time.perf_counter()
+            trainer = Trainer(engine, steps=t.steps, writer=MetricWriter(None), name=name,
+                              reference=ReferenceTables({"train": table}) if engine.config.needs_reference
+                              else NO_REFERENCE, eval_every=self.c.eval.every, evaluate=evaluate)
+            trainer.fit(engine.state, self._pair_loader())
+            self.log(f"{name}: reward {points[-1]['reward']:+.3f}, KL {points[-1]['kl']:.3f} after {t.steps} steps "
                      f"({time.perf_counter() - t0:.0f} s)")
         with open(os.path.join(self.c.out_dir, "samples.jsonl"), "w") as f:
             f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
         return points
 
+    def _pair_loader(self) -> PreferenceLoader:
+        """The preference pairs in training order (the same for every method)."""
+        return PreferenceLoader(self.pair_source, global_batch_pairs=self.c.train.batch_pairs,
+                                seq_len=self._seq_len(), seed=self.c.seed, prefetch=0, pad_id=self.pad)
+
     def _seq_len(self) -> int:
         return self.c.pairs.max_prefix + max(self.c.pairs.max_new_tokens, 1)
-
-
-def _reference_table(engine, source, batch_pairs, seq_len, path):
-    """π_SFT's log-probs of every pair, computed once and cached (shared by all methods)."""
-    from dpo_jax import reference
-
-    def one_pass():
-        return PreferenceLoader(source, global_batch_pairs=batch_pairs, seq_len=seq_len, shuffle=False,
-                                num_epochs=1, prefetch=0)
-
-    return reference.precompute(engine.state.params, engine.reference_step, one_pass, engine.mesh, engine.rules,
-                                path)[0]
-
-
-def write_results(c: ml_collections.ConfigDict, points: list[dict[str, Any]], vader_r: float) -> None:
-    out = c.out_dir
-    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["method", "step", "reward", "kl"])
-        w.writeheader()
-        w.writerows(points)
-    sft = next(p for p in points if p["method"] == "sft")
-    final = {}
-    for p in points:
-        final[p["method"]] = p
-    lines = ["# Sentiment experiment results", "",
-             f"VADER compound vs mean human rating on the test split: Pearson r = {vader_r:.3f}.", "",
-             "Final point of each method (mean VADER reward of completions on held-out prefixes; mean "
-             "sequence-level KL(π‖π_SFT) over the sampled tokens):", "",
-             "| method | steps | reward | Δ reward vs π_SFT | KL |", "|---|---|---|---|---|"]
-    for name, p in final.items():
-        lines.append(f"| {name} | {p['step']} | {p['reward']:+.3f} | {p['reward'] - sft['reward']:+.3f} | "
-                     f"{p['kl']:.3f} |")
-    lines += ["", "Every evaluated point is in results.csv; frontier.png plots them."]
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    names = list(dict.fromkeys(p["method"] for p in points))
-    colors = plt.cm.tab20(np.linspace(0, 1, 20))  # distinct colours for up to 20 methods (the default cycles at 10)
-    for i, name in enumerate(names):
-        pts = [p for p in points if p["method"] == name]
-        if len(pts) == 1:
-            ax.plot([pts[0]["kl"]], [pts[0]["reward"]], "k*", markersize=12, label=name)
-        else:
-            ax.plot([p["kl"] for p in pts], [p["reward"] for p in pts], "os^D"[i % 4] + "-", color=colors[i % 20],
-                    markersize=4, label=name)
-    ax.set_xlabel("KL(π ‖ π_ref) per sequence (nats)")
-    ax.set_ylabel("mean VADER reward")
-    ax.set_title("Reward vs KL on held-out prefixes (cf. DPO paper, Fig. 2 left)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "frontier.png"), dpi=120)
-    plt.close(fig)
 
 
 def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -393,11 +353,11 @@ def full_config() -> ml_collections.ConfigDict:
     c.train.steps = 200
     methods = {}
     for beta in (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0):
-        methods[f"dpo_beta{str(beta).replace('.', 'p')}"] = ("dpo", "sigmoid", beta, 0.0, 0.0)
+        methods[f"dpo_beta{str(beta).replace('.', 'p')}"] = method("dpo", beta=beta)
     for alpha in (0.1, 0.3, 1.0, 3.0):
-        methods[f"unlikelihood_alpha{str(alpha).replace('.', 'p')}"] = ("unlikelihood", "sigmoid", 0.1, 0.0, alpha)
-    methods["cdpo_beta0p1"] = ("dpo", "sigmoid", 0.1, 0.2, 0.0)
-    methods["ipo_beta0p1"] = ("dpo", "ipo", 0.1, 0.0, 0.0)
-    methods["preferred_ft"] = ("sft", "sigmoid", 0.1, 0.0, 0.0)
+        methods[f"unlikelihood_alpha{str(alpha).replace('.', 'p')}"] = method("unlikelihood", unlikelihood_alpha=alpha)
+    methods["cdpo_beta0p1"] = method("dpo", beta=0.1, label_smoothing=0.2)
+    methods["ipo_beta0p1"] = method("dpo", loss_type="ipo", beta=0.1)
+    methods["preferred_ft"] = method("sft")
     c.methods = ml_collections.ConfigDict(methods)
     return c

@@ -127,15 +127,15 @@ class Trainer:
         pending = []  # (step, loss Mean, grad norm, example ids) since the last finiteness check
         flops = 0.0  # model FLOPs of the logging window's steps (each at its own sequence length)
         deferred = None  # a log point whose metrics are read after the next step is dispatched
-        t0 = time.perf_counter()
+        t0, paused = time.perf_counter(), 0.0  # paused: evaluation time since t0, not counted in tokens/s
 
         def write_log(point) -> None:
             """Checks a log point's steps finite, then logs its window (this waits for its last step)."""
-            nonlocal last, t0
+            nonlocal last, t0, paused
             step, logged_window, logged_pending, logged_flops = point
             check_finite(logged_pending, checkpoints)
             values = summaries.finalize(logged_window)
-            elapsed = time.perf_counter() - t0  # from the previous log point's results to this one's
+            elapsed = time.perf_counter() - t0 - paused  # from the previous log point's results to this one's
             values["tokens_per_second"] = values["num_tokens"] * logged_window["num_tokens"].count / elapsed \
                 if elapsed else 0.0
             if self.peak_tflops:
@@ -143,7 +143,7 @@ class Trainer:
             if self.writer is not None:
                 self.writer.scalars(step, self.name, values)
             self.history.append({"step": step, **values})
-            last, t0 = values, time.perf_counter()
+            last, t0, paused = values, time.perf_counter(), 0.0
 
         try:
             for step in range(start + 1, self.steps + 1):
@@ -173,8 +173,9 @@ class Trainer:
                     checkpoints.save(step, state, loader=batches.state, window=window, model=engine.config.model,
                                      mode=engine.config.mode)
                 if evaluate_now:
+                    t_eval = time.perf_counter()
                     self.evaluate(step, state)
-                    t0 = time.perf_counter()
+                    paused += time.perf_counter() - t_eval
                 if stop and step < self.steps:
                     checkpoints.wait()
                     print(f"SIGTERM: saved checkpoint at step {step} in {checkpoints.directory}; exiting", flush=True)
