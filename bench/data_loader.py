@@ -1,6 +1,9 @@
 """Data pipeline throughput: tokenization into the TFDS cache, then loader batches/s (with/without prefetch).
 
-    python bench/data_loader.py [--examples 3000] [--batch-pairs 64] [--max-length 512]
+    python bench/data_loader.py [--examples 3000] [--batch-pairs 64] [--max-length 512] [--grain]
+
+--grain adds the same batches (same layout, buckets and padding) through grain's DataLoader + IndexSampler over
+the same array_record source, in-process and with worker processes (`pip install grain`; not a dependency).
 
 Text: English docstrings of the Python standard library (real prose and code, no download), cut into HH-format
 dialogues with ~150-word prompts; tokenizer: an 8,192-token byte-level BPE trained on the same text.
@@ -23,6 +26,7 @@ from dpo_jax.data import storage
 from dpo_jax.data.bpe import train_bpe_tokenizer
 from dpo_jax.data.loader import PreferenceLoader
 from dpo_jax.data.tokenize import Lengths
+from dpo_jax.layout import PAIRS
 
 MODULES = ["os", "re", "json", "collections", "itertools", "functools", "pathlib", "subprocess", "threading",
            "asyncio", "argparse", "logging", "unittest", "typing", "dataclasses", "inspect", "email", "http.client",
@@ -61,6 +65,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=40)
     p.add_argument("--step-ms", type=float, default=10.0,
                    help="simulated device step per batch (a sleep: it releases the GIL like a dispatched step)")
+    p.add_argument("--grain", action="store_true", help="also time grain's DataLoader on the same batches")
     args = p.parse_args()
     rng = np.random.default_rng(0)
     words = corpus_words()
@@ -78,10 +83,16 @@ def main() -> None:
         print(f"prepare (read + tokenize + write array_record): {args.examples} examples in {prep:.1f} s = "
               f"{args.examples / prep:,.0f} examples/s; mean length {split.lengths.mean():.0f} tokens, "
               f"max {split.lengths.max()}")
-        for prefetch in (0, 4):
-            loader = PreferenceLoader(split.source, global_batch_pairs=args.batch_pairs,
-                                      seq_len=(128, 256, args.max_length), lengths=split.lengths, prefetch=prefetch)
-            next(loader)  # start-up (thread, first permutation)
+        buckets = (128, 256, args.max_length)
+        loaders = {f"loader prefetch={prefetch}": lambda prefetch=prefetch: PreferenceLoader(
+            split.source, global_batch_pairs=args.batch_pairs, seq_len=buckets, lengths=split.lengths,
+            prefetch=prefetch) for prefetch in (0, 4)}
+        if args.grain:
+            loaders |= {f"grain DataLoader workers={w}": lambda w=w: grain_loader(split.source, args.batch_pairs,
+                                                                                 buckets, w) for w in (0, 2)}
+        for name, make in loaders.items():
+            loader = make()
+            next(loader)  # start-up (thread or workers, first permutation)
             t = time.perf_counter()
             tokens = 0
             for _ in range(args.batches):
@@ -92,10 +103,25 @@ def main() -> None:
                 next(loader)
                 time.sleep(args.step_ms / 1000)
             with_step = args.batches / (time.perf_counter() - t)
-            loader.close()
-            print(f"loader prefetch={prefetch}: {args.batches / dt:,.1f} batches/s of {args.batch_pairs} pairs "
+            getattr(loader, "close", lambda: None)()
+            print(f"{name}: {args.batches / dt:,.1f} batches/s of {args.batch_pairs} pairs "
                   f"({2 * args.batch_pairs} rows, {tokens / dt:,.0f} real tokens/s); with a {args.step_ms:g} ms "
                   f"step per batch: {with_step:,.1f} steps/s (ideal {1000 / args.step_ms:,.1f})")
+
+
+def grain_loader(source, batch_pairs: int, buckets: tuple[int, ...], workers: int):
+    """The same padded [2b, T] batches as PreferenceLoader (pairs layout, smallest fitting bucket), from grain."""
+    import grain.python as gp
+
+    def collate(examples):
+        longest = max(max(len(ex["chosen_input_ids"]), len(ex["rejected_input_ids"])) for ex in examples)
+        out = PAIRS.host_rows(examples, next(b for b in buckets if b >= longest), 0)
+        out["example_id"] = np.asarray([int(ex["example_id"]) for ex in examples], np.int32)
+        return out
+
+    sampler = gp.IndexSampler(len(source), shuffle=True, num_epochs=None, seed=0)
+    return iter(gp.DataLoader(data_source=source, sampler=sampler, worker_count=workers,
+                              operations=[gp.Batch(batch_pairs, drop_remainder=True, batch_fn=collate)]))
 
 
 if __name__ == "__main__":
