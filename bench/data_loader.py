@@ -88,8 +88,11 @@ def main() -> None:
             split.source, global_batch_pairs=args.batch_pairs, seq_len=buckets, lengths=split.lengths,
             prefetch=prefetch) for prefetch in (0, 4)}
         if args.grain:
-            loaders |= {f"grain DataLoader workers={w}": lambda w=w: grain_loader(split.source, args.batch_pairs,
+            reopen = ReopenedSource(split.source.dataset_info.data_dir, "train")
+            loaders |= {f"grain DataLoader workers={w}": lambda w=w: grain_loader(reopen, args.batch_pairs,
                                                                                  buckets, w) for w in (0, 2)}
+            loaders["grain MapDataset, 1 read thread"] = lambda: grain_map_dataset(split.source, args.batch_pairs,
+                                                                               buckets)
         for name, make in loaders.items():
             loader = make()
             next(loader)  # start-up (thread or workers, first permutation)
@@ -109,19 +112,57 @@ def main() -> None:
                   f"step per batch: {with_step:,.1f} steps/s (ideal {1000 / args.step_ms:,.1f})")
 
 
-def grain_loader(source, batch_pairs: int, buckets: tuple[int, ...], workers: int):
-    """The same padded [2b, T] batches as PreferenceLoader (pairs layout, smallest fitting bucket), from grain."""
-    import grain.python as gp
+class ReopenedSource:
+    """The prepared split's TFDS data source, reopened from its directory in each process (grain's worker
+    processes pickle the source; the prepared builder itself cannot be rebuilt from its pickle)."""
 
+    def __init__(self, data_dir: str, split: str):
+        self.data_dir, self.split, self._source = data_dir, split, None
+
+    def _open(self):
+        if self._source is None:
+            import tensorflow_datasets as tfds
+
+            self._source = tfds.builder_from_directory(self.data_dir).as_data_source(split=self.split)
+        return self._source
+
+    def __len__(self) -> int:
+        return len(self._open())
+
+    def __getitem__(self, i):
+        return self._open()[i]
+
+    def __getstate__(self):
+        return {"data_dir": self.data_dir, "split": self.split, "_source": None}
+
+
+def _collate(buckets: tuple[int, ...]):
+    """The same padded [2b, T] batch as PreferenceLoader (pairs layout, smallest fitting bucket)."""
     def collate(examples):
         longest = max(max(len(ex["chosen_input_ids"]), len(ex["rejected_input_ids"])) for ex in examples)
         out = PAIRS.host_rows(examples, next(b for b in buckets if b >= longest), 0)
         out["example_id"] = np.asarray([int(ex["example_id"]) for ex in examples], np.int32)
         return out
+    return collate
 
+
+def grain_loader(source, batch_pairs: int, buckets: tuple[int, ...], workers: int):
+    """grain.DataLoader + IndexSampler (shuffled, endless) + Batch with our collation."""
+    import grain.python as gp
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()  # grain reads its own absl flags (their defaults here)
     sampler = gp.IndexSampler(len(source), shuffle=True, num_epochs=None, seed=0)
     return iter(gp.DataLoader(data_source=source, sampler=sampler, worker_count=workers,
-                              operations=[gp.Batch(batch_pairs, drop_remainder=True, batch_fn=collate)]))
+                              operations=[gp.Batch(batch_pairs, drop_remainder=True, batch_fn=_collate(buckets))]))
+
+
+def grain_map_dataset(source, batch_pairs: int, buckets: tuple[int, ...]):
+    """grain's dataset API: a shuffled MapDataset, batched, iterated with one read thread (its fastest here) and prefetch."""
+    import grain
+
+    dataset = grain.MapDataset.source(source).shuffle(seed=0).repeat().batch(batch_pairs, batch_fn=_collate(buckets))
+    return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)))
 
 
 if __name__ == "__main__":

@@ -39,3 +39,19 @@ def test_ci_runs_the_readme_test_command():
     with open(os.path.join(REPO, ".ci", "run")) as f:
         ci_lines = [line.strip() for line in f]
     assert commands[1].strip() in ci_lines
+
+
+def test_one_training_loop_and_no_oversized_module():
+    """Trainer.fit is the only code in the package that steps an optimizer; no module grows past ~400 lines."""
+    calls, sizes = [], {}
+    for root, _, files in os.walk(os.path.join(REPO, "dpo_jax")):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(root, name)
+                with open(path) as f:
+                    lines = f.readlines()
+                sizes[os.path.relpath(path, REPO)] = len(lines)
+                calls += [os.path.relpath(path, REPO) for line in lines
+                          if re.search(r"\.train_step\(|optimizer\.update\(|opt\.update\(", line)]
+    assert sorted(calls) == ["dpo_jax/train/step.py", "dpo_jax/train/trainer.py"], calls
+    assert max(sizes.values()) <= 410, {k: v for k, v in sizes.items() if v > 410}

@@ -96,3 +96,14 @@ def test_zero_training_steps_evaluates_only_the_sft_policy(result, capsys):
     sft = next(p for p in first["points"] if p["method"] == "sft")
     assert (r["points"][0]["reward"], r["points"][0]["kl"]) == pytest.approx((sft["reward"], sft["kl"]), abs=1e-6)
     assert "train.steps = 0: no method is trained" in capsys.readouterr().out
+
+
+def test_methods_are_named_entries_whose_unknown_fields_name_the_method(result):
+    c, _ = result
+    m = S.default_config().methods
+    assert (m.cdpo_beta0p1.mode, m.cdpo_beta0p1.dpo.beta, m.cdpo_beta0p1.dpo.label_smoothing) == ("dpo", 0.1, 0.2)
+    assert m.unlikelihood_alpha1.to_dict() == {"mode": "unlikelihood", "dpo": {"unlikelihood_alpha": 1.0}}
+    stages = S.Stages(c.copy_and_resolve_references())
+    stages.data()
+    with pytest.raises(ValueError, match=r"config.methods.typo.dpo: unknown key\(s\) \['bta'\]; valid: loss_type"):
+        stages._engine("typo", S.method("dpo", bta=0.5), 1e-3, 4, None)
