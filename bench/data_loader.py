@@ -158,7 +158,7 @@ def grain_loader(source, batch_pairs: int, buckets: tuple[int, ...], workers: in
 
 
 def grain_map_dataset(source, batch_pairs: int, buckets: tuple[int, ...]):
-    """grain's dataset API: a shuffled MapDataset, batched, iterated with one read thread (its fastest here) and prefetch."""
+    """grain's dataset API: a shuffled MapDataset, batched, iterated with one read thread (its fastest here)."""
     import grain
 
     dataset = grain.MapDataset.source(source).shuffle(seed=0).repeat().batch(batch_pairs, batch_fn=_collate(buckets))

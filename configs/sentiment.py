@@ -1,6 +1,6 @@
 """dpo-jax experiment sentiment --config configs/sentiment.py[:full]
 
-Expected (default; measured 6.0 minutes on 2 CPU cores, plus a few seconds the first time to fetch the 2.4 MB
+Expected (default; measured 6.0–6.6 minutes on 2 CPU cores, plus a few seconds the first time to fetch the 2.4 MB
 corpus archive from the package index): VADER vs human ratings r = 0.450 on the test split; π_SFT's mean reward on
 held-out prefixes +0.141; DPO β = 0.1 at +0.591 (KL 10.1 nats), β = 1 at +0.266 (KL 1.2), Preferred-FT +0.235;
 runs/sentiment/{results.md, results.csv, frontier.png, samples.jsonl, pairs.jsonl} (docs/sentiment/ has a copy).
