@@ -386,11 +386,17 @@ def unlikelihood_loss(
 
 
 def bradley_terry_loss(
-    chosen_scores: Array, rejected_scores: Array, margin: Array | float = 0.0
+    chosen_scores: Array, rejected_scores: Array, margin: Array | float = 0.0, center_coefficient: float = 0.0
 ) -> tuple[Array, Array]:
-    """Reward-model loss of the RLHF baseline: −logσ(r_w − r_l − margin) and accuracy 1[r_w > r_l], per example.
+    """Reward-model loss of the RLHF baseline: −logσ(r_w − r_l − margin) + c·(r_w + r_l)² and accuracy
+    1[r_w > r_l], per example.
 
-    `margin` is the optional preference-strength margin of Llama 2 (0 gives the plain Bradley-Terry NLL).
+    `margin` is the optional preference-strength margin of Llama 2 (0 gives the plain Bradley-Terry NLL); c is TRL's
+    `center_rewards_coefficient` (its batch mean of (r_w + r_l)² is the mean of this per-example term), which pulls
+    the rewards toward zero mean, since Bradley-Terry alone fixes them only up to a constant.
     """
-    diff = jnp.asarray(chosen_scores, jnp.float32) - jnp.asarray(rejected_scores, jnp.float32)
-    return -log_sigmoid(diff - margin), (diff > 0).astype(jnp.float32)
+    rw, rl = jnp.asarray(chosen_scores, jnp.float32), jnp.asarray(rejected_scores, jnp.float32)
+    loss = -log_sigmoid(rw - rl - margin)
+    if center_coefficient:
+        loss = loss + center_coefficient * jnp.square(rw + rl)
+    return loss, (rw > rl).astype(jnp.float32)

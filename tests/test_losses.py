@@ -265,6 +265,11 @@ def test_bradley_terry_loss_and_accuracy():
     np.testing.assert_allclose(np.asarray(with_margin), np.log1p(np.exp(-(rw - rl - 1.0))), rtol=1e-5)
     extreme, _ = L.bradley_terry_loss(jnp.asarray([1e4, -1e4]), jnp.asarray([0.0, 0.0]))
     assert np.all(np.isfinite(np.asarray(extreme)))
+    margins = rng.uniform(0, 2, 32)  # a per-example margin field, and TRL's reward centering
+    centered, _ = L.bradley_terry_loss(jnp.asarray(rw), jnp.asarray(rl), margin=jnp.asarray(margins),
+                                       center_coefficient=0.01)
+    want = np.log1p(np.exp(-(rw - rl - margins))) + 0.01 * (rw + rl) ** 2
+    np.testing.assert_allclose(np.asarray(centered), want, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -105,5 +105,5 @@ def test_methods_are_named_entries_whose_unknown_fields_name_the_method(result):
     assert m.unlikelihood_alpha1.to_dict() == {"mode": "unlikelihood", "dpo": {"unlikelihood_alpha": 1.0}}
     stages = S.Stages(c.copy_and_resolve_references())
     stages.data()
-    with pytest.raises(ValueError, match=r"config.methods.typo.dpo: unknown key\(s\) \['bta'\]; valid: loss_type"):
+    with pytest.raises(ValueError, match=r"config.methods.typo.dpo: unknown key\(s\) \['bta'\]; valid: beta, "):
         stages._engine("typo", S.method("dpo", bta=0.5), 1e-3, 4, None)
