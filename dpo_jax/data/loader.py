@@ -128,7 +128,7 @@ class PreferenceLoader:
         examples = [None if i < 0 else self.source[int(i)] for i in local]
         out = self.layout.host_rows(examples, t, self.pad_id, self.score_window)
         out["example_id"] = np.asarray([-1 if ex is None else int(ex["example_id"]) for ex in examples], np.int32)
-        out["example_mask"] = (out["example_id"] >= 0).astype(np.int32)
+        out["example_mask"] = np.asarray([ex is not None for ex in examples], np.int32)
         return out
 
     def one_pass(self, prefetch: int = 2) -> "PreferenceLoader":
