@@ -23,8 +23,8 @@ class ConfigError(ValueError):
     """A user mistake in a config file or an override; the message names the file or key."""
 
 
-def load_config(spec: str | None, default: Callable[[], ml_collections.ConfigDict] | None = None
-                ) -> ml_collections.ConfigDict:
+def load_config_file(spec: str | None, default: Callable[[], ml_collections.ConfigDict] | None = None
+                     ) -> ml_collections.ConfigDict:
     """The config of `path/to/config.py[:arg]` (its `get_config(arg)`, loaded by config_flags as `--config` would
     load it), or `default()` without a spec; before overrides."""
     flag_values = flags.FlagValues()
@@ -50,17 +50,15 @@ def load_config(spec: str | None, default: Callable[[], ml_collections.ConfigDic
     return config
 
 
-load_config_file = load_config
-
-
-def define_config_flag(spec: str | None, default: Callable[[], ml_collections.ConfigDict], argv: Sequence[str],
+def define_config_flag(spec: str | None, default: Callable[[], ml_collections.ConfigDict], keys: Iterable[str],
+                       argv: Sequence[str],
                        flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """Defines `--config` on `flag_values`: DEFINE_config_file for the file `spec`, else DEFINE_config_dict for
-    `default()`. `argv` is the command line without `--config FILE`; its `--config.KEY=VALUE` overrides are checked
-    against the config first (ConfigError naming the key and the closest valid one), then registered, applied and
-    locked by config_flags when absl parses argv."""
-    base = load_config(spec, default)
-    check_override_keys(base, [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")])
+    `default()`. `keys` (the override keys in `argv`, the command line without `--config FILE`) are checked against
+    the config first (ConfigError naming the key and the closest valid one); config_flags then registers, applies
+    and locks the overrides when absl parses argv."""
+    base = load_config_file(spec, default)
+    check_override_keys(base, keys)
     if spec is None:
         config_flags.DEFINE_config_dict("config", base, "the command's built-in config", flag_values=flag_values,
                                         lock_config=True, sys_argv=list(argv))

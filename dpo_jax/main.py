@@ -65,8 +65,8 @@ def _run_config_command(command: str, module, entry, argv: list[str]) -> None:
 
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no "no TPU here" noise on CPU/GPU
     try:
-        spec, _, argv = split_config_args(argv)
-        define_config_flag(spec, module.default_config, argv)
+        spec, keys, argv = split_config_args(argv)
+        define_config_flag(spec, module.default_config, keys, argv)
     except ConfigError as e:
         print(f"dpo-jax {command}: {e}", file=sys.stderr)
         sys.exit(2)

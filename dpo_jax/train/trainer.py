@@ -137,9 +137,9 @@ class Trainer:
             values = summaries.finalize(logged_window)
             # a host float: a jax op on the count would queue behind the step in flight, and writing this log
             # point would then wait for that step (its time lost from every tokens/s)
-            steps = float(logged_window["num_tokens"].count)
+            window_steps = float(logged_window["num_tokens"].count)
             elapsed = time.perf_counter() - t0 - paused  # from the previous log point's results to this one's
-            values["tokens_per_second"] = values["num_tokens"] * steps / elapsed if elapsed else 0.0
+            values["tokens_per_second"] = values["num_tokens"] * window_steps / elapsed if elapsed else 0.0
             if self.peak_tflops:
                 values["mfu"] = logged_flops / elapsed / (self.peak_tflops * 1e12 * jax.device_count())
             if self.writer is not None:
