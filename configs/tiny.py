@@ -7,8 +7,9 @@ and policy samples written to samples.jsonl. Re-running the same command resumes
 A tiny CPU run of the whole pipeline on configs/data/tiny_hh (256 synthetic HH dialogues in which polite,
 on-topic answers are preferred; regenerate with configs/data/make_tiny_hh.py): a 512-token byte-level BPE trained
 on the data, a 2-layer GPT-2-shaped model from random init, the cached reference pass, logging, eval, sampling
-and checkpoints. MODE: dpo (default), sft (Preferred-FT), unlikelihood, or any preference loss type (ipo, hinge,
-...), which trains DPO with that loss.
+and checkpoints. MODE: dpo (default), sft (Preferred-FT), unlikelihood, reward (a Bradley-Terry reward model:
+eval accuracy 1.0 and loss < 1e-4 by step 30, as the tiny data's preference is easy; no samples), or any
+preference loss type (ipo, hinge, ...), which trains DPO with that loss.
 """
 
 import os
@@ -36,11 +37,13 @@ def get_config(arg=None):
     c.train.eval_samples, c.train.sample_max_new_tokens = 2, 16
     c.train.run_dir = f"runs/tiny_{mode}"
     c.optimizer.name, c.optimizer.learning_rate, c.optimizer.warmup_steps = "adamw", 3e-3, 0
-    if mode in ("sft", "unlikelihood"):
+    if mode in ("sft", "unlikelihood", "reward"):
         c.train.mode = mode
+        if mode == "reward":
+            c.train.eval_samples = 0  # a reward model scores; it does not sample
     elif mode == "dpo" or mode in loss_types():
         c.dpo.loss_type = "sigmoid" if mode == "dpo" else mode
         c.dpo.beta = 0.1
     else:
-        raise ValueError(f"configs/tiny.py: unknown MODE {mode!r}; use dpo, sft, unlikelihood or a loss type")
+        raise ValueError(f"configs/tiny.py: unknown MODE {mode!r}; use dpo, sft, unlikelihood, reward or a loss type")
     return c

@@ -96,6 +96,13 @@ class Layout:
         """A per-token [rows, T] array that is 0 off scored tokens -> (chosen, rejected) [B, T] in pair order."""
         raise NotImplementedError
 
+    def sequences(self, x: jax.Array, valid: jax.Array, batch: Batch, num_blocks: int
+                  ) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+        """A per-token [rows, T] array and a [rows, T] bool -> ((x, valid) of the chosen sequence, (x, valid) of the
+        rejected one), each [B, T] in pair order, `valid` kept only on that sequence's own tokens (prompt and
+        response): what a reward model reads its score from."""
+        raise NotImplementedError
+
     def micro_batches(self, batch: Batch, m: int, num_blocks: int) -> Batch:
         """Every field [rows or B, ...] -> [M, ... / M, ...]: micro-batch k holds pairs i ≡ k (mod M) of each block."""
         raise NotImplementedError
@@ -145,6 +152,10 @@ class PairRows(Layout):
         y = x.reshape(num_blocks, 2, -1, *x.shape[1:])
         return y[:, 0].reshape(-1, *x.shape[1:]), y[:, 1].reshape(-1, *x.shape[1:])
 
+    def sequences(self, x, valid, batch, num_blocks):
+        (xc, xr), (vc, vr) = self.responses(x, batch, num_blocks), self.responses(valid, batch, num_blocks)
+        return (xc, vc), (xr, vr)
+
     def micro_batches(self, batch, m, num_blocks):
         return {k: _split_blocks(v, m, num_blocks, 2 if k in self.row_keys else 1) for k, v in batch.items()}
 
@@ -193,6 +204,10 @@ class SharedPrompt(Layout):
     def responses(self, x, batch, num_blocks):
         segments = batch["segment_ids"]
         return x * (segments == CHOSEN), x * (segments == REJECTED)
+
+    def sequences(self, x, valid, batch, num_blocks):
+        segments = batch["segment_ids"]
+        return tuple((x, valid & ((segments == PROMPT) | (segments == side))) for side in (CHOSEN, REJECTED))
 
     def micro_batches(self, batch, m, num_blocks):
         return {k: _split_blocks(v, m, num_blocks, 1) for k, v in batch.items()}

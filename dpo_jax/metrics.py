@@ -11,7 +11,7 @@ import math
 import os
 from typing import Any
 
-SUMMARY_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "grad_norm", "learning_rate")
+SUMMARY_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "accuracy", "margin", "grad_norm", "learning_rate")
 
 
 def itstime(step: int, every: int, total: int) -> bool:

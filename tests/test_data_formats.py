@@ -125,6 +125,10 @@ def test_parquet_files_and_directories(tmp_path):
     ('[1, 2]', r"bad\.jsonl:2: expected a JSON object, got list"),
     ('{"prompt": "p", "chosen": 3, "rejected": "x"}', r"bad\.jsonl:2: field 'chosen' must be str, got int"),
     ('{"prompt": "p", "chosen": "c"}', r"bad\.jsonl:2: missing field 'rejected'"),
+    ('{"prompt": "p", "chosen": "c", "rejected": "r", "margin": "high"}',
+     r"bad\.jsonl:2: field 'margin' must be a finite number, got 'high'"),
+    ('{"prompt": "p", "chosen": "c", "rejected": "r", "margin": NaN}',
+     r"bad\.jsonl:2: field 'margin' must be a finite number, got nan"),
 ])
 def test_malformed_rows_name_file_line_and_field(tmp_path, line, message):
     path = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "c", "rejected": "r"}], [line])

@@ -144,6 +144,18 @@ def test_storage_round_trip_cache_and_bad_example_policy(tokenizer, tmp_path):
         storage.prepare({"train": train}, tokenizer, Lengths(64, 32), str(tmp_path / "c3"), on_bad_example="drop")
 
 
+def test_a_pair_margin_reaches_the_loader_batch(tokenizer, tmp_path):
+    """The generic format's optional `margin` (reward-model training) survives reading, tokenizing and batching."""
+    rows = [{"prompt": "Q: 1+1?", "chosen": " 2", "rejected": " 3", "margin": 1.5},
+            {"prompt": "Q: 2+2?", "chosen": " 4", "rejected": " 5"}]
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    split = storage.prepare({"train": str(path)}, tokenizer, Lengths(32, 16), str(tmp_path / "cache"))["train"]
+    batch = next(iter(PreferenceLoader(split.source, global_batch_pairs=4, seq_len=32, shuffle=False, prefetch=0)))
+    np.testing.assert_array_equal(batch["margin"], [1.5, 0.0, 0.0, 0.0])
+    assert batch["example_mask"].tolist() == [1, 1, 0, 0]
+
+
 def test_storage_needs_no_tensorflow(tokenizer, tmp_path):
     """Prepare and read back in a fresh interpreter: TensorFlow is never imported (and is not installed here)."""
     train = _write_hh(tmp_path / "t.jsonl", 4)

@@ -265,6 +265,7 @@ _GPT2_RULES = [
     *_linear_rules("transformer.h.{i}.mlp.c_fc", "layers_{i}/mlp/fc_in", IDENTITY),
     *_linear_rules("transformer.h.{i}.mlp.c_proj", "layers_{i}/mlp/fc_out", IDENTITY),
     Rule("lm_head.weight", ("lm_head_kernel",), TRANSPOSE),
+    Rule("score.weight", ("score_kernel",), TRANSPOSE),  # *ForSequenceClassification
 ]
 
 _GPTJ_RULES = [
@@ -278,6 +279,7 @@ _GPTJ_RULES = [
     *_linear_rules("transformer.h.{i}.mlp.fc_out", "layers_{i}/mlp/fc_out"),
     Rule("lm_head.weight", ("lm_head_kernel",), TRANSPOSE),
     Rule("lm_head.bias", ("lm_head_bias",)),
+    Rule("score.weight", ("score_kernel",), TRANSPOSE),  # *ForSequenceClassification
 ]
 
 _NEOX_RULES = [
@@ -294,6 +296,7 @@ _NEOX_RULES = [
     *_linear_rules("gpt_neox.layers.{i}.mlp.dense_4h_to_h", "layers_{i}/mlp/fc_out"),
     # transformers v5 calls the head `lm_head` in memory (a torch.save'd state dict) and `embed_out` on disk.
     Rule("embed_out.weight", ("lm_head_kernel",), TRANSPOSE, aliases=("lm_head.weight",)),
+    Rule("score.weight", ("score_kernel",), TRANSPOSE),  # *ForSequenceClassification
 ]
 
 _LLAMA_RULES = [
@@ -309,6 +312,7 @@ _LLAMA_RULES = [
     *[r for p in ("gate", "up", "down") for r in _linear_rules(f"model.layers.{{i}}.mlp.{p}_proj",
                                                                f"layers_{{i}}/mlp/{p}")],
     Rule("lm_head.weight", ("lm_head_kernel",), TRANSPOSE),
+    Rule("score.weight", ("score_kernel",), TRANSPOSE),  # *ForSequenceClassification
 ]
 
 
@@ -316,6 +320,7 @@ _LLAMA_RULES = [
 class Family:
     model_type: str
     architecture: str  # the HF class name written to config.json
+    classifier: str  # ... and that of a reward model (head = "score"): the *ForSequenceClassification class
     rules: list[Rule]
     config_from_hf: Callable[[dict], ModelConfig]
     config_to_hf: Callable[[ModelConfig], dict]
@@ -332,15 +337,35 @@ _OLD_BUFFERS = (r".*\.attn\.(masked_)?bias", r".*\.attention\.(masked_)?bias", r
 FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in [
-        Family("gpt2", "GPT2LMHeadModel", _GPT2_RULES, _gpt2_config, _gpt2_to_hf, _OLD_BUFFERS),
-        Family("gptj", "GPTJForCausalLM", _GPTJ_RULES, _gptj_config, _gptj_to_hf, _OLD_BUFFERS),
-        Family("gpt_neox", "GPTNeoXForCausalLM", _NEOX_RULES, _neox_config, _neox_to_hf, _OLD_BUFFERS),
-        Family("llama", "LlamaForCausalLM", _LLAMA_RULES, _llama_config, _llama_to_hf, _OLD_BUFFERS),
-        Family("mistral", "MistralForCausalLM", _LLAMA_RULES, _llama_config, _llama_to_hf, _OLD_BUFFERS),
-        Family("qwen2", "Qwen2ForCausalLM", _LLAMA_RULES, _llama_config, _llama_to_hf, _OLD_BUFFERS),
-        Family("qwen3", "Qwen3ForCausalLM", _LLAMA_RULES, _llama_config, _llama_to_hf, _OLD_BUFFERS),
+        Family("gpt2", "GPT2LMHeadModel", "GPT2ForSequenceClassification", _GPT2_RULES, _gpt2_config, _gpt2_to_hf,
+               _OLD_BUFFERS),
+        Family("gptj", "GPTJForCausalLM", "GPTJForSequenceClassification", _GPTJ_RULES, _gptj_config, _gptj_to_hf,
+               _OLD_BUFFERS),
+        Family("gpt_neox", "GPTNeoXForCausalLM", "GPTNeoXForSequenceClassification", _NEOX_RULES, _neox_config,
+               _neox_to_hf, _OLD_BUFFERS),
+        *[Family(name, f"{cls}ForCausalLM", f"{cls}ForSequenceClassification", _LLAMA_RULES, _llama_config,
+                 _llama_to_hf, _OLD_BUFFERS)
+          for name, cls in (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"))],
     ]
 }
+
+
+def head_from_hf(cj: dict) -> dict[str, Any]:
+    """The ModelConfig head fields of an HF config.json: a *ForSequenceClassification checkpoint is a reward model
+    (one score, read at the last token that is not `pad_token_id`); anything else a language model."""
+    if not any(str(a).endswith("ForSequenceClassification") for a in cj.get("architectures") or ()):
+        return {"head": "lm"}
+    labels = cj.get("num_labels", len(cj["id2label"]) if "id2label" in cj else 2)  # transformers' default: 2
+    if labels != 1:
+        raise ValueError(f"num_labels = {labels}: a reward model has one score per sequence (num_labels = 1)")
+    return {"head": "score", "pad_token_id": cj.get("pad_token_id")}
+
+
+def head_to_hf(c: ModelConfig, family: Family) -> dict[str, Any]:
+    if c.head == "lm":
+        return {"architectures": [family.architecture]}
+    return {"architectures": [family.classifier], "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0},
+            "pad_token_id": c.pad_token_id}
 
 
 def family_of(model_type: str | None, where: str) -> Family:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from dpo_jax.convert.families import Family, expand, family_of
+from dpo_jax.convert.families import Family, expand, family_of, head_from_hf, head_to_hf
 from dpo_jax.convert.tensors import CheckpointReader, write_safetensors
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.decoder import Decoder
@@ -38,7 +38,7 @@ def read_hf_config(directory: str) -> tuple[Family, ModelConfig]:
             raise ValueError(f"{path}: invalid JSON ({e})") from None
     family = family_of(cj.get("model_type"), path)
     try:
-        return family, family.config_from_hf(cj)
+        return family, family.config_from_hf(cj).replace(**head_from_hf(cj))
     except KeyError as e:
         raise ValueError(f"{path}: missing key {e.args[0]!r} for model_type {family.model_type!r}") from None
     except ValueError as e:
@@ -166,7 +166,8 @@ def save_hf_checkpoint(
     extra_config: dict[str, Any] | None = None,
 ) -> list[str]:
     """Writes config.json + safetensors (sharded above `max_shard_bytes`) loadable by
-    `transformers.AutoModelForCausalLM.from_pretrained`. `extra_config` adds keys such as bos/eos token ids.
+    `transformers.AutoModelForCausalLM.from_pretrained` (a reward model: `AutoModelForSequenceClassification`).
+    `extra_config` adds keys such as bos/eos token ids.
     Tensors are converted and written one shard at a time. Returns the weight file names."""
     family = family_of(config.family, "ModelConfig.family")
     out_dtype = np.dtype(jnp.dtype(dtype or config.param_dtype))
@@ -188,7 +189,7 @@ def save_hf_checkpoint(
     files = write_safetensors(tensors(), directory, max_shard_bytes)
     hf_config = {
         "model_type": family.model_type,
-        "architectures": [family.architecture],
+        **head_to_hf(config, family),
         "vocab_size": config.vocab_size,
         "tie_word_embeddings": config.tie_word_embeddings,
         "dtype": out_dtype.name,

@@ -210,10 +210,21 @@ def _common_prefix_len(a, b) -> int:
     return n
 
 
+def _margin(row: dict, where: str) -> dict[str, float]:
+    """The optional per-pair `margin` (preference strength, reward-model training) as meta."""
+    if "margin" not in row:
+        return {}
+    value = row["margin"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+        raise DataError(f"{where}: field 'margin' must be a finite number, got {value!r}")
+    return {"margin": float(value)}
+
+
 def read_generic(item: Row) -> PreferenceExample | Skip:
     """prompt/chosen/rejected strings or message lists; without `prompt`, the prompt is the longest common prefix
-    of chosen and rejected (messages, or text)."""
+    of chosen and rejected (messages, or text). An optional number `margin` is kept for reward-model training."""
     where, row = item
+    meta = _margin(row, where)
     chosen, rejected = row.get("chosen"), row.get("rejected")
     conversational = isinstance(chosen, list)
     if conversational:
@@ -227,11 +238,11 @@ def read_generic(item: Row) -> PreferenceExample | Skip:
                 prompt, "prompt", where)
         elif not isinstance(prompt, str):
             raise DataError(f"{where}: field 'prompt' must be str when chosen/rejected are strings")
-        return _example(where, prompt, chosen, rejected)
+        return _example(where, prompt, chosen, rejected, **meta)
     n = _common_prefix_len(chosen, rejected)
     if n == 0 or n == min(len(chosen), len(rejected)):
         return Skip("no_common_prompt", where)
-    return _example(where, chosen[:n], chosen[n:], rejected[n:])
+    return _example(where, chosen[:n], chosen[n:], rejected[n:], **meta)
 
 
 def detect_format(row: dict, where: str) -> str:

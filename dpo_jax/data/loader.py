@@ -129,6 +129,8 @@ class PreferenceLoader:
         out = self.layout.host_rows(examples, t, self.pad_id, self.score_window)
         out["example_id"] = np.asarray([-1 if ex is None else int(ex["example_id"]) for ex in examples], np.int32)
         out["example_mask"] = np.asarray([ex is not None for ex in examples], np.int32)
+        out["margin"] = np.asarray([0.0 if ex is None else float(ex.get("margin", 0.0)) for ex in examples],
+                                   np.float32)
         return out
 
     def one_pass(self, prefetch: int = 2) -> "PreferenceLoader":

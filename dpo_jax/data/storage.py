@@ -60,7 +60,7 @@ def _texts(t):  # str or messages -> JSON text
 class RawPreferences(tfds.core.GeneratorBasedBuilder):
     """Normalised PreferenceExamples of any supported format (texts stored as JSON: strings or message lists)."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")  # 1.1: the generic format keeps a `margin` field
 
     def __init__(self, *, splits: dict[str, str], format: str | None, on_bad_example: str,
                  shp_min_score_ratio: float = 2.0, **kwargs):
@@ -102,7 +102,8 @@ def decode_raw(record: dict) -> PreferenceExample:
 class TokenizedPreferences(tfds.core.GeneratorBasedBuilder):
     """TokenizedPairs of a RawPreferences dataset for one tokenizer and one set of lengths."""
 
-    VERSION = tfds.core.Version("1.3.0")  # 1.1: packed lengths; 1.2: scored spans; 1.3: keep_start cuts the prompt
+    VERSION = tfds.core.Version("1.4.0")  # 1.1: packed lengths; 1.2: scored spans; 1.3: keep_start cuts the prompt;
+    # 1.4: margin
 
     def __init__(self, *, raw: RawPreferences, tokenizer, lengths: Lengths, on_bad_example: str, **kwargs):
         self._raw, self._policy = raw, on_bad_example
@@ -115,7 +116,8 @@ class TokenizedPreferences(tfds.core.GeneratorBasedBuilder):
         seq = tfds.features.Tensor(shape=(None,), dtype=np.int32)
         return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
             {"chosen_input_ids": seq, "chosen_loss_mask": seq, "rejected_input_ids": seq,
-             "rejected_loss_mask": seq, "example_id": np.int64}), metadata=tfds.core.MetadataDict(),
+             "rejected_loss_mask": seq, "example_id": np.int64, "margin": np.float32}),
+            metadata=tfds.core.MetadataDict(),
             disable_shuffling=True)  # index i of the data source is the i-th pair, so `lengths` is a plain list
 
     def _split_generators(self, dl_manager):

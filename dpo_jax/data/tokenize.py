@@ -30,6 +30,7 @@ class TokenizedPair(NamedTuple):
     chosen_loss_mask: np.ndarray  # int32, 1 on response tokens (EOS included)
     rejected_input_ids: np.ndarray
     rejected_loss_mask: np.ndarray
+    margin: float = 0.0  # reward-model training: the pair's preference margin (data field `margin`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +132,7 @@ class PairTokenizer:
         (pc, rc), (pr, rr) = out
         if pc + rc == pr + rr:
             return Skip("identical_after_tokenization", where)
-        return TokenizedPair(example.example_id, *_row(pc, rc), *_row(pr, rr))
+        return TokenizedPair(example.example_id, *_row(pc, rc), *_row(pr, rr), float(example.meta.get("margin", 0.0)))
 
 
 def _row(prompt: list[int], response: list[int]) -> tuple[np.ndarray, np.ndarray]:

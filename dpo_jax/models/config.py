@@ -10,6 +10,7 @@ NORM_TYPES = ("rmsnorm", "layernorm")
 POSITION_TYPES = ("rotary", "learned")
 RESIDUAL_TYPES = ("sequential", "parallel", "parallel_shared_norm")
 MLP_TYPES = ("swiglu", "gelu")
+HEADS = ("lm", "score")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
@@ -54,6 +55,8 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     lm_head_bias: bool = False
     family: str = "llama"  # HF model_type, used for export
+    head: str = "lm"  # lm: next-token unembedding (a policy); score: a scalar reward head (*ForSequenceClassification)
+    pad_token_id: int | None = None  # score head: read at each sequence's last token that is not this id (HF's rule)
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     scan_layers: bool = False
@@ -68,6 +71,7 @@ class ModelConfig:
             ("mlp_type", self.mlp_type, MLP_TYPES),
             ("activation", self.activation, ACTIVATIONS),
             ("remat_policy", self.remat_policy, REMAT_POLICIES),
+            ("head", self.head, HEADS),
         ]
         for name, value, valid in checks:
             if value not in valid:

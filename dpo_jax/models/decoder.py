@@ -247,11 +247,14 @@ class Decoder(nn.Module):
             new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new_layers)
 
         x = Norm(c, name="final_norm")(x)
-        if not c.tie_word_embeddings:
+        if c.head == "score":  # a reward model: one scalar per token, read at the last one (rlhf/reward_model.py)
+            self.param("score_kernel", _init(("embed", None), nn.initializers.normal((c.hidden_size + 1) ** -0.5)),
+                       (c.hidden_size, 1), jnp.dtype(c.param_dtype))
+        elif not c.tie_word_embeddings:
             # Created here so init makes it; used through `unembedding`, never as a full-logits matmul.
             self.param("lm_head_kernel", _init(("embed", "vocab")), (c.hidden_size, c.vocab_size),
                        jnp.dtype(c.param_dtype))
-        if c.lm_head_bias:
+        if c.lm_head_bias and c.head == "lm":
             self.param("lm_head_bias", _init(("vocab",), nn.initializers.zeros), (c.vocab_size,),
                        jnp.dtype(c.param_dtype))
         return x if cache is None else (x, new_cache)
@@ -259,6 +262,9 @@ class Decoder(nn.Module):
 
 def unembedding(params: dict, config: ModelConfig) -> tuple[Array, Array | None]:
     """(kernel [D, V], bias [V] or None) of the output projection: the transposed embedding when tied."""
+    if config.head != "lm":
+        raise ValueError(f"this model has a {config.head!r} head (a reward model), not a language-model head: it "
+                         "scores sequences and cannot give token log-probs or sample")
     params = nn.meta.unbox(params)
     kernel = params["embed"]["embedding"].T if config.tie_word_embeddings else params["lm_head_kernel"]
     return kernel, params.get("lm_head_bias")

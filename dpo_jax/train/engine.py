@@ -12,6 +12,7 @@ from dpo_jax import sharding
 from dpo_jax.layout import PAIRS, Layout
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.decoder import logical_axes
+from dpo_jax.rlhf.reward_model import make_scorer
 from dpo_jax.train.state import TrainState, create_state, default_optimizer_config, make_optimizer
 from dpo_jax.train.step import StepConfig, make_reference_step, make_steps
 
@@ -20,7 +21,7 @@ REFERENCE_MODES = ("precompute", "per_batch")
 
 def default_train_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.mode = "dpo"  # dpo | sft (Preferred-FT) | unlikelihood
+    c.mode = "dpo"  # dpo | sft (Preferred-FT) | unlikelihood | reward (a Bradley-Terry reward model)
     c.global_batch_pairs = 64
     c.micro_batches = 1  # gradient accumulation: global batch = micro_batches x micro-batch
     c.seed = 0
@@ -40,11 +41,18 @@ def default_dpo_config() -> ml_collections.ConfigDict:
     return c
 
 
+def default_reward_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.center_rewards_coefficient = 0.0  # TRL's c·mean((r_c + r_r)²): pulls the rewards toward zero mean
+    return c
+
+
 def default_engine_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.mesh = sharding.default_mesh_config()
     c.train = default_train_config()
     c.dpo = default_dpo_config()
+    c.reward = default_reward_config()
     c.optimizer = default_optimizer_config()
     return c
 
@@ -57,7 +65,8 @@ def step_config(c: ml_collections.ConfigDict, model: ModelConfig, layout: Layout
         model=model, mode=c.train.mode, loss_type=c.dpo.loss_type, beta=c.dpo.beta,
         label_smoothing=c.dpo.label_smoothing, reference_free=c.dpo.reference_free,
         loss_kwargs=tuple(sorted(c.dpo.loss_kwargs.to_dict().items())), unlikelihood_alpha=c.dpo.unlikelihood_alpha,
-        micro_batches=c.train.micro_batches, num_blocks=jax.process_count(), chunk_size=c.train.logprob_chunk_size,
+        center_rewards_coefficient=c.reward.center_rewards_coefficient, micro_batches=c.train.micro_batches,
+        num_blocks=jax.process_count(), chunk_size=c.train.logprob_chunk_size,
         layout=layout, score_window=score_window)
 
 
@@ -72,6 +81,7 @@ class Engine(NamedTuple):
     eval_step: Callable
     reference_step: Callable
     schedule: optax.Schedule
+    score: Callable | None  # a reward model's scoring pass (rlhf/reward_model.py make_scorer); None for a policy
 
     def shard_batch(self, local: dict) -> dict:
         """Host-local numpy batch -> global sharded arrays, keeping only the fields the step takes."""
@@ -129,4 +139,6 @@ def build_engine(
     s_shardings = shardings_for(jax.eval_shape(lambda: state))
     train_step, eval_step = make_steps(sc, optimizer, schedule, mesh, rules, s_shardings)
     reference_step = make_reference_step(sc, mesh, rules, p_shardings)
-    return Engine(sc, mesh, rules, p_shardings, s_shardings, state, train_step, eval_step, reference_step, schedule)
+    score = make_scorer(model, mesh, rules, p_shardings) if model.head == "score" else None
+    return Engine(sc, mesh, rules, p_shardings, s_shardings, state, train_step, eval_step, reference_step, schedule,
+                  score)

@@ -15,6 +15,7 @@ from dpo_jax.data.formats import read_examples
 from dpo_jax.data.pipeline import default_cache_dir
 from dpo_jax.models.config import FAMILY_SWITCHES, PRESETS, ModelConfig, shaped_config
 from dpo_jax.models.decoder import init_params
+from dpo_jax.rlhf.reward_model import as_reward_model, reward_model_config
 
 MODEL_SOURCES = ("hf", "random", "checkpoint")
 
@@ -67,6 +68,24 @@ def model_loader(m: ml_collections.ConfigDict, vocab_size: int) -> tuple[ModelCo
     with open(config_path) as f:
         config = ModelConfig.from_json(f.read()).replace(**_model_overrides(m))
     return config, lambda: native.load_model(m.path)[1]
+
+
+def for_mode(m: ml_collections.ConfigDict, mode: str, config: ModelConfig, load: Callable[[], Any],
+             tokenizer) -> tuple[ModelConfig, Callable[[], Any]]:
+    """The model a train mode needs from a model source. mode = reward on a policy (the SFT model): its body with a
+    fresh score head (seeded by model.seed) whose pad id is the tokenizer's pad, else its EOS (TRL's choice, and
+    what an exported checkpoint's `pad_token_id` will say). A reward-model source in a policy mode is an error."""
+    where = f"config.model.path = {m.path!r}" if m.source != "random" else "config.model (source = random)"
+    if mode != "reward":
+        if config.head != "lm":
+            raise ValueError(f"{where} is a reward model ({config.head!r} head); config.train.mode = {mode!r} "
+                             "trains a policy, which needs a language-model head")
+        return config, load
+    if config.head == "score":
+        return config, load  # continue training a reward model
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    reward_config = reward_model_config(config, pad)
+    return reward_config, lambda: as_reward_model(config, load(), pad, jax.random.key(m.seed + 1))[1]
 
 
 def source_identity(m: ml_collections.ConfigDict) -> dict[str, Any]:

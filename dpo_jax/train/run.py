@@ -28,7 +28,7 @@ from dpo_jax.sharding import data_parallel_size, make_mesh
 from dpo_jax.train.checkpoint import RunCheckpoints
 from dpo_jax.train.engine import Engine, build_engine, default_engine_config
 from dpo_jax.train.evaluation import evaluate_split, sample_completions, sample_prompts
-from dpo_jax.train.model_source import default_model_config, load_tokenizer, model_loader
+from dpo_jax.train.model_source import default_model_config, for_mode, load_tokenizer, model_loader
 from dpo_jax.train.reference_source import prepare_reference
 from dpo_jax.train.trainer import CompileAhead, RunError, Trainer
 
@@ -106,7 +106,7 @@ def build_run(c: ml_collections.ConfigDict, compile_train_step: bool = False) ->
 
     # ----- tokenizer and model source
     tokenizer = load_tokenizer(c)
-    model, load_initial = model_loader(c.model, len(tokenizer))
+    model, load_initial = for_mode(c.model, c.train.mode, *model_loader(c.model, len(tokenizer)), tokenizer)
     if model.vocab_size < len(tokenizer):
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
                          f"{model.vocab_size}")
@@ -161,6 +161,9 @@ def build_run(c: ml_collections.ConfigDict, compile_train_step: bool = False) ->
         compiling.wait()
 
     # ----- evals
+    if c.train.eval_samples and model.head != "lm":
+        raise ValueError("config.train.eval_samples > 0 samples completions from a policy; a reward model cannot "
+                         "sample (set it to 0)")
     prompts = sample_prompts(loaders.get("eval"), c.train.eval_samples, tokenizer.pad_token_id or 0) \
         if c.train.eval_samples else None
     return Run(c, tokenizer, loaders, engine, state, start, log_window, reference, checkpoints, writer, prompts)

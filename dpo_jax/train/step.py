@@ -25,11 +25,12 @@ from dpo_jax.layout import PAIRS, Layout
 from dpo_jax.logprobs import SequenceLogProbs, sequence_logprobs
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.decoder import Decoder, unembedding
+from dpo_jax.rlhf import reward_model
 from dpo_jax.sharding import batch_sharding
 from dpo_jax.summaries import Mean
 from dpo_jax.train.state import TrainState
 
-MODES = ("dpo", "sft", "unlikelihood")
+MODES = ("dpo", "sft", "unlikelihood", "reward")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,13 +38,14 @@ class StepConfig:
     """Everything static about the step (hashable)."""
 
     model: ModelConfig
-    mode: str = "dpo"  # dpo (any preference loss), sft (Preferred-FT: NLL of chosen), unlikelihood
+    mode: str = "dpo"  # dpo (any preference loss), sft (Preferred-FT: NLL of chosen), unlikelihood, reward (BT)
     loss_type: str = "sigmoid"
     beta: float = 0.1
     label_smoothing: float = 0.0
     reference_free: bool = False
     loss_kwargs: tuple[tuple[str, Any], ...] = ()
     unlikelihood_alpha: float = 1.0
+    center_rewards_coefficient: float = 0.0  # reward mode: TRL's c·(r_c + r_r)² term
     micro_batches: int = 1
     num_blocks: int = 1  # host blocks in the global batch (= process count)
     chunk_size: int = 128
@@ -53,6 +55,10 @@ class StepConfig:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"config.train.mode = {self.mode!r}; valid: {', '.join(MODES)}")
+        if (self.mode == "reward") != (self.model.head == "score"):
+            needs = "reward model (score head)" if self.mode == "reward" else "policy (language-model head)"
+            raise ValueError(f"config.train.mode = {self.mode!r} needs a {needs}, but the model has a "
+                             f"{self.model.head!r} head")
         if self.mode == "dpo":
             losses.validate_loss_args(self.loss_type, self.beta, self.label_smoothing, **dict(self.loss_kwargs))
 
@@ -65,6 +71,8 @@ class StepConfig:
         keys = {k: 2 for k in self.layout.row_keys} | {"example_mask": 1}
         if self.needs_reference:
             keys |= {"ref_chosen_logps": 1, "ref_rejected_logps": 1}
+        if self.mode == "reward":
+            keys["margin"] = 1
         return keys
 
 
@@ -122,6 +130,8 @@ def loss_denominator(batch: dict[str, jax.Array], c: StepConfig) -> jax.Array:
 
 def loss_sum_and_metrics(params: Any, batch: dict[str, jax.Array], c: StepConfig) -> tuple[jax.Array, dict]:
     """Σ of per-example (SFT: per-token) losses over real examples, and metric sums. Pure."""
+    if c.mode == "reward":
+        return _reward_loss_sum(params, batch, c)
     lp = pair_logprobs(params, batch, c)
     pc, pr = lp.chosen_sums, lp.rejected_sums
     mask = batch["example_mask"].astype(jnp.float32)
@@ -149,6 +159,13 @@ def loss_sum_and_metrics(params: Any, batch: dict[str, jax.Array], c: StepConfig
     total = jnp.sum(per_example * mask)
     metrics["loss"] = Mean.of(jax.lax.stop_gradient(per_example), mask)
     return total, metrics
+
+
+def _reward_loss_sum(params: Any, batch: dict[str, jax.Array], c: StepConfig) -> tuple[jax.Array, dict]:
+    rc, rr = reward_model.pair_rewards(params, batch, c.model, c.layout, c.num_blocks)
+    mask = batch["example_mask"].astype(jnp.float32)
+    per_example, _ = losses.bradley_terry_loss(rc, rr, batch["margin"], c.center_rewards_coefficient)
+    return jnp.sum(per_example * mask), reward_model.reward_metrics(per_example, rc, rr, mask)
 
 
 def _accumulate(params: Any, batch: dict[str, jax.Array], c: StepConfig, with_grad: bool,

@@ -1,0 +1,108 @@
+"""A reward model: the one `Decoder` with a scalar `score` head ([D] -> 1, no bias, as transformers'
+`*ForSequenceClassification`), read at each sequence's last token.
+
+"Last token" is transformers' rule, so scores match an exported or imported HF checkpoint: the rightmost attended
+token whose id is not `ModelConfig.pad_token_id` (left or right padding alike; with pad = EOS a trailing EOS is
+skipped, as in HF). Without a pad id, the last attended token.
+
+A reward model starts from a policy (the SFT model, as Stiennon et al. and TRL do): its body is kept, the language-
+model head dropped, and the score head drawn from N(0, 1/(D+1)) — the initialization of OpenAI's
+lm-human-preferences reward head — so the initial rewards are small but the body gets gradients from step one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from dpo_jax.layout import Layout
+from dpo_jax.models.config import ModelConfig
+from dpo_jax.models.decoder import Decoder
+from dpo_jax.sharding import batch_sharding
+from dpo_jax.summaries import Mean
+
+Array = jax.Array
+_LM_HEAD = ("lm_head_kernel", "lm_head_bias")
+
+
+def reward_model_config(policy: ModelConfig, pad_token_id: int | None) -> ModelConfig:
+    """The reward model of a policy's architecture."""
+    return policy.replace(head="score", pad_token_id=pad_token_id)
+
+
+def as_reward_model(policy: ModelConfig, params: dict, pad_token_id: int | None, rng: Array
+                    ) -> tuple[ModelConfig, dict]:
+    """(config, params) of a policy -> those of a reward model with the same body and a fresh score head."""
+    if policy.head != "lm":
+        raise ValueError(f"as_reward_model: the model already has a {policy.head!r} head")
+    config = reward_model_config(policy, pad_token_id)
+    d = policy.hidden_size
+    kernel = jax.random.normal(rng, (d, 1), jnp.float32) * (d + 1) ** -0.5
+    body = {k: v for k, v in params.items() if k not in _LM_HEAD}
+    return config, {**body, "score_kernel": kernel.astype(jnp.dtype(policy.param_dtype))}
+
+
+def last_token(valid: Array) -> Array:
+    """[B, T] bool -> [B] index of each row's last True (0 when none, as transformers)."""
+    t = jnp.arange(valid.shape[-1])
+    return jnp.argmax(jnp.where(valid, t, -1), axis=-1)
+
+
+def scoreable(input_ids: Array, attention_mask: Array, config: ModelConfig) -> Array:
+    """[B, T] bool: the tokens a score may be read at (attended, and not the pad id)."""
+    valid = attention_mask.astype(bool)
+    return valid if config.pad_token_id is None else valid & (input_ids != config.pad_token_id)
+
+
+def token_scores(params: dict, config: ModelConfig, hidden: Array) -> Array:
+    """The score head at every position, float32 [B, T] (D multiply-adds a token: nothing next to the body)."""
+    kernel = params["score_kernel"][:, 0]
+    return jnp.einsum("btd,d->bt", hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+
+def _at(x: Array, index: Array) -> Array:
+    return jnp.take_along_axis(x, index[:, None], axis=1)[:, 0]
+
+
+def sequence_scores(params: dict, config: ModelConfig, input_ids: Array, attention_mask: Array) -> Array:
+    """One score per sequence [B] float32: rows of (prompt + response), left- or right-padded."""
+    hidden = Decoder(config).apply({"params": params}, input_ids, attention_mask=attention_mask)
+    return _at(token_scores(params, config, hidden), last_token(scoreable(input_ids, attention_mask, config)))
+
+
+def pair_rewards(params: dict, batch: dict[str, Array], config: ModelConfig, layout: Layout, num_blocks: int
+                 ) -> tuple[Array, Array]:
+    """(r_chosen, r_rejected) [B] float32 of a preference batch in any layout (shared prompt: one packed row gives
+    both scores)."""
+    hidden = Decoder(config).apply({"params": params}, batch["input_ids"], **layout.decoder_inputs(batch))
+    scores = token_scores(params, config, hidden)
+    valid = scoreable(batch["input_ids"], batch["attention_mask"], config)
+    (sc, vc), (sr, vr) = layout.sequences(scores, valid, batch, num_blocks)
+    return _at(sc, last_token(vc)), _at(sr, last_token(vr))
+
+
+def reward_metrics(losses: Array, chosen: Array, rejected: Array, example_mask: Array) -> dict[str, Mean]:
+    """TRL RewardTrainer's names (loss, accuracy, margin, mean_reward) plus the mean chosen and rejected rewards, as
+    (sum, count) pairs so they average exactly over micro-batches and hosts."""
+    values = {"loss": losses, "accuracy": (chosen > rejected).astype(jnp.float32), "margin": chosen - rejected,
+              "mean_reward": (chosen + rejected) / 2, "rewards/chosen": chosen, "rewards/rejected": rejected}
+    return {k: Mean.of(jax.lax.stop_gradient(v), example_mask) for k, v in values.items()}
+
+
+def make_scorer(config: ModelConfig, mesh: Mesh, rules: Any, param_shardings: Any
+                ) -> Callable[[dict, np.ndarray, np.ndarray], Array]:
+    """The jitted, sharded scoring pass: score(params, input_ids, attention_mask) -> [B] float32 (replicated).
+    Rows are sharded over the mesh's batch axes (B must divide by their size); one compile per row shape."""
+    if config.head != "score":
+        raise ValueError("make_scorer: the model has a language-model head, not a reward model's score head")
+    rows = batch_sharding(mesh, rules, 2)
+    jitted = jax.jit(lambda p, ids, mask: sequence_scores(p, config, ids, mask),
+                     in_shardings=(param_shardings, rows, rows), out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+    def score(params: dict, input_ids: np.ndarray, attention_mask: np.ndarray) -> Array:
+        return jitted(params, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32))
+    return score

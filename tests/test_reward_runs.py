@@ -1,0 +1,87 @@
+"""Reward-model runs end to end: from an SFT checkpoint, eval accuracy, HF export, exact resume after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers as T
+
+from dpo_jax.convert.hf import load_hf_checkpoint
+from dpo_jax.rlhf.reward_model import sequence_scores
+from dpo_jax.train import run as train_run
+from dpo_jax.train.export import export
+from tests.test_runs import REPO, _cli, _config, _overrides, _train_lines
+
+EVAL = os.path.join(REPO, "configs", "data", "tiny_hh", "eval.jsonl")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def sft_export(tmp_path_factory, cache):
+    """π_SFT: a few SFT steps on the tiny data, exported as an HF causal LM."""
+    root = tmp_path_factory.mktemp("sft")
+    train_run.train(_config("sft", _overrides(root / "run", cache, **{"train.steps": 6})))
+    export(str(root / "run"), str(root / "hf"))
+    return root / "hf"
+
+
+def test_reward_model_from_sft_learns_the_eval_preference_and_exports_to_transformers(sft_export, tmp_path, cache):
+    c = _config("reward", _overrides(tmp_path / "rm", cache, **{"train.steps": 12, "data.eval_path": EVAL,
+                                                                 "train.eval_every": 12}))
+    c.model.source, c.model.path, c.data.tokenizer = "hf", str(sft_export), ""
+    train_run.train(c)
+    rows = [json.loads(line) for line in open(tmp_path / "rm" / "metrics.jsonl")]
+    evals = [r for r in rows if r["split"] == "eval"]
+    assert evals[-1]["accuracy"] >= 0.8 and evals[-1]["loss"] < 0.5  # chance: 0.5 and ln 2
+    assert {"accuracy", "margin", "mean_reward", "rewards/chosen", "rewards/rejected"} <= evals[-1].keys()
+
+    export(str(tmp_path / "rm"), str(tmp_path / "rm_hf"))
+    hf = T.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm_hf")).eval()
+    tokenizer = T.AutoTokenizer.from_pretrained(str(tmp_path / "rm_hf"))
+    assert type(hf).__name__ == "GPT2ForSequenceClassification" and hf.config.pad_token_id is not None
+    texts = ["\n\nHuman: What colour is snow?\n\nAssistant: White, usually.", "\n\nHuman: Hi\n\nAssistant: Go away."]
+    enc = tokenizer(texts, padding=True, return_tensors="np")
+    with torch.no_grad():
+        want = hf(input_ids=torch.as_tensor(enc["input_ids"]),
+                  attention_mask=torch.as_tensor(enc["attention_mask"])).logits[:, 0].numpy()
+    config, params = load_hf_checkpoint(str(tmp_path / "rm_hf"))
+    got = sequence_scores(params, config, jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"]))
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
+
+    policy = _config("dpo", _overrides(tmp_path / "dpo", cache))
+    policy.model.source, policy.model.path, policy.data.tokenizer = "hf", str(tmp_path / "rm_hf"), ""
+    with pytest.raises(ValueError, match=r"config\.model\.path = '.*rm_hf' is a reward model \('score' head\); "
+                                         r"config\.train\.mode = 'dpo' trains a policy"):
+        train_run.train(policy)
+
+
+def test_reward_run_resumes_exactly_after_sigkill(tmp_path, cache):
+    train_run.train(_config("reward", _overrides(tmp_path / "straight", cache)))
+    want = _train_lines(tmp_path / "straight")
+    assert [r["step"] for r in want] == [3, 6, 9, 12] and want[-1]["accuracy"] > 0.5
+    overrides = _overrides(tmp_path / "killed", cache)
+    proc = subprocess.Popen(_cli(overrides, "reward"), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    for line in proc.stdout:
+        if line.startswith("[train] step 9"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    out = subprocess.run(_cli(overrides, "reward"), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "resumed from" in out.stdout, out.stderr[-3000:]
+    got = _train_lines(tmp_path / "killed")
+    assert [r["step"] for r in got] == [3, 6, 9, 12]
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys()
+        for k in w:
+            assert g[k] == pytest.approx(w[k], rel=1e-6, abs=1e-7), (g["step"], k)
