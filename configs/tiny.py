@@ -10,6 +10,14 @@ on the data, a 2-layer GPT-2-shaped model from random init, the cached reference
 and checkpoints. MODE: dpo (default), sft (Preferred-FT), unlikelihood, reward (a Bradley-Terry reward model:
 eval accuracy 1.0 and loss < 1e-4 by step 30, as the tiny data's preference is easy; no samples), or any
 preference loss type (ipo, hinge, ...), which trains DPO with that loss.
+
+MODE best_of_n is the config of `dpo-jax best-of-n` (another schema: rlhf/best_of_n_command.py) for the RLHF
+baseline on the same data, after an SFT policy and a reward model from it:
+  dpo-jax train --config configs/tiny.py:sft && dpo-jax export --run runs/tiny_sft --to-hf runs/tiny_sft_hf
+  dpo-jax train --config configs/tiny.py:reward --config.model.source=hf --config.model.path=runs/tiny_sft_hf \
+      --config.data.tokenizer= && dpo-jax export --run runs/tiny_reward --to-hf runs/tiny_reward_hf
+  dpo-jax best-of-n --config configs/tiny.py:best_of_n
+Expected: rewards.md with the mean reward-model score of the pick rising with N (1, 2, 4, 8).
 """
 
 import os
@@ -21,8 +29,23 @@ from dpo_jax.train.run import default_run_config
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiny_hh")
 
 
+def best_of_n_config():
+    from dpo_jax.rlhf.best_of_n_command import default_config
+
+    c = default_config()
+    c.policy.source, c.policy.path = "hf", "runs/tiny_sft_hf"
+    c.reward_model.source, c.reward_model.path = "hf", "runs/tiny_reward_hf"
+    c.prompts.path, c.prompts.limit, c.prompts.max_prompt_length = os.path.join(DATA, "eval.jsonl"), 16, 48
+    c.n, c.ns = 8, (1, 2, 4, 8)
+    c.sampling.max_new_tokens, c.batch_rows = 16, 64
+    c.out_dir = "runs/tiny_best_of_n"
+    return c
+
+
 def get_config(arg=None):
     mode = arg or "dpo"
+    if mode == "best_of_n":
+        return best_of_n_config()
     c = default_run_config()
     c.model.source = "random"
     c.model.update(PRESETS["gpt2-tiny"])
@@ -45,5 +68,6 @@ def get_config(arg=None):
         c.dpo.loss_type = "sigmoid" if mode == "dpo" else mode
         c.dpo.beta = 0.1
     else:
-        raise ValueError(f"configs/tiny.py: unknown MODE {mode!r}; use dpo, sft, unlikelihood, reward or a loss type")
+        raise ValueError(f"configs/tiny.py: unknown MODE {mode!r}; use dpo, sft, unlikelihood, reward, best_of_n "
+                         "or a loss type")
     return c

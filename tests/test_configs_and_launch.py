@@ -11,7 +11,8 @@ from dpo_jax.train.state import make_optimizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
-VARIANTS = {"tiny.py": ["dpo", "sft", "unlikelihood", "simpo"], "sft_hh.py": ["model=pythia-6.9b"],
+VARIANTS = {"tiny.py": ["dpo", "sft", "unlikelihood", "simpo", "reward", "best_of_n"],
+            "rm_hh.py": ["model=pythia-1.4b"], "sft_hh.py": ["model=pythia-6.9b"],
             "dpo_hh.py": ["model=pythia-1.4b"], "dpo_ultrafeedback.py": ["model=llama-3-8b"],
             "sentiment.py": ["full"]}
 
@@ -33,6 +34,8 @@ def test_paper_recipes_are_what_the_paper_says():
     assert (hh.dpo.beta, hh.train.global_batch_pairs, hh.optimizer.name, hh.optimizer.learning_rate,
             hh.optimizer.warmup_steps, hh.optimizer.clip_grad_norm) == (0.1, 64, "rmsprop", 1e-6, 150, 10.0)
     assert load_config_file(os.path.join(REPO, "configs", "sft_hh.py")).train.mode == "sft"
+    rm = load_config_file(os.path.join(REPO, "configs", "rm_hh.py"))
+    assert (rm.train.mode, rm.data.layout, rm.train.eval_samples) == ("reward", "shared_prompt", 0)
     assert load_config_file(os.path.join(REPO, "configs", "dpo_tldr.py")).dpo.beta == 0.5
     with pytest.raises(ConfigError, match="bad config argument 'size=7b'"):
         load_config_file(os.path.join(REPO, "configs", "dpo_hh.py:size=7b"))

@@ -57,6 +57,26 @@ def test_reward_model_from_sft_learns_the_eval_preference_and_exports_to_transfo
     got = sequence_scores(params, config, jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"]))
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
 
+    # Best-of-N from π_SFT ranked by this reward model: the command's files, picks = argmax of the first N' scores
+    from dpo_jax.config import load_config_file
+    from dpo_jax.rlhf import best_of_n_command
+
+    b = load_config_file(f"{REPO}/configs/tiny.py:best_of_n")
+    b.policy.path, b.reward_model.path, b.out_dir = str(sft_export), str(tmp_path / "rm_hf"), str(tmp_path / "bon")
+    b.prompts.limit, b.batch_rows = 6, 16
+    best_of_n_command.main(b)
+    samples = [json.loads(line) for line in open(tmp_path / "bon" / "samples.jsonl")]
+    best = [json.loads(line) for line in open(tmp_path / "bon" / "best_of_n.jsonl")]
+    assert len(samples) == 6 and all(len(s["scores"]) == 8 for s in samples)
+    for row in best:
+        scores = next(s["scores"] for s in samples if s["prompt"] == row["prompt"])
+        assert row["sample"] == int(np.argmax(scores[:row["n"]])) and row["score"] == pytest.approx(max(
+            scores[:row["n"]]))
+    table = list(open(tmp_path / "bon" / "rewards.csv"))[1:]
+    assert [int(line.split(",")[0]) for line in table] == [1, 2, 4, 8]
+    means = [float(line.split(",")[2]) for line in table]
+    assert means == sorted(means)  # the max of more samples of the same pass never drops
+
     policy = _config("dpo", _overrides(tmp_path / "dpo", cache))
     policy.model.source, policy.model.path, policy.data.tokenizer = "hf", str(tmp_path / "rm_hf"), ""
     with pytest.raises(ValueError, match=r"config\.model\.path = '.*rm_hf' is a reward model \('score' head\); "

@@ -6,13 +6,16 @@ Stages (each cached under the cache directory, keyed by what it depends on):
  3. π_SFT    — a small GPT-2-shaped Decoder trained with the project's SFT mode on the train sentences;
  4. pairs    — 2-8-token prefixes of train sentences, K completions each from π_SFT, scored by VADER's compound
                 score (the ground-truth reward); all K·(K-1)/2 pairs ordered by reward, ties dropped;
- 5. methods  — DPO (several β), conservative DPO, IPO, Unlikelihood (α sweep) and Preferred-FT, each from π_SFT with
+ 5. RLHF     — a Bradley-Terry reward model from π_SFT on the same pairs (held-out pair accuracy, correlation with
+                VADER and the human ratings), and Best-of-N from π_SFT ranked by it (rlhf/best_of_n.py: one pass of
+                max N samples per held-out prefix, every N read off it; KL = log N − (N−1)/N);
+ 6. methods  — DPO (several β), conservative DPO, IPO, Unlikelihood (α sweep) and Preferred-FT, each from π_SFT with
                 the reference log-probs precomputed once; every `eval_every` steps, completions for held-out test
                 prefixes give the mean reward and the mean sequence-level KL(π‖π_ref) = Σ_t log π − log π_ref over
                 the sampled tokens (a Monte-Carlo estimate: ≥ 0 in expectation, 0 for π = π_ref). It is unbiased
                 only for samples from π itself, so evaluation samples at temperature 1 whatever
                 `pairs.temperature` the preference pairs were drawn at;
- 6. output   — results.csv/results.md (every point), frontier.png (reward vs KL per method), samples.jsonl, and
+ 7. output   — results.csv/results.md (every point), frontier.png (reward vs KL per method), samples.jsonl, and
                 VADER's correlation with the human ratings on the test split.
 """
 
@@ -33,6 +36,7 @@ from dpo_jax.convert import native
 from dpo_jax.data.loader import PreferenceLoader
 from dpo_jax.data.pipeline import default_cache_dir
 from dpo_jax.experiments import sentiment_corpus as corpus
+from dpo_jax.experiments import sentiment_rlhf
 from dpo_jax.experiments.sentiment_report import write_results
 from dpo_jax.fingerprint import fingerprint
 from dpo_jax.logprobs import token_logprobs
@@ -58,6 +62,10 @@ def default_config() -> ml_collections.ConfigDict:
                                              max_new_tokens=24, temperature=1.0))
     c.eval = ml_collections.ConfigDict(dict(prefixes=256, every=30, max_new_tokens=24))
     c.train = ml_collections.ConfigDict(dict(steps=120, batch_pairs=32, learning_rate=3e-4))
+    # the RLHF baseline's reward model: π_SFT's body + a score head, Bradley-Terry on the same pairs and batches
+    c.reward_model = ml_collections.ConfigDict(dict(steps=120, learning_rate=3e-4))
+    # Best-of-N from π_SFT ranked by that reward model, on the held-out prefixes; one pass of max(ns) samples each
+    c.best_of_n = ml_collections.ConfigDict(dict(ns=(1, 2, 4, 16, 64)))
     # every compared method, by name: its train.mode and the engine dpo-section fields it sets; all get the same
     # steps, batch, learning rate and evaluation (e.g. --config.methods.dpo_beta1.dpo.beta=2)
     c.methods = ml_collections.ConfigDict({
@@ -104,8 +112,9 @@ class Stages:
     def data(self) -> None:
         path = corpus.fetch_corpus(os.path.dirname(self.cache))
         self.train_text, self.test_text = corpus.split(corpus.read_snippets(path))
-        human = np.asarray([s.rating for s in self.test_text])
-        self.vader_human_r = float(np.corrcoef(self.reward([s.text for s in self.test_text]), human)[0, 1])
+        self.test_human = np.asarray([s.rating for s in self.test_text])
+        self.test_vader = self.reward([s.text for s in self.test_text])
+        self.vader_human_r = float(np.corrcoef(self.test_vader, self.test_human)[0, 1])
         self.log(f"corpus: {len(self.train_text)} train / {len(self.test_text)} test sentences; VADER vs human "
                  f"rating on test: Pearson r = {self.vader_human_r:.3f}")
         from dpo_jax.data.bpe import train_bpe_tokenizer
@@ -127,8 +136,10 @@ class Stages:
         return shaped_config(m.family, len(self.tokenizer), m.hidden_size, m.num_layers, m.num_heads,
                              m.intermediate_size, max_position_embeddings=64)
 
-    def _engine(self, name: str, m: ml_collections.ConfigDict, learning_rate: float, pairs: int, params: Any):
-        """An engine for method `m` (see `method`), from `params` (None: a fresh init)."""
+    def _engine(self, name: str, m: ml_collections.ConfigDict, learning_rate: float, pairs: int, params: Any,
+                model: ModelConfig | None = None):
+        """An engine for method `m` (see `method`), from `params` (None: a fresh init of π_SFT's shape; `model`: a
+        different model, e.g. the reward model)."""
         e = default_engine_config()
         e.train.mode, e.train.global_batch_pairs = m.mode, pairs
         unknown = sorted(set(m.dpo) - set(e.dpo))
@@ -137,7 +148,7 @@ class Stages:
         e.dpo.update(m.dpo.to_dict())
         e.optimizer.name, e.optimizer.learning_rate, e.optimizer.warmup_steps = "adamw", learning_rate, 0
         e.optimizer.clip_grad_norm = 10.0
-        model = self.model_config()
+        model = model or self.model_config()
         # One device: a CPU-sized experiment gains nothing from a fake multi-device mesh (and see the known
         # issue in docs/ARCHITECTURE.md: an XLA CPU collective deadlock seen with 8 fake devices in this SFT step).
         devices = jax.devices()[:1]
@@ -264,7 +275,23 @@ class Stages:
         with open(os.path.join(self.c.out_dir, "pairs.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
 
-    # 5: methods with evaluation
+    # 5: the RLHF baselines (sentiment_rlhf.py)
+    def rlhf(self) -> tuple[list[dict[str, Any]], dict[str, float]]:
+        """(Best-of-N points, reward-model summary); nothing when reward_model.steps < 1."""
+        if self.c.reward_model.steps < 1:
+            self.log("reward_model.steps = 0: no reward model, no Best-of-N")
+            return [], {}
+        key = _key(self.sft_key, self.c.pairs.to_dict(), self.c.reward_model.to_dict(), self.c.train.batch_pairs)
+        rm = sentiment_rlhf.RewardModelStage(self, key)
+        summary = rm.on_test_sentences()
+        points, more = sentiment_rlhf.best_of_n(self, rm, *self._test_prefixes())
+        return points, {**summary, **more}
+
+    def _test_prefixes(self) -> tuple[np.ndarray, np.ndarray]:
+        """The held-out prefixes every method (and Best-of-N) is evaluated on."""
+        return self._prefixes(self.test_ids, self.c.eval.prefixes, self.c.seed + 4)
+
+    # 6: methods with evaluation
     def evaluate(self, params, ref_params, prompts, mask) -> tuple[float, float, list[str]]:
         """(mean VADER reward, mean sequence KL(π‖π_ref) over samples, texts) on the fixed test prefixes.
         Samples come from π at temperature 1: the KL estimate Σ_t log π − log π_ref is unbiased only for those."""
@@ -280,7 +307,7 @@ class Stages:
 
     def methods(self) -> list[dict[str, Any]]:
         t = self.c.train
-        test_prompts, test_mask = self._prefixes(self.test_ids, self.c.eval.prefixes, self.c.seed + 4)
+        test_prompts, test_mask = self._test_prefixes()
         sft_reward, sft_kl, sft_texts = self.evaluate(self.sft_params, self.sft_params, test_prompts, test_mask)
         self.log(f"π_SFT on test prefixes: reward {sft_reward:+.3f}, KL {sft_kl:.4f}")
         points = [{"method": "sft", "step": 0, "reward": sft_reward, "kl": sft_kl}]
@@ -328,14 +355,16 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
     stages.data()
     stages.sft()
     stages.pairs()
+    best_of_n, reward_model = stages.rlhf()
     points = stages.methods()
-    write_results(c, points, stages.vader_human_r)
+    points[1:1] = best_of_n  # after π_SFT, whose samples they are
+    write_results(c, points, stages.vader_human_r, reward_model)
     final = {p["method"]: p for p in points}
     stages.log("summary (final point per method: mean reward on held-out prefixes, KL to π_SFT):")
     for name, p in final.items():
         print(f"    {name:<24} reward {p['reward']:+.3f}   KL {p['kl']:7.3f}", flush=True)
     stages.log(f"done in {time.perf_counter() - start:.0f} s: {c.out_dir}/results.md, frontier.png, results.csv")
-    return {"points": points, "vader_human_r": stages.vader_human_r}
+    return {"points": points, "vader_human_r": stages.vader_human_r, "reward_model": reward_model}
 
 
 def main(c: ml_collections.ConfigDict) -> None:

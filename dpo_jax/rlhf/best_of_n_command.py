@@ -1,0 +1,98 @@
+"""`dpo-jax best-of-n --config configs/tiny.py:best_of_n`: Best-of-N from a policy ranked by a reward model.
+
+Samples `n` completions per prompt once, scores prompt + completion with the reward model (the jitted, sharded
+scoring pass), and writes to `out_dir`: best_of_n.jsonl (for every prompt and every N' in `ns`, the picked
+completion and its score), samples.jsonl (every sample with its score) and rewards.csv / rewards.md (per N': the
+analytic KL log N' − (N'−1)/N' and the mean score of the picks). Policy and reward model share the tokenizer.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import jax
+import ml_collections
+
+from dpo_jax import sharding
+from dpo_jax.data.prompts import encode_prompts, read_prompts
+from dpo_jax.models.decoder import logical_axes
+from dpo_jax.models.generate import SamplingConfig
+from dpo_jax.rlhf import best_of_n as bon
+from dpo_jax.rlhf.reward_model import make_scorer
+from dpo_jax.train.model_source import default_model_config, model_loader
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.policy = default_model_config()  # the sampling policy (π_SFT in the paper)
+    c.reward_model = default_model_config()  # a *ForSequenceClassification HF dir or a dpo_jax reward checkpoint
+    c.tokenizer = ""  # a local HF tokenizer dir; empty: the policy's directory
+    c.prompts = ml_collections.ConfigDict(dict(path="", format="auto", limit=0, max_prompt_length=256))
+    c.n = 16  # samples per prompt (one pass)
+    c.ns = (1, 2, 4, 8, 16)  # the N' <= n reported, each from the first N' samples
+    c.sampling = ml_collections.ConfigDict(dict(max_new_tokens=128, temperature=1.0, top_k=0, top_p=1.0))
+    c.batch_rows = 256  # rows per generate / scoring call (a multiple of the mesh's data-parallel size)
+    c.seed = 0
+    c.out_dir = "runs/best_of_n"
+    c.mesh = sharding.default_mesh_config()
+    return c
+
+
+def _place(m, vocab, mesh, rules, head):
+    config, load = model_loader(m, vocab)
+    if config.head != head:
+        what = "a reward model (score head)" if head == "score" else "a policy (language-model head)"
+        raise ValueError(f"config.{'reward_model' if head == 'score' else 'policy'}.path = {m.path!r} is not {what}")
+    params = load()
+    shardings = sharding.param_shardings(logical_axes(config), params, mesh, rules)
+    return config, jax.device_put(params, shardings), shardings
+
+
+def main(c: ml_collections.ConfigDict) -> None:
+    from dpo_jax.train.model_source import load_tokenizer
+
+    if not c.prompts.path:
+        raise ValueError("config.prompts.path is empty")
+    ns = sorted(set(int(n) for n in c.ns))
+    if not ns or ns[0] < 1 or ns[-1] > c.n:
+        raise ValueError(f"config.ns = {tuple(c.ns)} must be N' in [1, config.n = {c.n}]")
+    tokenizer = load_tokenizer(ml_collections.ConfigDict({"data": {"tokenizer": c.tokenizer}, "model": c.policy}))
+    mesh = sharding.make_mesh(c.mesh)
+    policy, policy_params, _ = _place(c.policy, len(tokenizer), mesh, c.mesh.rules, "lm")
+    rm, rm_params, rm_shardings = _place(c.reward_model, len(tokenizer), mesh, c.mesh.rules, "score")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompts = read_prompts(c.prompts.path, c.prompts.format, c.prompts.limit)
+    ids, mask = encode_prompts(prompts, tokenizer, c.prompts.max_prompt_length, pad)
+    s = c.sampling
+    sampling = SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
+                              top_p=s.top_p, eos_id=tokenizer.eos_token_id, pad_id=pad)
+    samples = bon.sample_n(policy_params, policy, ids, mask, c.n, jax.random.key(c.seed), sampling, c.batch_rows)
+    rows, row_mask = bon.completion_rows(ids, mask, samples)
+    scores = bon.score_rows(make_scorer(rm, mesh, c.mesh.rules, rm_shardings), rm_params, rows, row_mask,
+                            c.batch_rows).reshape(len(prompts), c.n)
+    completions = [[tokenizer.decode(samples.tokens[i, j][samples.mask[i, j] == 1], skip_special_tokens=True)
+                    for j in range(c.n)] for i in range(len(prompts))]
+    if jax.process_index() != 0:
+        return
+    os.makedirs(c.out_dir, exist_ok=True)
+    with open(os.path.join(c.out_dir, "samples.jsonl"), "w") as f:
+        for i, p in enumerate(prompts):
+            f.write(json.dumps({"prompt": p, "completions": completions[i], "scores": scores[i].tolist()}) + "\n")
+    with open(os.path.join(c.out_dir, "best_of_n.jsonl"), "w") as f:
+        for n in ns:
+            for i, j in enumerate(bon.best_indices(scores, n)):
+                f.write(json.dumps({"n": n, "prompt": prompts[i], "completion": completions[i][j],
+                                    "score": float(scores[i, j]), "sample": int(j)}) + "\n")
+    table = bon.sweep(scores, ns)
+    with open(os.path.join(c.out_dir, "rewards.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["n", "kl", "score"])
+        w.writeheader()
+        w.writerows(table)
+    lines = [f"# Best-of-N: {len(prompts)} prompts, {c.n} samples each", "", "| N | KL (analytic) | mean score |",
+             "|---|---|---|"] + [f"| {r['n']} | {r['kl']:.3f} | {r['score']:+.4f} |" for r in table]
+    with open(os.path.join(c.out_dir, "rewards.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines[2:]), flush=True)
+    print(f"best-of-n: wrote {c.out_dir}/best_of_n.jsonl, samples.jsonl, rewards.csv, rewards.md", flush=True)
