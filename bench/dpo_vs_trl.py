@@ -1,6 +1,10 @@
-"""DPO throughput, dpo_jax vs TRL's DPOTrainer, in one invocation on one machine.
+"""DPO (or reward-model) throughput, dpo_jax vs TRL's DPOTrainer (RewardTrainer), in one invocation on one machine.
 
-    python bench/dpo_vs_trl.py [--steps 32] [--repeats 3] [--work-dir DIR] [--out docs/bench/dpo_vs_trl.json]
+    python bench/dpo_vs_trl.py [--mode dpo|reward] [--steps 32] [--repeats 3] [--work-dir DIR] [--out FILE.json]
+
+--mode reward trains a Bradley-Terry reward model (a score head on the same model, TRL's
+AutoModelForSequenceClassification) on the same pairs instead; there is no reference pass, so TRL runs once per
+repeat (no "precompute" variant).
 
 Both systems train the same GPT-2-shaped model (6 layers, width 512, 8 heads, vocab 8192, random init) with the
 sigmoid DPO loss on the same synthetic pairs (48 prompt + 80 response tokens, 8 pairs a step, one epoch), in
@@ -96,7 +100,7 @@ def settings(args, work_dir: str, precompute: bool = False) -> dict:
                 data_path=os.path.join(work_dir, "pairs.jsonl"), model=MODEL, pairs=args.pairs, steps=args.steps,
                 seed=args.seed, learning_rate=1e-6, clip_grad_norm=1.0, beta=0.1,
                 max_length=PROMPT_TOKENS + RESPONSE_TOKENS, precompute=precompute, scan_layers=args.scan_layers,
-                layout=args.layout)
+                layout=args.layout, mode=args.mode)
 
 
 # ----- the TRL virtualenv -------------------------------------------------------------------------------------------
@@ -159,6 +163,7 @@ def run_ours(s: dict) -> dict:
     t.global_batch_pairs, t.steps, t.seed = s["pairs"], s["steps"], s["seed"]
     t.log_every, t.save_every, t.eval_every, t.run_dir, t.tensorboard = 1, s["steps"], 0, run_dir, False
     c.dpo.loss_type, c.dpo.beta, c.dpo.reference = "sigmoid", s["beta"], "precompute"
+    c.train.mode = s["mode"]
     o.name, o.learning_rate, o.warmup_steps, o.schedule, o.total_steps = "adamw", s["learning_rate"], 0, "linear", \
         s["steps"]
     o.weight_decay, o.clip_grad_norm = 0.0, s["clip_grad_norm"]
@@ -202,17 +207,17 @@ def summarize(runs: list[dict], pairs: int) -> dict:
     ratios = []
     for rep, group in sorted(by_repeat.items()):
         ours = group["ours"]
-        ratios.append({
-            "repeat": rep,
-            "end_to_end_vs_trl_default": group["trl_default"]["end_to_end_s"] / ours["end_to_end_s"],
-            "end_to_end_vs_trl_precompute": group["trl_precompute"]["end_to_end_s"] / ours["end_to_end_s"],
-            "steady_step_vs_trl_default": steady(group["trl_default"]["step_s"]) / steady(ours["step_s"]),
-            "steady_step_vs_trl_precompute": steady(group["trl_precompute"]["step_s"]) / steady(ours["step_s"]),
-        })
+        row = {"repeat": rep}
+        for trl in (s for s in SYSTEMS[1:] if s in group):
+            row[f"end_to_end_vs_{trl}"] = group[trl]["end_to_end_s"] / ours["end_to_end_s"]
+            row[f"steady_step_vs_{trl}"] = steady(group[trl]["step_s"]) / steady(ours["step_s"])
+        ratios.append(row)
     tokens_per_step = 2 * pairs * (PROMPT_TOKENS + RESPONSE_TOKENS)
     systems = {}
     for name in SYSTEMS:
         rs = [r for r in runs if r["system"] == name]
+        if not rs:
+            continue
         systems[name] = {
             "end_to_end_s": statistics.median(r["end_to_end_s"] for r in rs),
             "reference_s": statistics.median(r["reference_s"] for r in rs),
@@ -229,6 +234,8 @@ def summarize(runs: list[dict], pairs: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mode", default="dpo", choices=("dpo", "reward"),
+                   help="dpo: DPOTrainer (default and precompute); reward: a reward model vs TRL's RewardTrainer")
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--pairs", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
@@ -257,8 +264,9 @@ def main() -> None:
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("XLA_FLAGS", None)  # one real CPU device, as a user's run on this machine
     runs = []
+    systems = SYSTEMS if args.mode == "dpo" else SYSTEMS[:2]
     for rep in range(args.repeats):
-        for system in SYSTEMS:
+        for system in systems:
             if system == "ours":
                 r = launch(sys.executable, os.path.abspath(__file__), s, env)
             else:
@@ -275,9 +283,8 @@ def main() -> None:
                 shutil.rmtree(os.path.join(work_dir, d), ignore_errors=True)
     summary = summarize(runs, args.pairs)
     for row in summary["ratios"]:
-        print("repeat {repeat}: end-to-end {end_to_end_vs_trl_default:.2f}x TRL default, "
-              "{end_to_end_vs_trl_precompute:.2f}x TRL precompute | steady step {steady_step_vs_trl_default:.2f}x "
-              "/ {steady_step_vs_trl_precompute:.2f}x".format(**row))
+        print(f"repeat {row['repeat']}: " + ", ".join(f"{k.replace('_vs_', ' vs ')} {v:.2f}x" for k, v in row.items()
+                                                    if k != "repeat"))
     print("median ratios:", json.dumps({k: round(v, 3) for k, v in summary["median_ratios"].items()}))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -1,4 +1,4 @@
-"""One TRL DPOTrainer run for bench/dpo_vs_trl.py, inside the TRL virtualenv that script creates.
+"""One TRL DPOTrainer (mode "reward": RewardTrainer) run for bench/dpo_vs_trl.py, in the TRL virtualenv it creates.
 
 Standalone on purpose: it imports torch/trl/transformers only (never dpo_jax or JAX), reads its settings as JSON
 from argv[1] and prints one JSON line of timings. Run it through bench/dpo_vs_trl.py, not by hand.
@@ -20,8 +20,8 @@ def main() -> None:
     t_start = time.perf_counter()
     import datasets
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
 
     datasets.disable_progress_bars()
     t_imported = time.perf_counter()
@@ -41,7 +41,9 @@ def main() -> None:
         return out
 
     DPOTrainer._precompute_ref_logps = timed_precompute
-    original_prepare = DPOTrainer._prepare_dataset
+    reward = s.get("mode") == "reward"
+    Trainer = RewardTrainer if reward else DPOTrainer
+    original_prepare = Trainer._prepare_dataset
 
     def timed_prepare(self, *args, **kwargs):
         t = time.perf_counter()
@@ -49,7 +51,7 @@ def main() -> None:
         phases["data_s"] = phases.get("data_s", 0.0) + time.perf_counter() - t
         return out
 
-    DPOTrainer._prepare_dataset = timed_prepare
+    Trainer._prepare_dataset = timed_prepare
 
     step_times: list[float] = []
     losses: list[float] = []
@@ -66,23 +68,27 @@ def main() -> None:
                 losses.append(float(logs["loss"]))
 
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(s["model_dir"], dtype=torch.float32)
     out_dir = tempfile.mkdtemp(prefix="trl_run_", dir=s["work_dir"])
-    args = DPOConfig(
+    common = dict(
         output_dir=out_dir, per_device_train_batch_size=s["pairs"], gradient_accumulation_steps=1,
         max_steps=s["steps"], num_train_epochs=1, learning_rate=s["learning_rate"], lr_scheduler_type="linear",
-        warmup_steps=0, weight_decay=0.0, max_grad_norm=s["clip_grad_norm"], beta=s["beta"], loss_type=["sigmoid"],
-        max_length=s["max_length"], precompute_ref_log_probs=s["precompute"], logging_steps=1,
-        save_strategy="steps", save_steps=s["steps"], report_to="none", use_cpu=True, bf16=False, fp16=False,
-        dataloader_num_workers=0, seed=s["seed"], disable_tqdm=True)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
-                         callbacks=[StepTimer()])
+        warmup_steps=0, weight_decay=0.0, max_grad_norm=s["clip_grad_norm"], max_length=s["max_length"],
+        logging_steps=1, save_strategy="steps", save_steps=s["steps"], report_to="none", use_cpu=True, bf16=False,
+        fp16=False, dataloader_num_workers=0, seed=s["seed"], disable_tqdm=True)
+    if reward:  # the causal LM's body + a fresh score head, as a reward model starts from its SFT policy
+        model = AutoModelForSequenceClassification.from_pretrained(s["model_dir"], num_labels=1, dtype=torch.float32)
+        args = RewardConfig(**common)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(s["model_dir"], dtype=torch.float32)
+        args = DPOConfig(**common, beta=s["beta"], loss_type=["sigmoid"], precompute_ref_log_probs=s["precompute"])
+    trainer = Trainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
+                      callbacks=[StepTimer()])
     t_built = time.perf_counter()
     trainer.train()
     t_end = time.perf_counter()
     first = trainer.train_dataset[0]
     print(json.dumps({
-        "system": "trl_precompute" if s["precompute"] else "trl_default",
+        "system": "trl_precompute" if s["precompute"] and not reward else "trl_default",
         "end_to_end_s": t_end - t0,
         "setup_s": t_built - t0,
         "train_s": t_end - t_built,
@@ -91,7 +97,7 @@ def main() -> None:
         "reference_s": phases.get("reference_s", 0.0),
         "step_s": step_times,
         "losses": losses,
-        "tokens": {"prompt": len(first["prompt_ids"]), "chosen": len(first["chosen_ids"]),
+        "tokens": {"prompt": len(first.get("prompt_ids", [])), "chosen": len(first["chosen_ids"]),
                    "rejected": len(first["rejected_ids"])},
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "versions": {"torch": torch.__version__, "trl": __import__("trl").__version__,

@@ -12,7 +12,8 @@ import sys
 
 COMMANDS = {  # name: (module, function, summary); config commands' modules also have default_config()
     "experiment": ("dpo_jax.experiments", "", "run a paper experiment: `dpo-jax experiment sentiment` (§6.1)"),
-    "train": ("dpo_jax.train.run", "main", "train (or resume) a run: DPO and relatives, SFT, unlikelihood"),
+    "train": ("dpo_jax.train.run", "main",
+              "train (or resume) a run: DPO and relatives, SFT, unlikelihood, reward models"),
     "precompute": ("dpo_jax.train.run", "precompute_main", "build the data caches and reference log-probs only"),
     "eval": ("dpo_jax.train.run", "eval_main", "evaluate a run's latest checkpoint on the eval split"),
     "export": ("dpo_jax.train.export", "run", "a run's trained policy -> HF checkpoint (--run DIR --to-hf OUT)"),

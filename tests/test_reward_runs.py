@@ -76,6 +76,12 @@ def test_reward_model_from_sft_learns_the_eval_preference_and_exports_to_transfo
     assert [int(line.split(",")[0]) for line in table] == [1, 2, 4, 8]
     means = [float(line.split(",")[2]) for line in table]
     assert means == sorted(means)  # the max of more samples of the same pass never drops
+    b.policy.path, b.reward_model.path = b.reward_model.path, b.policy.path  # swapped: each is the wrong kind
+    with pytest.raises(ValueError, match=r"config\.policy\.path = '.*rm_hf' is not a policy"):
+        best_of_n_command.main(b)
+    b.policy.path = str(sft_export)
+    with pytest.raises(ValueError, match=r"config\.reward_model\.path = '.*' is not a reward model"):
+        best_of_n_command.main(b)
 
     policy = _config("dpo", _overrides(tmp_path / "dpo", cache))
     policy.model.source, policy.model.path, policy.data.tokenizer = "hf", str(tmp_path / "rm_hf"), ""
