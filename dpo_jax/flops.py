@@ -10,10 +10,11 @@ from dpo_jax.models.config import ModelConfig
 
 
 def matmul_params(c: ModelConfig) -> int:
-    """Parameters that take part in a matmul per token (embedding lookups excluded, the unembedding included)."""
+    """Parameters that take part in a matmul per token (embedding lookups excluded; the unembedding included, or for
+    a reward model its [D, 1] score head)."""
     attn = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
     mlp = (3 if c.mlp_type == "swiglu" else 2) * c.hidden_size * c.intermediate_size
-    return c.num_layers * (attn + mlp) + c.hidden_size * c.vocab_size
+    return c.num_layers * (attn + mlp) + c.hidden_size * (c.vocab_size if c.head == "lm" else 1)
 
 
 def forward_flops_per_token(c: ModelConfig, seq_len: int) -> float:
@@ -26,7 +27,7 @@ def train_step_flops(c: ModelConfig, rows: int, seq_len: int, scored_positions: 
     scored_positions: > 0 when the unembedding runs on only that many positions per row (the step's score
     window), so that only computed FLOPs are counted."""
     forward = forward_flops_per_token(c, seq_len) * seq_len
-    if 0 < scored_positions < seq_len:
+    if 0 < scored_positions < seq_len and c.head == "lm":
         forward -= 2.0 * c.hidden_size * c.vocab_size * (seq_len - scored_positions)
     return 3.0 * forward * rows
 

@@ -15,6 +15,9 @@ def test_matmul_params_and_step_flops_by_hand():
     per_token = 2 * matmul_params(c) + 2 * 2 * 2 * 2 * 4 * 10 / 2  # layers x (QK + AV) x 2 flops x heads x hd x T/2
     assert forward_flops_per_token(c, 10) == pytest.approx(per_token)
     assert train_step_flops(c, rows=3, seq_len=10) == pytest.approx(3 * per_token * 30)
+    reward_model = c.replace(head="score")  # no vocabulary projection: a [D, 1] head, whatever the score window
+    assert matmul_params(reward_model) == matmul_params(c) - c.hidden_size * (c.vocab_size - 1)
+    assert train_step_flops(reward_model, 3, 10, scored_positions=4) == train_step_flops(reward_model, 3, 10)
     unembedding = 2 * c.hidden_size * c.vocab_size  # per position; a score window of 4 skips 6 of 10 positions
     assert train_step_flops(c, rows=3, seq_len=10, scored_positions=4) == pytest.approx(3 * (per_token * 10 - 6 *
                                                                                                  unembedding) * 3)

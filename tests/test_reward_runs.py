@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,7 +13,9 @@ import torch
 import transformers as T
 
 from dpo_jax.convert.hf import load_hf_checkpoint
-from dpo_jax.rlhf.reward_model import sequence_scores
+from dpo_jax import sharding
+from dpo_jax.models.decoder import logical_axes
+from dpo_jax.rlhf.reward_model import make_scorer, score_texts, sequence_scores
 from dpo_jax.train import run as train_run
 from dpo_jax.train.export import export
 from tests.test_runs import REPO, _cli, _config, _overrides, _train_lines
@@ -56,6 +59,11 @@ def test_reward_model_from_sft_learns_the_eval_preference_and_exports_to_transfo
     config, params = load_hf_checkpoint(str(tmp_path / "rm_hf"))
     got = sequence_scores(params, config, jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"]))
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:2]).reshape(2, 1, 1), ("data", "fsdp", "tensor"))
+    shardings = sharding.param_shardings(logical_axes(config), params, mesh, sharding.DEFAULT_RULES)
+    score = make_scorer(config, mesh, sharding.DEFAULT_RULES, shardings)  # texts -> scores on a 2-device mesh
+    by_text = score_texts(score, jax.device_put(params, shardings), tokenizer, texts + texts[:1], 64, batch_rows=2)
+    np.testing.assert_allclose(by_text, np.r_[want, want[:1]], atol=1e-4)
 
     # Best-of-N from π_SFT ranked by this reward model: the command's files, picks = argmax of the first N' scores
     from dpo_jax.config import load_config_file

@@ -106,3 +106,20 @@ def make_scorer(config: ModelConfig, mesh: Mesh, rules: Any, param_shardings: An
     def score(params: dict, input_ids: np.ndarray, attention_mask: np.ndarray) -> Array:
         return jitted(params, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32))
     return score
+
+
+def score_texts(score: Callable[[dict, np.ndarray, np.ndarray], Array], params: dict, tokenizer, texts: list[str],
+                max_length: int, batch_rows: int = 256) -> np.ndarray:
+    """Scores of whole texts (prompt + response as one string) [len(texts)] float32: each tokenized, keeping its
+    last `max_length` tokens, right-padded to a multiple of 64 so a few shapes serve any texts, then scored in
+    fixed chunks of `batch_rows` (see `make_scorer`; rows must divide over the mesh's batch axes)."""
+    from dpo_jax.rlhf.best_of_n import score_rows
+
+    encoded = [tokenizer(t)["input_ids"][-max_length:] for t in texts]
+    width = -(-max(len(e) for e in encoded) // 64) * 64
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = np.full((len(texts), width), pad, np.int32)
+    mask = np.zeros_like(ids)
+    for i, e in enumerate(encoded):
+        ids[i, :len(e)], mask[i, :len(e)] = e, 1
+    return score_rows(score, params, ids, mask, batch_rows)
