@@ -9,6 +9,7 @@ import ml_collections
 import optax
 
 from dpo_jax import sharding
+from dpo_jax.flops import train_step_flops
 from dpo_jax.layout import PAIRS, Layout
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.decoder import logical_axes
@@ -87,6 +88,12 @@ class Engine(NamedTuple):
         """Host-local numpy batch -> global sharded arrays, keeping only the fields the step takes."""
         keys = self.config.batch_keys()
         return sharding.global_batch({k: v for k, v in local.items() if k in keys}, self.mesh, self.rules)
+
+    def step_flops(self, local: dict) -> float:
+        """Model FLOPs of one train step on this host batch (all hosts; padding included: it is computed)."""
+        pairs = len(local["example_id"]) * jax.process_count()
+        return train_step_flops(self.config.model, self.config.layout.rows(pairs), local["input_ids"].shape[1],
+                                self.config.score_window)
 
     def reference_logps(self, params: Any, local: dict) -> tuple[jax.Array, ...]:
         """A host-local batch's (chosen sums, rejected sums, chosen counts, rejected counts) under `params`, each

@@ -1,5 +1,5 @@
 """The one training loop: `Trainer.fit` steps the optimizer for every mode (DPO and relatives, SFT, unlikelihood,
-and the experiments' runs). Periodic actions go through `itstime(step, every, total)`.
+reward models, PPO iterations, and the experiments' runs). Periodic actions go through `itstime(step, every, total)`.
 
 Per step: next host batch -> reference log-probs attached -> `engine.train_step`. Metrics are summed over a
 logging window and read one step late (the next step is already dispatched, so the host never stalls the device).
@@ -22,7 +22,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dpo_jax import distributed, summaries
-from dpo_jax.flops import train_step_flops
 from dpo_jax.metrics import MetricWriter, itstime
 from dpo_jax.train.checkpoint import RunCheckpoints
 from dpo_jax.train.engine import Engine
@@ -104,15 +103,19 @@ class Trainer:
     writer: where log points go (None: nowhere; `history` keeps them either way). name: the split of those lines.
     checkpoints: None for runs that are not resumable (the experiments' inner runs; no SIGTERM handling then).
     evaluate(step, state): called every `eval_every` steps and after the last one; its time is not in tokens/s.
-    peak_tflops: per device, for MFU (0: not reported)."""
+    peak_tflops: per device, for MFU (0: not reported).
+    rollout(batch, state): turns each host batch into the step's batch with the current state (PPO: prompts ->
+    sampled responses, log-probs, values and scores; rlhf/ppo.py `Rollouts`)."""
 
     def __init__(self, engine: Engine, *, steps: int, reference=NO_REFERENCE, writer: MetricWriter | None = None,
                  name: str = "train", log_every: int = 0, checkpoints: RunCheckpoints | None = None,
                  save_every: int = 0, eval_every: int = 0,
-                 evaluate: Callable[[int, Any], None] | None = None, peak_tflops: float = 0.0):
+                 evaluate: Callable[[int, Any], None] | None = None, peak_tflops: float = 0.0,
+                 rollout: Callable[[dict, Any], dict] | None = None):
         self.engine, self.steps, self.reference, self.writer, self.name = engine, steps, reference, writer, name
         self.log_every, self.checkpoints, self.save_every = log_every, checkpoints, save_every
         self.eval_every, self.evaluate, self.peak_tflops = eval_every, evaluate, peak_tflops
+        self.rollout = rollout
         self.history: list[dict[str, float]] = []  # every log point: {"step", metric: value}
 
     def fit(self, state: Any, batches: Iterator[dict], *, start: int = 0,
@@ -150,15 +153,15 @@ class Trainer:
         try:
             for step in range(start + 1, self.steps + 1):
                 local = self.reference.attach(next(batches), "train")
+                if self.rollout is not None:
+                    local = self.rollout(local, state)
                 state, metrics = engine.train_step(state, engine.shard_batch(local))
                 progress.update(1)
                 if deferred is not None:  # the previous log point's metrics, read while this step runs
                     write_log(deferred)
                     deferred = None
                 window = metrics if window is None else summaries.merge(window, metrics)
-                pairs = len(local["example_id"]) * jax.process_count()
-                flops += train_step_flops(engine.config.model, engine.config.layout.rows(pairs),
-                                          local["input_ids"].shape[1], engine.config.score_window)
+                flops += engine.step_flops(local)
                 pending.append((step, metrics["loss"], metrics["grad_norm"].total, local["example_id"]))
                 stop = preemption is not None and preemption.reached(step)  # read once: it may land any time
                 save_now = checkpoints is not None and (itstime(step, self.save_every, self.steps) or stop)

@@ -1,0 +1,253 @@
+"""PPO with a KL penalty for language models (RLHF stage 3): the jitted, sharded pieces of one PPO iteration.
+
+One Trainer step is one iteration, as TRL's PPOTrainer counts updates:
+  rollout (host hook `Rollouts`, called by `Trainer.fit` with the current state): the jitted KV-cache `generate`
+    samples responses from the policy at `temperature`; one jitted pass gives their log-probs under the policy and
+    under π_ref (both at that temperature, as the sampler drew them) and the value model's values; a reward model's
+    scoring pass — or a host `reward_fn(texts)`, PPO-GT — gives each response its score;
+  update (`train_step`, one jit): per-token rewards −β·(log π − log π_ref) plus the score at the last token, GAE,
+    whitened advantages, then `epochs` passes of `minibatches` clipped policy + value updates under one optimizer
+    over {policy, value} (a `lax.scan`; the data never leaves the device), and the adaptive KL controller.
+The generation key of iteration s is fold_in(seed, s), so a resumed run draws what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from dpo_jax import sharding
+from dpo_jax.logprobs import token_logprobs
+from dpo_jax.models.config import ModelConfig
+from dpo_jax.models.decoder import Decoder, logical_axes, unembedding
+from dpo_jax.models.generate import SamplingConfig, generate
+from dpo_jax.rlhf import ppo_math
+from dpo_jax.rlhf.best_of_n import sample_keys
+from dpo_jax.rlhf.reward_model import token_scores
+from dpo_jax.summaries import Mean
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    """Everything static about a PPO iteration (hashable). Defaults: TRL's PPOConfig."""
+
+    model: ModelConfig  # the policy
+    value_model: ModelConfig  # a score-head model: its per-position scores are the values
+    sampling: SamplingConfig  # rollout length, temperature (also used for every log-prob), EOS and pad ids
+    epochs: int = 4  # PPO epochs over each rollout batch
+    minibatches: int = 1  # per rollout batch
+    clip: float = 0.2  # policy ratio clip
+    value_clip: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.05  # the initial coefficient; fixed unless target_kl > 0
+    target_kl: float = 0.0  # > 0: Ziegler's adaptive controller toward this KL (nats per sequence)
+    horizon: float = 10000.0  # its horizon, in episodes
+    whiten_rewards: bool = False
+    seed: int = 0  # generation keys and minibatch shuffles
+    mode: str = "ppo"
+
+    def __post_init__(self):
+        if self.model.head != "lm" or self.value_model.head != "score":
+            raise ValueError("PPO needs a policy with a language-model head and a value model with a score head")
+        if self.epochs < 1 or self.minibatches < 1:
+            raise ValueError(f"ppo.epochs ({self.epochs}) and ppo.minibatches ({self.minibatches}) must be >= 1")
+        if self.sampling.greedy or self.sampling.top_k or self.sampling.top_p < 1.0:
+            raise ValueError("PPO samples from π at a temperature only (no greedy, top-k or top-p): the log-probs "
+                             "of the update must be those of the distribution sampled from")
+
+
+class PPOState(NamedTuple):
+    step: jax.Array
+    params: Any  # {"policy": ..., "value": ...}
+    opt_state: Any  # one optimizer over both (TRL's policy-and-value wrapper)
+    kl_coef: jax.Array
+
+
+ROLLOUT_KEYS = {"input_ids": 2, "attention_mask": 2, "response_mask": 2, "old_logps": 2, "ref_logps": 2,
+                "old_values": 2, "scores": 1}
+
+
+def response_logps(params: dict, model: ModelConfig, ids: jax.Array, mask: jax.Array, length: int,
+                   temperature: float) -> jax.Array:
+    """log π_T(y_t | x, y_<t) of the last `length` positions [B, length] float32 (left-padded prompt + response)."""
+    hidden = Decoder(model).apply({"params": params}, ids, attention_mask=mask)
+    kernel, bias = unembedding(params, model)
+    lp = token_logprobs(hidden, kernel / temperature, ids, bias=None if bias is None else bias / temperature)
+    return lp[:, -length:]
+
+
+def response_values(params: dict, model: ModelConfig, ids: jax.Array, mask: jax.Array, length: int) -> jax.Array:
+    """The value of the state emitting each response token: the score head at the position before it."""
+    hidden = Decoder(model).apply({"params": params}, ids, attention_mask=mask)
+    return token_scores(params, model, hidden)[:, -length - 1:-1]
+
+
+def _losses(params, mb, c: PPOConfig):
+    length = mb["response_mask"].shape[1]
+    lp = response_logps(params["policy"], c.model, mb["input_ids"], mb["attention_mask"], length,
+                        c.sampling.temperature)
+    v = response_values(params["value"], c.value_model, mb["input_ids"], mb["attention_mask"], length)
+    m = mb["response_mask"].astype(jnp.float32)
+    pg, stats = ppo_math.policy_loss(lp, mb["old_logps"], mb["advantages"], m, c.clip)
+    vf, vclip = ppo_math.value_loss(v, mb["old_values"], mb["returns"], m, c.value_clip)
+    return pg + c.vf_coef * vf, {"loss/policy_avg": pg, "loss/value_avg": vf, "policy/clipfrac_avg":
+                                 stats["clipfrac"], "policy/approxkl_avg": stats["approxkl"], "val/ratio":
+                                 stats["ratio"], "val/clipfrac_avg": vclip}
+
+
+def make_ppo_step(c: PPOConfig, optimizer: optax.GradientTransformation, schedule: optax.Schedule, mesh: Mesh,
+                  rules: Any, state_shardings: PPOState) -> Callable:
+    """train_step(state, rollout) -> (state, metrics): rewards, GAE, then epochs x minibatches of updates."""
+    batch_shardings = {k: sharding.batch_sharding(mesh, rules, n) for k, n in ROLLOUT_KEYS.items()}
+    replicated = NamedSharding(mesh, PartitionSpec())
+    rows = sharding.batch_sharding(mesh, rules, 2).spec[0]
+
+    def train_step(state: PPOState, batch: dict[str, jax.Array]):
+        m = batch["response_mask"].astype(jnp.float32)
+        rewards, kl, non_score = ppo_math.kl_penalized_rewards(batch["old_logps"], batch["ref_logps"], m,
+                                                               batch["scores"], state.kl_coef)
+        if c.whiten_rewards:
+            rewards = ppo_math.whiten(rewards, m, shift_mean=False)
+        advantages, returns = ppo_math.gae(rewards, batch["old_values"], m, c.gamma, c.lam)
+        advantages = ppo_math.whiten(advantages, m)
+        data = {**batch, "advantages": advantages, "returns": returns}
+        b = batch["input_ids"].shape[0]
+        key = jax.random.fold_in(jax.random.key(c.seed + 1), state.step)
+        order = jnp.concatenate([jax.random.permutation(jax.random.fold_in(key, e), b) for e in range(c.epochs)])
+        order = order.reshape(c.epochs * c.minibatches, b // c.minibatches)
+
+        def update(carry, idx):
+            params, opt_state = carry
+            mb = {k: jax.lax.with_sharding_constraint(
+                jnp.take(v, idx, axis=0), NamedSharding(mesh, PartitionSpec(rows, *([None] * (v.ndim - 1)))))
+                for k, v in data.items()}
+            (loss, stats), grads = jax.value_and_grad(_losses, has_aux=True)(params, mb, c)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), {**stats, "loss": loss,
+                                                                       "grad_norm": optax.tree.norm(grads)}
+
+        (params, opt_state), per_update = jax.lax.scan(update, (state.params, state.opt_state), order)
+        sequence_kl = jnp.sum(kl, axis=1)
+        mean_kl = jnp.mean(sequence_kl)
+        kl_coef = ppo_math.adaptive_kl_coef(state.kl_coef, mean_kl, c.target_kl, c.horizon, b) \
+            if c.target_kl > 0 else state.kl_coef
+        one = jnp.ones((), jnp.float32)
+        eos = jnp.any((batch["input_ids"][:, -m.shape[1]:] == c.sampling.eos_id) & (m > 0), axis=1) \
+            if c.sampling.eos_id is not None else jnp.zeros((b,), bool)
+        values = {k: jnp.mean(v) for k, v in per_update.items()}
+        values |= {"objective/kl": mean_kl, "objective/entropy": jnp.mean(-jnp.sum(batch["old_logps"] * m, 1)),
+                   "objective/non_score_reward": jnp.mean(jnp.sum(non_score, 1)),
+                   "objective/rlhf_reward": jnp.mean(batch["scores"] + jnp.sum(non_score, 1)),
+                   "objective/scores": jnp.mean(batch["scores"]), "objective/kl_coef": state.kl_coef,
+                   "val/num_eos_tokens": jnp.sum(eos).astype(jnp.float32),
+                   "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
+                   "num_tokens": jnp.sum(batch["attention_mask"]).astype(jnp.float32)}
+        metrics = {k: Mean(jax.lax.stop_gradient(v).astype(jnp.float32), one) for k, v in values.items()}
+        return PPOState(state.step + 1, params, opt_state, kl_coef), metrics
+
+    return jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+
+class PPOEngine(NamedTuple):
+    """The PPO counterpart of train/engine.py's Engine, for `Trainer.fit`: config, mesh, state, jitted step."""
+
+    config: PPOConfig
+    mesh: Mesh
+    rules: Any
+    param_shardings: Any
+    state_shardings: PPOState
+    state: PPOState
+    train_step: Callable
+    rollout_stats: Callable  # (params, ref_params, ids, mask, length) -> (old logps, ref logps, values)
+
+    def shard_batch(self, local: dict) -> dict:
+        """A rollout (already global device arrays, or host numpy) -> the step's fields, sharded."""
+        rows = {k: v for k, v in local.items() if k in ROLLOUT_KEYS}
+        return {k: jax.device_put(v, sharding.batch_sharding(self.mesh, self.rules, v.ndim)) if isinstance(
+            v, jax.Array) else sharding.global_batch({k: v}, self.mesh, self.rules)[k] for k, v in rows.items()}
+
+    def step_flops(self, local: dict) -> float:
+        """Model FLOPs of the update (policy and value forward + backward per minibatch pass)."""
+        from dpo_jax.flops import train_step_flops
+
+        b, t = local["input_ids"].shape
+        per_epoch = train_step_flops(self.config.model, b, t) + train_step_flops(self.config.value_model, b, t)
+        return self.config.epochs * per_epoch
+
+
+def build_ppo_engine(c: PPOConfig, optimizer_config: Any, policy_params: Any, value_params: Any, mesh: Mesh,
+                     rules: Any) -> PPOEngine:
+    """Shardings from both models' logical axes, the state created sharded (params donated), the jitted step."""
+    from dpo_jax.train.state import create_state, make_optimizer
+
+    optimizer, schedule = make_optimizer(optimizer_config)
+    shared = {id(x) for x in jax.tree.leaves(policy_params)}  # a value model made from the policy shares its body
+    value_params = jax.tree.map(lambda x: jnp.copy(x) if id(x) in shared else x, value_params)
+    params = {"policy": policy_params, "value": value_params}
+    logical = {"policy": logical_axes(c.model), "value": logical_axes(c.value_model)}
+    abstract_params = jax.eval_shape(lambda: params)
+    p_shardings = sharding.param_shardings(logical, abstract_params, mesh, rules)
+    params = jax.device_put(params, p_shardings)  # placed first: donating across a resharding is not supported
+
+    def shardings_for(abstract):
+        return sharding.state_shardings(abstract, p_shardings, abstract_params, mesh)
+
+    train_state = create_state(lambda p: p, optimizer, shardings_for, params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state = PPOState(*train_state, jax.device_put(jnp.asarray(c.kl_coef, jnp.float32), replicated))
+    s_shardings = PPOState(*shardings_for(jax.eval_shape(lambda: train_state)), replicated)
+    rows = sharding.batch_sharding(mesh, rules, 2)
+
+    def stats(params, ref_params, ids, mask, length):
+        t = c.sampling.temperature
+        return (response_logps(params["policy"], c.model, ids, mask, length, t),
+                response_logps(ref_params, c.model, ids, mask, length, t),
+                response_values(params["value"], c.value_model, ids, mask, length))
+
+    rollout_stats = jax.jit(stats, static_argnums=(4,), in_shardings=(s_shardings.params, p_shardings["policy"],
+                                                                     rows, rows), out_shardings=rows)
+    step = make_ppo_step(c, optimizer, schedule, mesh, rules, s_shardings)
+    return PPOEngine(c, mesh, rules, p_shardings, s_shardings, state, step, rollout_stats)
+
+
+class Rollouts:
+    """The Trainer's rollout hook: a host batch of prompts + the current state -> a rollout batch on device.
+
+    score(ids, mask, texts) -> [B] float32: a reward model's scoring pass on (prompt + response) rows, or a host
+    reward of the decoded texts (PPO-GT); `missing_eos_penalty` is subtracted from responses without EOS."""
+
+    def __init__(self, engine: PPOEngine, ref_params: Any, score: Callable[..., np.ndarray], decode: Callable,
+                 missing_eos_penalty: float = 0.0):
+        self.engine, self.ref_params, self.score, self.decode = engine, ref_params, score, decode
+        self.missing_eos_penalty = missing_eos_penalty
+
+    def __call__(self, local: dict, state: PPOState) -> dict:
+        c = self.engine.config
+        step = int(jax.device_get(state.step))
+        ids, mask = local["prompt_ids"], local["prompt_mask"]
+        keys = sample_keys(jax.random.fold_in(jax.random.key(c.seed), step), len(ids), 1)
+        samples = generate(state.params["policy"], c.model, ids, mask, keys, c.sampling)
+        full = jnp.concatenate([jnp.asarray(ids), samples.tokens], 1)
+        full_mask = jnp.concatenate([jnp.asarray(mask), samples.mask], 1)
+        rows = sharding.batch_sharding(self.engine.mesh, self.engine.rules, 2)
+        full, full_mask = jax.device_put(full, rows), jax.device_put(full_mask, rows)
+        length = c.sampling.max_new_tokens
+        old_logps, ref_logps, values = self.engine.rollout_stats(state.params, self.ref_params, full, full_mask,
+                                                                 length)
+        texts = self.decode(np.asarray(full), np.asarray(full_mask))
+        scores = np.asarray(self.score(np.asarray(full), np.asarray(full_mask), texts), np.float32)
+        if self.missing_eos_penalty and c.sampling.eos_id is not None:
+            tokens, gen = np.asarray(samples.tokens), np.asarray(samples.mask)
+            scores = scores - self.missing_eos_penalty * ~np.any((tokens == c.sampling.eos_id) & (gen > 0), 1)
+        return {"input_ids": full, "attention_mask": full_mask, "response_mask": samples.mask, "old_logps": old_logps,
+                "ref_logps": ref_logps, "old_values": values, "scores": scores, "example_id": local["example_id"],
+                "texts": texts}

@@ -1,0 +1,128 @@
+"""PPO end to end on a toy task, the rollout's log-probs against a forward pass, and the step on a mesh."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpo_jax import summaries
+from dpo_jax.metrics import MetricWriter
+from dpo_jax.models.config import ModelConfig
+from dpo_jax.models.decoder import init_params
+from dpo_jax.models.generate import SamplingConfig, generate
+from dpo_jax.rlhf.ppo import PPOConfig, Rollouts, build_ppo_engine, response_logps
+from dpo_jax.rlhf.reward_model import as_reward_model
+from dpo_jax.train.state import default_optimizer_config
+from dpo_jax.train.trainer import Trainer
+
+TOY = ModelConfig(vocab_size=16, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=16,
+                  intermediate_size=64)
+TARGET = 7  # the toy reward: the fraction of generated tokens that are this one
+
+
+def _config(**kw):
+    sampling = SamplingConfig(max_new_tokens=6, temperature=1.0, eos_id=None, pad_id=0)
+    value = TOY.replace(head="score", pad_token_id=None)
+    return PPOConfig(model=TOY, value_model=value, sampling=sampling, **kw)
+
+
+def _optimizer(name="adamw", lr=3e-3):
+    o = default_optimizer_config()
+    o.name, o.learning_rate, o.warmup_steps, o.clip_grad_norm = name, lr, 0, 1.0
+    return o
+
+
+def _prompts(step, b=16):
+    rng = np.random.default_rng(step)
+    ids = rng.integers(1, TOY.vocab_size, (b, 3)).astype(np.int32)
+    return {"prompt_ids": ids, "prompt_mask": np.ones_like(ids), "example_id": np.arange(b, dtype=np.int32)}
+
+
+def _reward(ids, mask, texts):
+    return (ids[:, -6:] == TARGET).mean(1).astype(np.float32)
+
+
+def _engine(c, devices, optimizer=None):
+    policy = init_params(TOY, jax.random.key(0))
+    _, value = as_reward_model(TOY, policy, None, jax.random.key(1))
+    mesh = jax.sharding.Mesh(np.asarray(devices).reshape(-1, 1, 1) if len(devices) < 8 else
+                             np.asarray(devices).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+    rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
+             ("kv_heads", "tensor"), ("vocab", "tensor"), ("head_dim", None), ("layers", None))
+    e = build_ppo_engine(c, optimizer or _optimizer(), policy, value, mesh, rules)
+    return e, jax.device_put(init_params(TOY, jax.random.key(0)), e.param_shardings["policy"])
+
+
+class _Prompts:
+    def __init__(self):
+        self.step, self.state = 0, None
+
+    def __next__(self):
+        self.step += 1
+        return _prompts(self.step)
+
+
+def test_rollout_logprobs_equal_a_forward_pass_at_the_same_temperature():
+    params = init_params(TOY, jax.random.key(0))
+    p = _prompts(0, 4)
+    for t in (1.0, 0.7):
+        s = SamplingConfig(max_new_tokens=5, temperature=t, eos_id=3, pad_id=0)
+        out = generate(params, TOY, p["prompt_ids"], p["prompt_mask"], jax.random.key(2), s)
+        ids = jnp.concatenate([jnp.asarray(p["prompt_ids"]), out.tokens], 1)
+        mask = jnp.concatenate([jnp.asarray(p["prompt_mask"]), out.mask], 1)
+        got = response_logps(params, TOY, ids, mask, 5, t) * out.mask
+        np.testing.assert_allclose(got, out.sampling_logps, atol=2e-5)
+    assert float(jnp.abs(out.sampling_logps - out.logps).max()) > 1e-3  # the temperature does change them
+
+
+def test_ppo_raises_a_toy_reward_and_the_kl_grows_with_it():
+    c = _config(kl_coef=0.05)
+    e, ref = _engine(c, jax.devices()[:1])
+    trainer = Trainer(e, steps=25, writer=MetricWriter(None), log_every=1,
+                      rollout=Rollouts(e, ref, _reward, lambda ids, mask: [""] * len(ids)))
+    state, _ = trainer.fit(e.state, _Prompts())
+    first, last = trainer.history[0], trainer.history[-1]
+    assert first["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # iteration 1 samples from π = π_ref
+    assert last["objective/scores"] > first["objective/scores"] + 0.2, (first, last)
+    assert last["objective/kl"] > 0.5
+    assert {"policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/ratio",
+            "val/num_eos_tokens", "objective/entropy", "objective/rlhf_reward"} <= last.keys()
+    assert e.train_step._cache_size() == 1
+
+
+def test_adaptive_kl_coefficient_moves_toward_the_target():
+    c = _config(kl_coef=0.05, target_kl=0.01, horizon=100.0)
+    e, ref = _engine(c, jax.devices()[:1])
+    trainer = Trainer(e, steps=6, writer=MetricWriter(None), log_every=1,
+                      rollout=Rollouts(e, ref, _reward, lambda ids, mask: [""] * len(ids)))
+    state, _ = trainer.fit(e.state, _Prompts())
+    coefs = [h["objective/kl_coef"] for h in trainer.history]
+    assert coefs[0] == pytest.approx(0.05) and float(state.kl_coef) > 0.05  # KL above a tiny target: it grows
+    assert all(b <= a * (1 + 0.2 * 16 / 100) + 1e-7 for a, b in zip(coefs, coefs[1:]))
+
+
+def test_ppo_step_on_a_2x2x2_mesh_equals_one_device():
+    """Rollouts from one device, then the same update on one device and on (2,2,2) with 2 minibatches, SGD."""
+    c = _config(minibatches=2, epochs=2)
+    sgd = _optimizer("sgd", 0.05)
+    one, ref = _engine(c, jax.devices()[:1], sgd)
+    rollouts = [Rollouts(one, ref, _reward, lambda ids, mask: [""] * len(ids))(_prompts(s), one.state)
+                for s in range(2)]
+    host = [{k: np.asarray(v) for k, v in r.items() if k != "texts"} for r in rollouts]
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        e, _ = _engine(c, devices, sgd)
+        state, history = e.state, []
+        for r in host:
+            state, metrics = e.train_step(state, e.shard_batch(r))
+            history.append(summaries.finalize(metrics))
+        results.append((jax.device_get(state.params), history))
+    (p0, h0), (p1, h1) = results
+    for a, b in zip(h0, h1):
+        for k in ("loss", "loss/policy_avg", "loss/value_avg", "grad_norm", "objective/kl"):
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), k
+    for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1)):
+        np.testing.assert_allclose(b, a, atol=1e-6)
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(
+        init_params(TOY, jax.random.key(0)))) if a.shape == b.shape)
+    assert moved > 1e-4
