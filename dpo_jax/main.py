@@ -18,6 +18,7 @@ COMMANDS = {  # name: (module, function, summary); config commands' modules also
     "eval": ("dpo_jax.train.run", "eval_main", "evaluate a run's latest checkpoint on the eval split"),
     "export": ("dpo_jax.train.export", "run", "a run's trained policy -> HF checkpoint (--run DIR --to-hf OUT)"),
     "convert": ("dpo_jax.convert.cli", "run", "HF checkpoint directory <-> dpo_jax model checkpoint"),
+    "ppo": ("dpo_jax.rlhf.ppo_run", "main", "PPO from an SFT policy against a reward model or function (RLHF)"),
     "best-of-n": ("dpo_jax.rlhf.best_of_n_command", "main", "Best-of-N from a policy, ranked by a reward model"),
     "smoke": ("dpo_jax.smoke", "main", "toy DPO run on synthetic preferences: the loss math end to end, in seconds"),
 }

@@ -58,3 +58,38 @@ def encode_prompts(prompts: list[Any], tokenizer, max_prompt_length: int, pad_id
     for i, e in enumerate(encoded):
         out[i, width - len(e):], mask[i, width - len(e):] = e, 1
     return out, mask
+
+
+class PromptLoader:
+    """Deterministic, resumable batches of prompts: batch k of epoch e is the k-th slice of `default_rng([seed,
+    e])`'s permutation (the last batch of an epoch wraps around to stay full); `state` (a LoaderState) is saved in
+    checkpoints. Host h of P takes the h-th part of every global batch."""
+
+    def __init__(self, ids: np.ndarray, mask: np.ndarray, global_batch: int, seed: int = 0, state=None,
+                 process_index: int = 0, process_count: int = 1):
+        from dpo_jax.data.loader import LoaderState
+
+        if global_batch < 1 or global_batch % process_count:
+            raise ValueError(f"a global batch of {global_batch} prompts must be >= 1 and divide over "
+                             f"{process_count} processes")
+        self.ids, self.mask, self.global_batch, self.seed = ids, mask, global_batch, seed
+        self.local = global_batch // process_count
+        self.offset = process_index * self.local
+        self.batches_per_epoch = -(-len(ids) // global_batch)
+        self.state = state or LoaderState.start()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        from dpo_jax.data.loader import LoaderState
+
+        epoch, step = int(self.state.epoch), int(self.state.step)
+        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.ids))
+        index = perm[(step * self.global_batch + np.arange(self.global_batch)) % len(perm)]
+        index = index[self.offset:self.offset + self.local]
+        step += 1
+        if step == self.batches_per_epoch:
+            epoch, step = epoch + 1, 0
+        self.state = LoaderState(np.asarray(epoch, np.int64), np.asarray(step, np.int64))
+        return {"prompt_ids": self.ids[index], "prompt_mask": self.mask[index], "example_id": index.astype(np.int32)}

@@ -1,0 +1,165 @@
+"""`dpo-jax ppo --config configs/tiny.py:ppo`: PPO from an SFT policy against a reward model (RLHF stage 3), or
+against a host reward function (PPO-GT), through the one Trainer.
+
+Resumable like `dpo-jax train`: the run directory's latest checkpoint (policy, value model, the optimizer over both,
+the KL coefficient, the prompt position) is restored and the run continues exactly; SIGTERM saves and exits 0; a
+non-finite loss stops the run. The reward function sees whole texts (prompt + response, special tokens skipped).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from dpo_jax import sharding
+from dpo_jax.data.pipeline import default_data_config
+from dpo_jax.data.prompts import PromptLoader, encode_prompts, read_prompts
+from dpo_jax.metrics import MetricWriter, truncate_jsonl
+from dpo_jax.models.decoder import logical_axes
+from dpo_jax.models.generate import SamplingConfig
+from dpo_jax.rlhf.best_of_n import score_rows
+from dpo_jax.rlhf.ppo import PPOConfig, PPOState, Rollouts, build_ppo_engine
+from dpo_jax.rlhf.reward_model import as_reward_model, make_scorer
+from dpo_jax.train.checkpoint import RunCheckpoints
+from dpo_jax.train.model_source import default_model_config, load_tokenizer, model_loader
+from dpo_jax.train.state import default_optimizer_config
+from dpo_jax.train.trainer import Trainer
+
+REWARD_KINDS = ("model", "function")
+VALUE_INITS = ("reward", "policy")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.policy = default_model_config()  # π_SFT: where the policy starts, and π_ref (never trained)
+    c.reward = ml_collections.ConfigDict(dict(kind="model", function="", model=default_model_config()))
+    # kind = model: reward.model is a reward model (HF *ForSequenceClassification dir or a dpo_jax checkpoint);
+    # kind = function: reward.function = "module:name" or "file.py:name", texts -> floats (PPO-GT)
+    c.value_init = "reward"  # the value model starts as the reward model (TRL) or as the policy + a fresh head
+    c.data = default_data_config()  # data.tokenizer (empty: the policy's dir) and, for bpe:N, data.train_path
+    c.prompts = ml_collections.ConfigDict(dict(path="", format="auto", limit=0, max_prompt_length=64))
+    c.ppo = ml_collections.ConfigDict(dict(
+        epochs=4, minibatches=1, clip=0.2, value_clip=0.2, vf_coef=0.1, gamma=1.0, lam=0.95, kl_coef=0.05,
+        target_kl=0.0, horizon=10000.0, whiten_rewards=False, missing_eos_penalty=0.0, max_new_tokens=53,
+        temperature=0.7))  # TRL's PPOConfig defaults; target_kl > 0 turns on the adaptive controller
+    c.train = ml_collections.ConfigDict(dict(steps=100, batch_prompts=16, seed=0, log_every=1, save_every=50,
+                                             keep_checkpoints=2, run_dir="runs/ppo", tensorboard=True))
+    c.optimizer = default_optimizer_config()
+    c.optimizer.name, c.optimizer.learning_rate, c.optimizer.warmup_steps = "adamw", 3e-6, 0
+    c.mesh = sharding.default_mesh_config()
+    return c
+
+
+def load_reward_function(spec: str) -> Callable[[list[str]], Any]:
+    """`module:name` or `path/to/file.py:name` -> the callable."""
+    where, _, name = spec.rpartition(":")
+    if not where or not name:
+        raise ValueError(f"config.reward.function = {spec!r}: expected 'module:name' or 'file.py:name'")
+    if where.endswith(".py"):
+        spec_ = importlib.util.spec_from_file_location(f"_reward_{abs(hash(where))}", where)
+        if spec_ is None or not os.path.isfile(where):
+            raise ValueError(f"config.reward.function: no file {where!r}")
+        module = importlib.util.module_from_spec(spec_)
+        spec_.loader.exec_module(module)
+    else:
+        module = importlib.import_module(where)
+    if not callable(getattr(module, name, None)):
+        raise ValueError(f"config.reward.function = {spec!r}: {where} has no callable {name!r}")
+    return getattr(module, name)
+
+
+def _placed(m, vocab, head, what, mesh, rules):
+    config, load = model_loader(m, vocab)
+    if config.head != head:
+        kind = "a reward model (score head)" if head == "score" else "a policy (language-model head)"
+        raise ValueError(f"config.{what}.path = {m.path!r} is not {kind}")
+    return config, load
+
+
+def main(c: ml_collections.ConfigDict) -> dict[str, float]:
+    # ----- tokenizer, models, mesh
+    if c.reward.kind not in REWARD_KINDS or c.value_init not in VALUE_INITS:
+        raise ValueError(f"config.reward.kind must be one of {REWARD_KINDS} and config.value_init one of "
+                         f"{VALUE_INITS}; got {c.reward.kind!r}, {c.value_init!r}")
+    tokenizer = load_tokenizer(ml_collections.ConfigDict({"data": c.data, "model": c.policy}))
+    mesh, rules = sharding.make_mesh(c.mesh), c.mesh.rules
+    policy, load_policy = _placed(c.policy, len(tokenizer), "lm", "policy", mesh, rules)
+    reward = _placed(c.reward.model, len(tokenizer), "score", "reward.model", mesh, rules) \
+        if c.reward.kind == "model" else None
+    function = load_reward_function(c.reward.function) if reward is None else None
+    if c.value_init == "reward" and reward is None:
+        raise ValueError("config.value_init = 'reward' needs a reward model (config.reward.kind = 'model'); use "
+                         "value_init = 'policy' with a reward function")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    # ----- prompts
+    t = c.train
+    path = c.prompts.path or c.data.train_path
+    ids, mask = encode_prompts(read_prompts(path, c.prompts.format, c.prompts.limit), tokenizer,
+                               c.prompts.max_prompt_length, pad)
+    run_dir = os.path.abspath(t.run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    checkpoints = RunCheckpoints(os.path.join(run_dir, "checkpoints"), keep=t.keep_checkpoints)
+    latest = checkpoints.latest_step()
+    restored = None if latest is None else checkpoints.restore_extra(latest, model=policy, mode="ppo")
+    prompts = PromptLoader(ids, mask, t.batch_prompts, t.seed, None if restored is None else restored[0],
+                           jax.process_index(), jax.process_count())
+
+    # ----- engine: policy, value model, one optimizer, the PPO step
+    p = c.ppo
+    sampling = SamplingConfig(max_new_tokens=p.max_new_tokens, temperature=p.temperature,
+                              eos_id=tokenizer.eos_token_id, pad_id=pad)
+    policy_params = load_policy()
+    if c.value_init == "reward":
+        value_config, value_params = reward[0], reward[1]()
+    else:
+        value_config, value_params = as_reward_model(policy, policy_params, pad, jax.random.key(t.seed + 1))
+    config = PPOConfig(model=policy, value_model=value_config, sampling=sampling, epochs=p.epochs,
+                       minibatches=p.minibatches, clip=p.clip, value_clip=p.value_clip, vf_coef=p.vf_coef,
+                       gamma=p.gamma, lam=p.lam, kl_coef=p.kl_coef, target_kl=p.target_kl, horizon=p.horizon,
+                       whiten_rewards=p.whiten_rewards, seed=t.seed)
+    engine = build_ppo_engine(config, c.optimizer, policy_params, value_params, mesh, rules)
+    reference = jax.device_put(load_policy(), engine.param_shardings["policy"])  # π_ref = π_SFT, never trained
+    state, start, window = engine.state, 0, None
+    writer = MetricWriter(run_dir, enabled=jax.process_index() == 0, tensorboard=t.tensorboard)
+    if latest is not None:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        state = checkpoints.restore_state(latest, abstract)
+        start, window = latest, restored[1]
+        truncate_jsonl(writer.metrics_path, latest)
+        print(f"resumed from {checkpoints.directory}/{latest}", flush=True)
+
+    # ----- the score of a rollout: the reward model's scoring pass, or the host function on texts
+    if reward is not None:
+        rm_config, load_rm = reward
+        rm_shardings = sharding.param_shardings(logical_axes(rm_config), jax.eval_shape(load_rm), mesh, rules)
+        rm_params = jax.device_put(load_rm(), rm_shardings)
+        scorer = make_scorer(rm_config, mesh, rules, rm_shardings)
+
+        def score(rows, row_mask, texts):
+            return score_rows(scorer, rm_params, rows, row_mask, len(rows))
+    else:
+        def score(rows, row_mask, texts):
+            return np.asarray(function(texts), np.float32)
+
+    def decode(rows, row_mask):
+        return tokenizer.batch_decode([r[m == 1] for r, m in zip(rows, row_mask)], skip_special_tokens=True)
+
+    rollout = Rollouts(engine, reference, score, decode, p.missing_eos_penalty)
+    try:
+        trainer = Trainer(engine._replace(state=state), steps=t.steps, writer=writer, name="ppo",
+                          log_every=t.log_every, checkpoints=checkpoints, save_every=t.save_every, rollout=rollout)
+        _, last = trainer.fit(state, prompts, start=start, window=window)
+        return last
+    finally:
+        checkpoints.close()
+        writer.close()
+
+
+__all__ = ["default_config", "main", "PPOState"]
