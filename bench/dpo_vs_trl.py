@@ -105,13 +105,13 @@ def settings(args, work_dir: str, precompute: bool = False) -> dict:
 
 # ----- the TRL virtualenv -------------------------------------------------------------------------------------------
 
-def trl_python(work_dir: str) -> str:
+def trl_python(work_dir: str, trl_version: str = TRL_VERSION, name: str = "trl-venv") -> str:
     """The TRL virtualenv's interpreter, creating the environment on first use."""
     import transformers
 
-    venv = os.path.join(work_dir, "trl-venv")
+    venv = os.path.join(work_dir, name)
     python = os.path.join(venv, "bin", "python")
-    pins = [f"torch=={TORCH_VERSION}", f"trl=={TRL_VERSION}", f"transformers=={transformers.__version__}"]
+    pins = [f"torch=={TORCH_VERSION}", f"trl=={trl_version}", f"transformers=={transformers.__version__}"]
     marker = os.path.join(venv, "dpo_jax_bench_pins.json")
     if os.path.isfile(marker):
         with open(marker) as f:

@@ -21,6 +21,7 @@ def result(tmp_path_factory):
     c.pairs.prefixes, c.eval.prefixes, c.eval.every = 256, 128, 40
     c.train.steps = 80
     c.reward_model.steps, c.best_of_n.ns = 240, (1, 2, 4, 16)  # ~8 epochs of these ~1,000 pairs
+    c.ppo.betas = (0.1,)  # PPO and PPO-GT at one β: 20 iterations x 4 epochs each
     c.methods = {k: v for k, v in c.methods.items() if k in ("dpo_beta0p1", "preferred_ft")}
     return c, S.run(c)
 
@@ -48,8 +49,10 @@ def test_outputs_are_written(result):
         assert os.path.getsize(os.path.join(c.out_dir, name)) > 0, name
     with open(os.path.join(c.out_dir, "results.csv")) as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == len(r["points"]) and {row["method"] for row in rows} == {"sft", "best_of_n", "dpo_beta0p1",
-                                                                                  "preferred_ft"}
+    assert len(rows) == len(r["points"]) and {row["method"] for row in rows} == {
+        "sft", "best_of_n", "ppo_beta0p1", "ppo_gt_beta0p1", "dpo_beta0p1", "preferred_ft"}
+    assert os.path.getsize(os.path.join(c.out_dir, "overoptimization.png")) > 0
+    assert "## DPO against PPO at matched KL" in open(os.path.join(c.out_dir, "results.md")).read()
     assert "Pearson r" in open(os.path.join(c.out_dir, "results.md")).read()
 
 
@@ -66,6 +69,14 @@ def test_reward_model_ranks_held_out_samples_and_best_of_n_climbs_with_n(result)
     assert bon[-1]["reward"] > bon[0]["reward"] + 0.05 and bon[-1]["rm_score"] > bon[0]["rm_score"] + 0.5
     text = open(os.path.join(c.out_dir, "results.md")).read()
     assert "held-out pair accuracy" in text and "## Best-of-N" in text
+
+
+def test_ppo_gt_raises_the_ground_truth_reward_and_moves_away_from_the_sft_policy(result):
+    _, r = result
+    sft = next(p for p in r["points"] if p["method"] == "sft")
+    gt = [p for p in r["points"] if p["method"] == "ppo_gt_beta0p1"]
+    assert [p["step"] for p in gt] == [32, 64, 80]  # optimizer steps: iterations 8, 16, 20 x 4 epochs
+    assert gt[-1]["reward"] > sft["reward"] + 0.03 and gt[-1]["kl"] > 0.3
 
 
 def test_experiment_command_needs_a_known_name():

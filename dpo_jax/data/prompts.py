@@ -18,7 +18,7 @@ def read_prompts(path: str, format: str = "auto", limit: int = 0) -> list[Any]:
     first = next(rows, None)
     if first is None:
         raise DataError(f"{path}: no rows")
-    if format == "prompts" or (format == "auto" and "chosen" not in first[1]):
+    if format == "prompts" or (format == "auto" and "prompt" in first[1] and "chosen" not in first[1]):
         out = []
         for where, row in [first, *rows]:
             prompt = row.get("prompt")

@@ -36,7 +36,7 @@ from dpo_jax.convert import native
 from dpo_jax.data.loader import PreferenceLoader
 from dpo_jax.data.pipeline import default_cache_dir
 from dpo_jax.experiments import sentiment_corpus as corpus
-from dpo_jax.experiments import sentiment_rlhf
+from dpo_jax.experiments import sentiment_ppo, sentiment_rlhf
 from dpo_jax.experiments.sentiment_report import write_results
 from dpo_jax.fingerprint import fingerprint
 from dpo_jax.logprobs import token_logprobs
@@ -66,6 +66,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.reward_model = ml_collections.ConfigDict(dict(steps=120, learning_rate=3e-4))
     # Best-of-N from π_SFT ranked by that reward model, on the held-out prefixes; one pass of max(ns) samples each
     c.best_of_n = ml_collections.ConfigDict(dict(ns=(1, 2, 4, 16, 64)))
+    # PPO (learned reward model) and PPO-GT (VADER) at the DPO family's β grid, with every method's budget
+    # (sentiment_ppo.py); evaluated every `eval_every` iterations
+    c.ppo = ml_collections.ConfigDict(dict(betas=(0.05, 0.1, 1.0, 5.0), epochs=4, eval_every=8))
     # every compared method, by name: its train.mode and the engine dpo-section fields it sets; all get the same
     # steps, batch, learning rate and evaluation (e.g. --config.methods.dpo_beta1.dpo.beta=2)
     c.methods = ml_collections.ConfigDict({
@@ -285,6 +288,10 @@ class Stages:
         rm = sentiment_rlhf.RewardModelStage(self, key)
         summary = rm.on_test_sentences()
         points, more = sentiment_rlhf.best_of_n(self, rm, *self._test_prefixes())
+        self.over_optimization = []
+        if self.c.train.steps >= 1 and self.c.ppo.betas:
+            ppo_points, self.over_optimization = sentiment_ppo.run_ppo(self, rm, *self._test_prefixes())
+            points += ppo_points
         return points, {**summary, **more}
 
     def _test_prefixes(self) -> tuple[np.ndarray, np.ndarray]:
@@ -303,6 +310,7 @@ class Stages:
         kernel, bias = unembedding(ref_params, model)
         ref_lp = token_logprobs(hidden, kernel, full, bias=bias)[:, prompts.shape[1]:]
         kl = jnp.sum((out.logps - ref_lp) * out.mask, axis=1)
+        self.eval_rows = (np.asarray(full), np.asarray(full_mask))  # for scoring the same samples (sentiment_ppo)
         return float(self.reward(texts).mean()), float(jnp.mean(kl)), texts
 
     def methods(self) -> list[dict[str, Any]]:
@@ -355,10 +363,10 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
     stages.data()
     stages.sft()
     stages.pairs()
-    best_of_n, reward_model = stages.rlhf()
+    rlhf_points, reward_model = stages.rlhf()
     points = stages.methods()
-    points[1:1] = best_of_n  # after π_SFT, whose samples they are
-    write_results(c, points, stages.vader_human_r, reward_model)
+    points[1:1] = rlhf_points  # after π_SFT: Best-of-N samples it, PPO starts from it
+    write_results(c, points, stages.vader_human_r, reward_model, getattr(stages, "over_optimization", None))
     final = {p["method"]: p for p in points}
     stages.log("summary (final point per method: mean reward on held-out prefixes, KL to π_SFT):")
     for name, p in final.items():
@@ -372,16 +380,18 @@ def main(c: ml_collections.ConfigDict) -> None:
 
 
 def full_config() -> ml_collections.ConfigDict:
-    """The paper's whole sweep — DPO at 7 β, Unlikelihood at 4 α, cDPO, IPO, Preferred-FT — with a longer-trained
-    π_SFT, twice the pairs and longer runs, at the default model size (so it stays a CPU job)."""
+    """The paper's whole sweep — DPO, PPO and PPO-GT at 7 β, Unlikelihood at 4 α, cDPO, IPO, Preferred-FT, Best-of-N
+    — with a longer-trained π_SFT, twice the pairs and longer runs, at the default model size (a CPU job)."""
     c = default_config()
     c.out_dir = "runs/sentiment_full"
     c.sft.steps = 1000
     c.pairs.prefixes = 1024
     c.eval.prefixes, c.eval.every = 256, 40
-    c.train.steps = 200
+    c.train.steps = c.reward_model.steps = 200
+    betas = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
+    c.ppo.betas, c.ppo.eval_every = betas, 10  # PPO and PPO-GT at the same 7 β: 50 iterations x 4 epochs each
     methods = {}
-    for beta in (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0):
+    for beta in betas:
         methods[f"dpo_beta{str(beta).replace('.', 'p')}"] = method("dpo", beta=beta)
     for alpha in (0.1, 0.3, 1.0, 3.0):
         methods[f"unlikelihood_alpha{str(alpha).replace('.', 'p')}"] = method("unlikelihood", unlikelihood_alpha=alpha)

@@ -168,6 +168,7 @@ class PPOEngine(NamedTuple):
     state: PPOState
     train_step: Callable
     rollout_stats: Callable  # (params, ref_params, ids, mask, length) -> (old logps, ref logps, values)
+    init_state: Callable  # (policy params, value params, kl_coef) -> a fresh sharded PPOState (params donated)
 
     def shard_batch(self, local: dict) -> dict:
         """A rollout (already global device arrays, or host numpy) -> the step's fields, sharded."""
@@ -190,21 +191,24 @@ def build_ppo_engine(c: PPOConfig, optimizer_config: Any, policy_params: Any, va
     from dpo_jax.train.state import create_state, make_optimizer
 
     optimizer, schedule = make_optimizer(optimizer_config)
-    shared = {id(x) for x in jax.tree.leaves(policy_params)}  # a value model made from the policy shares its body
-    value_params = jax.tree.map(lambda x: jnp.copy(x) if id(x) in shared else x, value_params)
-    params = {"policy": policy_params, "value": value_params}
     logical = {"policy": logical_axes(c.model), "value": logical_axes(c.value_model)}
-    abstract_params = jax.eval_shape(lambda: params)
+    abstract_params = jax.eval_shape(lambda: {"policy": policy_params, "value": value_params})
     p_shardings = sharding.param_shardings(logical, abstract_params, mesh, rules)
-    params = jax.device_put(params, p_shardings)  # placed first: donating across a resharding is not supported
+    replicated = NamedSharding(mesh, PartitionSpec())
 
     def shardings_for(abstract):
         return sharding.state_shardings(abstract, p_shardings, abstract_params, mesh)
 
-    train_state = create_state(lambda p: p, optimizer, shardings_for, params)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    state = PPOState(*train_state, jax.device_put(jnp.asarray(c.kl_coef, jnp.float32), replicated))
-    s_shardings = PPOState(*shardings_for(jax.eval_shape(lambda: train_state)), replicated)
+    def init_state(policy: Any, value: Any, kl_coef: float) -> PPOState:
+        shared = {id(x) for x in jax.tree.leaves(policy)}  # a value model made from the policy shares its body
+        value = jax.tree.map(lambda x: jnp.copy(x) if id(x) in shared else x, value)
+        # placed first: donating across a resharding is not supported
+        params = jax.device_put({"policy": policy, "value": value}, p_shardings)
+        train_state = create_state(lambda p: p, optimizer, shardings_for, params)
+        return PPOState(*train_state, jax.device_put(jnp.asarray(kl_coef, jnp.float32), replicated))
+
+    state = init_state(policy_params, value_params, c.kl_coef)
+    s_shardings = jax.tree.map(lambda x: x.sharding, state)
     rows = sharding.batch_sharding(mesh, rules, 2)
 
     def stats(params, ref_params, ids, mask, length):
@@ -216,7 +220,7 @@ def build_ppo_engine(c: PPOConfig, optimizer_config: Any, policy_params: Any, va
     rollout_stats = jax.jit(stats, static_argnums=(4,), in_shardings=(s_shardings.params, p_shardings["policy"],
                                                                      rows, rows), out_shardings=rows)
     step = make_ppo_step(c, optimizer, schedule, mesh, rules, s_shardings)
-    return PPOEngine(c, mesh, rules, p_shardings, s_shardings, state, step, rollout_stats)
+    return PPOEngine(c, mesh, rules, p_shardings, s_shardings, state, step, rollout_stats, init_state)
 
 
 class Rollouts:

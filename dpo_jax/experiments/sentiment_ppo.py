@@ -1,0 +1,74 @@
+"""The sentiment experiment's PPO baselines (stage 6): PPO against the learned reward model and PPO-GT against VADER,
+each at the DPO family's β grid (the KL coefficient of the same objective r − β·KL), from π_SFT, on the pairs'
+train prefixes, evaluated like every method.
+
+Budget, the same as every trained method's: `train.steps` optimizer updates of `train.batch_pairs` sequences at
+`train.learning_rate` — `train.steps / ppo.epochs` PPO iterations of `train.batch_pairs` sampled prompts, each
+updated for `ppo.epochs` epochs in one minibatch (PPO also samples its own rollouts, which DPO does not). All runs
+share one compiled PPO step: β lives in the state.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from dpo_jax import sharding
+from dpo_jax.data.prompts import PromptLoader
+from dpo_jax.metrics import MetricWriter
+from dpo_jax.models.generate import SamplingConfig
+from dpo_jax.rlhf.ppo import PPOConfig, Rollouts, build_ppo_engine
+from dpo_jax.train.state import default_optimizer_config
+from dpo_jax.train.trainer import Trainer
+
+
+def _host(tree: Any) -> Any:
+    return jax.tree.map(lambda x: np.array(x), tree)  # fresh host copies: the engine donates what it is given
+
+
+def run_ppo(st: Any, rm: Any, test_prompts: np.ndarray, test_mask: np.ndarray
+            ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(frontier points, over-optimization series) of every PPO and PPO-GT setting."""
+    c, t = st.c.ppo, st.c.train
+    iterations = max(t.steps // c.epochs, 1)
+    sampling = SamplingConfig(max_new_tokens=st.c.eval.max_new_tokens, temperature=1.0, eos_id=st.eos,
+                              pad_id=st.pad)
+    config = PPOConfig(model=st.model_config(), value_model=rm.config, sampling=sampling, epochs=c.epochs,
+                       seed=st.c.seed, kl_coef=float(c.betas[0]))
+    o = default_optimizer_config()
+    o.name, o.learning_rate, o.warmup_steps, o.clip_grad_norm = "adamw", t.learning_rate, 0, 10.0
+    mesh = sharding.make_mesh(sharding.default_mesh_config(), jax.devices()[:1])
+    engine = build_ppo_engine(config, o, _host(st.sft_params), _host(rm.params), mesh, sharding.DEFAULT_RULES)
+    reference = jax.device_put(st.sft_params, engine.param_shardings["policy"])
+    prompts, mask = st._prefixes(st.train_ids, st.c.pairs.prefixes, st.c.seed + 1)  # the pairs' prefixes
+
+    def decode(rows, row_mask):
+        return st.tokenizer.batch_decode([r[m == 1] for r, m in zip(rows, row_mask)], skip_special_tokens=True)
+
+    scorers = {"ppo": lambda rows, row_mask, texts: rm.score(rows, row_mask),
+               "ppo_gt": lambda rows, row_mask, texts: st.reward(texts)}
+    points, series = [], []
+    for family, score in scorers.items():
+        for i, beta in enumerate(c.betas):
+            name = f"{family}_beta{f'{beta:g}'.replace('.', 'p')}"
+            state = engine.state if (family, i) == ("ppo", 0) else engine.init_state(
+                _host(st.sft_params), _host(rm.params), float(beta))
+
+            def evaluate(step: int, state: Any, name: str = name, beta: float = beta) -> None:
+                reward, kl, _ = st.evaluate(state.params["policy"], st.sft_params, test_prompts, test_mask)
+                rm_score = float(np.mean(rm.score(*st.eval_rows)))
+                points.append({"method": name, "step": step * c.epochs, "reward": reward, "kl": kl})
+                series.append({"method": name, "beta": beta, "step": step * c.epochs, "reward": reward,
+                               "rm_score": rm_score, "kl": kl})
+
+            t0 = time.perf_counter()
+            trainer = Trainer(engine, steps=iterations, writer=MetricWriter(None), name=name,
+                              eval_every=max(c.eval_every, 1), evaluate=evaluate,
+                              rollout=Rollouts(engine, reference, score, decode))
+            trainer.fit(state, PromptLoader(prompts, mask, t.batch_pairs, st.c.seed))
+            st.log(f"{name}: reward {points[-1]['reward']:+.3f}, KL {points[-1]['kl']:.3f} after {iterations} PPO "
+                   f"iterations x {c.epochs} epochs ({time.perf_counter() - t0:.0f} s)")
+    return points, series
