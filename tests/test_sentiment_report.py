@@ -1,7 +1,6 @@
 """The frontier's families, upper envelopes and the matched-KL comparison written into results.md."""
 
 import numpy as np
-import pytest
 
 from dpo_jax.experiments.sentiment_report import compare_envelopes, envelope, family
 
@@ -26,7 +25,7 @@ def test_matched_kl_comparison_says_where_each_envelope_is_above():
     dpo = _points("dpo", [(1.0, 0.3), (2.0, 0.5), (4.0, 0.6)])
     ppo = _points("ppo", [(1.0, 0.4), (3.0, 0.45), (5.0, 0.9)])
     text = compare_envelopes(dpo, ppo, ("DPO", "PPO"))
-    # shared range 1-4: PPO above on [1, 2) (0.4 vs 0.3), DPO above on [2, 4] (0.5-0.6 vs 0.4-0.45): two thirds; at 4: 0.6 vs 0.45
+    # shared range 1-4: PPO above on [1, 2) (0.4 vs 0.3), DPO above on [2, 4] (0.5-0.6 vs 0.4-0.45): two thirds
     assert text.startswith("On the KL range both cover (1.00–4.00 nats), DPO's envelope lies above PPO's on 67 %")
     assert "largest gap in DPO's favour is +0.150 reward at KL 4.00" in text
     assert "in PPO's favour +0.100 at KL 1" in text

@@ -77,10 +77,13 @@ ROLLOUT_KEYS = {"input_ids": 2, "attention_mask": 2, "response_mask": 2, "old_lo
 
 def response_logps(params: dict, model: ModelConfig, ids: jax.Array, mask: jax.Array, length: int,
                    temperature: float) -> jax.Array:
-    """log π_T(y_t | x, y_<t) of the last `length` positions [B, length] float32 (left-padded prompt + response)."""
+    """log π_T(y_t | x, y_<t) of the last `length` positions [B, length] float32 (left-padded prompt + response).
+    The unembedding runs on those positions only (the score window of logprobs.py), never on the prompt."""
     hidden = Decoder(model).apply({"params": params}, ids, attention_mask=mask)
     kernel, bias = unembedding(params, model)
-    lp = token_logprobs(hidden, kernel / temperature, ids, bias=None if bias is None else bias / temperature)
+    b, t = ids.shape
+    lp = token_logprobs(hidden, kernel / temperature, ids, bias=None if bias is None else bias / temperature,
+                        window=(jnp.full((b,), t - length, jnp.int32), length))
     return lp[:, -length:]
 
 
@@ -167,7 +170,7 @@ class PPOEngine(NamedTuple):
     state_shardings: PPOState
     state: PPOState
     train_step: Callable
-    rollout_stats: Callable  # (params, ref_params, ids, mask, length) -> (old logps, ref logps, values)
+    rollout_stats: Callable  # (params, ref_params, ids, mask, length) -> (ref logps, values)
     init_state: Callable  # (policy params, value params, kl_coef) -> a fresh sharded PPOState (params donated)
 
     def shard_batch(self, local: dict) -> dict:
@@ -183,6 +186,37 @@ class PPOEngine(NamedTuple):
         b, t = local["input_ids"].shape
         per_epoch = train_step_flops(self.config.model, b, t) + train_step_flops(self.config.value_model, b, t)
         return self.config.epochs * per_epoch
+
+
+def compile_ahead(engine: PPOEngine, state: PPOState, batch: int, prompt_length: int):
+    """Compiles the update step for rollouts of `batch` prompts of `prompt_length` tokens on a background thread,
+    so that it overlaps the first rollout (whose generation and passes compile on the main thread). Returns the
+    thread's `wait` (re-raises a compile error)."""
+    import threading
+
+    length = engine.config.sampling.max_new_tokens
+    shapes = {k: (batch, prompt_length + length) if k in ("input_ids", "attention_mask") else
+              (batch, length) if n == 2 else (batch,) for k, n in ROLLOUT_KEYS.items()}
+    dtypes = {"input_ids": jnp.int32, "attention_mask": jnp.int32, "response_mask": jnp.int32}
+    abstract_batch = {k: jax.ShapeDtypeStruct(s, dtypes.get(k, jnp.float32), sharding=sharding.batch_sharding(
+        engine.mesh, engine.rules, len(s))) for k, s in shapes.items()}
+    abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    error: list[BaseException] = []
+
+    def run():
+        try:
+            engine.train_step.lower(abstract_state, abstract_batch).compile()
+        except BaseException as e:  # noqa: BLE001 — re-raised by wait()
+            error.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def wait() -> None:
+        thread.join()
+        if error:
+            raise error[0]
+    return wait
 
 
 def build_ppo_engine(c: PPOConfig, optimizer_config: Any, policy_params: Any, value_params: Any, mesh: Mesh,
@@ -212,9 +246,7 @@ def build_ppo_engine(c: PPOConfig, optimizer_config: Any, policy_params: Any, va
     rows = sharding.batch_sharding(mesh, rules, 2)
 
     def stats(params, ref_params, ids, mask, length):
-        t = c.sampling.temperature
-        return (response_logps(params["policy"], c.model, ids, mask, length, t),
-                response_logps(ref_params, c.model, ids, mask, length, t),
+        return (response_logps(ref_params, c.model, ids, mask, length, c.sampling.temperature),
                 response_values(params["value"], c.value_model, ids, mask, length))
 
     rollout_stats = jax.jit(stats, static_argnums=(4,), in_shardings=(s_shardings.params, p_shardings["policy"],
@@ -227,12 +259,13 @@ class Rollouts:
     """The Trainer's rollout hook: a host batch of prompts + the current state -> a rollout batch on device.
 
     score(ids, mask, texts) -> [B] float32: a reward model's scoring pass on (prompt + response) rows, or a host
-    reward of the decoded texts (PPO-GT); `missing_eos_penalty` is subtracted from responses without EOS."""
+    reward of the decoded texts (PPO-GT); `missing_eos_penalty` is subtracted from responses without EOS.
+    ready(): waited for once, after the first rollout (e.g. `compile_ahead(...).wait`)."""
 
     def __init__(self, engine: PPOEngine, ref_params: Any, score: Callable[..., np.ndarray], decode: Callable,
-                 missing_eos_penalty: float = 0.0):
+                 missing_eos_penalty: float = 0.0, ready: Callable[[], None] | None = None):
         self.engine, self.ref_params, self.score, self.decode = engine, ref_params, score, decode
-        self.missing_eos_penalty = missing_eos_penalty
+        self.missing_eos_penalty, self.ready = missing_eos_penalty, ready
 
     def __call__(self, local: dict, state: PPOState) -> dict:
         c = self.engine.config
@@ -245,8 +278,13 @@ class Rollouts:
         rows = sharding.batch_sharding(self.engine.mesh, self.engine.rules, 2)
         full, full_mask = jax.device_put(full, rows), jax.device_put(full_mask, rows)
         length = c.sampling.max_new_tokens
-        old_logps, ref_logps, values = self.engine.rollout_stats(state.params, self.ref_params, full, full_mask,
-                                                                 length)
+        ref_logps, values = self.engine.rollout_stats(state.params, self.ref_params, full, full_mask, length)
+        # The policy's log-probs of its own samples are the sampler's (at the temperature sampled from: equal to a
+        # forward pass's, tested), so the rollout needs no policy forward pass.
+        old_logps = jax.device_put(samples.sampling_logps, rows)
+        if self.ready is not None:  # the update step, compiled on another thread meanwhile
+            self.ready()
+            self.ready = None
         texts = self.decode(np.asarray(full), np.asarray(full_mask))
         scores = np.asarray(self.score(np.asarray(full), np.asarray(full_mask), texts), np.float32)
         if self.missing_eos_penalty and c.sampling.eos_id is not None:

@@ -24,7 +24,7 @@ from dpo_jax.metrics import MetricWriter, truncate_jsonl
 from dpo_jax.models.decoder import logical_axes
 from dpo_jax.models.generate import SamplingConfig
 from dpo_jax.rlhf.best_of_n import score_rows
-from dpo_jax.rlhf.ppo import PPOConfig, PPOState, Rollouts, build_ppo_engine
+from dpo_jax.rlhf.ppo import PPOConfig, PPOState, Rollouts, build_ppo_engine, compile_ahead
 from dpo_jax.rlhf.reward_model import as_reward_model, make_scorer
 from dpo_jax.train.checkpoint import RunCheckpoints
 from dpo_jax.train.model_source import default_model_config, load_tokenizer, model_loader
@@ -151,7 +151,9 @@ def main(c: ml_collections.ConfigDict) -> dict[str, float]:
     def decode(rows, row_mask):
         return tokenizer.batch_decode([r[m == 1] for r, m in zip(rows, row_mask)], skip_special_tokens=True)
 
-    rollout = Rollouts(engine, reference, score, decode, p.missing_eos_penalty)
+    ready = compile_ahead(engine, state, prompts.local * jax.process_count(), ids.shape[1]) if start < t.steps \
+        else None
+    rollout = Rollouts(engine, reference, score, decode, p.missing_eos_penalty, ready)
     try:
         trainer = Trainer(engine._replace(state=state), steps=t.steps, writer=writer, name="ppo",
                           log_every=t.log_every, checkpoints=checkpoints, save_every=t.save_every, rollout=rollout)
