@@ -4,12 +4,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 
 import pytest
 
-from dpo_jax.config import load_config_file
 from dpo_jax.rlhf import ppo_run
+from tests import test_runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.py")
@@ -21,19 +20,11 @@ def _overrides(run_dir, cache, **extra):
 
 
 def _config(overrides):
-    c = load_config_file(f"{TINY}:ppo")
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return test_runs._config("ppo", overrides)
 
 
 def _cli(overrides):
-    return [sys.executable, "-m", "dpo_jax.main", "ppo", "--config", f"{TINY}:ppo"] + [
-        f"--config.{k}={v}" for k, v in overrides.items()]
+    return test_runs._cli(overrides, "ppo", "ppo")
 
 
 def _lines(run_dir):

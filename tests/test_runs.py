@@ -49,8 +49,8 @@ def _config(mode, overrides):
     return c
 
 
-def _cli(overrides, mode="dpo"):
-    return [sys.executable, "-m", "dpo_jax.main", "train", "--config", f"{TINY}:{mode}"] + [
+def _cli(overrides, mode="dpo", command="train"):
+    return [sys.executable, "-m", "dpo_jax.main", command, "--config", f"{TINY}:{mode}"] + [
         f"--config.{k}={v}" for k, v in overrides.items()]
 
 
