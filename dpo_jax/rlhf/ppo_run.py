@@ -14,6 +14,7 @@ import os
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -116,6 +117,7 @@ def main(c: ml_collections.ConfigDict) -> dict[str, float]:
     sampling = SamplingConfig(max_new_tokens=p.max_new_tokens, temperature=p.temperature,
                               eos_id=tokenizer.eos_token_id, pad_id=pad)
     policy_params = load_policy()
+    reference = jax.tree.map(jnp.copy, policy_params)  # π_ref = π_SFT, never trained: a copy, not a second load
     if c.value_init == "reward":
         value_config, value_params = reward[0], reward[1]()
     else:
@@ -125,7 +127,7 @@ def main(c: ml_collections.ConfigDict) -> dict[str, float]:
                        gamma=p.gamma, lam=p.lam, kl_coef=p.kl_coef, target_kl=p.target_kl, horizon=p.horizon,
                        whiten_rewards=p.whiten_rewards, seed=t.seed)
     engine = build_ppo_engine(config, c.optimizer, policy_params, value_params, mesh, rules)
-    reference = jax.device_put(load_policy(), engine.param_shardings["policy"])  # π_ref = π_SFT, never trained
+    reference = jax.device_put(reference, engine.param_shardings["policy"])
     state, start, window = engine.state, 0, None
     writer = MetricWriter(run_dir, enabled=jax.process_index() == 0, tensorboard=t.tensorboard)
     if latest is not None:
