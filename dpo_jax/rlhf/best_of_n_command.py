@@ -21,7 +21,7 @@ from dpo_jax.models.decoder import logical_axes
 from dpo_jax.models.generate import SamplingConfig
 from dpo_jax.rlhf import best_of_n as bon
 from dpo_jax.rlhf.reward_model import make_scorer
-from dpo_jax.train.model_source import default_model_config, model_loader
+from dpo_jax.train.model_source import default_model_config, model_with_head, pad_id
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -40,11 +40,8 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def _place(m, vocab, mesh, rules, head):
-    config, load = model_loader(m, vocab)
-    if config.head != head:
-        what = "a reward model (score head)" if head == "score" else "a policy (language-model head)"
-        raise ValueError(f"config.{'reward_model' if head == 'score' else 'policy'}.path = {m.path!r} is not {what}")
+def _place(m, vocab, mesh, rules, head, key):
+    config, load = model_with_head(m, vocab, head, key)
     params = load()
     shardings = sharding.param_shardings(logical_axes(config), params, mesh, rules)
     return config, jax.device_put(params, shardings), shardings
@@ -60,9 +57,9 @@ def main(c: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.ns = {tuple(c.ns)} must be N' in [1, config.n = {c.n}]")
     tokenizer = load_tokenizer(ml_collections.ConfigDict({"data": {"tokenizer": c.tokenizer}, "model": c.policy}))
     mesh = sharding.make_mesh(c.mesh)
-    policy, policy_params, _ = _place(c.policy, len(tokenizer), mesh, c.mesh.rules, "lm")
-    rm, rm_params, rm_shardings = _place(c.reward_model, len(tokenizer), mesh, c.mesh.rules, "score")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    policy, policy_params, _ = _place(c.policy, len(tokenizer), mesh, c.mesh.rules, "lm", "policy")
+    rm, rm_params, rm_shardings = _place(c.reward_model, len(tokenizer), mesh, c.mesh.rules, "score", "reward_model")
+    pad = pad_id(tokenizer)
     prompts = read_prompts(c.prompts.path, c.prompts.format, c.prompts.limit)
     ids, mask = encode_prompts(prompts, tokenizer, c.prompts.max_prompt_length, pad)
     s = c.sampling

@@ -28,7 +28,7 @@ from dpo_jax.rlhf.best_of_n import score_rows
 from dpo_jax.rlhf.ppo import PPOConfig, PPOState, Rollouts, build_ppo_engine, compile_ahead
 from dpo_jax.rlhf.reward_model import as_reward_model, make_scorer
 from dpo_jax.train.checkpoint import RunCheckpoints
-from dpo_jax.train.model_source import default_model_config, load_tokenizer, model_loader
+from dpo_jax.train.model_source import default_model_config, load_tokenizer, model_with_head, pad_id
 from dpo_jax.train.state import default_optimizer_config
 from dpo_jax.train.trainer import Trainer
 
@@ -75,14 +75,6 @@ def load_reward_function(spec: str) -> Callable[[list[str]], Any]:
     return getattr(module, name)
 
 
-def _placed(m, vocab, head, what, mesh, rules):
-    config, load = model_loader(m, vocab)
-    if config.head != head:
-        kind = "a reward model (score head)" if head == "score" else "a policy (language-model head)"
-        raise ValueError(f"config.{what}.path = {m.path!r} is not {kind}")
-    return config, load
-
-
 def main(c: ml_collections.ConfigDict) -> dict[str, float]:
     # ----- tokenizer, models, mesh
     if c.reward.kind not in REWARD_KINDS or c.value_init not in VALUE_INITS:
@@ -90,14 +82,14 @@ def main(c: ml_collections.ConfigDict) -> dict[str, float]:
                          f"{VALUE_INITS}; got {c.reward.kind!r}, {c.value_init!r}")
     tokenizer = load_tokenizer(ml_collections.ConfigDict({"data": c.data, "model": c.policy}))
     mesh, rules = sharding.make_mesh(c.mesh), c.mesh.rules
-    policy, load_policy = _placed(c.policy, len(tokenizer), "lm", "policy", mesh, rules)
-    reward = _placed(c.reward.model, len(tokenizer), "score", "reward.model", mesh, rules) \
+    policy, load_policy = model_with_head(c.policy, len(tokenizer), "lm", "policy")
+    reward = model_with_head(c.reward.model, len(tokenizer), "score", "reward.model") \
         if c.reward.kind == "model" else None
     function = load_reward_function(c.reward.function) if reward is None else None
     if c.value_init == "reward" and reward is None:
         raise ValueError("config.value_init = 'reward' needs a reward model (config.reward.kind = 'model'); use "
                          "value_init = 'policy' with a reward function")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
 
     # ----- prompts
     t = c.train

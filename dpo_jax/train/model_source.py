@@ -70,6 +70,23 @@ def model_loader(m: ml_collections.ConfigDict, vocab_size: int) -> tuple[ModelCo
     return config, lambda: native.load_model(m.path)[1]
 
 
+def pad_id(tokenizer) -> int:
+    """The pad id a reward model reads past and sequences are padded with: the tokenizer's pad, else its EOS
+    (TRL's choice, and what an exported reward model's `pad_token_id` says)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def model_with_head(m: ml_collections.ConfigDict, vocab_size: int, head: str, key: str
+                    ) -> tuple[ModelConfig, Callable[[], Any]]:
+    """`model_loader` for a section that must hold a policy (head "lm") or a reward model ("score"); the error
+    names the config key."""
+    config, load = model_loader(m, vocab_size)
+    if config.head != head:
+        kind = "a reward model (score head)" if head == "score" else "a policy (language-model head)"
+        raise ValueError(f"config.{key}.path = {m.path!r} is not {kind}")
+    return config, load
+
+
 def for_mode(m: ml_collections.ConfigDict, mode: str, config: ModelConfig, load: Callable[[], Any],
              tokenizer) -> tuple[ModelConfig, Callable[[], Any]]:
     """The model a train mode needs from a model source. mode = reward on a policy (the SFT model): its body with a
@@ -83,7 +100,7 @@ def for_mode(m: ml_collections.ConfigDict, mode: str, config: ModelConfig, load:
         return config, load
     if config.head == "score":
         return config, load  # continue training a reward model
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     reward_config = reward_model_config(config, pad)
     return reward_config, lambda: as_reward_model(config, load(), pad, jax.random.key(m.seed + 1))[1]
 
