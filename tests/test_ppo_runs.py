@@ -54,9 +54,7 @@ def test_ppo_run_resumes_exactly_after_sigkill(tmp_path, cache):
     assert out.returncode == 0 and "resumed from" in out.stdout, out.stderr[-3000:]
     got = _lines(tmp_path / "killed")
     assert [r["step"] for r in got] == list(range(1, 9))
-    for g, w in zip(got, want):
-        for k in w:
-            assert g[k] == pytest.approx(w[k], rel=1e-5, abs=1e-6), (g["step"], k)
+    test_runs.assert_same_lines(got, want, rel=1e-5, abs=1e-6)
 
 
 def test_ppo_learns_the_tiny_reward(tmp_path, cache):

@@ -18,7 +18,7 @@ from dpo_jax.models.decoder import logical_axes
 from dpo_jax.rlhf.reward_model import make_scorer, score_texts, sequence_scores
 from dpo_jax.train import run as train_run
 from dpo_jax.train.export import export
-from tests.test_runs import REPO, _cli, _config, _overrides, _train_lines
+from tests.test_runs import REPO, _cli, _config, _overrides, _train_lines, assert_same_lines
 
 EVAL = os.path.join(REPO, "configs", "data", "tiny_hh", "eval.jsonl")
 
@@ -115,7 +115,4 @@ def test_reward_run_resumes_exactly_after_sigkill(tmp_path, cache):
     assert out.returncode == 0 and "resumed from" in out.stdout, out.stderr[-3000:]
     got = _train_lines(tmp_path / "killed")
     assert [r["step"] for r in got] == [3, 6, 9, 12]
-    for g, w in zip(got, want):
-        assert g.keys() == w.keys()
-        for k in w:
-            assert g[k] == pytest.approx(w[k], rel=1e-6, abs=1e-7), (g["step"], k)
+    assert_same_lines(got, want)

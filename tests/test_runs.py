@@ -54,6 +54,17 @@ def _cli(overrides, mode="dpo", command="train"):
         f"--config.{k}={v}" for k, v in overrides.items()]
 
 
+def assert_same_lines(got, want, rel=1e-6, abs=1e-7):
+    """Metric lines equal key by key: numbers to within rel/abs, strings (the split) exactly."""
+    for g, w in zip(got, want, strict=True):
+        assert g.keys() == w.keys(), g["step"]
+        for k in w:
+            if isinstance(w[k], str):
+                assert g[k] == w[k], (g["step"], k)
+            else:
+                assert g[k] == pytest.approx(w[k], rel=rel, abs=abs), (g["step"], k)
+
+
 def _train_lines(run_dir, timing=False):
     """The train split's metric lines; without the timing-dependent keys unless `timing`."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
@@ -83,13 +94,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, cache):
     assert resumed.start == 12 and not any(x.is_deleted() for x in jax.tree.leaves(resumed.engine.state))
     got = _train_lines(tmp_path / "killed")
     assert [r["step"] for r in got] == [3, 6, 9, 12]
-    for g, w in zip(got, want):
-        assert g.keys() == w.keys()
-        for k in w:
-            if isinstance(w[k], str):
-                assert g[k] == w[k]
-            else:
-                assert g[k] == pytest.approx(w[k], rel=1e-6, abs=1e-7), (g["step"], k)
+    assert_same_lines(got, want)
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path, cache):
