@@ -130,6 +130,26 @@ def test_per_row_rng_makes_a_row_independent_of_its_batch():
     assert not np.array_equal(np.asarray(other.tokens), np.asarray(batch.tokens))
 
 
+def test_per_row_temperatures_equal_separate_runs_and_temperature_0_is_greedy_and_deterministic():
+    config = LLAMA
+    params = _params(config, 5)
+    ids, mask = _left_padded_prompts()
+    keys = jax.random.split(jax.random.key(3), 3)
+    s = SamplingConfig(max_new_tokens=7)
+    mixed = generate(params, config, ids, mask, keys, s, temperature=jnp.asarray([0.0, 0.5, 1.3]))
+    for row, t in enumerate((0.0, 0.5, 1.3)):
+        alone = generate(params, config, ids, mask, keys, s if t else SamplingConfig(max_new_tokens=7, greedy=True),
+                         temperature=None if t == 0 else t)
+        for field in ("tokens", "mask", "logps", "sampling_logps"):
+            np.testing.assert_allclose(np.asarray(getattr(mixed, field)[row]), np.asarray(getattr(alone, field)[row]),
+                                       rtol=1e-6, atol=1e-6, err_msg=f"{field} row {row} (T={t})")
+    again = generate(params, config, ids, mask, jax.random.split(jax.random.key(99), 3), s, temperature=0.0)
+    np.testing.assert_array_equal(np.asarray(again.tokens[0]), np.asarray(mixed.tokens[0]))  # greedy: no rng
+    assert np.all(np.asarray(again.sampling_logps) == 0.0)
+    with pytest.raises(ValueError, match="temperatures must be >= 0"):
+        generate(params, config, ids, mask, keys, s, temperature=jnp.asarray([1.0, -0.5, 1.0]))
+
+
 def test_filter_logits_matches_numpy_top_k_and_top_p():
     rng = np.random.default_rng(0)
     raw = rng.normal(0, 2, (4, 30)).astype(np.float32)

@@ -7,6 +7,9 @@ so a row's sample does not depend on what else is in the batch.
 Two log-probs come back per token: `logps` under the model itself (temperature 1, no truncation) — exactly what a
 forward pass over prompt + sample gives, which is what KL estimates and PPO need — and `sampling_logps` under the
 distribution actually sampled from (temperature, top-k, top-p; 0 for greedy).
+
+The temperature is an argument of the compiled function, not part of its static key, and may differ per row
+(0 = greedy): one compile serves a whole temperature sweep, and several temperatures can share one batch.
 """
 
 from __future__ import annotations
@@ -52,9 +55,10 @@ class Samples(NamedTuple):
     lengths: Array  # [B] number of generated tokens (EOS included)
 
 
-def filter_logits(raw: Array, s: SamplingConfig) -> Array:
-    """Temperature, then top-k, then top-p (nucleus) on float32 logits [B, V]; removed entries become -inf."""
-    x = raw / s.temperature
+def filter_logits(raw: Array, s: SamplingConfig, temperature: Array | None = None) -> Array:
+    """Temperature, then top-k, then top-p (nucleus) on float32 logits [B, V]; removed entries become -inf.
+    temperature: [B] per-row temperatures (> 0) instead of s.temperature."""
+    x = raw / (s.temperature if temperature is None else temperature[:, None])
     if s.top_k:
         kth = jax.lax.top_k(x, s.top_k)[0][:, -1:]
         x = jnp.where(x < kth, -jnp.inf, x)
@@ -67,21 +71,21 @@ def filter_logits(raw: Array, s: SamplingConfig) -> Array:
     return x
 
 
-def _choose(raw: Array, row_keys: Array, step: Array, s: SamplingConfig) -> tuple[Array, Array, Array]:
-    """Next token per row and its two log-probs."""
+def _choose(raw: Array, row_keys: Array, step: Array, temperature: Array, s: SamplingConfig
+            ) -> tuple[Array, Array, Array]:
+    """Next token per row and its two log-probs; rows at temperature 0 take the argmax."""
     model_logp = jax.nn.log_softmax(raw, axis=-1)
-    if s.greedy:
-        token = jnp.argmax(raw, axis=-1)
-        sampling_lp = jnp.zeros(raw.shape[:1], jnp.float32)
-    else:
-        filtered = filter_logits(raw, s)
-        keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
-        token = jax.vmap(jax.random.categorical)(keys, filtered)
-        sampling_lp = jnp.take_along_axis(jax.nn.log_softmax(filtered, -1), token[:, None], -1)[:, 0]
-    return token, jnp.take_along_axis(model_logp, token[:, None], -1)[:, 0], sampling_lp
+    greedy = temperature == 0
+    filtered = filter_logits(raw, s, jnp.where(greedy, 1.0, temperature))
+    keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
+    sampled = jax.vmap(jax.random.categorical)(keys, filtered)
+    token = jnp.where(greedy, jnp.argmax(raw, axis=-1), sampled)
+    sampling_lp = jnp.take_along_axis(jax.nn.log_softmax(filtered, -1), token[:, None], -1)[:, 0]
+    return token, jnp.take_along_axis(model_logp, token[:, None], -1)[:, 0], jnp.where(greedy, 0.0, sampling_lp)
 
 
-def _generate(params, prompt_ids, prompt_mask, row_keys, config: ModelConfig, s: SamplingConfig) -> Samples:
+def _generate(params, prompt_ids, prompt_mask, row_keys, temperature, config: ModelConfig, s: SamplingConfig
+              ) -> Samples:
     b, p = prompt_ids.shape
     n = s.max_new_tokens
     model = Decoder(config)
@@ -98,7 +102,7 @@ def _generate(params, prompt_ids, prompt_mask, row_keys, config: ModelConfig, s:
 
     def body(carry):
         i, cache, key_valid, raw, pos, out, done, _ = carry
-        token, lp, slp = _choose(raw, row_keys, i, s)
+        token, lp, slp = _choose(raw, row_keys, i, temperature, s)
         live = ~done
         token = jnp.where(live, token, s.pad_id)
         out = Samples(
@@ -131,10 +135,13 @@ def generate(
     prompt_mask: Array,
     rng: Array,
     sampling: SamplingConfig,
+    temperature: Array | float | None = None,
 ) -> Samples:
     """Samples up to `sampling.max_new_tokens` tokens after left-padded prompts [B, P] (mask 1 on real tokens).
 
-    rng: one key (split into one per row) or [B] keys, one per row. Compiles once per (config, sampling, shapes).
+    rng: one key (split into one per row) or [B] keys, one per row. temperature: a scalar or [B] per-row
+    temperatures (0 = greedy) instead of sampling's. Compiles once per (config, shapes, top-k, top-p, eos, pad):
+    temperatures are traced.
     """
     prompt_ids, prompt_mask = jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32)
     if prompt_ids.shape != prompt_mask.shape or prompt_ids.ndim != 2:
@@ -143,4 +150,10 @@ def generate(
         raise ValueError("prompts must be left-padded: prompt_mask[:, -1] must be 1 for every row")
     b = prompt_ids.shape[0]
     row_keys = rng if rng.shape == (b,) else jax.random.split(rng, b)
-    return _generate_jit(params, prompt_ids, prompt_mask, row_keys, config, sampling)
+    if temperature is None:
+        temperature = 0.0 if sampling.greedy else sampling.temperature
+    elif not isinstance(temperature, jax.core.Tracer) and bool(jnp.any(jnp.asarray(temperature) < 0)):
+        raise ValueError(f"temperatures must be >= 0 (0 = greedy), got {temperature}")
+    temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (b,))
+    static = dataclasses.replace(sampling, temperature=1.0, greedy=False)  # the traced temperature rules
+    return _generate_jit(params, prompt_ids, prompt_mask, row_keys, temperature, config, static)

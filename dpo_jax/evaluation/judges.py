@@ -1,0 +1,87 @@
+"""Judges behind one interface: `compare(prompts, candidates, baselines) -> outcomes` (1 candidate wins, 0.5 tie,
+0 baseline wins, NaN invalid), so a win-rate evaluation does not care who judges.
+
+Score judges rank each response by a number on the whole text (prompt + response): a ground-truth function
+(the sentiment experiment's VADER; `module:name` or `file.py:name`, texts -> floats) or a reward model (ours or
+an imported HF `*ForSequenceClassification`, scored by the jitted, sharded scoring pass). The LLM judge behind an
+OpenAI-compatible endpoint is endpoint.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+
+from dpo_jax.evaluation.winrate import outcomes_from_scores
+
+
+class Judge(Protocol):
+    name: str
+
+    def compare(self, prompts: Sequence[str], candidates: Sequence[str], baselines: Sequence[str]) -> np.ndarray:
+        """[N] outcomes for the candidate against the baseline on each prompt."""
+
+
+@dataclasses.dataclass
+class ScoreJudge:
+    """Ranks responses by score(texts) of prompt + response; equal scores are a tie."""
+
+    name: str
+    score: Callable[[list[str]], Any]  # whole texts -> [N] floats
+
+    def scores(self, texts: Sequence[str]) -> np.ndarray:
+        out = np.asarray(self.score(list(texts)), np.float64).reshape(-1)
+        if out.shape != (len(texts),):
+            raise ValueError(f"judge {self.name}: the score function returned {out.size} values for {len(texts)} "
+                             "texts")
+        return out
+
+    def compare(self, prompts: Sequence[str], candidates: Sequence[str], baselines: Sequence[str]) -> np.ndarray:
+        _check_lengths(prompts, candidates, baselines)
+        both = self.scores([p + c for p, c in zip(prompts, candidates)] + [p + b for p, b in zip(prompts, baselines)])
+        return outcomes_from_scores(both[:len(prompts)], both[len(prompts):])
+
+
+def function_judge(spec: str, name: str | None = None) -> ScoreJudge:
+    """A ground-truth reward function `module:name` or `file.py:name` (texts -> floats) as a judge."""
+    from dpo_jax.rlhf.ppo_run import load_reward_function
+
+    return ScoreJudge(name or spec, load_reward_function(spec))
+
+
+def reward_model_judge(model_section: Any, tokenizer: Any, mesh: Any, rules: Any, max_length: int,
+                       batch_rows: int = 64, name: str = "reward model") -> ScoreJudge:
+    """A reward model (config.model-style section: an HF sequence-classification dir or a dpo_jax checkpoint) as a
+    judge, scored on `mesh` (batch_rows must divide over its batch axes)."""
+    import jax
+
+    from dpo_jax import sharding
+    from dpo_jax.models.decoder import logical_axes
+    from dpo_jax.rlhf.reward_model import make_scorer, score_texts
+    from dpo_jax.train.model_source import model_with_head
+
+    config, load = model_with_head(model_section, len(tokenizer), "score", "judge.model")
+    shardings = sharding.param_shardings(logical_axes(config), jax.eval_shape(load), mesh, rules)
+    params = jax.device_put(load(), shardings)
+    scorer = make_scorer(config, mesh, rules, shardings)
+    return ScoreJudge(name, lambda texts: score_texts(scorer, params, tokenizer, texts, max_length, batch_rows))
+
+
+def pair_agreement(judge_scores: np.ndarray, human: np.ndarray, pairs: np.ndarray) -> dict[str, float]:
+    """How often a score judge orders pairs (i, j) [K, 2] as the human ratings do (§6.4's judge-vs-human agreement):
+    pairs the humans rate equally are left out; a judge tie counts half."""
+    s, h = np.asarray(judge_scores, np.float64), np.asarray(human, np.float64)
+    i, j = pairs[:, 0], pairs[:, 1]
+    keep = h[i] != h[j]
+    judged = outcomes_from_scores(s[i][keep], s[j][keep])
+    truth = (h[i][keep] > h[j][keep]).astype(np.float64)
+    agree = np.where(judged == 0.5, 0.5, (judged == truth).astype(np.float64))
+    return {"agreement": float(agree.mean()) if agree.size else float("nan"), "pairs": int(agree.size)}
+
+
+def _check_lengths(prompts: Sequence, candidates: Sequence, baselines: Sequence) -> None:
+    if not len(prompts) == len(candidates) == len(baselines):
+        raise ValueError(f"a comparison needs as many prompts, candidates and baselines; got {len(prompts)}, "
+                         f"{len(candidates)}, {len(baselines)}")
