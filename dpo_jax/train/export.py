@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,15 +24,13 @@ from dpo_jax.train.checkpoint import RunCheckpoints
 from dpo_jax.train.state import TrainState, make_optimizer
 
 
-def export(run_dir: str, out: str, *, step: int | None = None, dtype: str | None = None,
-           max_shard_bytes: int = 5 * 2**30) -> tuple[int, list[str]]:
-    """Writes checkpoint `step` (default: latest) of `run_dir` to `out`; returns (step, weight files)."""
+def restore_params(run_dir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, ModelConfig, Any, int]:
+    """(run config, model, params on one device, step) of checkpoint `step` (default: latest) of a run of
+    `dpo-jax train`; a directory that is not one, or holds no checkpoint, is an error naming it."""
     run_dir = os.path.abspath(run_dir)
     for name in ("config.json", "model_config.json"):
         if not os.path.isfile(os.path.join(run_dir, name)):
             raise ValueError(f"{run_dir}: not a dpo-jax run directory (no {name})")
-    if os.path.exists(out) and os.listdir(out):
-        raise ValueError(f"{out} exists and is not empty; choose a new directory")
     with open(os.path.join(run_dir, "config.json")) as f:
         c = ml_collections.ConfigDict(json.load(f))
     with open(os.path.join(run_dir, "model_config.json")) as f:
@@ -40,7 +39,7 @@ def export(run_dir: str, out: str, *, step: int | None = None, dtype: str | None
     try:
         step = step if step is not None else checkpoints.latest_step()
         if step is None:
-            raise ValueError(f"{run_dir}: no checkpoint to export")
+            raise ValueError(f"{run_dir}: no checkpoint (nothing trained yet)")
         optimizer, _ = make_optimizer(c.optimizer)
         abstract = jax.eval_shape(lambda: (lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)))(
             init_params(model, jax.random.key(0))))
@@ -49,7 +48,16 @@ def export(run_dir: str, out: str, *, step: int | None = None, dtype: str | None
         state, _, _ = checkpoints.restore(step, abstract, model=model, mode=c.train.mode)
     finally:
         checkpoints.close()
-    files = save_hf_checkpoint(model, state.params, out, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    return c, model, state.params, step
+
+
+def export(run_dir: str, out: str, *, step: int | None = None, dtype: str | None = None,
+           max_shard_bytes: int = 5 * 2**30) -> tuple[int, list[str]]:
+    """Writes checkpoint `step` (default: latest) of `run_dir` to `out`; returns (step, weight files)."""
+    if os.path.exists(out) and os.listdir(out):
+        raise ValueError(f"{out} exists and is not empty; choose a new directory")
+    c, model, params, step = restore_params(run_dir, step)
+    files = save_hf_checkpoint(model, params, out, dtype=dtype, max_shard_bytes=max_shard_bytes)
     tokenizer_dir = c.data.tokenizer if c.data.tokenizer and not c.data.tokenizer.startswith("bpe:") else (
         c.model.path if c.model.source == "hf" else None)
     if c.data.tokenizer.startswith("bpe:"):

@@ -19,6 +19,8 @@ from dpo_jax import distributed
 from dpo_jax.data.loader import PreferenceLoader
 from dpo_jax.data.pipeline import build_loaders, default_data_config
 from dpo_jax.distributed import default_distributed_config
+from dpo_jax.evaluation import command as winrate_command
+from dpo_jax.evaluation.command import default_winrate_config
 from dpo_jax.flops import peak_tflops
 from dpo_jax.layout import get_layout
 from dpo_jax.metrics import MetricWriter, truncate_jsonl
@@ -51,6 +53,7 @@ def default_run_config() -> ml_collections.ConfigDict:
     t.sample_temperature = 1.0
     t.peak_tflops_per_device = 0.0  # for MFU; 0: from the device kind when known (TPU v4/v5/v6, H100/H200, A100)
     t.tensorboard = True
+    c.winrate = default_winrate_config()  # `dpo-jax eval`'s sampling evaluation (evaluation/command.py)
     return c
 
 
@@ -196,12 +199,16 @@ def precompute(c: ml_collections.ConfigDict) -> None:
 
 
 def evaluate(c: ml_collections.ConfigDict) -> None:
-    """Evaluates the run directory's latest checkpoint (or the initial model) on the eval split (`dpo-jax eval`)."""
+    """Evaluates the run directory's latest checkpoint (or the initial model) on the eval split (`dpo-jax eval`);
+    with config.winrate.temperatures, also samples it (and config.winrate.runs) and reports win rates."""
+    runs = winrate_command.check(c, c.train.run_dir) if c.winrate.temperatures else None
     run = build_run(c)
     try:
         if "eval" not in run.loaders:
             raise ValueError("config.data.eval_path is empty: nothing to evaluate")
         run.evaluate(run.start, run.state)
+        if runs is not None:
+            winrate_command.evaluate_winrate(run, runs)
     finally:
         run.close()
 

@@ -1,0 +1,175 @@
+"""The sampling evaluation of `dpo-jax eval` (the `winrate` config section): a run's policy — and other runs side by
+side — sampled on the eval split's prompts at every temperature of a sweep, each completion judged against the
+split's preferred response or another run's completion at the same temperature; win rates with 95 % intervals in
+winrate.csv / winrate.md / winrate.png and every judged completion in completions.jsonl.
+
+    dpo-jax eval --config configs/tiny.py --config.train.run_dir=runs/tiny \\
+        --config.winrate.temperatures=0,0.25,0.5,0.75,1 --config.winrate.judge.kind=endpoint \\
+        --config.winrate.judge.endpoint.base_url=http://127.0.0.1:8000/v1 --config.winrate.judge.endpoint.model=NAME
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from dpo_jax.evaluation import winrate
+from dpo_jax.evaluation.endpoint import EndpointConfig, EndpointJudge
+from dpo_jax.evaluation.judges import Judge, function_judge, reward_model_judge
+from dpo_jax.evaluation.sampling import check_temperatures, decode_completions, sample_sweep, win_rates
+from dpo_jax.models.generate import SamplingConfig
+from dpo_jax.train.model_source import default_model_config
+
+JUDGES = ("function", "reward_model", "endpoint")
+
+
+def default_winrate_config() -> ml_collections.ConfigDict:
+    j = ml_collections.ConfigDict()
+    j.kind = ""  # function (ground truth, e.g. VADER) | reward_model | endpoint (an LLM, as the paper's GPT-4)
+    j.function = ""  # kind = function: "module:name" or "file.py:name", whole texts -> floats
+    j.model = default_model_config()  # kind = reward_model: an HF *ForSequenceClassification dir or ours
+    j.max_length = 1024  # kind = reward_model: the last tokens of prompt + response it scores
+    j.endpoint = ml_collections.ConfigDict(dict(
+        base_url="",  # an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (vLLM)
+        model="",  # the served model's name
+        api_key_env="OPENAI_API_KEY",  # environment variable holding the key (unset: no Authorization header)
+        template="summarization",  # summarization | dialogue (the paper's App. C.2 prompts) | a template file
+        max_concurrency=8, max_retries=5, backoff_s=1.0, timeout_s=120.0, max_tokens=256,
+        cache="",  # verdict cache (JSONL); empty: OUT_DIR/verdicts.jsonl
+    ))
+    c = ml_collections.ConfigDict()
+    c.temperatures = ()  # empty: no sampling evaluation; the paper's sweep: 0,0.25,0.5,0.75,1 (0 = greedy)
+    c.prompts = 256  # the first N examples of the eval split
+    c.max_new_tokens = 128
+    c.baseline = "chosen"  # the eval split's preferred response, or the name of one of `runs`
+    c.name = "policy"  # this run's line in the tables
+    c.runs = ""  # more policies side by side: "name=RUN_DIR,name=RUN_DIR" (runs of `dpo-jax train`, same shape)
+    c.batch_rows = 64  # sampling chunk (rows per generate call); must divide over the mesh's batch axes
+    c.seed = 0  # sampling keys and the judge's A/B order
+    c.out_dir = ""  # empty: RUN_DIR/winrate
+    c.judge = j
+    return c
+
+
+def parse_runs(spec: str) -> dict[str, str]:
+    runs = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"config.winrate.runs: {item!r} is not NAME=RUN_DIR")
+        runs[name] = path
+    return runs
+
+
+def check(c: ml_collections.ConfigDict, run_dir: str) -> dict[str, str]:
+    """Everything that can be wrong before a model is loaded or a token sampled; returns the other runs."""
+    w = c.winrate
+    check_temperatures(w.temperatures, "winrate.temperatures")
+    if w.judge.kind not in JUDGES:
+        raise ValueError(f"config.winrate.judge.kind = {w.judge.kind!r}: choose one of {', '.join(JUDGES)}")
+    if w.judge.kind == "function" and not w.judge.function:
+        raise ValueError("config.winrate.judge.function is empty ('module:name' or 'file.py:name')")
+    if w.judge.kind == "endpoint" and not (w.judge.endpoint.base_url and w.judge.endpoint.model):
+        raise ValueError("config.winrate.judge.endpoint.base_url and .model must be set for the endpoint judge")
+    if w.judge.kind == "endpoint" and jax.process_count() > 1:
+        raise ValueError("the endpoint judge runs on one process; run the sampling evaluation single-host")
+    runs = parse_runs(w.runs)
+    if w.name in runs:
+        raise ValueError(f"config.winrate.runs: {w.name!r} is this run's name (config.winrate.name)")
+    if w.baseline != "chosen" and w.baseline not in runs:
+        raise ValueError(f"config.winrate.baseline = {w.baseline!r}: 'chosen' or one of config.winrate.runs "
+                         f"({', '.join(runs) or 'none given'})")
+    if w.prompts < 1 or w.max_new_tokens < 1:
+        raise ValueError("config.winrate.prompts and config.winrate.max_new_tokens must be >= 1")
+    from dpo_jax.train.checkpoint import RunCheckpoints
+
+    for name, path in {w.name: run_dir, **runs}.items():
+        directory = os.path.join(os.path.abspath(path), "checkpoints")
+        checkpoints = RunCheckpoints(directory, keep=1000) if os.path.isdir(directory) else None
+        try:
+            if checkpoints is None or checkpoints.latest_step() is None:
+                raise ValueError(f"config.winrate: run {name!r} ({path}) has no policy checkpoint to evaluate")
+        finally:
+            if checkpoints is not None:
+                checkpoints.close()
+    if c.train.mode == "reward":
+        raise ValueError("config.winrate: a reward-model run cannot sample; evaluate a policy run")
+    return runs
+
+
+def build_judge(c: ml_collections.ConfigDict, tokenizer: Any, mesh: Any, out_dir: str) -> Judge:
+    j = c.winrate.judge
+    if j.kind == "function":
+        return function_judge(j.function)
+    if j.kind == "reward_model":
+        return reward_model_judge(j.model, tokenizer, mesh, c.mesh.rules, j.max_length, c.winrate.batch_rows,
+                                  name=f"reward model {j.model.path}")
+    e = j.endpoint
+    return EndpointJudge(EndpointConfig(
+        base_url=e.base_url, model=e.model, cache_path=e.cache or os.path.join(out_dir, "verdicts.jsonl"),
+        template=e.template, api_key_env=e.api_key_env, max_concurrency=e.max_concurrency,
+        max_retries=e.max_retries, backoff_s=e.backoff_s, timeout_s=e.timeout_s, max_tokens=e.max_tokens,
+        seed=c.winrate.seed))
+
+
+def evaluate_winrate(run: Any, runs: dict[str, str]) -> list[dict[str, Any]]:
+    """The sweep for `run` (a train/run.py Run at its restored checkpoint) and `runs`; writes the outputs."""
+    from dpo_jax import sharding
+    from dpo_jax.models.decoder import logical_axes
+    from dpo_jax.train.evaluation import sample_prompts
+    from dpo_jax.train.export import restore_params
+
+    c, w = run.config, run.config.winrate
+    out_dir = w.out_dir or os.path.join(os.path.abspath(c.train.run_dir), "winrate")
+    os.makedirs(out_dir, exist_ok=True)
+    if "eval" not in run.loaders:
+        raise ValueError("config.winrate needs an eval split (config.data.eval_path): its prompts and preferred "
+                         "responses")
+    tok, pad = run.tokenizer, run.tokenizer.pad_token_id or 0
+    ids, mask = sample_prompts(run.loaders["eval"], w.prompts, pad)
+    source = [run.loaders["eval"].source[i] for i in range(len(ids))]
+    prompts = tok.batch_decode([r[m == 1] for r, m in zip(ids, mask)], skip_special_tokens=True)
+    chosen = tok.batch_decode([np.asarray(s["chosen_input_ids"])[np.asarray(s["chosen_loss_mask"]) == 1]
+                               for s in source], skip_special_tokens=True)
+    temps = check_temperatures(w.temperatures, "winrate.temperatures")
+    sampling = SamplingConfig(max_new_tokens=w.max_new_tokens, eos_id=tok.eos_token_id, pad_id=pad)
+    decode = decode_completions(tok)
+    mesh = run.engine.mesh
+
+    def completions(params, model):
+        sweep = sample_sweep(params, model, ids, mask, temps, sampling, jax.random.key(w.seed), w.batch_rows)
+        return [decode(t, m) for t, m in sweep]
+
+    texts = {w.name: completions(run.state.params, run.model)}
+    for name, path in runs.items():
+        _, model, params, step = restore_params(path)
+        shardings = sharding.param_shardings(logical_axes(model), params, mesh, c.mesh.rules)
+        texts[name] = completions(jax.device_put(params, shardings), model)
+        print(f"[winrate] {name}: sampled step {step} of {path}", flush=True)
+    judge = build_judge(c, tok, mesh, out_dir)
+    baseline = chosen if w.baseline == "chosen" else texts[w.baseline]
+    rows, records = [], []
+    for name, sweep in texts.items():
+        if name == w.baseline:
+            continue
+        mine = win_rates(judge, name, temps, prompts, sweep, baseline)
+        rows += mine
+        for i, t in enumerate(temps):
+            base = baseline if w.baseline == "chosen" else baseline[i]
+            records += [{"method": name, "temperature": t, "prompt": p, "completion": x, "baseline": b}
+                        for p, x, b in zip(prompts, sweep[i], base)]
+    label = "the eval split's preferred responses" if w.baseline == "chosen" else f"{w.baseline} at each temperature"
+    winrate.write_tables(rows, out_dir, baseline=label, judge=judge.name)
+    winrate.plot(rows, os.path.join(out_dir, "winrate.png"), title=f"win rate vs {label} ({judge.name})")
+    with open(os.path.join(out_dir, "completions.jsonl"), "w") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    print(winrate.markdown_table(rows, baseline=label, judge=judge.name), flush=True)
+    if hasattr(judge, "stats"):
+        print(f"[winrate] judge: {judge.stats}", flush=True)
+    print(f"[winrate] written to {out_dir}/winrate.md, winrate.csv, winrate.png, completions.jsonl", flush=True)
+    return rows

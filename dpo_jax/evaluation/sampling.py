@@ -1,0 +1,73 @@
+"""The sampling half of a win-rate evaluation: completions for the same prompts at every temperature of a sweep.
+
+All temperatures of a sweep go through one compiled `generate` (temperatures are traced, per row) in fixed-size
+chunks. Prompt i uses the key fold_in(rng, i) at every temperature (common random numbers: the curves differ by
+temperature, not by luck), so a prompt's completion does not depend on its chunk or on the other prompts;
+temperature 0 is greedy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpo_jax.evaluation.judges import Judge
+from dpo_jax.evaluation.winrate import win_rate
+from dpo_jax.models.config import ModelConfig
+from dpo_jax.models.generate import SamplingConfig, generate
+
+
+def check_temperatures(temperatures: Sequence[float], key: str = "temperatures") -> tuple[float, ...]:
+    """The sweep as floats; a negative or non-finite temperature is an error naming `key`, before any sampling."""
+    out = tuple(float(t) for t in temperatures)
+    bad = [t for t in out if not np.isfinite(t) or t < 0]
+    if bad or not out:
+        raise ValueError(f"config.{key} = {tuple(temperatures)}: temperatures must be finite and >= 0 (0 = greedy), "
+                         "at least one")
+    return out
+
+
+def sample_sweep(params: Any, model: ModelConfig, prompt_ids: np.ndarray, prompt_mask: np.ndarray,
+                 temperatures: Sequence[float], sampling: SamplingConfig, rng: jax.Array, batch_rows: int = 1024
+                 ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """[(tokens, mask) [P, max_new_tokens]] per temperature, for left-padded prompts [P, T]."""
+    temps = check_temperatures(temperatures)
+    p = len(prompt_ids)
+    keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(p))
+    total = p * len(temps)
+    prompt_of = np.arange(total) % p
+    row_temps = np.repeat(np.asarray(temps, np.float32), p)
+    rows = min(batch_rows, total)
+    tokens, masks = [], []
+    for start in range(0, total, rows):
+        take = np.arange(start, start + rows) % total  # wraps around to fill the last chunk: one compile
+        out = generate(params, model, prompt_ids[prompt_of[take]], prompt_mask[prompt_of[take]],
+                       keys[prompt_of[take]], sampling, temperature=row_temps[take])
+        keep = min(rows, total - start)
+        tokens.append(np.asarray(out.tokens)[:keep])
+        masks.append(np.asarray(out.mask)[:keep])
+    tokens, masks = np.concatenate(tokens), np.concatenate(masks)
+    return [(tokens[i * p:(i + 1) * p], masks[i * p:(i + 1) * p]) for i in range(len(temps))]
+
+
+def win_rates(judge: Judge, method: str, temperatures: Sequence[float], prompts: Sequence[str],
+              completions: Sequence[Sequence[str]], baselines: Sequence[Sequence[str]] | Sequence[str]
+              ) -> list[dict[str, Any]]:
+    """One win-rate row per temperature: completions[i] (at temperatures[i]) against baselines[i] — a list per
+    temperature (another policy at the same temperature) or one list for all (a dataset's reference)."""
+    fixed = len(baselines) == len(prompts) and all(isinstance(b, str) for b in baselines)
+    rows = []
+    for i, t in enumerate(temperatures):
+        base = baselines if fixed else baselines[i]
+        rows.append({"method": method, "temperature": float(t), **win_rate(judge.compare(prompts, completions[i],
+                                                                                         base))})
+    return rows
+
+
+def decode_completions(tokenizer: Any) -> Callable[[np.ndarray, np.ndarray], list[str]]:
+    """(tokens, mask) -> completion texts, special tokens skipped."""
+    return lambda tokens, mask: tokenizer.batch_decode([t[m == 1] for t, m in zip(tokens, mask)],
+                                                       skip_special_tokens=True)

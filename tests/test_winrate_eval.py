@@ -1,0 +1,91 @@
+"""`dpo-jax eval`'s sampling evaluation on tiny runs: win rates per temperature against the eval split's preferred
+responses or another run, recomputable from completions.jsonl; greedy is deterministic; bad input fails early."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+from dpo_jax.evaluation.winrate import win_rate
+from dpo_jax.train import run as train_run
+from tests.test_runs import TINY, _config, _overrides
+
+JUDGE = f"{TINY}:polite_reward"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("winrate")
+    cache = str(root / "cache")
+    out = {}
+    for mode in ("dpo", "sft"):
+        out[mode] = str(root / mode)
+        train_run.train(_config(mode, _overrides(out[mode], cache, **{"train.steps": 8, "train.save_every": 8})))
+    return root, cache, out
+
+
+def _eval_config(fixture, **winrate):
+    root, cache, dirs = fixture
+    c = _config("dpo", _overrides(dirs["dpo"], cache, **{"data.eval_path": os.path.join(
+        os.path.dirname(TINY), "data", "tiny_hh", "eval.jsonl")}))
+    w = c.winrate
+    w.temperatures, w.prompts, w.max_new_tokens, w.name = (0.0, 1.0), 8, 12, "dpo"
+    w.judge.kind, w.judge.function = "function", JUDGE
+    for k, v in winrate.items():
+        w[k] = v if not isinstance(v, dict) else w[k].update(v) or w[k]
+    return c
+
+
+def _read(out_dir):
+    with open(os.path.join(out_dir, "winrate.csv")) as f:
+        rows = list(csv.DictReader(f))
+    with open(os.path.join(out_dir, "completions.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return rows, records
+
+
+def test_win_rates_against_chosen_and_another_run_recompute_from_the_completions(runs):
+    from configs.tiny import polite_reward
+
+    root, _, dirs = runs
+    out = str(root / "vs_chosen")
+    train_run.evaluate(_eval_config(runs, runs=f"sft={dirs['sft']}", out_dir=out))
+    rows, records = _read(out)
+    assert [(r["method"], float(r["temperature"])) for r in rows] == [("dpo", 0.0), ("dpo", 1.0), ("sft", 0.0),
+                                                                      ("sft", 1.0)]
+    assert len(records) == 4 * 8 and os.path.getsize(os.path.join(out, "winrate.png")) > 1000
+    for row in rows:  # the table is the judge's verdicts on exactly the recorded completions
+        mine = [r for r in records if r["method"] == row["method"] and r["temperature"] == float(row["temperature"])]
+        a = polite_reward([r["prompt"] + r["completion"] for r in mine])
+        b = polite_reward([r["prompt"] + r["baseline"] for r in mine])
+        want = win_rate(np.where(np.asarray(a) > b, 1.0, np.where(np.asarray(a) == b, 0.5, 0.0)))
+        assert float(row["win_rate"]) == pytest.approx(want["win_rate"]) and int(row["valid"]) == 8
+        assert float(row["low"]) == pytest.approx(want["low"])
+    assert {r["baseline"] for r in records} <= {r["baseline"] for r in records if r["method"] == "sft"}
+    assert any(r["completion"] for r in records)
+
+    out2 = str(root / "vs_sft")
+    train_run.evaluate(_eval_config(runs, runs=f"sft={dirs['sft']}", baseline="sft", out_dir=out2))
+    rows2, records2 = _read(out2)
+    assert [r["method"] for r in rows2] == ["dpo", "dpo"]
+    sft_at = {(r["temperature"], r["prompt"]): r["completion"] for r in records if r["method"] == "sft"}
+    dpo_at = {(r["temperature"], r["prompt"]): r["completion"] for r in records if r["method"] == "dpo"}
+    for r in records2:  # the baseline is the other run's completion at the same temperature; sampling repeats
+        assert r["baseline"] == sft_at[(r["temperature"], r["prompt"])]
+        assert r["completion"] == dpo_at[(r["temperature"], r["prompt"])]
+
+
+def test_bad_input_fails_before_sampling(runs, tmp_path):
+    root, cache, dirs = runs
+    with pytest.raises(ValueError, match=r"winrate\.temperatures.*>= 0"):
+        train_run.evaluate(_eval_config(runs, temperatures=(0.0, -0.5), out_dir=str(tmp_path / "a")))
+    empty = tmp_path / "nothing_trained"
+    with pytest.raises(ValueError, match="'ghost'.*no policy checkpoint"):
+        train_run.evaluate(_eval_config(runs, runs=f"ghost={empty}", out_dir=str(tmp_path / "b")))
+    with pytest.raises(ValueError, match="baseline = 'nobody'"):
+        train_run.evaluate(_eval_config(runs, baseline="nobody", out_dir=str(tmp_path / "c")))
+    with pytest.raises(ValueError, match="judge.kind"):
+        train_run.evaluate(_eval_config(runs, judge={"kind": "oracle"}))
+    assert not any((tmp_path / x).exists() for x in "abc") and not empty.exists()
