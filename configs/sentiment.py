@@ -12,7 +12,33 @@ twice the pairs and 200-step runs, into runs/sentiment_full: measured 12 min 46 
 tokenizer cached), results in docs/sentiment/full/.
 """
 
-from dpo_jax.experiments.sentiment import default_config, full_config
+import ml_collections
+
+from dpo_jax.experiments.sentiment import default_config, method
+
+
+def full_config() -> ml_collections.ConfigDict:
+    """The paper's whole sweep — DPO, PPO and PPO-GT at 7 β, Unlikelihood at 4 α, cDPO, IPO, Preferred-FT, Best-of-N
+    — with a longer-trained π_SFT, twice the pairs and longer runs, at the default model size (a CPU job)."""
+    c = default_config()
+    c.out_dir = "runs/sentiment_full"
+    c.sft.steps = 1000
+    c.pairs.prefixes = 1024
+    c.eval.prefixes, c.eval.every = 256, 40
+    c.train.steps = c.reward_model.steps = 200
+    c.winrate.prefixes = 256
+    betas = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
+    c.ppo.betas, c.ppo.eval_every = betas, 10  # PPO and PPO-GT at the same 7 β: 50 iterations x 4 epochs each
+    methods = {}
+    for beta in betas:
+        methods[f"dpo_beta{str(beta).replace('.', 'p')}"] = method("dpo", beta=beta)
+    for alpha in (0.1, 0.3, 1.0, 3.0):
+        methods[f"unlikelihood_alpha{str(alpha).replace('.', 'p')}"] = method("unlikelihood", unlikelihood_alpha=alpha)
+    methods["cdpo_beta0p1"] = method("dpo", beta=0.1, label_smoothing=0.2)
+    methods["ipo_beta0p1"] = method("dpo", loss_type="ipo", beta=0.1)
+    methods["preferred_ft"] = method("sft")
+    c.methods = ml_collections.ConfigDict(methods)
+    return c
 
 
 def get_config(arg=None):

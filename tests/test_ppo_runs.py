@@ -75,3 +75,26 @@ def test_bad_ppo_configs_name_the_key(tmp_path, cache):
     c.reward.function = f"{TINY}:no_such_reward"
     with pytest.raises(ValueError, match="has no callable 'no_such_reward'"):
         ppo_run.main(c)
+
+
+def test_ppo_against_a_reward_model_checkpoint_with_the_value_model_from_it(tmp_path, cache):
+    import jax
+    import ml_collections
+
+    from dpo_jax.convert import native
+    from dpo_jax.models.decoder import init_params
+    from dpo_jax.rlhf.reward_model import as_reward_model
+    from dpo_jax.train.model_source import load_tokenizer, model_with_head
+
+    c = _config(_overrides(tmp_path / "rm_run", cache, **{"train.steps": 2, "train.save_every": 0}))
+    tok = load_tokenizer(ml_collections.ConfigDict({"data": c.data, "model": c.policy}))
+    policy, _ = model_with_head(c.policy, len(tok), "lm", "policy")
+    rm_config, rm_params = as_reward_model(policy, init_params(policy, jax.random.key(3)), tok.pad_token_id,
+                                           jax.random.key(4))
+    native.save_model(str(tmp_path / "rm"), rm_config, rm_params)
+    c.reward.kind, c.reward.model.source, c.reward.model.path = "model", "checkpoint", str(tmp_path / "rm")
+    c.value_init = "reward"
+    ppo_run.main(c)
+    rows = _lines(tmp_path / "rm_run")
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["objective/kl"] == pytest.approx(0, abs=1e-5)
+    assert all(abs(r["objective/scores"]) < 1e3 and r["loss/value_avg"] > 0 for r in rows)

@@ -23,6 +23,7 @@ def result(tmp_path_factory):
     c.reward_model.steps, c.best_of_n.ns = 240, (1, 2, 4, 16)  # ~8 epochs of these ~1,000 pairs
     c.ppo.betas = (0.1,)  # PPO and PPO-GT at one β: 20 iterations x 4 epochs each
     c.methods = {k: v for k, v in c.methods.items() if k in ("dpo_beta0p1", "preferred_ft")}
+    c.winrate.prefixes, c.winrate.validation_pairs = 64, 1000
     return c, S.run(c)
 
 
@@ -54,6 +55,36 @@ def test_outputs_are_written(result):
     assert os.path.getsize(os.path.join(c.out_dir, "overoptimization.png")) > 0
     assert "## DPO against PPO at matched KL" in open(os.path.join(c.out_dir, "results.md")).read()
     assert "Pearson r" in open(os.path.join(c.out_dir, "results.md")).read()
+
+
+def test_win_rates_generalization_and_judge_validation_are_reported(result):
+    c, _ = result
+    with open(os.path.join(c.out_dir, "winrate.csv")) as f:
+        rows = list(csv.DictReader(f))
+    policies = ["sft", "ppo_beta0p1", "ppo_gt_beta0p1", "dpo_beta0p1", "preferred_ft"]  # in training order
+    assert [(r["method"], float(r["temperature"])) for r in rows] == [
+        (m, t) for m in policies for t in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    assert all(int(r["valid"]) == 64 and int(r["invalid"]) == 0 for r in rows)  # VADER always answers
+    mean = {m: sum(float(r["win_rate"]) for r in rows if r["method"] == m) / 5 for m in policies}
+    assert mean["dpo_beta0p1"] > mean["sft"] + 0.05, mean  # DPO's higher reward shows against the humans too
+    with open(os.path.join(c.out_dir, "generalization.csv")) as f:
+        general = list(csv.DictReader(f))
+    assert [(g["method"], g["domain"]) for g in general] == [
+        (m, d) for m in policies for d in ("movies", "amazon", "nyt", "tweets")]
+    movies_t1 = {r["method"]: r["win_rate"] for r in rows if float(r["temperature"]) == 1.0}
+    assert all(g["win_rate"] == movies_t1[g["method"]] for g in general if g["domain"] == "movies")
+    text = open(os.path.join(c.out_dir, "results.md")).read()
+    for section in ("## Win rate vs sampling temperature", "## Generalization to new input distributions",
+                    "## Judge validation"):
+        assert section in text
+    import re
+
+    agreement = {(j, d): float(a) for j, d, a in re.findall(r"- (VADER|learned reward model) on (\w+): ([\d.]+) %",
+                                                             text)}
+    assert set(agreement) == {("VADER", d) for d in ("movies", "amazon", "nyt", "tweets")} | {
+        ("learned reward model", "movies")}
+    assert agreement[("VADER", "movies")] > 60 and agreement[("VADER", "tweets")] > 60  # VADER's paper: r ≈ 0.45+
+    assert os.path.getsize(os.path.join(c.out_dir, "winrate.png")) > 1000
 
 
 def test_reward_model_ranks_held_out_samples_and_best_of_n_climbs_with_n(result):

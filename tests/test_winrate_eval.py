@@ -89,3 +89,50 @@ def test_bad_input_fails_before_sampling(runs, tmp_path):
     with pytest.raises(ValueError, match="judge.kind"):
         train_run.evaluate(_eval_config(runs, judge={"kind": "oracle"}))
     assert not any((tmp_path / x).exists() for x in "abc") and not empty.exists()
+
+
+def test_reward_model_and_endpoint_judges_through_eval(runs, tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    from dpo_jax.convert import native
+    from dpo_jax.rlhf.reward_model import as_reward_model, sequence_scores
+    from dpo_jax.train.export import restore_params
+    from dpo_jax.train.model_source import load_tokenizer
+    from tests.test_judges import Stub
+
+    root, _, dirs = runs
+    _, policy, params, _ = restore_params(dirs["dpo"])
+    tok = load_tokenizer(_eval_config(runs))
+    rm_config, rm_params = as_reward_model(policy, params, tok.pad_token_id, jax.random.key(7))
+    native.save_model(str(tmp_path / "rm"), rm_config, rm_params)
+    out = str(tmp_path / "rm_judge")
+    c = _eval_config(runs, out_dir=out, temperatures=(1.0,))
+    c.winrate.judge.kind, c.winrate.judge.model.source, c.winrate.judge.model.path = "reward_model", "checkpoint", \
+        str(tmp_path / "rm")
+    train_run.evaluate(c)
+    (row,), records = _read(out)
+
+    def score(texts):  # one text at a time, no padding, no chunking, one device: an independent path
+        return np.asarray([float(sequence_scores(rm_params, rm_config, jnp.asarray([ids]), jnp.ones((1, len(ids)), jnp.int32)
+                                                 )[0]) for ids in (tok(t)["input_ids"] for t in texts)])
+
+    a = score([r["prompt"] + r["completion"] for r in records])
+    b = score([r["prompt"] + r["baseline"] for r in records])
+    assert np.min(np.abs(a - b)) > 1e-4  # no near-ties that rounding could flip
+    assert float(row["win_rate"]) == pytest.approx(win_rate(np.where(a > b, 1.0, 0.0))["win_rate"])
+
+    stub = Stub()
+    try:
+        out = str(tmp_path / "llm_judge")
+        c = _eval_config(runs, out_dir=out)
+        c.winrate.judge.kind = "endpoint"
+        c.winrate.judge.endpoint.update(base_url=stub.url, model="stub", template="dialogue", backoff_s=0.01)
+        train_run.evaluate(c)
+        rows, records = _read(out)
+        assert [int(r["valid"]) + int(r["invalid"]) for r in rows] == [8, 8] and len(stub.requests) == 16
+        assert len(open(os.path.join(out, "verdicts.jsonl")).read().splitlines()) == 16
+        train_run.evaluate(c)  # resumed from the verdict cache: nothing asked again, the same table
+        assert len(stub.requests) == 16 and _read(out)[0] == rows
+    finally:
+        stub.close()

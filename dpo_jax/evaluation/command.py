@@ -3,9 +3,11 @@ side — sampled on the eval split's prompts at every temperature of a sweep, ea
 split's preferred response or another run's completion at the same temperature; win rates with 95 % intervals in
 winrate.csv / winrate.md / winrate.png and every judged completion in completions.jsonl.
 
-    dpo-jax eval --config configs/tiny.py --config.train.run_dir=runs/tiny \\
-        --config.winrate.temperatures=0,0.25,0.5,0.75,1 --config.winrate.judge.kind=endpoint \\
+    dpo-jax eval --config configs/tiny.py --config.winrate.judge.kind=endpoint \\
         --config.winrate.judge.endpoint.base_url=http://127.0.0.1:8000/v1 --config.winrate.judge.endpoint.model=NAME
+
+The sampling evaluation runs when a judge is chosen (`winrate.judge.kind`); without one `dpo-jax eval` reports
+the eval split's loss metrics only.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ JUDGES = ("function", "reward_model", "endpoint")
 
 def default_winrate_config() -> ml_collections.ConfigDict:
     j = ml_collections.ConfigDict()
-    j.kind = ""  # function (ground truth, e.g. VADER) | reward_model | endpoint (an LLM, as the paper's GPT-4)
+    j.kind = ""  # empty: no sampling evaluation | function (ground truth) | reward_model | endpoint (an LLM judge)
     j.function = ""  # kind = function: "module:name" or "file.py:name", whole texts -> floats
     j.model = default_model_config()  # kind = reward_model: an HF *ForSequenceClassification dir or ours
     j.max_length = 1024  # kind = reward_model: the last tokens of prompt + response it scores
@@ -43,7 +45,7 @@ def default_winrate_config() -> ml_collections.ConfigDict:
         cache="",  # verdict cache (JSONL); empty: OUT_DIR/verdicts.jsonl
     ))
     c = ml_collections.ConfigDict()
-    c.temperatures = ()  # empty: no sampling evaluation; the paper's sweep: 0,0.25,0.5,0.75,1 (0 = greedy)
+    c.temperatures = (0.0, 0.25, 0.5, 0.75, 1.0)  # the paper's sweep (0 = greedy)
     c.prompts = 256  # the first N examples of the eval split
     c.max_new_tokens = 128
     c.baseline = "chosen"  # the eval split's preferred response, or the name of one of `runs`

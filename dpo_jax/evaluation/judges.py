@@ -63,8 +63,9 @@ def reward_model_judge(model_section: Any, tokenizer: Any, mesh: Any, rules: Any
     from dpo_jax.train.model_source import model_with_head
 
     config, load = model_with_head(model_section, len(tokenizer), "score", "judge.model")
-    shardings = sharding.param_shardings(logical_axes(config), jax.eval_shape(load), mesh, rules)
-    params = jax.device_put(load(), shardings)
+    host = load()  # read once (an orbax checkpoint cannot be traced for its shapes)
+    shardings = sharding.param_shardings(logical_axes(config), host, mesh, rules)
+    params = jax.device_put(host, shardings)
     scorer = make_scorer(config, mesh, rules, shardings)
     return ScoreJudge(name, lambda texts: score_texts(scorer, params, tokenizer, texts, max_length, batch_rows))
 

@@ -15,8 +15,11 @@ Stages (each cached under the cache directory, keyed by what it depends on):
                 the sampled tokens (a Monte-Carlo estimate: ≥ 0 in expectation, 0 for π = π_ref). It is unbiased
                 only for samples from π itself, so evaluation samples at temperature 1 whatever
                 `pairs.temperature` the preference pairs were drawn at;
- 7. output   — results.csv/results.md (every point), frontier.png (reward vs KL per method), samples.jsonl, and
-                VADER's correlation with the human ratings on the test split.
+ 7. win rates — every final policy (π_SFT, each method, PPO, PPO-GT) sampled at temperatures 0 … 1 on held-out
+                prefixes and judged by VADER against the sentence's human continuation; the same policies on
+                prefixes of three other domains (generalization); judge-vs-human agreement (sentiment_winrate.py);
+ 8. output   — results.csv/results.md (every point), frontier.png (reward vs KL per method), winrate.png,
+                winrate.csv, generalization.csv, samples.jsonl, and VADER's correlation with the human ratings.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from dpo_jax.convert import native
 from dpo_jax.data.loader import PreferenceLoader
 from dpo_jax.data.pipeline import default_cache_dir
 from dpo_jax.experiments import sentiment_corpus as corpus
-from dpo_jax.experiments import sentiment_ppo, sentiment_rlhf
+from dpo_jax.experiments import sentiment_ppo, sentiment_rlhf, sentiment_winrate
 from dpo_jax.experiments.sentiment_report import write_results
 from dpo_jax.fingerprint import fingerprint
 from dpo_jax.logprobs import token_logprobs
@@ -69,6 +72,10 @@ def default_config() -> ml_collections.ConfigDict:
     # PPO (learned reward model) and PPO-GT (VADER) at the DPO family's β grid, with every method's budget
     # (sentiment_ppo.py); evaluated every `eval_every` iterations
     c.ppo = ml_collections.ConfigDict(dict(betas=(0.05, 0.1, 1.0, 5.0), epochs=4, eval_every=8))
+    # every final policy's win rate vs the human continuation per temperature, its reward and win rate on other
+    # domains' prefixes, and the judges' agreement with human ratings (sentiment_winrate.py); prefixes = 0: off
+    c.winrate = ml_collections.ConfigDict(dict(temperatures=(0.0, 0.25, 0.5, 0.75, 1.0), prefixes=128,
+                                               domains=("amazon", "nyt", "tweets"), validation_pairs=2000))
     # every compared method, by name: its train.mode and the engine dpo-section fields it sets; all get the same
     # steps, batch, learning rate and evaluation (e.g. --config.methods.dpo_beta1.dpo.beta=2)
     c.methods = ml_collections.ConfigDict({
@@ -104,6 +111,7 @@ class Stages:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
         self.vader = SentimentIntensityAnalyzer()
+        self.winrates: sentiment_winrate.WinRates | None = None
 
     def log(self, message: str) -> None:
         print(f"[sentiment] {message}", flush=True)
@@ -194,15 +202,21 @@ class Stages:
                    (np.arange(t) == 0), "example_id": index.astype(np.int32), "example_mask": np.ones(b, np.int32)}
 
     # 4: preference pairs
-    def _prefixes(self, ids: list[list[int]], n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    def _prefixes(self, ids: list[list[int]], n: int, seed: int, sources: bool = False) -> tuple[np.ndarray, ...]:
+        """(prompts, mask) [n, max_prefix] left-padded: 2-8-token prefixes of n random sentences longer than
+        max_prefix; with `sources`, also each row's sentence index and prefix length."""
         p = self.c.pairs
         rng = np.random.default_rng(seed)
-        chosen = [ids[i] for i in rng.permutation(len(ids)) if len(ids[i]) > p.max_prefix][:n]
+        rng_rows = rng.permutation(len(ids))
+        chosen = [ids[i] for i in rng_rows if len(ids[i]) > p.max_prefix][:n]
         lengths = rng.integers(p.min_prefix, p.max_prefix + 1, len(chosen))
         out = np.full((len(chosen), p.max_prefix), self.pad, np.int32)
         mask = np.zeros_like(out)
         for r, (seq, k) in enumerate(zip(chosen, lengths)):
             out[r, p.max_prefix - k:], mask[r, p.max_prefix - k:] = seq[:k], 1
+        if sources:
+            rows = [i for i in rng_rows if len(ids[i]) > p.max_prefix][:n]
+            return out, mask, rows, lengths
         return out, mask
 
     def _sample(self, params, prompts, mask, seed: int, max_new: int, temperature: float):
@@ -285,7 +299,7 @@ class Stages:
             self.log("reward_model.steps = 0: no reward model, no Best-of-N")
             return [], {}
         key = _key(self.sft_key, self.c.pairs.to_dict(), self.c.reward_model.to_dict(), self.c.train.batch_pairs)
-        rm = sentiment_rlhf.RewardModelStage(self, key)
+        rm = self.reward_model = sentiment_rlhf.RewardModelStage(self, key)
         summary = rm.on_test_sentences()
         points, more = sentiment_rlhf.best_of_n(self, rm, *self._test_prefixes())
         self.over_optimization = []
@@ -341,12 +355,17 @@ class Stages:
             trainer = Trainer(engine, steps=t.steps, writer=MetricWriter(None), name=name,
                               reference=ReferenceTables({"train": table}) if engine.config.needs_reference
                               else NO_REFERENCE, eval_every=self.c.eval.every, evaluate=evaluate)
-            trainer.fit(engine.state, self._pair_loader())
+            self.final_policy(name, trainer.fit(engine.state, self._pair_loader())[0].params)
             self.log(f"{name}: reward {points[-1]['reward']:+.3f}, KL {points[-1]['kl']:.3f} after {t.steps} steps "
                      f"({time.perf_counter() - t0:.0f} s)")
         with open(os.path.join(self.c.out_dir, "samples.jsonl"), "w") as f:
             f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
         return points
+
+    def final_policy(self, name: str, params: Any) -> None:
+        """A method's trained policy, for the win-rate and generalization evaluation (stage 7)."""
+        if self.winrates is not None:
+            self.winrates.add(name, params)
 
     def _pair_loader(self) -> PreferenceLoader:
         """The preference pairs in training order (the same for every method)."""
@@ -363,10 +382,17 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
     stages.data()
     stages.sft()
     stages.pairs()
+    stages.winrates = sentiment_winrate.WinRates(stages) if c.winrate.prefixes > 0 else None
+    stages.final_policy("sft", stages.sft_params)
     rlhf_points, reward_model = stages.rlhf()
     points = stages.methods()
     points[1:1] = rlhf_points  # after π_SFT: Best-of-N samples it, PPO starts from it
-    write_results(c, points, stages.vader_human_r, reward_model, getattr(stages, "over_optimization", None))
+    more = []
+    if stages.winrates is not None:
+        rm_scores = getattr(getattr(stages, "reward_model", None), "test_scores", None)
+        more = stages.winrates.write(c.out_dir, stages.winrates.validation(rm_scores),
+                                     {p["method"]: p["kl"] for p in points})
+    write_results(c, points, stages.vader_human_r, reward_model, getattr(stages, "over_optimization", None), more)
     final = {p["method"]: p for p in points}
     stages.log("summary (final point per method: mean reward on held-out prefixes, KL to π_SFT):")
     for name, p in final.items():
@@ -377,26 +403,3 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def main(c: ml_collections.ConfigDict) -> None:
     run(c)
-
-
-def full_config() -> ml_collections.ConfigDict:
-    """The paper's whole sweep — DPO, PPO and PPO-GT at 7 β, Unlikelihood at 4 α, cDPO, IPO, Preferred-FT, Best-of-N
-    — with a longer-trained π_SFT, twice the pairs and longer runs, at the default model size (a CPU job)."""
-    c = default_config()
-    c.out_dir = "runs/sentiment_full"
-    c.sft.steps = 1000
-    c.pairs.prefixes = 1024
-    c.eval.prefixes, c.eval.every = 256, 40
-    c.train.steps = c.reward_model.steps = 200
-    betas = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
-    c.ppo.betas, c.ppo.eval_every = betas, 10  # PPO and PPO-GT at the same 7 β: 50 iterations x 4 epochs each
-    methods = {}
-    for beta in betas:
-        methods[f"dpo_beta{str(beta).replace('.', 'p')}"] = method("dpo", beta=beta)
-    for alpha in (0.1, 0.3, 1.0, 3.0):
-        methods[f"unlikelihood_alpha{str(alpha).replace('.', 'p')}"] = method("unlikelihood", unlikelihood_alpha=alpha)
-    methods["cdpo_beta0p1"] = method("dpo", beta=0.1, label_smoothing=0.2)
-    methods["ipo_beta0p1"] = method("dpo", loss_type="ipo", beta=0.1)
-    methods["preferred_ft"] = method("sft")
-    c.methods = ml_collections.ConfigDict(methods)
-    return c

@@ -1,9 +1,11 @@
-"""The movie-review corpus of the sentiment experiment: 10,605 sentences with mean human sentiment ratings.
+"""The sentiment experiment's corpora: sentences with mean human sentiment ratings from four domains.
 
-It ships inside the vaderSentiment 3.3.2 source distribution (MIT) on the package index
-(`additional_resources/hutto_ICWSM_2014.tar.gz` -> `movieReviewSnippets_GroundTruth.txt`, tab-separated: id, mean
-rating in [-4, 4], text). `fetch_corpus` gets it with `pip download` into the cache directory once, checks the
-archive's SHA-256, and extracts the one file; later runs read the cached copy and need no network.
+They ship inside the vaderSentiment 3.3.2 source distribution (MIT) on the package index
+(`additional_resources/hutto_ICWSM_2014.tar.gz`, tab-separated lines: id, mean rating in [-4, 4], text): 10,605
+movie-review sentences (the experiment's training domain) and, for generalization (the paper's §6.3), 3,708
+Amazon product-review sentences, 5,190 New York Times editorial sentences and 4,200 tweets. `fetch_corpus` gets
+the archive with `pip download` into the cache directory once, checks its SHA-256 and extracts the four files;
+later runs read the cached copies and need no network.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ SDIST = "vaderSentiment==3.3.2"
 SDIST_FILE = "vaderSentiment-3.3.2.tar.gz"
 SDIST_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
 INNER_ARCHIVE = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
-CORPUS_MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 CORPUS_FILE = "movieReviewSnippets_GroundTruth.txt"
+CORPUS_MEMBER = "hutto_ICWSM_2014/" + CORPUS_FILE
+DOMAINS = {"movies": CORPUS_FILE, "amazon": "amazonReviewSnippets_GroundTruth.txt",
+           "nyt": "nytEditorialSnippets_GroundTruth.txt", "tweets": "tweets_GroundTruth.txt"}
 
 
 class CorpusError(RuntimeError):
@@ -31,7 +35,7 @@ class CorpusError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Snippet:
-    id: int
+    id: str  # "17" (movies, tweets) or "309_8" (review/editorial 309, sentence 8)
     rating: float  # mean human rating, -4 (very negative) .. 4 (very positive)
     text: str
 
@@ -45,8 +49,8 @@ def _download_sdist(directory: str) -> str:
     return path
 
 
-def extract_corpus(sdist_path: str, out_path: str, sha256: str = SDIST_SHA256) -> None:
-    """Checks the source archive and writes the ground-truth file to `out_path` (atomically)."""
+def extract_corpus(sdist_path: str, out_path: str, sha256: str = SDIST_SHA256, member: str = CORPUS_FILE) -> None:
+    """Checks the source archive and writes its ground-truth file `member` to `out_path` (atomically)."""
     with open(sdist_path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
     if digest != sha256:
@@ -54,7 +58,7 @@ def extract_corpus(sdist_path: str, out_path: str, sha256: str = SDIST_SHA256) -
     with tarfile.open(sdist_path, "r:gz") as outer:
         inner_bytes = outer.extractfile(INNER_ARCHIVE).read()
     with tarfile.open(fileobj=io.BytesIO(inner_bytes), mode="r:gz") as inner:
-        data = inner.extractfile(CORPUS_MEMBER).read()
+        data = inner.extractfile("hutto_ICWSM_2014/" + member).read()
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     tmp = out_path + ".tmp"
     with open(tmp, "wb") as f:
@@ -62,9 +66,12 @@ def extract_corpus(sdist_path: str, out_path: str, sha256: str = SDIST_SHA256) -
     os.replace(tmp, out_path)
 
 
-def fetch_corpus(cache_dir: str) -> str:
-    """Path of the cached ground-truth file, fetching it through the package index the first time."""
-    out_path = os.path.join(cache_dir, "sentiment", CORPUS_FILE)
+def fetch_corpus(cache_dir: str, domain: str = "movies") -> str:
+    """Path of a domain's cached ground-truth file, fetching the archive (all four domains) through the package
+    index the first time one is missing."""
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown sentiment corpus domain {domain!r}; one of {', '.join(DOMAINS)}")
+    out_path = os.path.join(cache_dir, "sentiment", DOMAINS[domain])
     if os.path.isfile(out_path):
         return out_path
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,8 +79,9 @@ def fetch_corpus(cache_dir: str) -> str:
             sdist = _download_sdist(tmp)
         except CorpusError as e:
             raise CorpusError(f"{e}; no cached copy at {out_path} either. Run once with access to the package index, "
-                              f"or place {CORPUS_FILE} from {SDIST}'s {INNER_ARCHIVE} there") from None
-        extract_corpus(sdist, out_path)
+                              f"or place {DOMAINS[domain]} from {SDIST}'s {INNER_ARCHIVE} there") from None
+        for name in DOMAINS.values():
+            extract_corpus(sdist, os.path.join(cache_dir, "sentiment", name), member=name)
     return out_path
 
 
@@ -87,7 +95,9 @@ def read_snippets(path: str) -> list[Snippet]:
                 continue
             parts = line.split("\t", 2)
             try:
-                snippets.append(Snippet(int(parts[0]), float(parts[1]), parts[2].strip()))
+                snippets.append(Snippet(parts[0].strip(), float(parts[1]), parts[2].strip()))
+                if not snippets[-1].id or not snippets[-1].text:
+                    raise IndexError
             except (IndexError, ValueError):
                 raise CorpusError(f"{path}:{n}: expected 'id<TAB>rating<TAB>text', got {line[:80]!r}") from None
     return snippets
@@ -96,6 +106,6 @@ def read_snippets(path: str) -> list[Snippet]:
 def split(snippets: list[Snippet], test_fraction: float = 0.1) -> tuple[list[Snippet], list[Snippet]]:
     """Deterministic train/test split by a hash of the id (independent of file order and of any seed)."""
     def is_test(s: Snippet) -> bool:
-        return int(hashlib.sha256(str(s.id).encode()).hexdigest()[:8], 16) / 16**8 < test_fraction
+        return int(hashlib.sha256(s.id.encode()).hexdigest()[:8], 16) / 16**8 < test_fraction
 
     return [s for s in snippets if not is_test(s)], [s for s in snippets if is_test(s)]

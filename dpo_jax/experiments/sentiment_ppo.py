@@ -68,7 +68,8 @@ def run_ppo(st: Any, rm: Any, test_prompts: np.ndarray, test_mask: np.ndarray
             trainer = Trainer(engine, steps=iterations, writer=MetricWriter(None), name=name,
                               eval_every=max(c.eval_every, 1), evaluate=evaluate,
                               rollout=Rollouts(engine, reference, score, decode))
-            trainer.fit(state, PromptLoader(prompts, mask, t.batch_pairs, st.c.seed))
+            final, _ = trainer.fit(state, PromptLoader(prompts, mask, t.batch_pairs, st.c.seed))
+            st.final_policy(name, final.params["policy"])
             st.log(f"{name}: reward {points[-1]['reward']:+.3f}, KL {points[-1]['kl']:.3f} after {iterations} PPO "
                    f"iterations x {c.epochs} epochs ({time.perf_counter() - t0:.0f} s)")
     return points, series

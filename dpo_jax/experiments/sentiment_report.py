@@ -14,7 +14,8 @@ import numpy as np
 
 def write_results(c: ml_collections.ConfigDict, points: list[dict[str, Any]], vader_r: float,
                   reward_model: dict[str, float] | None = None,
-                  over_optimization: list[dict[str, Any]] | None = None) -> None:
+                  over_optimization: list[dict[str, Any]] | None = None, more: list[str] | None = None) -> None:
+    """results.csv, results.md (+ `more` lines: the win-rate sections), frontier.png, overoptimization.png."""
     out = c.out_dir
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["method", "step", "reward", "kl", "rm_score"])
@@ -37,6 +38,7 @@ def write_results(c: ml_collections.ConfigDict, points: list[dict[str, Any]], va
                          f"{p['kl']:.3f} |")
     lines += _rlhf_lines(c, points, sft, reward_model or {})
     lines += _matched_kl_lines(c, points)
+    lines += more or []
     lines += ["", "Every evaluated point is in results.csv; frontier.png plots them by family."]
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -67,6 +67,7 @@ class RewardModelStage:
             ids[r, :len(seq) + 1] = seq + [st.eos]
         scores = self.score(ids, (np.arange(t)[None] < np.asarray([len(x) + 1 for x in st.test_ids])[:, None])
                             .astype(np.int32))
+        self.test_scores = scores  # for the judge validation (sentiment_winrate.py)
         return {"rm_vader_r_test": _pearson(scores, st.test_vader), "rm_human_r_test": _pearson(scores, st.test_human)}
 
 

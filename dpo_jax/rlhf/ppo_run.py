@@ -132,8 +132,9 @@ def main(c: ml_collections.ConfigDict) -> dict[str, float]:
     # ----- the score of a rollout: the reward model's scoring pass, or the host function on texts
     if reward is not None:
         rm_config, load_rm = reward
-        rm_shardings = sharding.param_shardings(logical_axes(rm_config), jax.eval_shape(load_rm), mesh, rules)
-        rm_params = jax.device_put(load_rm(), rm_shardings)
+        host = load_rm()  # read once (an orbax checkpoint cannot be traced for its shapes)
+        rm_shardings = sharding.param_shardings(logical_axes(rm_config), host, mesh, rules)
+        rm_params = jax.device_put(host, rm_shardings)
         scorer = make_scorer(rm_config, mesh, rules, rm_shardings)
 
         def score(rows, row_mask, texts):

@@ -200,8 +200,9 @@ def precompute(c: ml_collections.ConfigDict) -> None:
 
 def evaluate(c: ml_collections.ConfigDict) -> None:
     """Evaluates the run directory's latest checkpoint (or the initial model) on the eval split (`dpo-jax eval`);
-    with config.winrate.temperatures, also samples it (and config.winrate.runs) and reports win rates."""
-    runs = winrate_command.check(c, c.train.run_dir) if c.winrate.temperatures else None
+    with a judge (config.winrate.judge.kind), also samples it (and config.winrate.runs) at each temperature and
+    reports win rates."""
+    runs = winrate_command.check(c, c.train.run_dir) if c.winrate.judge.kind else None
     run = build_run(c)
     try:
         if "eval" not in run.loaders:
