@@ -114,8 +114,9 @@ def test_reward_model_and_endpoint_judges_through_eval(runs, tmp_path):
     (row,), records = _read(out)
 
     def score(texts):  # one text at a time, no padding, no chunking, one device: an independent path
-        return np.asarray([float(sequence_scores(rm_params, rm_config, jnp.asarray([ids]), jnp.ones((1, len(ids)), jnp.int32)
-                                                 )[0]) for ids in (tok(t)["input_ids"] for t in texts)])
+        one = lambda ids: sequence_scores(rm_params, rm_config, jnp.asarray([ids]),  # noqa: E731
+                                          jnp.ones((1, len(ids)), jnp.int32))[0]
+        return np.asarray([float(one(tok(t)["input_ids"])) for t in texts])
 
     a = score([r["prompt"] + r["completion"] for r in records])
     b = score([r["prompt"] + r["baseline"] for r in records])
