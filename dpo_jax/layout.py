@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpo_jax.data.packing import CHOSEN, PROMPT, REJECTED, pack_pair
+from dpo_jax.data.packing import CHOSEN, PROMPT, REJECTED, first_fit_decreasing, pack_pair, pack_row
 from dpo_jax.logprobs import scored_mask
+from dpo_jax.models.decoder import SEGMENT_STRIDE
 
 Batch = dict[str, Any]
 
@@ -74,8 +75,11 @@ class Layout:
         """The static row length when no buckets are configured."""
         raise NotImplementedError
 
-    def host_rows(self, examples: Sequence[dict | None], seq_len: int, pad_id: int, score_window: int = 0) -> Batch:
-        """[rows, seq_len] numpy fields for b example slots (None: a padding example, all masks 0)."""
+    def host_rows(self, examples: Sequence[dict | None], seq_len: int, pad_id: int, score_window: int = 0,
+                  rows: int | None = None) -> Batch:
+        """[rows, seq_len] numpy fields for b example slots (None: a padding example, all masks 0). A layout that
+        reorders the pairs (packed) adds `pair_order`: the examples' indices in per-pair order, -1 for empty slots;
+        `rows` is its planned row count (at least)."""
         raise NotImplementedError
 
     # ----- device side (jax): rows -> the two responses --------------------------------------------------------------
@@ -129,7 +133,7 @@ class PairRows(Layout):
     def default_seq_len(self, row_lengths: np.ndarray, max_length: int) -> int:
         return max_length
 
-    def host_rows(self, examples, seq_len, pad_id, score_window=0) -> Batch:
+    def host_rows(self, examples, seq_len, pad_id, score_window=0, rows=None) -> Batch:
         b = len(examples)
         out = {"input_ids": np.full((2 * b, seq_len), pad_id, np.int32),
                "loss_mask": np.zeros((2 * b, seq_len), np.int32),
@@ -176,7 +180,7 @@ class SharedPrompt(Layout):
     def default_seq_len(self, row_lengths: np.ndarray, max_length: int) -> int:
         return rounded_max(row_lengths)
 
-    def host_rows(self, examples, seq_len, pad_id, score_window=0) -> Batch:
+    def host_rows(self, examples, seq_len, pad_id, score_window=0, rows=None) -> Batch:
         b = len(examples)
         out = {k: np.zeros((b, seq_len), np.int32) for k in self.row_keys}
         out["input_ids"][:] = pad_id
@@ -213,13 +217,87 @@ class SharedPrompt(Layout):
         return {k: _split_blocks(v, m, num_blocks, 1) for k, v in batch.items()}
 
 
-LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (PairRows(), SharedPrompt())}
+@dataclasses.dataclass(frozen=True)
+class PackedPairs(SharedPrompt):
+    """Several shared-prompt pairs one after another per row (packing.py: first-fit decreasing), attention kept
+    inside each pair by the segment ids' group (SEGMENT_STRIDE · slot + role). Rows [R, T]; every per-pair field is
+    [R·K] in slot order (row r, slot k at r·K + k; empty slots are padding examples), so the per-pair arrays the
+    step computes are [R·K, T]: `responses` masks the row to one slot's tokens — R·K·T floats, small next to the
+    model — and everything after it is the same as in the other layouts."""
+
+    name: ClassVar[str] = "packed"
+    rows_per_pair: ClassVar[int] = 0  # rows are planned by the loader, not a multiple of the pairs
+    max_pairs_per_row: int = 8  # K, static: the step's per-pair arrays are [rows · K]
+
+    def rows(self, pairs: int) -> int:
+        raise ValueError("the packed layout's row count is planned by the loader, not derived from the pairs")
+
+    def plan_rows(self, lengths: np.ndarray, seq_len: int) -> list[list[int]]:
+        """Which of these pairs (their packed lengths) share a row."""
+        return first_fit_decreasing(lengths, seq_len, self.max_pairs_per_row)
+
+    def host_rows(self, examples, seq_len, pad_id, score_window=0, rows=None) -> Batch:
+        k = self.max_pairs_per_row
+        real = [i for i, ex in enumerate(examples) if ex is not None]
+        packed = {i: pack_pair(examples[i]["chosen_input_ids"], examples[i]["chosen_loss_mask"],
+                               examples[i]["rejected_input_ids"], examples[i]["rejected_loss_mask"]) for i in real}
+        plan = [[real[j] for j in row] for row in self.plan_rows([len(packed[i]["input_ids"]) for i in real],
+                                                                  seq_len)]
+        rows = max(rows or 0, len(plan), 1)
+        out = {key: np.zeros((rows, seq_len), np.int32) for key in self.row_keys}
+        out["input_ids"][:] = pad_id
+        out["predecessor"][:] = -1
+        order = np.full(rows * k, -1, np.int64)
+        for r, members in enumerate(plan):
+            row = pack_row([packed[i] for i in members])
+            n = len(row["input_ids"])
+            for key, value in row.items():
+                out[key][r, :n] = value
+            out["attention_mask"][r, :n] = 1
+            order[r * k:r * k + len(members)] = members
+        out["pair_order"] = order
+        return out
+
+    def responses(self, x, batch, num_blocks):
+        segments = batch["segment_ids"]
+        slot = jnp.arange(self.max_pairs_per_row)[None, :, None]  # [1, K, 1]
+        group, role = (segments // SEGMENT_STRIDE)[:, None, :], (segments % SEGMENT_STRIDE)[:, None, :]
+        per_slot = lambda side: (x[:, None, :] * ((group == slot) & (role == side))).reshape(-1, x.shape[-1])  # noqa
+        return per_slot(CHOSEN), per_slot(REJECTED)
+
+    def sequences(self, x, valid, batch, num_blocks):
+        segments = batch["segment_ids"]
+        slot = jnp.arange(self.max_pairs_per_row)[None, :, None]
+        group, role = (segments // SEGMENT_STRIDE)[:, None, :], (segments % SEGMENT_STRIDE)[:, None, :]
+        wide = jnp.broadcast_to(x[:, None, :], (x.shape[0], self.max_pairs_per_row, x.shape[1]))
+        flat = lambda y: y.reshape(-1, x.shape[-1])  # noqa: E731
+        return tuple((flat(wide), flat(valid[:, None, :] & (group == slot) & ((role == PROMPT) | (role == side))))
+                     for side in (CHOSEN, REJECTED))
+
+    def micro_batches(self, batch, m, num_blocks):
+        k = self.max_pairs_per_row
+        out = {}
+        for key, v in batch.items():
+            if key in self.row_keys:
+                out[key] = _split_blocks(v, m, num_blocks, 1)
+            else:  # per pair [R·K] -> per row [R, K], split with the rows, back to [M, R/M·K]
+                y = _split_blocks(v.reshape(-1, k, *v.shape[1:]), m, num_blocks, 1)
+                out[key] = y.reshape(m, -1, *v.shape[1:])
+        return out
+
+
+LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (PairRows(), SharedPrompt(), PackedPairs())}
 PAIRS = LAYOUTS["pairs"]
 
 
-def get_layout(name: str) -> Layout:
+def get_layout(name: str, max_pairs_per_row: int | None = None) -> Layout:
+    """A layout by name; `max_pairs_per_row` sets the packed layout's K."""
     if name not in LAYOUTS:
         raise ValueError(f"config.data.layout = {name!r}; valid: {', '.join(LAYOUTS)}")
+    if name == PackedPairs.name and max_pairs_per_row is not None:
+        if max_pairs_per_row < 1:
+            raise ValueError(f"config.data.max_pairs_per_row = {max_pairs_per_row}: must be >= 1")
+        return PackedPairs(max_pairs_per_row=int(max_pairs_per_row))
     return LAYOUTS[name]
 
 

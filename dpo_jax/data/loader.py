@@ -55,6 +55,8 @@ class PreferenceLoader:
         state: LoaderState | None = None,
         layout: Layout | str = "pairs",
         score_window: int = 0,
+        rows_multiple: int = 1,
+        plan_steps: int = 0,
     ):
         """source: random access (`len`, `source[i]` -> dict of TokenizedPair fields), e.g. a TFDS data source.
         seq_len: a fixed T, or buckets (sorted ascending; each batch takes the smallest that fits its longest
@@ -62,7 +64,12 @@ class PreferenceLoader:
         data_parallel_size: the product of the mesh's batch axes; the global batch must divide by it.
         layout: how pairs become rows (dpo_jax/layout.py; a name or a Layout); `lengths` are its row lengths.
         score_window: > 0 promises the step that every row's scored tokens lie within this many positions (the
-        split's longest scored span, from the prepared metadata); each batch is checked against it."""
+        split's longest scored span, from the prepared metadata); each batch is checked against it.
+        Packed layout (several pairs per row): every batch gets the same row count — the most any batch of the
+        epochs that `plan_steps` steps reach (at least one; all epochs of a finite loader) needs on any host
+        (first-fit decreasing into rows of seq_len), rounded up to `rows_multiple` (what the mesh and the
+        micro-batches divide); a later batch that needs more rows gets them (a new shape, so a recompile — never
+        a dropped pair)."""
         self._arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.layout = get_layout(layout) if isinstance(layout, str) else layout
         self.source = source
@@ -89,6 +96,7 @@ class PreferenceLoader:
                 raise ValueError(f"an example has {self.lengths.max()} tokens, more than the largest seq_len "
                                  f"{self.buckets[-1]}; raise seq_len or lower data.max_length")
         self.score_window = score_window
+        self.rows_multiple, self.planned_rows = max(int(rows_multiple), 1), None
         self.global_batch = global_batch_pairs
         self.local_batch = global_batch_pairs // process_count
         self.process_index = process_index
@@ -100,6 +108,23 @@ class PreferenceLoader:
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
+        if self.layout.rows_per_pair == 0:
+            self._plan(num_epochs or max(-(-plan_steps // self.batches_per_epoch), 1))
+
+    def _plan(self, epochs: int) -> None:
+        """The packed layout's static row count (see __init__)."""
+        if self.lengths is None or len(self.buckets) != 1:
+            raise ValueError("the packed layout needs the examples' packed lengths and one seq_len (no buckets)")
+        self.score_window = 0  # a row's scored tokens span several pairs: no window (the unembedding sees all)
+        need = max(self._rows_needed(epoch, step) for epoch in range(epochs) for step in range(self.batches_per_epoch))
+        self.planned_rows = -(-need // self.rows_multiple) * self.rows_multiple
+
+    def _rows_needed(self, epoch: int, step: int) -> int:
+        """The most packed rows any host needs for global batch (epoch, step) (the same answer on every host)."""
+        indices = self.global_indices(epoch, step)
+        hosts = [indices[h * self.local_batch:(h + 1) * self.local_batch] for h in range(len(indices) //
+                                                                                           self.local_batch)]
+        return max(1, *(len(self.layout.plan_rows(self.lengths[h[h >= 0]], self.buckets[0])) for h in hosts))
 
     # ----- the pure part ------------------------------------------------------------------------------------------
 
@@ -126,7 +151,12 @@ class PreferenceLoader:
             t = next(b for b in self.buckets if b >= longest)
         local = indices[self.process_index * self.local_batch:(self.process_index + 1) * self.local_batch]
         examples = [None if i < 0 else self.source[int(i)] for i in local]
-        out = self.layout.host_rows(examples, t, self.pad_id, self.score_window)
+        rows = self.planned_rows
+        if rows is not None and self._rows_needed(epoch, step) > rows:  # past the planned epochs: more rows
+            rows = -(-self._rows_needed(epoch, step) // self.rows_multiple) * self.rows_multiple
+        out = self.layout.host_rows(examples, t, self.pad_id, self.score_window, rows=rows)
+        if "pair_order" in out:  # the layout's per-pair order (packed: row-major slots)
+            examples = [None if i < 0 else examples[i] for i in out.pop("pair_order")]
         out["example_id"] = np.asarray([-1 if ex is None else int(ex["example_id"]) for ex in examples], np.int32)
         out["example_mask"] = np.asarray([ex is not None for ex in examples], np.int32)
         out["margin"] = np.asarray([0.0 if ex is None else float(ex.get("margin", 0.0)) for ex in examples],

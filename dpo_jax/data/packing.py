@@ -46,3 +46,40 @@ def pack_pair(chosen_ids, chosen_mask, rejected_ids, rejected_mask) -> dict[str,
         "positions": np.concatenate([np.arange(nc), np.arange(shared, shared + nr)]),
         "predecessor": predecessor,
     }
+
+
+# ----- several pairs per row (the `packed` layout) -----------------------------------------------------------------
+
+def first_fit_decreasing(lengths, capacity: int, max_per_row: int) -> list[list[int]]:
+    """Indices of `lengths` grouped into rows: longest first (ties by index), each into the first row with room for
+    it and fewer than `max_per_row` items, else a new row. Deterministic; every index is placed exactly once."""
+    lengths = np.asarray(lengths)
+    if len(lengths) and int(lengths.max()) > capacity:
+        raise ValueError(f"a pair of {int(lengths.max())} tokens does not fit a packed row of {capacity}")
+    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = int(lengths[i])
+        slot = next((r for r in range(len(rows)) if room[r] >= n and len(rows[r]) < max_per_row), None)
+        if slot is None:
+            rows.append([])
+            room.append(capacity)
+            slot = len(rows) - 1
+        rows[slot].append(i)
+        room[slot] -= n
+    return rows
+
+
+def pack_row(pairs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Several `pack_pair` results one after another in one row: group g's segment ids are shifted by
+    SEGMENT_STRIDE·g (attention stays inside a group), positions restart per pair, predecessors are offset."""
+    from dpo_jax.models.decoder import SEGMENT_STRIDE
+
+    out, offset = [], 0
+    for g, p in enumerate(pairs):
+        pred = np.asarray(p["predecessor"])
+        out.append({**p, "segment_ids": np.asarray(p["segment_ids"]) + SEGMENT_STRIDE * g,
+                    "predecessor": np.where(pred >= 0, pred + offset, -1)})
+        offset += len(p["input_ids"])
+    return {k: np.concatenate([o[k] for o in out]) for k in pairs[0]} if pairs else {}

@@ -34,8 +34,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.seq_buckets = ()  # sorted row lengths to pad to; empty: one length (see layout)
     # shared_prompt: one row per pair, prompt + chosen + rejected, the prompt computed once (rows as long as the
     # split's longest packed pair, rounded up to 16, unless seq_buckets are given); pairs: a row per response
-    # (max_length long unless seq_buckets are given)
+    # (max_length long unless seq_buckets are given); packed: several shared-prompt pairs per row, rows as long as
+    # the longest packed pair (or seq_buckets' one length), the row count planned once for the run
     c.layout = "shared_prompt"
+    c.max_pairs_per_row = 8  # packed: at most this many pairs share a row (static: per-pair arrays are rows x this)
     c.on_bad_example = "skip"  # or "error"
     c.shp_min_score_ratio = 2.0
     c.shuffle = True
@@ -82,11 +84,13 @@ def build_loaders(
     process_count: int = 1,
     train_state: LoaderState | None = None,
     tokenizer: Any = None,
+    micro_batches: int = 1,
+    steps: int = 0,
 ) -> dict[str, PreferenceLoader]:
     """{'train': loader (endless, resumable from `train_state`), 'eval': one pass (if eval_path is set)}."""
     if not config.train_path:
         raise ValueError("config.data.train_path is empty: point it at a local data file or directory")
-    layout = get_layout(config.layout)
+    layout = get_layout(config.layout, config.max_pairs_per_row)
     data_format = resolve_format(config)
     lengths = resolve_lengths(config, data_format)
     if tokenizer is None:
@@ -103,7 +107,8 @@ def build_loaders(
         print(f"data {format_report(split, p.report)}", flush=True)
     common = dict(global_batch_pairs=global_batch_pairs, seed=seed, pad_id=tokenizer.pad_token_id or 0,
                   process_index=process_index, process_count=process_count, data_parallel_size=data_parallel_size,
-                  prefetch=config.prefetch, layout=layout)
+                  prefetch=config.prefetch, layout=layout,
+                  rows_multiple=max(data_parallel_size * micro_batches // process_count, micro_batches))
 
     def split_loader(split: str, **kwargs) -> PreferenceLoader:
         p = prepared[split]
@@ -112,7 +117,7 @@ def build_loaders(
         window = rounded_max(layout.score_spans(p))
         return PreferenceLoader(p.source, lengths=lengths, seq_len=seq_len, score_window=window, **common, **kwargs)
 
-    loaders = {"train": split_loader("train", shuffle=config.shuffle, state=train_state)}
+    loaders = {"train": split_loader("train", shuffle=config.shuffle, state=train_state, plan_steps=steps)}
     if "eval" in prepared:
         loaders["eval"] = split_loader("eval", shuffle=False, num_epochs=1)
     return loaders

@@ -141,6 +141,9 @@ class Block(nn.Module):
         return x, new_cache
 
 
+SEGMENT_STRIDE = 4  # segment id = SEGMENT_STRIDE · group (a packed pair) + role (padding, prompt, chosen, rejected)
+
+
 def build_attention_mask(
     config: ModelConfig,
     query_index: Array,
@@ -151,8 +154,9 @@ def build_attention_mask(
 ) -> Array:
     """Boolean [B, 1, Tq, S] mask: causal on slot indices, padding, packing segments and the sliding window.
 
-    shared_segment: keys of this segment are visible to every segment (still causally): one prompt shared by the
-    chosen and the rejected response packed after it in the same row.
+    segment_ids: id = SEGMENT_STRIDE · group + role. Tokens attend within their own id, and to keys whose role is
+    `shared_segment` in the same group (still causally): one prompt shared by the chosen and the rejected response
+    packed after it, several such pairs (groups) one after another in a row, attention never crossing groups.
 
     query_index: [Tq] slot index of each query (0..T-1 without a cache; cache_index + t with one).
     key_valid: [B, S] 1 where a key slot holds a real token.
@@ -173,7 +177,9 @@ def build_attention_mask(
     if segment_ids is not None:
         same = segment_ids[:, :, None] == segment_ids[:, None, :]
         if shared_segment is not None:
-            same |= (segment_ids == shared_segment)[:, None, :]
+            group = segment_ids // SEGMENT_STRIDE
+            same |= ((segment_ids % SEGMENT_STRIDE) == shared_segment)[:, None, :] & \
+                (group[:, :, None] == group[:, None, :])
         mask &= same[:, None]
     return mask
 
@@ -203,8 +209,9 @@ class Decoder(nn.Module):
 
         attention_mask: [B, T] (or [B, S] over the cache slots when decoding) with 1 for real tokens.
         positions default to the count of real tokens before each one (right- or left-padding both work).
-        segment_ids: [B, T] packed-sequence ids; tokens attend only within their segment (and to
-            `shared_segment`, a prompt shared by the sequences packed after it).
+        segment_ids: [B, T] packed-sequence ids; tokens attend only within their segment (and to the
+            `shared_segment` role of their group: a prompt shared by the sequences packed after it; see
+            build_attention_mask).
         """
         c = self.config
         b, t = input_ids.shape

@@ -91,9 +91,8 @@ class Engine(NamedTuple):
 
     def step_flops(self, local: dict) -> float:
         """Model FLOPs of one train step on this host batch (all hosts; padding included: it is computed)."""
-        pairs = len(local["example_id"]) * jax.process_count()
-        return train_step_flops(self.config.model, self.config.layout.rows(pairs), local["input_ids"].shape[1],
-                                self.config.score_window)
+        rows = local["input_ids"].shape[0] * jax.process_count()
+        return train_step_flops(self.config.model, rows, local["input_ids"].shape[1], self.config.score_window)
 
     def reference_logps(self, params: Any, local: dict) -> tuple[jax.Array, ...]:
         """A host-local batch's (chosen sums, rejected sums, chosen counts, rejected counts) under `params`, each
@@ -106,6 +105,8 @@ def check_batch_layout(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, ro
     """The global batch must split into data-parallel shards, hosts and micro-batches evenly."""
     b, m = c.train.global_batch_pairs, c.train.micro_batches
     dp = sharding.data_parallel_size(mesh, c.mesh.rules)
+    if rows_per_pair == 0:  # packed rows: the loader plans a row count that divides (loader.rows_multiple)
+        return
     if (rows_per_pair * b) % dp:
         raise ValueError(f"config.train.global_batch_pairs = {b}: its {rows_per_pair * b} rows do not divide over "
                          f"the data-parallel size {dp} (mesh data x fsdp); use a multiple of "

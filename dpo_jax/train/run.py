@@ -122,7 +122,8 @@ def build_run(c: ml_collections.ConfigDict, compile_train_step: bool = False) ->
     loaders = build_loaders(c.data, global_batch_pairs=c.train.global_batch_pairs, seed=c.train.seed,
                             data_parallel_size=data_parallel_size(mesh, c.mesh.rules),
                             process_index=jax.process_index(), process_count=jax.process_count(),
-                            tokenizer=tokenizer, train_state=None if restored is None else restored[0])
+                            tokenizer=tokenizer, train_state=None if restored is None else restored[0],
+                            micro_batches=c.train.micro_batches, steps=c.train.steps)
     windows = [loader.score_window for loader in loaders.values()]
     window = max(windows) if all(windows) else 0  # one step serves every split; 0: a split has no window
     if window and main:
@@ -130,7 +131,7 @@ def build_run(c: ml_collections.ConfigDict, compile_train_step: bool = False) ->
               "scored span)", flush=True)
 
     # ----- model, optimizer and sharded state
-    layout = get_layout(c.data.layout)
+    layout = get_layout(c.data.layout, c.data.max_pairs_per_row)
     if c.model.source == "random":  # initialised inside the sharded jit: born on its devices
         engine = build_engine(c, model, load_initial, mesh=mesh, layout=layout, score_window=window)
     else:  # loaded on the host, then donated into the sharded state

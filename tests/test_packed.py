@@ -1,0 +1,182 @@
+"""The packed layout (several shared-prompt pairs per row) computes exactly what two rows per pair compute."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpo_jax.data.loader import PreferenceLoader
+from dpo_jax.data.packing import CHOSEN, PROMPT, REJECTED, first_fit_decreasing, pack_pair, pack_row, packed_length
+from dpo_jax.layout import PAIRS, PackedPairs
+from dpo_jax.models.decoder import SEGMENT_STRIDE, init_params
+from dpo_jax.train.step import StepConfig, loss_sum_and_metrics, pair_logprobs
+from tests import engine_helpers as H
+from tests.test_shared_prompt import SLIDING, _pairs
+
+PACKED = PackedPairs(max_pairs_per_row=4)
+
+
+def test_first_fit_decreasing_is_deterministic_respects_capacity_and_count_and_drops_nothing():
+    assert first_fit_decreasing([5, 3, 7, 2, 4], 10, 3) == [[2, 1], [0, 4], [3]]
+    assert first_fit_decreasing([1] * 7, 100, 3) == [[0, 1, 2], [3, 4, 5], [6]]  # at most K per row
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 60, 200)
+    rows = first_fit_decreasing(lengths, 64, 5)
+    assert sorted(i for r in rows for i in r) == list(range(200))
+    assert all(sum(lengths[r]) <= 64 and len(r) <= 5 for r in rows)
+    assert rows == first_fit_decreasing(lengths, 64, 5)
+    with pytest.raises(ValueError, match="a pair of 65 tokens does not fit a packed row of 64"):
+        first_fit_decreasing([3, 65], 64, 4)
+
+
+def test_pack_row_keeps_pairs_apart():
+    a = pack_pair([5, 6, 7, 8], [0, 0, 1, 1], [5, 6, 9], [0, 0, 1])
+    b = pack_pair([1, 2, 3], [0, 1, 1], [1, 4], [0, 1])
+    row = pack_row([a, b])
+    np.testing.assert_array_equal(row["input_ids"], [5, 6, 7, 8, 9, 1, 2, 3, 4])
+    np.testing.assert_array_equal(row["segment_ids"], [PROMPT] * 2 + [CHOSEN] * 2 + [REJECTED] + [
+        SEGMENT_STRIDE + PROMPT] + [SEGMENT_STRIDE + CHOSEN] * 2 + [SEGMENT_STRIDE + REJECTED])
+    np.testing.assert_array_equal(row["positions"], [0, 1, 2, 3, 2, 0, 1, 2, 1])  # restart per pair
+    np.testing.assert_array_equal(row["predecessor"], [-1, 0, 1, 2, 1, -1, 5, 6, 5])
+
+
+def _loaders(rows, pairs, seq_len=48, layout=PACKED):
+    kw = dict(global_batch_pairs=pairs, shuffle=False, num_epochs=1, prefetch=0)
+    lengths = np.asarray([packed_length(r["chosen_input_ids"], r["chosen_loss_mask"], r["rejected_input_ids"],
+                                        r["rejected_loss_mask"]) for r in rows])
+    plain = next(iter(PreferenceLoader(rows, seq_len=16, **kw)))
+    packed = next(iter(PreferenceLoader(rows, seq_len=seq_len, layout=layout, lengths=lengths, **kw)))
+    return plain, packed
+
+
+def _by_id(values, ids):
+    return {int(i): float(v) for v, i in zip(np.asarray(values), np.asarray(ids)) if i >= 0}
+
+
+@pytest.mark.parametrize("model", [H.MODEL, SLIDING], ids=["gqa", "sliding_window"])
+def test_packed_pair_logprobs_equal_two_rows_per_pair(model):
+    rows = _pairs(13, seed=7)
+    plain, packed = _loaders(rows, pairs=14)
+    assert packed["input_ids"].shape[0] < 14 and packed["example_id"].shape == (packed["input_ids"].shape[0] * 4,)
+    assert sorted(i for i in packed["example_id"] if i >= 0) == list(range(13))  # every pair once, none dropped
+    assert int(packed["attention_mask"].sum()) < int(plain["attention_mask"].sum())
+    params = init_params(model, jax.random.key(1))
+    got = pair_logprobs(params, jax.tree.map(jnp.asarray, packed), StepConfig(model, layout=PACKED))
+    want = pair_logprobs(params, jax.tree.map(jnp.asarray, plain), StepConfig(model))
+    for field in ("chosen_sums", "rejected_sums", "chosen_counts", "rejected_counts"):
+        g, w = _by_id(getattr(got, field), packed["example_id"]), _by_id(getattr(want, field), plain["example_id"])
+        assert g.keys() == w.keys()
+        np.testing.assert_allclose([g[k] for k in w], [w[k] for k in w], atol=3e-5, err_msg=field)
+    empty = np.asarray(packed["example_id"]) < 0  # empty slots contribute nothing
+    assert np.all(np.asarray(got.chosen_counts)[empty] == 0) and np.all(np.asarray(got.rejected_sums)[empty] == 0)
+
+
+@pytest.mark.parametrize("mode", ["dpo", "sft", "unlikelihood", "reward"])
+def test_packed_loss_metrics_and_gradient_equal_the_plain_layout(mode):
+    from dpo_jax.rlhf.reward_model import as_reward_model
+
+    rows = _pairs(11, seed=8)
+    plain, packed = _loaders(rows, pairs=12)
+    params, model = init_params(H.MODEL, jax.random.key(2)), H.MODEL
+    if mode == "reward":
+        model, params = as_reward_model(H.MODEL, params, None, jax.random.key(5))
+    ref_c = {i: -30.0 + 2 * i for i in range(11)}
+    ref_r = {i: -25.0 + i for i in range(11)}
+    results = []
+    for batch, layout in ((plain, PAIRS), (packed, PACKED)):
+        ids = np.asarray(batch["example_id"])
+        extra = {"ref_chosen_logps": np.asarray([ref_c.get(int(i), 0.0) for i in ids], np.float32),
+                 "ref_rejected_logps": np.asarray([ref_r.get(int(i), 0.0) for i in ids], np.float32)}
+        c = StepConfig(model, mode=mode, layout=layout)
+        b = {k: jnp.asarray(v) for k, v in {**batch, **extra}.items() if k in c.batch_keys()}
+        (total, metrics), grads = jax.value_and_grad(loss_sum_and_metrics, has_aux=True)(params, b, c)
+        results.append((total, metrics, grads))
+    (t0, m0, g0), (t1, m1, g1) = results
+    np.testing.assert_allclose(t1, t0, rtol=1e-5, atol=1e-5)
+    assert m0.keys() == m1.keys()
+    for key in m0:
+        np.testing.assert_allclose(m1[key].total, m0[key].total, rtol=1e-5, atol=1e-5, err_msg=key)
+        np.testing.assert_allclose(m1[key].count, m0[key].count, err_msg=key)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g0)) > 1e-4
+
+
+def test_packed_engine_with_micro_batches_on_a_2x2x2_mesh_equals_plain_rows_on_one_device():
+    """Two SGD steps: the plain layout on one device against packed rows on a (2,2,2) mesh with 2 micro-batches."""
+    rows = _pairs(24, seed=9)
+    lengths = np.asarray([packed_length(r["chosen_input_ids"], r["chosen_loss_mask"], r["rejected_input_ids"],
+                                        r["rejected_loss_mask"]) for r in rows])
+    kw = dict(global_batch_pairs=24, shuffle=False, num_epochs=1, prefetch=0)
+    plain = next(iter(PreferenceLoader(rows, seq_len=16, **kw)))
+    packed_loader = PreferenceLoader(rows, seq_len=32, layout=PACKED, lengths=lengths, rows_multiple=8, **kw)
+    packed = next(iter(packed_loader))
+    assert packed["input_ids"].shape[0] % 8 == 0 and packed["input_ids"].shape[0] < 24
+    history, finals = [], []
+    for mesh, micro, batch, devices, layout in (((1, 1, 1), 1, plain, jax.devices()[:1], PAIRS),
+                                                ((2, 2, 2), 2, packed, jax.devices()[:8], PACKED)):
+        c = H.config(mesh=mesh, pairs=24, micro=micro, optimizer_name="sgd", lr=0.5)
+        e = H.engine(c, devices=devices, layout=layout)
+        sc, sr, _, _ = (np.asarray(x) for x in e.reference_logps(e.state.params, batch))
+        local = {**batch, "ref_chosen_logps": sc, "ref_rejected_logps": sr}
+        state, out = e.state, []
+        for _ in range(2):
+            state, metrics = e.train_step(state, e.shard_batch(local))
+            out.append({k: float(v.total / v.count) for k, v in metrics.items()})
+        history.append(out)
+        finals.append(jax.device_get(state.params))
+    assert history[0][0]["loss"] == pytest.approx(np.log(2), abs=1e-6)
+    for step, (want, got) in enumerate(zip(*history)):
+        # accuracy counts r_c > r_r: at step 0 every reward is 0 up to rounding, so it is compared after one update
+        for key in ("loss", "rewards/margins", "grad_norm", "logps/chosen") + (("rewards/accuracies",) if step else ()):
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+    for a, b in zip(jax.tree.leaves(finals[0]), jax.tree.leaves(finals[1])):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    assert history[0][1]["loss"] < history[0][0]["loss"]
+
+
+def test_packed_loader_plans_one_row_count_and_sees_every_pair_once_per_epoch():
+    rows = _pairs(40, seed=10)
+    lengths = np.asarray([packed_length(r["chosen_input_ids"], r["chosen_loss_mask"], r["rejected_input_ids"],
+                                        r["rejected_loss_mask"]) for r in rows])
+    loader = PreferenceLoader(rows, seq_len=32, layout=PACKED, lengths=lengths, global_batch_pairs=8, seed=3,
+                              prefetch=0, plan_steps=10, rows_multiple=2)
+    shapes, seen = set(), []
+    for _ in range(10):  # two epochs of 5 batches
+        batch = next(loader)
+        shapes.add(batch["input_ids"].shape)
+        seen += [int(i) for i in batch["example_id"] if i >= 0]
+        assert int(batch["example_mask"].sum()) == 8
+    assert len(shapes) == 1 and next(iter(shapes))[0] == loader.planned_rows and loader.planned_rows % 2 == 0
+    assert sorted(seen[:40]) == list(range(40)) and sorted(seen[40:]) == list(range(40))
+    again = PreferenceLoader(rows, seq_len=32, layout=PACKED, lengths=lengths, global_batch_pairs=8, seed=3,
+                             prefetch=0, plan_steps=10, rows_multiple=2)
+    for epoch, step in ((0, 3), (1, 2)):  # any batch is a pure function of (seed, epoch, step)
+        a, b = loader.batch_at(epoch, step), again.batch_at(epoch, step)
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_a_packed_tiny_run_resumes_exactly_after_sigkill(tmp_path):
+    """`dpo-jax train` with data.layout=packed: killed after checkpoint 8, resumed, the same metric lines."""
+    import signal
+    import subprocess
+
+    from dpo_jax.train import run as train_run
+    from tests.test_runs import REPO, _cli, _config, _overrides, _train_lines, assert_same_lines
+
+    cache = str(tmp_path / "cache")
+    extra = {"data.layout": "packed", "data.max_pairs_per_row": 4, "train.steps": 12, "train.save_every": 4}
+    train_run.train(_config("dpo", _overrides(tmp_path / "straight", cache, **extra)))
+    want = _train_lines(tmp_path / "straight")
+    assert [r["step"] for r in want] == [3, 6, 9, 12] and want[0]["loss"] < 0.7
+    overrides = _overrides(tmp_path / "killed", cache, **extra)
+    proc = subprocess.Popen(_cli(overrides), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("[train] step 9"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    out = subprocess.run(_cli(overrides), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "resumed from" in out.stdout, out.stderr[-3000:]
+    assert_same_lines(_train_lines(tmp_path / "killed"), want)
