@@ -1,6 +1,7 @@
 """DPO (or reward-model) throughput, dpo_jax vs TRL's DPOTrainer (RewardTrainer), in one invocation on one machine.
 
-    python bench/dpo_vs_trl.py [--mode dpo|reward] [--steps 32] [--repeats 3] [--work-dir DIR] [--out FILE.json]
+    python bench/dpo_vs_trl.py [--mode dpo|reward] [--lengths fixed|ragged] [--layout packed|shared_prompt|pairs]
+        [--systems ours,trl_default,trl_precompute] [--steps 32] [--repeats 3] [--work-dir DIR] [--out FILE.json]
 
 --mode reward trains a Bradley-Terry reward model (a score head on the same model, TRL's
 AutoModelForSequenceClassification) on the same pairs instead; there is no reference pass, so TRL runs once per
@@ -12,6 +13,12 @@ float32 on the CPU, from the same word-level tokenizer and JSONL file, with the 
 linear decay, clip 1.0), logging every step and saving a resumable checkpoint at the end. Each run is a fresh
 process (timed from after the imports), and the systems are interleaved — ours, TRL default, TRL precompute,
 ours, ... — so drift in the machine hits all of them; ratios are reported per repeat.
+
+--lengths ragged draws HH-shaped lengths instead of the fixed 48 + 80: prompt and response word counts log-normal,
+prompt median 90 words (σ = 0.9 in log space), responses median 60 (σ = 0.8), each clipped to [4, 256], max_length
+512 and max_prompt_length 256 (the paper's HH settings). These parameters are chosen to match HH's published shape
+— multi-turn prompts with a long tail to the 256 cap, responses mostly under 100 tokens — not fitted to an HH
+tokenization here (no HH data is available offline); mean packed pair ≈ 290 tokens, longest ≈ 640.
 
 Measured per run: end-to-end time (data preparation, model init, the reference pass, compilation, every step, the
 final checkpoint), the reference pass, steady-state step time (median over steps after the first two), peak RSS.
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -62,16 +70,29 @@ def write_tokenizer(directory: str, vocab_size: int) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>").save_pretrained(directory)
 
 
-def write_pairs(path: str, num_pairs: int, vocab_size: int, seed: int) -> None:
-    """Random words: prompt of PROMPT_TOKENS, responses of RESPONSE_TOKENS - 1 words (+ EOS, added by each system)."""
+RAGGED = dict(prompt_median=90, prompt_sigma=0.9, response_median=60, response_sigma=0.8, low=4, high=256)
+
+
+def pair_lengths(rng, lengths: str) -> tuple[int, int, int]:
+    """(prompt, chosen, rejected) word counts; responses exclude the EOS each system adds."""
+    if lengths == "fixed":
+        return PROMPT_TOKENS, RESPONSE_TOKENS - 1, RESPONSE_TOKENS - 1
+    r = RAGGED
+    draw = lambda median, sigma: int(min(max(rng.lognormal(math.log(median), sigma), r["low"]), r["high"]))  # noqa
+    return (draw(r["prompt_median"], r["prompt_sigma"]), draw(r["response_median"], r["response_sigma"]) - 1,
+            draw(r["response_median"], r["response_sigma"]) - 1)
+
+
+def write_pairs(path: str, num_pairs: int, vocab_size: int, seed: int, lengths: str = "fixed") -> None:
+    """Random words: prompts and responses of `pair_lengths` words (+ EOS, added by each system)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     words = lambda n: " ".join(f"w{i}" for i in rng.integers(2, vocab_size, n))  # noqa: E731
     with open(path, "w") as f:
         for _ in range(num_pairs):
-            f.write(json.dumps({"prompt": words(PROMPT_TOKENS), "chosen": " " + words(RESPONSE_TOKENS - 1),
-                                "rejected": " " + words(RESPONSE_TOKENS - 1)}) + "\n")
+            p, c, r = pair_lengths(rng, lengths)
+            f.write(json.dumps({"prompt": words(p), "chosen": " " + words(c), "rejected": " " + words(r)}) + "\n")
 
 
 def write_checkpoint(directory: str, seed: int, tokenizer_dir: str) -> None:
@@ -99,8 +120,10 @@ def settings(args, work_dir: str, precompute: bool = False) -> dict:
                 model_dir=os.path.join(work_dir, "model"),
                 data_path=os.path.join(work_dir, "pairs.jsonl"), model=MODEL, pairs=args.pairs, steps=args.steps,
                 seed=args.seed, learning_rate=1e-6, clip_grad_norm=1.0, beta=0.1,
-                max_length=PROMPT_TOKENS + RESPONSE_TOKENS, precompute=precompute, scan_layers=args.scan_layers,
-                layout=args.layout, mode=args.mode)
+                max_length=PROMPT_TOKENS + RESPONSE_TOKENS if args.lengths == "fixed" else 512,
+                max_prompt_length=PROMPT_TOKENS if args.lengths == "fixed" else 256, lengths=args.lengths,
+                precompute=precompute, scan_layers=args.scan_layers, layout=args.layout, mode=args.mode,
+                seq_len=args.seq_len)
 
 
 # ----- the TRL virtualenv -------------------------------------------------------------------------------------------
@@ -159,7 +182,8 @@ def run_ours(s: dict) -> dict:
     m, d, t, o = c.model, c.data, c.train, c.optimizer
     m.source, m.path, m.scan_layers = "hf", s["model_dir"], s["scan_layers"]
     d.train_path, d.tokenizer, d.cache_dir = s["data_path"], s["tokenizer_dir"], os.path.join(run_dir, "cache")
-    d.max_length, d.max_prompt_length, d.layout = s["max_length"], PROMPT_TOKENS, s["layout"]
+    d.max_length, d.max_prompt_length, d.layout = s["max_length"], s["max_prompt_length"], s["layout"]
+    d.seq_buckets = (s["seq_len"],) if s.get("seq_len") else ()
     t.global_batch_pairs, t.steps, t.seed = s["pairs"], s["steps"], s["seed"]
     t.log_every, t.save_every, t.eval_every, t.run_dir, t.tensorboard = 1, s["steps"], 0, run_dir, False
     c.dpo.loss_type, c.dpo.beta, c.dpo.reference = "sigmoid", s["beta"], "precompute"
@@ -199,20 +223,21 @@ def steady(step_s: list[float]) -> float:
     return statistics.median(step_s[2:] if len(step_s) > 4 else step_s)
 
 
-def summarize(runs: list[dict], pairs: int) -> dict:
+def summarize(runs: list[dict], tokens_per_step: float) -> dict:
     """Per-repeat ratios (TRL time / our time: > 1 means we are faster) and medians per system."""
     by_repeat: dict[int, dict[str, dict]] = {}
     for r in runs:
         by_repeat.setdefault(r["repeat"], {})[r["system"]] = r
     ratios = []
     for rep, group in sorted(by_repeat.items()):
+        if "ours" not in group:  # --systems without ours: no ratios
+            continue
         ours = group["ours"]
         row = {"repeat": rep}
         for trl in (s for s in SYSTEMS[1:] if s in group):
             row[f"end_to_end_vs_{trl}"] = group[trl]["end_to_end_s"] / ours["end_to_end_s"]
             row[f"steady_step_vs_{trl}"] = steady(group[trl]["step_s"]) / steady(ours["step_s"])
         ratios.append(row)
-    tokens_per_step = 2 * pairs * (PROMPT_TOKENS + RESPONSE_TOKENS)
     systems = {}
     for name in SYSTEMS:
         rs = [r for r in runs if r["system"] == name]
@@ -229,7 +254,8 @@ def summarize(runs: list[dict], pairs: int) -> dict:
             "first_loss": rs[0]["losses"][0],
         }
     return {"ratios": ratios, "systems": systems,
-            "median_ratios": {k: statistics.median(r[k] for r in ratios) for k in ratios[0] if k != "repeat"}}
+            "median_ratios": {k: statistics.median(r[k] for r in ratios) for k in (ratios[0] if ratios else ())
+                              if k != "repeat"}}
 
 
 def main() -> None:
@@ -241,8 +267,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--layout", default="shared_prompt", choices=("shared_prompt", "pairs"),
+    p.add_argument("--layout", default="shared_prompt", choices=("packed", "shared_prompt", "pairs"),
                    help="our batch layout (config.data.layout); TRL always runs a row per response")
+    p.add_argument("--lengths", default="fixed", choices=("fixed", "ragged"),
+                   help="fixed 48 + 80 tokens, or HH-shaped ragged lengths (see the module docstring)")
+    p.add_argument("--seq-len", type=int, default=0, help="our row length (config.data.seq_buckets=(N,)); 0: the "
+                   "layout's default (the longest row of the data)")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ", ".join(SYSTEMS))
     p.add_argument("--work-dir", default=default_work_dir())
     p.add_argument("--out", default="", help="write the runs and the summary here as JSON")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
@@ -258,13 +289,13 @@ def main() -> None:
     shutil.rmtree(s["tokenizer_dir"], ignore_errors=True)
     write_tokenizer(s["tokenizer_dir"], MODEL["vocab_size"])
     write_checkpoint(s["model_dir"], args.seed, s["tokenizer_dir"])
-    write_pairs(s["data_path"], args.steps * args.pairs, MODEL["vocab_size"], args.seed)
+    write_pairs(s["data_path"], args.steps * args.pairs, MODEL["vocab_size"], args.seed, args.lengths)
     # Both systems keep every cache under the work directory, fresh per run (no cache hits across runs).
     env = {**os.environ, "TMPDIR": work_dir, "HF_HOME": os.path.join(work_dir, "hf"), "TQDM_DISABLE": "1",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("XLA_FLAGS", None)  # one real CPU device, as a user's run on this machine
     runs = []
-    systems = SYSTEMS if args.mode == "dpo" else SYSTEMS[:2]
+    systems = [x for x in (SYSTEMS if args.mode == "dpo" else SYSTEMS[:2]) if x in args.systems.split(",")]
     for rep in range(args.repeats):
         for system in systems:
             if system == "ours":
@@ -281,7 +312,10 @@ def main() -> None:
         for d in os.listdir(work_dir):  # run directories and dataset caches; keep the venv and inputs
             if d.startswith(("ours_run_", "trl_run_", "tmp")) or d == "hf":
                 shutil.rmtree(os.path.join(work_dir, d), ignore_errors=True)
-    summary = summarize(runs, args.pairs)
+    with open(s["data_path"]) as f:  # real tokens of a step as two rows per pair (+ 2 EOS): the common measure
+        real = [len(r["prompt"].split()) * 2 + len(r["chosen"].split()) + len(r["rejected"].split()) + 2
+                for r in map(json.loads, f)]
+    summary = summarize(runs, args.pairs * statistics.mean(real))
     for row in summary["ratios"]:
         print(f"repeat {row['repeat']}: " + ", ".join(f"{k.replace('_vs_', ' vs ')} {v:.2f}x" for k, v in row.items()
                                                     if k != "repeat"))

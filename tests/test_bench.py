@@ -42,6 +42,20 @@ def test_synthetic_pairs_tokenize_to_exactly_the_stated_lengths(tmp_path):
                              pair.rejected_loss_mask) == bench.PROMPT_TOKENS + 2 * bench.RESPONSE_TOKENS
 
 
+def test_ragged_pairs_follow_the_documented_hh_shape():
+    bench = _bench_module("dpo_vs_trl")
+    rng = np.random.default_rng(0)
+    lengths = np.asarray([bench.pair_lengths(rng, "ragged") for _ in range(2000)])
+    r = bench.RAGGED
+    assert lengths[:, 0].min() >= r["low"] and lengths[:, 0].max() <= r["high"]
+    assert lengths[:, 1:].min() >= r["low"] - 1 and lengths[:, 1:].max() <= r["high"] - 1  # + EOS: within [4, 256]
+    assert abs(np.median(lengths[:, 0]) - r["prompt_median"]) < 8 and abs(np.median(lengths[:, 1]) + 1 -
+                                                                            r["response_median"]) < 6
+    assert (lengths[:, 0] == r["high"]).mean() > 0.01  # the long tail reaches the 256 cap, as HH's prompts do
+    assert bench.pair_lengths(rng, "fixed") == (bench.PROMPT_TOKENS, bench.RESPONSE_TOKENS - 1,
+                                                bench.RESPONSE_TOKENS - 1)
+
+
 def test_scaling_point_reports_consistent_flops_and_memory():
     scaling = _bench_module("dpo_scaling")
     point = scaling.measure_point("tiny", pairs=2, seq_len=32, steps=1)
