@@ -158,11 +158,8 @@ def test_packed_loader_plans_one_row_count_and_sees_every_pair_once_per_epoch():
 
 def test_a_packed_tiny_run_resumes_exactly_after_sigkill(tmp_path):
     """`dpo-jax train` with data.layout=packed: killed after checkpoint 8, resumed, the same metric lines."""
-    import signal
-    import subprocess
-
     from dpo_jax.train import run as train_run
-    from tests.test_runs import REPO, _cli, _config, _overrides, _train_lines, assert_same_lines
+    from tests.test_runs import _cli, _config, _overrides, _train_lines, assert_same_lines, kill_and_resume
 
     cache = str(tmp_path / "cache")
     extra = {"data.layout": "packed", "data.max_pairs_per_row": 4, "train.steps": 12, "train.save_every": 4}
@@ -170,13 +167,5 @@ def test_a_packed_tiny_run_resumes_exactly_after_sigkill(tmp_path):
     want = _train_lines(tmp_path / "straight")
     assert [r["step"] for r in want] == [3, 6, 9, 12] and want[0]["loss"] < 0.7
     overrides = _overrides(tmp_path / "killed", cache, **extra)
-    proc = subprocess.Popen(_cli(overrides), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        if line.startswith("[train] step 9"):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=120)
-    assert proc.returncode == -signal.SIGKILL
-    out = subprocess.run(_cli(overrides), cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and "resumed from" in out.stdout, out.stderr[-3000:]
+    kill_and_resume(_cli(overrides), "[train] step 9")
     assert_same_lines(_train_lines(tmp_path / "killed"), want)

@@ -2,8 +2,6 @@
 
 import json
 import os
-import signal
-import subprocess
 
 import pytest
 
@@ -43,15 +41,7 @@ def test_ppo_run_resumes_exactly_after_sigkill(tmp_path, cache):
     assert [r["step"] for r in want] == list(range(1, 9)) and want[0]["objective/kl"] == pytest.approx(0, abs=1e-5)
     assert last["objective/kl"] > 0.05 and want[-1]["objective/kl_coef"] == pytest.approx(0.05)
     overrides = _overrides(tmp_path / "killed", cache)
-    proc = subprocess.Popen(_cli(overrides), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        if line.startswith("[ppo] step 5"):  # checkpoint 3 exists; steps 4-5 are redone
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=120)
-    assert proc.returncode == -signal.SIGKILL
-    out = subprocess.run(_cli(overrides), cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and "resumed from" in out.stdout, out.stderr[-3000:]
+    test_runs.kill_and_resume(_cli(overrides), "[ppo] step 5")  # checkpoint 3 exists; steps 4-5 are redone
     got = _lines(tmp_path / "killed")
     assert [r["step"] for r in got] == list(range(1, 9))
     test_runs.assert_same_lines(got, want, rel=1e-5, abs=1e-6)

@@ -2,8 +2,6 @@
 
 import json
 import os
-import signal
-import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +16,7 @@ from dpo_jax.models.decoder import logical_axes
 from dpo_jax.rlhf.reward_model import make_scorer, score_texts, sequence_scores
 from dpo_jax.train import run as train_run
 from dpo_jax.train.export import export
-from tests.test_runs import REPO, _cli, _config, _overrides, _train_lines, assert_same_lines
+from tests.test_runs import REPO, _cli, _config, _overrides, _train_lines, assert_same_lines, kill_and_resume
 
 EVAL = os.path.join(REPO, "configs", "data", "tiny_hh", "eval.jsonl")
 
@@ -103,16 +101,7 @@ def test_reward_run_resumes_exactly_after_sigkill(tmp_path, cache):
     want = _train_lines(tmp_path / "straight")
     assert [r["step"] for r in want] == [3, 6, 9, 12] and want[-1]["accuracy"] > 0.5
     overrides = _overrides(tmp_path / "killed", cache)
-    proc = subprocess.Popen(_cli(overrides, "reward"), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    for line in proc.stdout:
-        if line.startswith("[train] step 9"):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=120)
-    assert proc.returncode == -signal.SIGKILL
-    out = subprocess.run(_cli(overrides, "reward"), cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and "resumed from" in out.stdout, out.stderr[-3000:]
+    kill_and_resume(_cli(overrides, "reward"), "[train] step 9")
     got = _train_lines(tmp_path / "killed")
     assert [r["step"] for r in got] == [3, 6, 9, 12]
     assert_same_lines(got, want)

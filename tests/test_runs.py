@@ -54,6 +54,20 @@ def _cli(overrides, mode="dpo", command="train"):
         f"--config.{k}={v}" for k, v in overrides.items()]
 
 
+def kill_and_resume(cli, marker):
+    """Runs `cli`, SIGKILLs it when a line starts with `marker`, runs it again; the second run must resume."""
+    proc = subprocess.Popen(cli, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith(marker):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    out = subprocess.run(cli, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "resumed from" in out.stdout, out.stderr[-3000:]
+    return out
+
+
 def assert_same_lines(got, want, rel=1e-6, abs=1e-7):
     """Metric lines equal key by key: numbers to within rel/abs, strings (the split) exactly."""
     for g, w in zip(got, want, strict=True):
@@ -278,8 +292,8 @@ def test_shared_prompt_layout_trains_like_the_pairs_layout_on_fewer_tokens(tmp_p
                 assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), (name, key)
             assert got["num_tokens"] < want["num_tokens"]  # each prompt ran once
     c = _config("dpo", _overrides(tmp_path / "bad", cache))
-    c.data.layout = "packed"
-    with pytest.raises(ValueError, match="config.data.layout = 'packed'; valid: pairs, shared_prompt"):
+    c.data.layout = "interleaved"
+    with pytest.raises(ValueError, match="config.data.layout = 'interleaved'; valid: pairs, shared_prompt, packed"):
         train_run.train(c)
 
 
