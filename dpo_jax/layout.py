@@ -258,20 +258,22 @@ class PackedPairs(SharedPrompt):
         out["pair_order"] = order
         return out
 
-    def responses(self, x, batch, num_blocks):
-        segments = batch["segment_ids"]
-        slot = jnp.arange(self.max_pairs_per_row)[None, :, None]  # [1, K, 1]
-        group, role = (segments // SEGMENT_STRIDE)[:, None, :], (segments % SEGMENT_STRIDE)[:, None, :]
-        per_slot = lambda side: (x[:, None, :] * ((group == slot) & (role == side))).reshape(-1, x.shape[-1])  # noqa
-        return per_slot(CHOSEN), per_slot(REJECTED)
-
-    def sequences(self, x, valid, batch, num_blocks):
+    def _slot_roles(self, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        """([R, K, T] bool: the token belongs to slot k, [R, 1, T] its role)."""
         segments = batch["segment_ids"]
         slot = jnp.arange(self.max_pairs_per_row)[None, :, None]
-        group, role = (segments // SEGMENT_STRIDE)[:, None, :], (segments % SEGMENT_STRIDE)[:, None, :]
-        wide = jnp.broadcast_to(x[:, None, :], (x.shape[0], self.max_pairs_per_row, x.shape[1]))
+        return (segments // SEGMENT_STRIDE)[:, None, :] == slot, (segments % SEGMENT_STRIDE)[:, None, :]
+
+    def responses(self, x, batch, num_blocks):
+        in_slot, role = self._slot_roles(batch)
+        return tuple((x[:, None, :] * (in_slot & (role == side))).reshape(-1, x.shape[-1])
+                     for side in (CHOSEN, REJECTED))
+
+    def sequences(self, x, valid, batch, num_blocks):
+        in_slot, role = self._slot_roles(batch)
         flat = lambda y: y.reshape(-1, x.shape[-1])  # noqa: E731
-        return tuple((flat(wide), flat(valid[:, None, :] & (group == slot) & ((role == PROMPT) | (role == side))))
+        wide = flat(jnp.broadcast_to(x[:, None, :], in_slot.shape))
+        return tuple((wide, flat(valid[:, None, :] & in_slot & ((role == PROMPT) | (role == side))))
                      for side in (CHOSEN, REJECTED))
 
     def micro_batches(self, batch, m, num_blocks):

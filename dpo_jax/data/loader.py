@@ -152,8 +152,8 @@ class PreferenceLoader:
         local = indices[self.process_index * self.local_batch:(self.process_index + 1) * self.local_batch]
         examples = [None if i < 0 else self.source[int(i)] for i in local]
         rows = self.planned_rows
-        if rows is not None and self._rows_needed(epoch, step) > rows:  # past the planned epochs: more rows
-            rows = -(-self._rows_needed(epoch, step) // self.rows_multiple) * self.rows_multiple
+        if rows is not None:  # packed: past the planned epochs a batch may need more rows
+            rows = max(rows, -(-self._rows_needed(epoch, step) // self.rows_multiple) * self.rows_multiple)
         out = self.layout.host_rows(examples, t, self.pad_id, self.score_window, rows=rows)
         if "pair_order" in out:  # the layout's per-pair order (packed: row-major slots)
             examples = [None if i < 0 else examples[i] for i in out.pop("pair_order")]

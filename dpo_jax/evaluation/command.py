@@ -25,7 +25,7 @@ from dpo_jax.evaluation.endpoint import EndpointConfig, EndpointJudge
 from dpo_jax.evaluation.judges import Judge, function_judge, reward_model_judge
 from dpo_jax.evaluation.sampling import check_temperatures, decode_completions, sample_sweep, win_rates
 from dpo_jax.models.generate import SamplingConfig
-from dpo_jax.train.model_source import default_model_config
+from dpo_jax.train.model_source import default_model_config, place_on_mesh
 
 JUDGES = ("function", "reward_model", "endpoint")
 
@@ -121,8 +121,6 @@ def build_judge(c: ml_collections.ConfigDict, tokenizer: Any, mesh: Any, out_dir
 
 def evaluate_winrate(run: Any, runs: dict[str, str]) -> list[dict[str, Any]]:
     """The sweep for `run` (a train/run.py Run at its restored checkpoint) and `runs`; writes the outputs."""
-    from dpo_jax import sharding
-    from dpo_jax.models.decoder import logical_axes
     from dpo_jax.train.evaluation import sample_prompts
     from dpo_jax.train.export import restore_params
 
@@ -150,8 +148,7 @@ def evaluate_winrate(run: Any, runs: dict[str, str]) -> list[dict[str, Any]]:
     texts = {w.name: completions(run.state.params, run.model)}
     for name, path in runs.items():
         _, model, params, step = restore_params(path)
-        shardings = sharding.param_shardings(logical_axes(model), params, mesh, c.mesh.rules)
-        texts[name] = completions(jax.device_put(params, shardings), model)
+        texts[name] = completions(place_on_mesh(model, params, mesh, c.mesh.rules)[0], model)
         print(f"[winrate] {name}: sampled step {step} of {path}", flush=True)
     judge = build_judge(c, tok, mesh, out_dir)
     baseline = chosen if w.baseline == "chosen" else texts[w.baseline]

@@ -55,17 +55,11 @@ def reward_model_judge(model_section: Any, tokenizer: Any, mesh: Any, rules: Any
                        batch_rows: int = 64, name: str = "reward model") -> ScoreJudge:
     """A reward model (config.model-style section: an HF sequence-classification dir or a dpo_jax checkpoint) as a
     judge, scored on `mesh` (batch_rows must divide over its batch axes)."""
-    import jax
-
-    from dpo_jax import sharding
-    from dpo_jax.models.decoder import logical_axes
     from dpo_jax.rlhf.reward_model import make_scorer, score_texts
-    from dpo_jax.train.model_source import model_with_head
+    from dpo_jax.train.model_source import model_with_head, place_on_mesh
 
     config, load = model_with_head(model_section, len(tokenizer), "score", "judge.model")
-    host = load()  # read once (an orbax checkpoint cannot be traced for its shapes)
-    shardings = sharding.param_shardings(logical_axes(config), host, mesh, rules)
-    params = jax.device_put(host, shardings)
+    params, shardings = place_on_mesh(config, load(), mesh, rules)
     scorer = make_scorer(config, mesh, rules, shardings)
     return ScoreJudge(name, lambda texts: score_texts(scorer, params, tokenizer, texts, max_length, batch_rows))
 

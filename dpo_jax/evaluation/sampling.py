@@ -17,7 +17,7 @@ import numpy as np
 from dpo_jax.evaluation.judges import Judge
 from dpo_jax.evaluation.winrate import win_rate
 from dpo_jax.models.config import ModelConfig
-from dpo_jax.models.generate import SamplingConfig, generate
+from dpo_jax.models.generate import SamplingConfig, generate_chunks
 
 
 def check_temperatures(temperatures: Sequence[float], key: str = "temperatures") -> tuple[float, ...]:
@@ -37,20 +37,10 @@ def sample_sweep(params: Any, model: ModelConfig, prompt_ids: np.ndarray, prompt
     temps = check_temperatures(temperatures)
     p = len(prompt_ids)
     keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(p))
-    total = p * len(temps)
-    prompt_of = np.arange(total) % p
-    row_temps = np.repeat(np.asarray(temps, np.float32), p)
-    rows = min(batch_rows, total)
-    tokens, masks = [], []
-    for start in range(0, total, rows):
-        take = np.arange(start, start + rows) % total  # wraps around to fill the last chunk: one compile
-        out = generate(params, model, prompt_ids[prompt_of[take]], prompt_mask[prompt_of[take]],
-                       keys[prompt_of[take]], sampling, temperature=row_temps[take])
-        keep = min(rows, total - start)
-        tokens.append(np.asarray(out.tokens)[:keep])
-        masks.append(np.asarray(out.mask)[:keep])
-    tokens, masks = np.concatenate(tokens), np.concatenate(masks)
-    return [(tokens[i * p:(i + 1) * p], masks[i * p:(i + 1) * p]) for i in range(len(temps))]
+    prompt_of = np.arange(p * len(temps)) % p
+    out = generate_chunks(params, model, np.asarray(prompt_ids)[prompt_of], np.asarray(prompt_mask)[prompt_of],
+                          keys[prompt_of], sampling, np.repeat(np.asarray(temps, np.float32), p), batch_rows)
+    return [(out.tokens[i * p:(i + 1) * p], out.mask[i * p:(i + 1) * p]) for i in range(len(temps))]
 
 
 def win_rates(judge: Judge, method: str, temperatures: Sequence[float], prompts: Sequence[str],

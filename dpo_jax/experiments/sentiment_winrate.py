@@ -23,15 +23,14 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dpo_jax.evaluation import winrate
 from dpo_jax.evaluation.judges import ScoreJudge, pair_agreement
-from dpo_jax.evaluation.sampling import check_temperatures
+from dpo_jax.evaluation.sampling import check_temperatures, decode_completions
 from dpo_jax.experiments import sentiment_corpus as corpus
 from dpo_jax.experiments.sentiment_report import COLORS, family
-from dpo_jax.models.generate import SamplingConfig, generate
+from dpo_jax.models.generate import SamplingConfig, generate_chunks
 
 CHUNK = 1024  # rows per generate call
 GRIDS = (("DPO", "dpo_beta"), ("PPO", "ppo_beta"), ("PPO-GT", "ppo_gt_beta"))  # the families sharing one β grid
@@ -72,15 +71,8 @@ class WinRates:
         temps = np.concatenate([np.full(len(self.sets[d]["ids"]), t, np.float32) for d, t in blocks])
         keys = jax.random.split(jax.random.key(st.c.seed + 8), len(ids))
         sampling = SamplingConfig(max_new_tokens=st.c.eval.max_new_tokens, eos_id=st.eos, pad_id=st.pad)
-        texts = []
-        for start in range(0, len(ids), CHUNK):
-            take = np.arange(start, start + CHUNK) % len(ids)  # the last chunk wraps around: one compile
-            out = generate(params, st.model_config(), ids[take], mask[take], keys[take], sampling,
-                           temperature=jnp.asarray(temps[take]))
-            tokens, gen = np.asarray(out.tokens), np.asarray(out.mask)
-            keep = min(CHUNK, len(ids) - start)
-            texts += st.tokenizer.batch_decode([t[m == 1] for t, m in zip(tokens[:keep], gen[:keep])],
-                                               skip_special_tokens=True)
+        out = generate_chunks(params, st.model_config(), ids, mask, keys, sampling, temps, CHUNK)
+        texts = decode_completions(st.tokenizer)(out.tokens, out.mask)
         offset = 0
         for domain, t in blocks:
             block = self.sets[domain]

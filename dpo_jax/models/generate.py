@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.decoder import Decoder, init_cache, logits
@@ -157,3 +158,21 @@ def generate(
     temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (b,))
     static = dataclasses.replace(sampling, temperature=1.0, greedy=False)  # the traced temperature rules
     return _generate_jit(params, prompt_ids, prompt_mask, row_keys, temperature, config, static)
+
+
+def generate_chunks(params: dict, config: ModelConfig, prompt_ids, prompt_mask, keys: Array, sampling: SamplingConfig,
+                    temperature=None, batch_rows: int = 1024) -> Samples:
+    """`generate` over many rows [R, P] (one key per row; temperature None, a scalar or [R]) in chunks of
+    `batch_rows`; the last chunk wraps around to the same shape, so one compile serves the pass. numpy fields [R]."""
+    ids, mask = np.asarray(prompt_ids), np.asarray(prompt_mask)
+    r = len(ids)
+    temps = None if temperature is None else np.broadcast_to(np.asarray(temperature, np.float32), (r,))
+    rows = min(batch_rows, r)
+    chunks = []
+    for start in range(0, r, rows):
+        take = np.arange(start, start + rows) % r
+        out = generate(params, config, ids[take], mask[take], keys[take], sampling,
+                       None if temps is None else temps[take])
+        chunks.append(jax.tree.map(lambda x, k=min(rows, r - start): np.asarray(x)[:k], out))
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *chunks)
+

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpo_jax.models.config import ModelConfig
-from dpo_jax.models.generate import SamplingConfig, Samples, generate
+from dpo_jax.models.generate import SamplingConfig, Samples, generate_chunks
 
 
 def best_of_n_kl(n: int) -> float:
@@ -39,15 +39,10 @@ def sample_n(params: Any, model: ModelConfig, prompt_ids: np.ndarray, prompt_mas
     """N samples for each left-padded prompt [P, T]: Samples whose fields are [P, N, ...], generated `batch_rows`
     rows at a time (the last chunk padded to the same shape, so one compile serves the pass)."""
     p = len(prompt_ids)
-    ids, mask = np.repeat(np.asarray(prompt_ids), n, 0), np.repeat(np.asarray(prompt_mask), n, 0)
-    keys = sample_keys(rng, p, n)
-    rows = min(batch_rows, p * n)
-    chunks = []
-    for start in range(0, p * n, rows):
-        take = np.arange(start, start + rows) % (p * n)  # wraps around to fill the last chunk
-        out = generate(params, model, ids[take], mask[take], keys[take], sampling)
-        chunks.append(jax.tree.map(lambda x, k=min(rows, p * n - start): np.asarray(x)[:k], out))
-    return jax.tree.map(lambda *xs: np.concatenate(xs).reshape(p, n, *xs[0].shape[1:]), *chunks)
+    out = generate_chunks(params, model, np.repeat(np.asarray(prompt_ids), n, 0),
+                          np.repeat(np.asarray(prompt_mask), n, 0), sample_keys(rng, p, n), sampling,
+                          batch_rows=batch_rows)
+    return jax.tree.map(lambda x: x.reshape(p, n, *x.shape[1:]), out)
 
 
 def best_indices(scores: np.ndarray, n: int) -> np.ndarray:

@@ -17,11 +17,10 @@ import ml_collections
 
 from dpo_jax import sharding
 from dpo_jax.data.prompts import encode_prompts, read_prompts
-from dpo_jax.models.decoder import logical_axes
 from dpo_jax.models.generate import SamplingConfig
 from dpo_jax.rlhf import best_of_n as bon
 from dpo_jax.rlhf.reward_model import make_scorer
-from dpo_jax.train.model_source import default_model_config, model_with_head, pad_id
+from dpo_jax.train.model_source import default_model_config, model_with_head, pad_id, place_on_mesh
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -42,9 +41,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 def _place(m, vocab, mesh, rules, head, key):
     config, load = model_with_head(m, vocab, head, key)
-    params = load()
-    shardings = sharding.param_shardings(logical_axes(config), params, mesh, rules)
-    return config, jax.device_put(params, shardings), shardings
+    return (config, *place_on_mesh(config, load(), mesh, rules))
 
 
 def main(c: ml_collections.ConfigDict) -> None:

@@ -22,13 +22,12 @@ from dpo_jax import sharding
 from dpo_jax.data.pipeline import default_data_config
 from dpo_jax.data.prompts import PromptLoader, encode_prompts, read_prompts
 from dpo_jax.metrics import MetricWriter, truncate_jsonl
-from dpo_jax.models.decoder import logical_axes
 from dpo_jax.models.generate import SamplingConfig
 from dpo_jax.rlhf.best_of_n import score_rows
 from dpo_jax.rlhf.ppo import PPOConfig, PPOState, Rollouts, build_ppo_engine, compile_ahead
 from dpo_jax.rlhf.reward_model import as_reward_model, make_scorer
 from dpo_jax.train.checkpoint import RunCheckpoints
-from dpo_jax.train.model_source import default_model_config, load_tokenizer, model_with_head, pad_id
+from dpo_jax.train.model_source import default_model_config, load_tokenizer, model_with_head, pad_id, place_on_mesh
 from dpo_jax.train.state import default_optimizer_config
 from dpo_jax.train.trainer import Trainer
 
@@ -132,9 +131,7 @@ def main(c: ml_collections.ConfigDict) -> dict[str, float]:
     # ----- the score of a rollout: the reward model's scoring pass, or the host function on texts
     if reward is not None:
         rm_config, load_rm = reward
-        host = load_rm()  # read once (an orbax checkpoint cannot be traced for its shapes)
-        rm_shardings = sharding.param_shardings(logical_axes(rm_config), host, mesh, rules)
-        rm_params = jax.device_put(host, rm_shardings)
+        rm_params, rm_shardings = place_on_mesh(rm_config, load_rm(), mesh, rules)
         scorer = make_scorer(rm_config, mesh, rules, rm_shardings)
 
         def score(rows, row_mask, texts):

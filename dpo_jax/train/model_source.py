@@ -14,7 +14,7 @@ from dpo_jax.convert.hf import load_hf_checkpoint, read_hf_config
 from dpo_jax.data.formats import read_examples
 from dpo_jax.data.pipeline import default_cache_dir
 from dpo_jax.models.config import FAMILY_SWITCHES, PRESETS, ModelConfig, shaped_config
-from dpo_jax.models.decoder import init_params
+from dpo_jax.models.decoder import init_params, logical_axes
 from dpo_jax.rlhf.reward_model import as_reward_model, reward_model_config
 
 MODEL_SOURCES = ("hf", "random", "checkpoint")
@@ -85,6 +85,15 @@ def model_with_head(m: ml_collections.ConfigDict, vocab_size: int, head: str, ke
         kind = "a reward model (score head)" if head == "score" else "a policy (language-model head)"
         raise ValueError(f"config.{key}.path = {m.path!r} is not {kind}")
     return config, load
+
+
+def place_on_mesh(config: ModelConfig, params: Any, mesh: jax.sharding.Mesh, rules: Any) -> tuple[Any, Any]:
+    """(params on the mesh, their NamedShardings) by the model's logical axes: host-loaded weights placed for a
+    jitted pass (scoring, sampling) outside an engine."""
+    from dpo_jax import sharding
+
+    shardings = sharding.param_shardings(logical_axes(config), params, mesh, rules)
+    return jax.device_put(params, shardings), shardings
 
 
 def for_mode(m: ml_collections.ConfigDict, mode: str, config: ModelConfig, load: Callable[[], Any],
