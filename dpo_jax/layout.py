@@ -236,13 +236,17 @@ class PackedPairs(SharedPrompt):
         """Which of these pairs (their packed lengths) share a row."""
         return first_fit_decreasing(lengths, seq_len, self.max_pairs_per_row)
 
-    def host_rows(self, examples, seq_len, pad_id, score_window=0, rows=None) -> Batch:
+    def host_rows(self, examples, seq_len, pad_id, score_window=0, rows=None, plan=None) -> Batch:
+        """`plan`: which examples share a row (token-budget batches, planned by the loader); default
+        first-fit decreasing."""
         k = self.max_pairs_per_row
         real = [i for i, ex in enumerate(examples) if ex is not None]
         packed = {i: pack_pair(examples[i]["chosen_input_ids"], examples[i]["chosen_loss_mask"],
                                examples[i]["rejected_input_ids"], examples[i]["rejected_loss_mask"]) for i in real}
-        plan = [[real[j] for j in row] for row in self.plan_rows([len(packed[i]["input_ids"]) for i in real],
-                                                                  seq_len)]
+        if plan is None:
+            plan = [[real[j] for j in row] for row in self.plan_rows([len(packed[i]["input_ids"]) for i in real],
+                                                                      seq_len)]
+        plan = [row for row in plan if row]
         rows = max(rows or 0, len(plan), 1)
         out = {key: np.zeros((rows, seq_len), np.int32) for key in self.row_keys}
         out["input_ids"][:] = pad_id

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from dpo_jax.data.loader import PreferenceLoader
-from dpo_jax.data.packing import CHOSEN, PROMPT, REJECTED, first_fit_decreasing, pack_pair, pack_row, packed_length
+from dpo_jax.data.packing import (CHOSEN, PROMPT, REJECTED, fill_batches, first_fit_decreasing, pack_pair, pack_row,
+                                  packed_length)
 from dpo_jax.layout import PAIRS, PackedPairs
 from dpo_jax.models.decoder import SEGMENT_STRIDE, init_params
 from dpo_jax.train.step import StepConfig, loss_sum_and_metrics, pair_logprobs
@@ -102,20 +103,13 @@ def test_packed_loss_metrics_and_gradient_equal_the_plain_layout(mode):
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g0)) > 1e-4
 
 
-def test_packed_engine_with_micro_batches_on_a_2x2x2_mesh_equals_plain_rows_on_one_device():
-    """Two SGD steps: the plain layout on one device against packed rows on a (2,2,2) mesh with 2 micro-batches."""
-    rows = _pairs(24, seed=9)
-    lengths = np.asarray([packed_length(r["chosen_input_ids"], r["chosen_loss_mask"], r["rejected_input_ids"],
-                                        r["rejected_loss_mask"]) for r in rows])
-    kw = dict(global_batch_pairs=24, shuffle=False, num_epochs=1, prefetch=0)
-    plain = next(iter(PreferenceLoader(rows, seq_len=16, **kw)))
-    packed_loader = PreferenceLoader(rows, seq_len=32, layout=PACKED, lengths=lengths, rows_multiple=8, **kw)
-    packed = next(iter(packed_loader))
-    assert packed["input_ids"].shape[0] % 8 == 0 and packed["input_ids"].shape[0] < 24
+def _plain_on_one_device_vs_packed_on_a_mesh(plain, packed, pairs):
+    """Two SGD steps: the plain layout on one device against packed rows on a (2,2,2) mesh with 2 micro-batches;
+    the same loss, metrics and parameters."""
     history, finals = [], []
     for mesh, micro, batch, devices, layout in (((1, 1, 1), 1, plain, jax.devices()[:1], PAIRS),
                                                 ((2, 2, 2), 2, packed, jax.devices()[:8], PACKED)):
-        c = H.config(mesh=mesh, pairs=24, micro=micro, optimizer_name="sgd", lr=0.5)
+        c = H.config(mesh=mesh, pairs=pairs, micro=micro, optimizer_name="sgd", lr=0.5)
         e = H.engine(c, devices=devices, layout=layout)
         sc, sr, _, _ = (np.asarray(x) for x in e.reference_logps(e.state.params, batch))
         local = {**batch, "ref_chosen_logps": sc, "ref_rejected_logps": sr}
@@ -126,6 +120,7 @@ def test_packed_engine_with_micro_batches_on_a_2x2x2_mesh_equals_plain_rows_on_o
         history.append(out)
         finals.append(jax.device_get(state.params))
     assert history[0][0]["loss"] == pytest.approx(np.log(2), abs=1e-6)
+    assert history[0][0]["num_pairs"] == history[1][0]["num_pairs"] == int(np.sum(plain["example_mask"]))
     for step, (want, got) in enumerate(zip(*history)):
         # accuracy counts r_c > r_r: at step 0 every reward is 0 up to rounding, so it is compared after one update
         for key in ("loss", "rewards/margins", "grad_norm", "logps/chosen") + (("rewards/accuracies",) if step else ()):
@@ -133,6 +128,82 @@ def test_packed_engine_with_micro_batches_on_a_2x2x2_mesh_equals_plain_rows_on_o
     for a, b in zip(jax.tree.leaves(finals[0]), jax.tree.leaves(finals[1])):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
     assert history[0][1]["loss"] < history[0][0]["loss"]
+
+
+def _lengths(rows):
+    return np.asarray([packed_length(r["chosen_input_ids"], r["chosen_loss_mask"], r["rejected_input_ids"],
+                                     r["rejected_loss_mask"]) for r in rows])
+
+
+def test_packed_engine_with_micro_batches_on_a_2x2x2_mesh_equals_plain_rows_on_one_device():
+    rows = _pairs(24, seed=9)
+    kw = dict(global_batch_pairs=24, shuffle=False, num_epochs=1, prefetch=0)
+    plain = next(iter(PreferenceLoader(rows, seq_len=16, **kw)))
+    packed = next(iter(PreferenceLoader(rows, seq_len=32, layout=PACKED, lengths=_lengths(rows), rows_multiple=8,
+                                        **kw)))
+    assert packed["input_ids"].shape[0] % 8 == 0 and packed["input_ids"].shape[0] < 24
+    _plain_on_one_device_vs_packed_on_a_mesh(plain, packed, 24)
+
+
+def test_a_token_budget_batch_on_a_2x2x2_mesh_equals_plain_rows_of_its_pairs_on_one_device():
+    """A token-budget batch holds however many pairs fill its rows; the loss averages over exactly those."""
+    rows = _pairs(40, seed=11)
+    packed = PreferenceLoader(rows, seq_len=32, layout=PACKED, lengths=_lengths(rows), rows_multiple=8,
+                              global_batch_pairs=0, global_batch_tokens=8 * 32, shuffle=False, prefetch=0)
+    batch = packed.batch_at(0, 0)
+    ids = [int(i) for i in batch["example_id"] if i >= 0]
+    assert batch["input_ids"].shape == (8, 32) and 8 < len(ids) < 40 and packed.batches_in(0) > 1
+    assert sorted(ids) == list(range(len(ids)))  # the epoch's first pairs
+    plain = next(iter(PreferenceLoader([rows[i] for i in sorted(ids)], seq_len=16, global_batch_pairs=len(ids),
+                                       shuffle=False, num_epochs=1, prefetch=0)))
+    _plain_on_one_device_vs_packed_on_a_mesh(plain, batch, len(ids))
+
+
+def test_fill_batches_keeps_order_capacity_and_count_and_drops_nothing():
+    assert fill_batches([5, 3, 7, 2, 4], 10, 3, 2) == [[[0, 1, 3], [2]], [[4], []]]
+    assert fill_batches([1] * 7, 100, 3, 2) == [[[0, 1, 2], [3, 4, 5]], [[6], []]]  # at most K per row
+    lengths = np.random.default_rng(0).integers(1, 60, 300)
+    batches = fill_batches(lengths, 64, 5, 4)
+    flat = [i for b in batches for r in b for i in r]
+    assert sorted(flat) == list(range(300))
+    assert [sorted(i for r in b for i in r) for b in batches] == \
+        [list(range(min(i for r in b for i in r), max(i for r in b for i in r) + 1)) for b in batches]  # contiguous
+    assert all(len(b) == 4 and all(sum(lengths[r]) <= 64 and len(r) <= 5 for r in b) for b in batches)
+    assert batches == fill_batches(lengths, 64, 5, 4)
+    with pytest.raises(ValueError, match="a pair of 65 tokens does not fit a packed row of 64"):
+        fill_batches([3, 65], 64, 4, 2)
+
+
+def test_token_budget_loader_sees_every_pair_once_per_epoch_on_each_host_and_resumes_anywhere():
+    rows = _pairs(60, seed=12)
+    kw = dict(seq_len=32, layout=PACKED, lengths=_lengths(rows), global_batch_pairs=0, global_batch_tokens=4 * 32,
+              seed=5, prefetch=0, rows_multiple=2)
+    hosts = [PreferenceLoader(rows, process_index=h, process_count=2, **kw) for h in range(2)]
+    assert hosts[0].planned_rows == 2  # 4 rows a step: 2 per host
+    for epoch in range(2):
+        n = hosts[0].batches_in(epoch)
+        assert n == hosts[1].batches_in(epoch) and n > 60 * 12 // (4 * 32)  # pairs of ~12 tokens: ≥ 10 a batch
+        seen = []
+        for step in range(n):
+            parts = [h.batch_at(epoch, step) for h in hosts]
+            assert all(p["input_ids"].shape == (2, 32) and p["example_id"].shape == (8,) for p in parts)
+            local = [[int(i) for i in p["example_id"] if i >= 0] for p in parts]
+            assert sorted(local[0] + local[1]) == sorted(int(i) for i in hosts[0].global_indices(epoch, step))
+            seen += local[0] + local[1]
+        assert sorted(seen) == list(range(60))
+    assert hosts[0].batches_in(0) != hosts[0].batches_in(1) or \
+        hosts[0].global_indices(0, 0).tolist() != hosts[0].global_indices(1, 0).tolist()
+    straight = PreferenceLoader(rows, **kw)
+    for _ in range(7):
+        next(straight)
+    state = straight.state
+    resumed = PreferenceLoader(rows, state=state, **kw)
+    for _ in range(5):  # across the epoch boundary
+        a, b = next(straight), next(resumed)
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="global_batch_tokens = 64 budgets packed rows; it needs "
+                                         "config.data.layout = 'packed'"):
+        PreferenceLoader(rows, seq_len=32, global_batch_pairs=0, global_batch_tokens=64)
 
 
 def test_packed_loader_plans_one_row_count_and_sees_every_pair_once_per_epoch():
@@ -156,16 +227,19 @@ def test_packed_loader_plans_one_row_count_and_sees_every_pair_once_per_epoch():
         assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def test_a_packed_tiny_run_resumes_exactly_after_sigkill(tmp_path):
-    """`dpo-jax train` with data.layout=packed: killed after checkpoint 8, resumed, the same metric lines."""
+def test_a_packed_token_budget_tiny_run_resumes_exactly_after_sigkill(tmp_path):
+    """`dpo-jax train` with packed rows and token-budget batches: killed after checkpoint 8, resumed, the same
+    metric lines (the pairs per step vary)."""
     from dpo_jax.train import run as train_run
     from tests.test_runs import _cli, _config, _overrides, _train_lines, assert_same_lines, kill_and_resume
 
     cache = str(tmp_path / "cache")
-    extra = {"data.layout": "packed", "data.max_pairs_per_row": 4, "train.steps": 12, "train.save_every": 4}
+    extra = {"data.layout": "packed", "data.max_pairs_per_row": 4, "train.steps": 12, "train.save_every": 4,
+             "train.global_batch_tokens": 256, "train.log_every": 1}
     train_run.train(_config("dpo", _overrides(tmp_path / "straight", cache, **extra)))
     want = _train_lines(tmp_path / "straight")
-    assert [r["step"] for r in want] == [3, 6, 9, 12] and want[0]["loss"] < 0.7
+    assert [r["step"] for r in want] == list(range(1, 13)) and want[-1]["loss"] < want[0]["loss"]
+    assert len({r["num_pairs"] for r in want}) > 1
     overrides = _overrides(tmp_path / "killed", cache, **extra)
     kill_and_resume(_cli(overrides), "[train] step 9")
     assert_same_lines(_train_lines(tmp_path / "killed"), want)

@@ -20,6 +20,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from dpo_jax.data.packing import fill_batches
 from dpo_jax.layout import Layout, get_layout
 
 Batch = dict[str, np.ndarray]
@@ -57,6 +58,7 @@ class PreferenceLoader:
         score_window: int = 0,
         rows_multiple: int = 1,
         plan_steps: int = 0,
+        global_batch_tokens: int = 0,
     ):
         """source: random access (`len`, `source[i]` -> dict of TokenizedPair fields), e.g. a TFDS data source.
         seq_len: a fixed T, or buckets (sorted ascending; each batch takes the smallest that fits its longest
@@ -69,18 +71,22 @@ class PreferenceLoader:
         epochs that `plan_steps` steps reach (at least one; all epochs of a finite loader) needs on any host
         (first-fit decreasing into rows of seq_len), rounded up to `rows_multiple` (what the mesh and the
         micro-batches divide); a later batch that needs more rows gets them (a new shape, so a recompile — never
-        a dropped pair)."""
+        a dropped pair).
+        global_batch_tokens > 0 (packed layout only): token-budget batches instead of `global_batch_pairs` — every
+        batch is ceil(global_batch_tokens / seq_len) rows (rounded up to `rows_multiple` per host), filled with the
+        epoch's permutation in order by `packing.fill_batches`; the number of pairs, and of batches per epoch,
+        then varies. Host h takes the h-th block of rows."""
         self._arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.layout = get_layout(layout) if isinstance(layout, str) else layout
         self.source = source
         self.num_examples = len(source)
         if self.num_examples == 0:
             raise ValueError("the dataset is empty (after skipping bad examples)")
-        if global_batch_pairs < 1:
+        if global_batch_pairs < 1 and not global_batch_tokens:
             raise ValueError(f"global_batch_pairs must be >= 1, got {global_batch_pairs}")
         for name, divisor in (("data-parallel size (product of the mesh's batch axes)", data_parallel_size),
                               ("process count", process_count)):
-            if global_batch_pairs % divisor:
+            if global_batch_pairs % divisor and not global_batch_tokens:
                 raise ValueError(f"global batch of {global_batch_pairs} pairs is not divisible by the {name} "
                                  f"{divisor}; use a multiple of {divisor}")
         if not 0 <= process_index < process_count:
@@ -99,17 +105,46 @@ class PreferenceLoader:
         self.rows_multiple, self.planned_rows = max(int(rows_multiple), 1), None
         self.global_batch = global_batch_pairs
         self.local_batch = global_batch_pairs // process_count
-        self.process_index = process_index
+        self.process_index, self.process_count = process_index, process_count
         self.seed, self.shuffle, self.pad_id = seed, shuffle, pad_id
         self.num_epochs, self.prefetch = num_epochs, prefetch
-        self.batches_per_epoch = -(-self.num_examples // global_batch_pairs)
+        self.batches_per_epoch = -(-self.num_examples // max(global_batch_pairs, 1))  # pair-count batches
         self._state = state or LoaderState.start()
         self._perm_cache: tuple[int, np.ndarray] | None = None
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
-        if self.layout.rows_per_pair == 0:
+        self.global_batch_tokens, self._epoch_plan = int(global_batch_tokens), None
+        if self.global_batch_tokens:
+            self._plan_tokens(process_count)
+        elif self.layout.rows_per_pair == 0:
             self._plan(num_epochs or max(-(-plan_steps // self.batches_per_epoch), 1))
+
+    def _plan_tokens(self, process_count: int) -> None:
+        """Token-budget batches (see __init__): the row count; the batches themselves are planned per epoch."""
+        if self.layout.rows_per_pair != 0:
+            raise ValueError(f"config.train.global_batch_tokens = {self.global_batch_tokens} budgets packed rows; "
+                             f"it needs config.data.layout = 'packed' (got {self.layout.name!r})")
+        if self.global_batch_tokens < 0:
+            raise ValueError(f"config.train.global_batch_tokens = {self.global_batch_tokens}: must be >= 0")
+        if self.lengths is None or len(self.buckets) != 1:
+            raise ValueError("the packed layout needs the examples' packed lengths and one seq_len (no buckets)")
+        self.score_window = 0
+        per_host = -(-self.global_batch_tokens // (self.buckets[0] * process_count))
+        self.planned_rows = -(-per_host // self.rows_multiple) * self.rows_multiple
+
+    def _batches(self, epoch: int) -> list[list[list[int]]]:
+        """Token-budget mode: epoch `epoch`'s batches, each `planned_rows · processes` rows of source indices."""
+        if self._epoch_plan is None or self._epoch_plan[0] != epoch:
+            perm = self._permutation(epoch)
+            rows = self.planned_rows * self.process_count
+            plan = fill_batches(self.lengths[perm], self.buckets[0], self.layout.max_pairs_per_row, rows)
+            self._epoch_plan = (epoch, [[[int(perm[i]) for i in row] for row in batch] for batch in plan])
+        return self._epoch_plan[1]
+
+    def batches_in(self, epoch: int) -> int:
+        """Batches in epoch `epoch` (varies with the epoch only for token-budget batches)."""
+        return len(self._batches(epoch)) if self.global_batch_tokens else self.batches_per_epoch
 
     def _plan(self, epochs: int) -> None:
         """The packed layout's static row count (see __init__)."""
@@ -137,11 +172,22 @@ class PreferenceLoader:
 
     def global_indices(self, epoch: int, step: int) -> np.ndarray:
         """Source indices of the global batch (epoch, step); -1 marks padding examples."""
+        if self.global_batch_tokens:
+            return np.asarray([i for row in self._batches(epoch)[step] for i in row], np.int64)
         chunk = self._permutation(epoch)[step * self.global_batch:(step + 1) * self.global_batch]
         return np.concatenate([chunk, np.full(self.global_batch - len(chunk), -1, chunk.dtype)])
 
     def batch_at(self, epoch: int, step: int) -> Batch:
         """This host's part of global batch (epoch, step)."""
+        if self.global_batch_tokens:
+            rows = self._batches(epoch)[step][self.process_index * self.planned_rows:
+                                              (self.process_index + 1) * self.planned_rows]
+            members = [i for row in rows for i in row]
+            plan, start = [], 0
+            for row in rows:
+                plan.append(list(range(start, start + len(row))))
+                start += len(row)
+            return self._finish([self.source[i] for i in members], self.buckets[0], self.planned_rows, plan)
         indices = self.global_indices(epoch, step)
         real = indices[indices >= 0]
         if len(self.buckets) == 1:
@@ -154,7 +200,12 @@ class PreferenceLoader:
         rows = self.planned_rows
         if rows is not None:  # packed: past the planned epochs a batch may need more rows
             rows = max(rows, -(-self._rows_needed(epoch, step) // self.rows_multiple) * self.rows_multiple)
-        out = self.layout.host_rows(examples, t, self.pad_id, self.score_window, rows=rows)
+        return self._finish(examples, t, rows)
+
+    def _finish(self, examples: list, t: int, rows: int | None, plan: list[list[int]] | None = None) -> Batch:
+        """Rows in the layout, then the per-pair fields in the layout's pair order."""
+        extra = {} if plan is None else {"plan": plan}
+        out = self.layout.host_rows(examples, t, self.pad_id, self.score_window, rows=rows, **extra)
         if "pair_order" in out:  # the layout's per-pair order (packed: row-major slots)
             examples = [None if i < 0 else examples[i] for i in out.pop("pair_order")]
         out["example_id"] = np.asarray([-1 if ex is None else int(ex["example_id"]) for ex in examples], np.int32)
@@ -171,7 +222,7 @@ class PreferenceLoader:
 
     def _advance(self, state: LoaderState) -> LoaderState:
         epoch, step = int(state.epoch), int(state.step) + 1
-        if step == self.batches_per_epoch:
+        if step == self.batches_in(epoch):
             epoch, step = epoch + 1, 0
         return LoaderState(np.asarray(epoch, np.int64), np.asarray(step, np.int64))
 

@@ -83,3 +83,27 @@ def pack_row(pairs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
                     "predecessor": np.where(pred >= 0, pred + offset, -1)})
         offset += len(p["input_ids"])
     return {k: np.concatenate([o[k] for o in out]) for k in pairs[0]} if pairs else {}
+
+
+def fill_batches(lengths, capacity: int, max_per_row: int, rows: int) -> list[list[list[int]]]:
+    """Token-budget batches: the pairs, in the given order, into batches of `rows` rows of `capacity` tokens —
+    each pair into the first row of the open batch with room for it and fewer than `max_per_row` pairs; a pair
+    that fits none closes the batch and opens the next. Returns batches of rows of indices into `lengths`;
+    deterministic, every index placed exactly once, consecutive pairs stay in consecutive batches."""
+    lengths = np.asarray(lengths, np.int64)
+    if len(lengths) and int(lengths.max()) > capacity:
+        raise ValueError(f"a pair of {int(lengths.max())} tokens does not fit a packed row of {capacity}")
+    batches: list[list[list[int]]] = []
+    room = np.zeros(rows, np.int64)
+    count = np.full(rows, max_per_row, np.int64)  # a full count marks an unopened row in a closed batch
+    for i, n in enumerate(lengths.tolist()):
+        fits = (room >= n) & (count < max_per_row)
+        if not fits.any():
+            batches.append([[] for _ in range(rows)])
+            room[:], count[:] = capacity, 0
+            fits = room >= n
+        r = int(np.argmax(fits))
+        batches[-1][r].append(i)
+        room[r] -= n
+        count[r] += 1
+    return batches

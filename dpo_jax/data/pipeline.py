@@ -86,8 +86,11 @@ def build_loaders(
     tokenizer: Any = None,
     micro_batches: int = 1,
     steps: int = 0,
+    global_batch_tokens: int = 0,
 ) -> dict[str, PreferenceLoader]:
-    """{'train': loader (endless, resumable from `train_state`), 'eval': one pass (if eval_path is set)}."""
+    """{'train': loader (endless, resumable from `train_state`), 'eval': one pass (if eval_path is set)}.
+    global_batch_tokens > 0: token-budget batches for both splits (packed layout; loader.py) — one row count, so
+    one compiled shape serves training and evaluation."""
     if not config.train_path:
         raise ValueError("config.data.train_path is empty: point it at a local data file or directory")
     layout = get_layout(config.layout, config.max_pairs_per_row)
@@ -107,7 +110,7 @@ def build_loaders(
         print(f"data {format_report(split, p.report)}", flush=True)
     common = dict(global_batch_pairs=global_batch_pairs, seed=seed, pad_id=tokenizer.pad_token_id or 0,
                   process_index=process_index, process_count=process_count, data_parallel_size=data_parallel_size,
-                  prefetch=config.prefetch, layout=layout,
+                  prefetch=config.prefetch, layout=layout, global_batch_tokens=global_batch_tokens,
                   rows_multiple=max(data_parallel_size * micro_batches // process_count, micro_batches))
 
     def split_loader(split: str, **kwargs) -> PreferenceLoader:

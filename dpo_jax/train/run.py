@@ -123,7 +123,12 @@ def build_run(c: ml_collections.ConfigDict, compile_train_step: bool = False) ->
                             data_parallel_size=data_parallel_size(mesh, c.mesh.rules),
                             process_index=jax.process_index(), process_count=jax.process_count(),
                             tokenizer=tokenizer, train_state=None if restored is None else restored[0],
-                            micro_batches=c.train.micro_batches, steps=c.train.steps)
+                            micro_batches=c.train.micro_batches, steps=c.train.steps,
+                            global_batch_tokens=c.train.global_batch_tokens)
+    if c.train.global_batch_tokens and main:
+        print(f"token budget: {loaders['train'].planned_rows * jax.process_count()} packed rows of "
+              f"{loaders['train'].buckets[0]} tokens a step (config.train.global_batch_tokens = "
+              f"{c.train.global_batch_tokens}); the pairs per step vary", flush=True)
     windows = [loader.score_window for loader in loaders.values()]
     window = max(windows) if all(windows) else 0  # one step serves every split; 0: a split has no window
     if window and main:

@@ -219,6 +219,7 @@ def make_steps(
         metrics["grad_norm"] = Mean(optax.tree.norm(grads), one)
         metrics["learning_rate"] = Mean(jnp.asarray(schedule(state.step), jnp.float32), one)
         metrics["num_tokens"] = Mean(jnp.sum(batch["attention_mask"]).astype(jnp.float32), one)
+        metrics["num_pairs"] = Mean(jnp.sum(batch["example_mask"]).astype(jnp.float32), one)  # varies: token budget
         return TrainState(state.step + 1, params, opt_state), metrics
 
     def eval_step(params, batch):
