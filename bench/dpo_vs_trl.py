@@ -95,9 +95,10 @@ def write_pairs(path: str, num_pairs: int, vocab_size: int, seed: int, lengths: 
             f.write(json.dumps({"prompt": words(p), "chosen": " " + words(c), "rejected": " " + words(r)}) + "\n")
 
 
-def write_checkpoint(directory: str, seed: int, tokenizer_dir: str) -> None:
-    """The shared initial policy (and reference): a random-init GPT-2 written as an HF checkpoint by our exporter,
-    with the tokenizer beside it — what both systems load, as a user's run starts from an HF checkpoint."""
+def write_checkpoint(directory: str, seed: int, tokenizer_dir: str, family: str = "gpt2") -> None:
+    """The shared initial policy (and reference): a random-init model of the bench's shape (GPT-2, or Llama for
+    the Tunix bench) written as an HF checkpoint by our exporter, with the tokenizer beside it — what both systems
+    load, as a user's run starts from an HF checkpoint."""
     import jax
     from transformers import AutoTokenizer
 
@@ -106,7 +107,7 @@ def write_checkpoint(directory: str, seed: int, tokenizer_dir: str) -> None:
     from dpo_jax.train.model_source import default_model_config, random_model_config
 
     m = default_model_config()
-    m.family, m.max_position_embeddings = "gpt2", MODEL["max_positions"]
+    m.family, m.max_position_embeddings = family, MODEL["max_positions"]
     m.hidden_size, m.num_layers = MODEL["hidden_size"], MODEL["num_layers"]
     m.num_heads, m.intermediate_size = MODEL["num_heads"], MODEL["intermediate_size"]
     config = random_model_config(m, MODEL["vocab_size"])
@@ -123,7 +124,7 @@ def settings(args, work_dir: str, precompute: bool = False) -> dict:
                 max_length=PROMPT_TOKENS + RESPONSE_TOKENS if args.lengths == "fixed" else 512,
                 max_prompt_length=PROMPT_TOKENS if args.lengths == "fixed" else 256, lengths=args.lengths,
                 precompute=precompute, scan_layers=args.scan_layers, layout=args.layout, mode=args.mode,
-                seq_len=args.seq_len)
+                seq_len=args.seq_len, batch_tokens=args.batch_tokens)
 
 
 # ----- the TRL virtualenv -------------------------------------------------------------------------------------------
@@ -132,15 +133,19 @@ def trl_python(work_dir: str, trl_version: str = TRL_VERSION, name: str = "trl-v
     """The TRL virtualenv's interpreter, creating the environment on first use."""
     import transformers
 
-    venv = os.path.join(work_dir, name)
+    return venv_python(os.path.join(work_dir, name), [f"torch=={TORCH_VERSION}", f"trl=={trl_version}",
+                                                      f"transformers=={transformers.__version__}"])
+
+
+def venv_python(venv: str, pins: list[str]) -> str:
+    """The interpreter of a peer's virtualenv with exactly these pins, (re)created when they changed."""
     python = os.path.join(venv, "bin", "python")
-    pins = [f"torch=={TORCH_VERSION}", f"trl=={trl_version}", f"transformers=={transformers.__version__}"]
     marker = os.path.join(venv, "dpo_jax_bench_pins.json")
     if os.path.isfile(marker):
         with open(marker) as f:
             if json.load(f) == pins:
                 return python
-    print(f"creating the TRL virtualenv in {venv}: {' '.join(pins)}", flush=True)
+    print(f"creating a virtualenv in {venv}: {' '.join(pins)}", flush=True)
     shutil.rmtree(venv, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", venv], check=True)
     subprocess.run([python, "-m", "pip", "install", "-q", *pins], check=True)
@@ -192,7 +197,16 @@ def run_ours(s: dict) -> dict:
         s["steps"]
     o.weight_decay, o.clip_grad_norm = 0.0, s["clip_grad_norm"]
 
+    t.global_batch_tokens = s.get("batch_tokens", 0)
     t0 = time.perf_counter()
+    if t.global_batch_tokens:  # one epoch of the bench's pairs, however many token-budget steps that takes
+        from dpo_jax.data.pipeline import build_loaders
+
+        loaders = build_loaders(d, global_batch_pairs=t.global_batch_pairs, seed=t.seed, steps=1,
+                                tokenizer=AutoTokenizer.from_pretrained(d.tokenizer),
+                                global_batch_tokens=t.global_batch_tokens)
+        t.steps = o.total_steps = t.save_every = loaders["train"].batches_in(0)
+        loaders["train"].close()
     train_run.train(c)
     t_end = time.perf_counter()
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
@@ -202,6 +216,7 @@ def run_ours(s: dict) -> dict:
         "system": "ours", "end_to_end_s": t_end - t0, "import_s": t_imported - t_start,
         "data_s": phases.get("data_s", 0.0), "reference_s": phases.get("reference_s", 0.0),
         "step_s": step_s, "losses": [r["loss"] for r in records],
+        "pairs_per_step": statistics.mean(r["num_pairs"] for r in records),
         "tokens": {"processed_per_step": max(r["num_tokens"] for r in records), "layout": s["layout"]},
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "versions": {"jax": jax.__version__}, "devices": [str(x) for x in jax.devices()],
@@ -211,7 +226,7 @@ def run_ours(s: dict) -> dict:
 # ----- the driver ---------------------------------------------------------------------------------------------------
 
 def launch(python: str, script: str, s: dict, env: dict) -> dict:
-    proc = subprocess.run([python, script, json.dumps(s)] if script.endswith("trl_worker.py")
+    proc = subprocess.run([python, script, json.dumps(s)] if script.endswith("_worker.py")
                           else [python, script, "--worker", json.dumps(s)],
                           capture_output=True, text=True, env=env)
     if proc.returncode:
@@ -223,7 +238,7 @@ def steady(step_s: list[float]) -> float:
     return statistics.median(step_s[2:] if len(step_s) > 4 else step_s)
 
 
-def summarize(runs: list[dict], tokens_per_step: float) -> dict:
+def summarize(runs: list[dict], tokens_per_pair: float, gflop_per_pair: float = 0.0) -> dict:
     """Per-repeat ratios (TRL time / our time: > 1 means we are faster) and medians per system."""
     by_repeat: dict[int, dict[str, dict]] = {}
     for r in runs:
@@ -236,7 +251,8 @@ def summarize(runs: list[dict], tokens_per_step: float) -> dict:
         row = {"repeat": rep}
         for trl in (s for s in SYSTEMS[1:] if s in group):
             row[f"end_to_end_vs_{trl}"] = group[trl]["end_to_end_s"] / ours["end_to_end_s"]
-            row[f"steady_step_vs_{trl}"] = steady(group[trl]["step_s"]) / steady(ours["step_s"])
+            row[f"steady_step_vs_{trl}"] = (steady(group[trl]["step_s"]) / group[trl]["pairs_per_step"]) / \
+                (steady(ours["step_s"]) / ours["pairs_per_step"])  # per pair: token budgets vary the pairs
         ratios.append(row)
     systems = {}
     for name in SYSTEMS:
@@ -248,14 +264,39 @@ def summarize(runs: list[dict], tokens_per_step: float) -> dict:
             "reference_s": statistics.median(r["reference_s"] for r in rs),
             "data_s": statistics.median(r["data_s"] for r in rs),
             "steady_step_s": statistics.median(steady(r["step_s"]) for r in rs),
+            "pairs_per_step": statistics.median(r["pairs_per_step"] for r in rs),
             "first_step_s": statistics.median(r["step_s"][0] for r in rs),
-            "steady_tokens_per_s": tokens_per_step / statistics.median(steady(r["step_s"]) for r in rs),
+            "steady_tokens_per_s": statistics.median(tokens_per_pair * r["pairs_per_step"] / steady(r["step_s"])
+                                                     for r in rs),
+            # the step's real work (each pair's prompt once, both responses, no padding) per second
+            "steady_real_gflop_per_s": statistics.median(gflop_per_pair * r["pairs_per_step"] / steady(r["step_s"])
+                                                         for r in rs),
             "peak_rss_mib": max(r["peak_rss_mib"] for r in rs),
             "first_loss": rs[0]["losses"][0],
         }
     return {"ratios": ratios, "systems": systems,
             "median_ratios": {k: statistics.median(r[k] for r in ratios) for k in (ratios[0] if ratios else ())
                               if k != "repeat"}}
+
+
+def real_gflop_per_pair(data_path: str, mode: str) -> float:
+    """Model GFLOPs of a train step's real work per pair (dpo_jax/flops.py): the prompt once and both responses
+    (+ EOS) with attention over the pair's own length, the unembedding on the scored tokens only; DPO only
+    (0 for --mode reward)."""
+    if mode != "dpo":
+        return 0.0
+    from dpo_jax.flops import train_step_flops
+    from dpo_jax.models.config import shaped_config
+
+    config = shaped_config("gpt2", MODEL["vocab_size"], MODEL["hidden_size"], MODEL["num_layers"],
+                           MODEL["num_heads"], MODEL["intermediate_size"])
+    total = []
+    with open(data_path) as f:
+        for r in map(json.loads, f):
+            p, c, j = (len(r[k].split()) for k in ("prompt", "chosen", "rejected"))
+            scored = c + j + 2
+            total.append(train_step_flops(config, 1, p + scored, scored))
+    return statistics.mean(total) / 1e9
 
 
 def main() -> None:
@@ -267,12 +308,15 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--layout", default="shared_prompt", choices=("packed", "shared_prompt", "pairs"),
+    p.add_argument("--layout", default="packed", choices=("packed", "shared_prompt", "pairs"),
                    help="our batch layout (config.data.layout); TRL always runs a row per response")
     p.add_argument("--lengths", default="fixed", choices=("fixed", "ragged"),
                    help="fixed 48 + 80 tokens, or HH-shaped ragged lengths (see the module docstring)")
     p.add_argument("--seq-len", type=int, default=0, help="our row length (config.data.seq_buckets=(N,)); 0: the "
                    "layout's default (the longest row of the data)")
+    p.add_argument("--batch-tokens", type=int, default=0,
+                   help="ours: token-budget batches (config.train.global_batch_tokens, packed layout) over one epoch "
+                   "of the same pairs; steady steps are then compared per pair")
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ", ".join(SYSTEMS))
     p.add_argument("--work-dir", default=default_work_dir())
     p.add_argument("--out", default="", help="write the runs and the summary here as JSON")
@@ -303,6 +347,7 @@ def main() -> None:
             else:
                 trl_s = {**s, "precompute": system == "trl_precompute"}
                 r = launch(python, os.path.join(HERE, "trl_worker.py"), trl_s, env)
+                r["pairs_per_step"] = args.pairs
             r["repeat"] = rep
             runs.append(r)
             print(f"repeat {rep} {system:15s} end-to-end {r['end_to_end_s']:7.1f} s | reference "
@@ -315,7 +360,7 @@ def main() -> None:
     with open(s["data_path"]) as f:  # real tokens of a step as two rows per pair (+ 2 EOS): the common measure
         real = [len(r["prompt"].split()) * 2 + len(r["chosen"].split()) + len(r["rejected"].split()) + 2
                 for r in map(json.loads, f)]
-    summary = summarize(runs, args.pairs * statistics.mean(real))
+    summary = summarize(runs, statistics.mean(real), real_gflop_per_pair(s["data_path"], args.mode))
     for row in summary["ratios"]:
         print(f"repeat {row['repeat']}: " + ", ".join(f"{k.replace('_vs_', ' vs ')} {v:.2f}x" for k, v in row.items()
                                                     if k != "repeat"))

@@ -259,6 +259,11 @@ class PackedPairs(SharedPrompt):
                 out[key][r, :n] = value
             out["attention_mask"][r, :n] = 1
             order[r * k:r * k + len(members)] = members
+        most = int(scored_mask(out["loss_mask"], out["predecessor"]).sum(1).max())
+        if score_window and most > score_window:
+            raise ValueError(f"a packed row has {most} scored tokens, more than the {score_window} score positions "
+                             "the step was built for (planned over the batches train.steps reaches; raising "
+                             "train.steps on resume can exceed it: start the run with the final train.steps)")
         out["pair_order"] = order
         return out
 

@@ -52,6 +52,7 @@ def token_logprobs(
     compute_dtype: jnp.dtype | None = None,
     predecessor: Array | None = None,
     window: tuple[Array, int] | None = None,
+    positions: Array | None = None,
 ) -> Array:
     """Per-token next-token log-probs [N, T] in float32.
 
@@ -62,6 +63,9 @@ def token_logprobs(
     window: optional (starts [N] int, size S static): only tokens t in [start, start + S) are scored (the window
     is moved left to fit in T), the others give 0. The unembedding, the largest matmul of a large-vocabulary model,
     then runs on N·S positions instead of N·T: prompts, which are never scored, are skipped.
+
+    positions: optional [N, S] int (S static; -1: no token): only these tokens are scored, the others give 0 —
+    the same saving when a row's scored tokens are scattered (several pairs per row, layout.py `packed`).
 
     hidden: [N, T, D] final (normed) hidden states; kernel: [D, V] unembedding (pass `embedding.T` for tied
     weights: XLA folds the transpose into the matmul); bias: optional [V]. The matmul runs in `compute_dtype`
@@ -89,6 +93,12 @@ def token_logprobs(
         lp = _gathered_logps(hidden, sources_at, targets, kernel, bias, chunk_size, compute_dtype)
         place = jax.vmap(lambda row, values, start: jax.lax.dynamic_update_slice(row, values, (start,)))
         return place(jnp.zeros((n, t), jnp.float32), lp, starts)
+    if positions is not None:
+        at = jnp.maximum(positions, 0)
+        sources_at = jnp.take_along_axis(predecessor, at, axis=1) if predecessor is not None else at - 1
+        lp = _gathered_logps(hidden, jnp.where(positions >= 0, sources_at, -1),
+                             jnp.take_along_axis(input_ids, at, axis=1), kernel, bias, chunk_size, compute_dtype)
+        return jnp.zeros((n, t), jnp.float32).at[jnp.arange(n)[:, None], at].add(lp)
     if predecessor is None:  # positions 0..T-2 predict 1..T-1
         return jnp.pad(_chunked_logps(hidden[:, :-1], input_ids[:, 1:], kernel, bias, chunk_size, compute_dtype),
                        ((0, 0), (1, 0)))
@@ -135,12 +145,13 @@ def sequence_logprobs(
     compute_dtype: jnp.dtype | None = None,
     predecessor: Array | None = None,
     window: tuple[Array, int] | None = None,
+    positions: Array | None = None,
 ) -> SequenceLogProbs:
     """Masked per-token log-probs plus their per-sequence sums and counts (log π(y|x) and |y|), float32.
-    With a window, every scored token (loss_mask 1) must lie inside it (the caller's guarantee)."""
+    With a window or positions, every scored token (loss_mask 1) must be inside (the caller's guarantee)."""
     token_lp = token_logprobs(
         hidden, kernel, input_ids, bias=bias, chunk_size=chunk_size, compute_dtype=compute_dtype,
-        predecessor=predecessor, window=window,
+        predecessor=predecessor, window=window, positions=positions,
     )
     return _masked(token_lp, loss_mask, predecessor)
 

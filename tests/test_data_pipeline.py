@@ -304,6 +304,10 @@ def test_build_loaders_from_the_data_config(tokenizer, tmp_path, capsys):
     c.tokenizer, c.cache_dir = str(tmp_path / "tok"), str(tmp_path / "cache")
     c.max_length, c.max_prompt_length, c.seq_buckets = 64, 32, (32, 64)
     assert resolve_format(c) == "hh" and resolve_lengths(c, "hh").truncation_mode == "keep_end"
+    with pytest.raises(ValueError, match=r"config.data.layout = 'packed' packs pairs into rows of one length, but "
+                                         r"config.data.seq_buckets = \(32, 64\) gives several"):
+        build_loaders(c, global_batch_pairs=4, seed=0, data_parallel_size=2)  # the default layout
+    c.layout = "shared_prompt"
     loaders = build_loaders(c, global_batch_pairs=4, seed=0, data_parallel_size=2)
     out = capsys.readouterr().out
     assert "data train: 9 examples; skipped 1 (no_assistant_turn 1)" in out and "data eval: 3 examples" in out
@@ -312,7 +316,7 @@ def test_build_loaders_from_the_data_config(tokenizer, tmp_path, capsys):
     # The score window is the split's longest scored span (stored with the tokenized data), rounded up to 16.
     spans = [scored_span(m, p) for m, p in zip(evals[0]["loss_mask"], evals[0]["predecessor"])]
     assert loaders["eval"].score_window == -(-max(spans) // 16) * 16 > 0
-    assert next(loaders["train"])["input_ids"].shape[0] == 4  # the default layout: one packed row per pair
+    assert next(loaders["train"])["input_ids"].shape[0] == 4  # one packed row per pair
     loaders["train"].close()
     c.layout = "pairs"
     loaders = build_loaders(c, global_batch_pairs=4, seed=0, data_parallel_size=2)

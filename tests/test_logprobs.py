@@ -81,19 +81,26 @@ def test_a_score_window_computes_only_its_positions_with_the_same_values_and_gra
     starts = jnp.asarray(np.argmax(scored, axis=1), jnp.int32)  # row 3 has none: 0
     weights = jnp.asarray([1.0, -0.5, 2.0, 3.0])
 
-    def run(window):
+    def run(**where):
         def f(h, k, b):
-            out = sequence_logprobs(h, k, ids, mask, bias=b, chunk_size=4, predecessor=predecessor, window=window)
+            out = sequence_logprobs(h, k, ids, mask, bias=b, chunk_size=4, predecessor=predecessor, **where)
             return jnp.sum(weights * out.sums), out
         return jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(hidden, kernel, bias)
 
-    (v_full, full), g_full = run(None)
-    (v_win, win), g_win = run((starts, 7))
-    np.testing.assert_allclose(np.asarray(win.token_logps), np.asarray(full.token_logps), rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(np.asarray(win.counts), np.asarray(full.counts))
-    np.testing.assert_allclose(float(v_win), float(v_full), rtol=1e-6)
-    for gw, gf in zip(g_win, g_full):
-        np.testing.assert_allclose(np.asarray(gw), np.asarray(gf), rtol=1e-5, atol=1e-6)
+    # The same tokens as explicit positions (how packed rows gather theirs), -1 filling each row's spare slots.
+    positions = np.full((4, 8), -1, np.int32)
+    for r in range(4):
+        where = np.flatnonzero(scored[r])
+        positions[r, :len(where)] = where
+
+    (v_full, full), g_full = run()
+    for kwargs in ({"window": (starts, 7)}, {"positions": jnp.asarray(positions)}):
+        (v_win, win), g_win = run(**kwargs)
+        np.testing.assert_allclose(np.asarray(win.token_logps), np.asarray(full.token_logps), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(win.counts), np.asarray(full.counts))
+        np.testing.assert_allclose(float(v_win), float(v_full), rtol=1e-6)
+        for gw, gf in zip(g_win, g_full):
+            np.testing.assert_allclose(np.asarray(gw), np.asarray(gf), rtol=1e-5, atol=1e-6)
     assert float(jnp.abs(full.sums[1])) > 0  # the moved window still covers row 1's tokens
     # Unmasked, positions outside the window are 0 with a window and a log-prob without one.
     raw = token_logprobs(hidden, kernel, ids, bias=bias, predecessor=predecessor, window=(starts, 7))

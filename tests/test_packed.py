@@ -8,7 +8,7 @@ import pytest
 from dpo_jax.data.loader import PreferenceLoader
 from dpo_jax.data.packing import (CHOSEN, PROMPT, REJECTED, fill_batches, first_fit_decreasing, pack_pair, pack_row,
                                   packed_length)
-from dpo_jax.layout import PAIRS, PackedPairs
+from dpo_jax.layout import PAIRS, PackedPairs, scored_span
 from dpo_jax.models.decoder import SEGMENT_STRIDE, init_params
 from dpo_jax.train.step import StepConfig, loss_sum_and_metrics, pair_logprobs
 from tests import engine_helpers as H
@@ -41,13 +41,21 @@ def test_pack_row_keeps_pairs_apart():
     np.testing.assert_array_equal(row["predecessor"], [-1, 0, 1, 2, 1, -1, 5, 6, 5])
 
 
+def _spans(rows):
+    """Each pair's first-to-last scored span when packed (what the prepared data's metadata holds)."""
+    packed = [pack_pair(r["chosen_input_ids"], r["chosen_loss_mask"], r["rejected_input_ids"], r["rejected_loss_mask"])
+              for r in rows]
+    return np.asarray([scored_span(p["loss_mask"], p["predecessor"]) for p in packed])
+
+
 def _loaders(rows, pairs, seq_len=48, layout=PACKED):
+    """The same pairs as plain rows and as packed rows, with the packed loader's planned score positions."""
     kw = dict(global_batch_pairs=pairs, shuffle=False, num_epochs=1, prefetch=0)
-    lengths = np.asarray([packed_length(r["chosen_input_ids"], r["chosen_loss_mask"], r["rejected_input_ids"],
-                                        r["rejected_loss_mask"]) for r in rows])
     plain = next(iter(PreferenceLoader(rows, seq_len=16, **kw)))
-    packed = next(iter(PreferenceLoader(rows, seq_len=seq_len, layout=layout, lengths=lengths, **kw)))
-    return plain, packed
+    loader = PreferenceLoader(rows, seq_len=seq_len, layout=layout, lengths=_lengths(rows), score_spans=_spans(rows),
+                              **kw)
+    assert 0 < loader.score_window < seq_len
+    return plain, next(iter(loader)), loader.score_window
 
 
 def _by_id(values, ids):
@@ -57,12 +65,13 @@ def _by_id(values, ids):
 @pytest.mark.parametrize("model", [H.MODEL, SLIDING], ids=["gqa", "sliding_window"])
 def test_packed_pair_logprobs_equal_two_rows_per_pair(model):
     rows = _pairs(13, seed=7)
-    plain, packed = _loaders(rows, pairs=14)
+    plain, packed, window = _loaders(rows, pairs=14)
     assert packed["input_ids"].shape[0] < 14 and packed["example_id"].shape == (packed["input_ids"].shape[0] * 4,)
     assert sorted(i for i in packed["example_id"] if i >= 0) == list(range(13))  # every pair once, none dropped
     assert int(packed["attention_mask"].sum()) < int(plain["attention_mask"].sum())
     params = init_params(model, jax.random.key(1))
-    got = pair_logprobs(params, jax.tree.map(jnp.asarray, packed), StepConfig(model, layout=PACKED))
+    got = pair_logprobs(params, jax.tree.map(jnp.asarray, packed), StepConfig(model, layout=PACKED,
+                                                                               score_window=window))
     want = pair_logprobs(params, jax.tree.map(jnp.asarray, plain), StepConfig(model))
     for field in ("chosen_sums", "rejected_sums", "chosen_counts", "rejected_counts"):
         g, w = _by_id(getattr(got, field), packed["example_id"]), _by_id(getattr(want, field), plain["example_id"])
@@ -77,18 +86,18 @@ def test_packed_loss_metrics_and_gradient_equal_the_plain_layout(mode):
     from dpo_jax.rlhf.reward_model import as_reward_model
 
     rows = _pairs(11, seed=8)
-    plain, packed = _loaders(rows, pairs=12)
+    plain, packed, window = _loaders(rows, pairs=12)
     params, model = init_params(H.MODEL, jax.random.key(2)), H.MODEL
     if mode == "reward":
         model, params = as_reward_model(H.MODEL, params, None, jax.random.key(5))
     ref_c = {i: -30.0 + 2 * i for i in range(11)}
     ref_r = {i: -25.0 + i for i in range(11)}
     results = []
-    for batch, layout in ((plain, PAIRS), (packed, PACKED)):
+    for batch, layout, positions in ((plain, PAIRS, 0), (packed, PACKED, window)):
         ids = np.asarray(batch["example_id"])
         extra = {"ref_chosen_logps": np.asarray([ref_c.get(int(i), 0.0) for i in ids], np.float32),
                  "ref_rejected_logps": np.asarray([ref_r.get(int(i), 0.0) for i in ids], np.float32)}
-        c = StepConfig(model, mode=mode, layout=layout)
+        c = StepConfig(model, mode=mode, layout=layout, score_window=positions)
         b = {k: jnp.asarray(v) for k, v in {**batch, **extra}.items() if k in c.batch_keys()}
         (total, metrics), grads = jax.value_and_grad(loss_sum_and_metrics, has_aux=True)(params, b, c)
         results.append((total, metrics, grads))
@@ -103,14 +112,14 @@ def test_packed_loss_metrics_and_gradient_equal_the_plain_layout(mode):
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g0)) > 1e-4
 
 
-def _plain_on_one_device_vs_packed_on_a_mesh(plain, packed, pairs):
+def _plain_on_one_device_vs_packed_on_a_mesh(plain, packed, pairs, window):
     """Two SGD steps: the plain layout on one device against packed rows on a (2,2,2) mesh with 2 micro-batches;
     the same loss, metrics and parameters."""
     history, finals = [], []
-    for mesh, micro, batch, devices, layout in (((1, 1, 1), 1, plain, jax.devices()[:1], PAIRS),
-                                                ((2, 2, 2), 2, packed, jax.devices()[:8], PACKED)):
+    for mesh, micro, batch, devices, layout, positions in (((1, 1, 1), 1, plain, jax.devices()[:1], PAIRS, 0),
+                                                           ((2, 2, 2), 2, packed, jax.devices()[:8], PACKED, window)):
         c = H.config(mesh=mesh, pairs=pairs, micro=micro, optimizer_name="sgd", lr=0.5)
-        e = H.engine(c, devices=devices, layout=layout)
+        e = H.engine(c, devices=devices, layout=layout, score_window=positions)
         sc, sr, _, _ = (np.asarray(x) for x in e.reference_logps(e.state.params, batch))
         local = {**batch, "ref_chosen_logps": sc, "ref_rejected_logps": sr}
         state, out = e.state, []
@@ -139,24 +148,26 @@ def test_packed_engine_with_micro_batches_on_a_2x2x2_mesh_equals_plain_rows_on_o
     rows = _pairs(24, seed=9)
     kw = dict(global_batch_pairs=24, shuffle=False, num_epochs=1, prefetch=0)
     plain = next(iter(PreferenceLoader(rows, seq_len=16, **kw)))
-    packed = next(iter(PreferenceLoader(rows, seq_len=32, layout=PACKED, lengths=_lengths(rows), rows_multiple=8,
-                                        **kw)))
+    loader = PreferenceLoader(rows, seq_len=32, layout=PACKED, lengths=_lengths(rows), rows_multiple=8, **kw)
+    packed = next(iter(loader))
     assert packed["input_ids"].shape[0] % 8 == 0 and packed["input_ids"].shape[0] < 24
-    _plain_on_one_device_vs_packed_on_a_mesh(plain, packed, 24)
+    _plain_on_one_device_vs_packed_on_a_mesh(plain, packed, 24, 0)
 
 
 def test_a_token_budget_batch_on_a_2x2x2_mesh_equals_plain_rows_of_its_pairs_on_one_device():
     """A token-budget batch holds however many pairs fill its rows; the loss averages over exactly those."""
     rows = _pairs(40, seed=11)
     packed = PreferenceLoader(rows, seq_len=32, layout=PACKED, lengths=_lengths(rows), rows_multiple=8,
-                              global_batch_pairs=0, global_batch_tokens=8 * 32, shuffle=False, prefetch=0)
+                              global_batch_pairs=0, global_batch_tokens=8 * 32, shuffle=False, prefetch=0,
+                              score_spans=_spans(rows), plan_steps=1)
     batch = packed.batch_at(0, 0)
     ids = [int(i) for i in batch["example_id"] if i >= 0]
     assert batch["input_ids"].shape == (8, 32) and 8 < len(ids) < 40 and packed.batches_in(0) > 1
     assert sorted(ids) == list(range(len(ids)))  # the epoch's first pairs
     plain = next(iter(PreferenceLoader([rows[i] for i in sorted(ids)], seq_len=16, global_batch_pairs=len(ids),
                                        shuffle=False, num_epochs=1, prefetch=0)))
-    _plain_on_one_device_vs_packed_on_a_mesh(plain, batch, len(ids))
+    assert 0 < packed.score_window < 32  # the unembedding runs on the gathered scored tokens only
+    _plain_on_one_device_vs_packed_on_a_mesh(plain, batch, len(ids), packed.score_window)
 
 
 def test_fill_batches_keeps_order_capacity_and_count_and_drops_nothing():
@@ -225,6 +236,8 @@ def test_packed_loader_plans_one_row_count_and_sees_every_pair_once_per_epoch():
     for epoch, step in ((0, 3), (1, 2)):  # any batch is a pure function of (seed, epoch, step)
         a, b = loader.batch_at(epoch, step), again.batch_at(epoch, step)
         assert all(np.array_equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="scored tokens, more than the 2 score positions the step was built for"):
+        PACKED.host_rows(rows[:4], 32, 0, score_window=2)
 
 
 def test_a_packed_token_budget_tiny_run_resumes_exactly_after_sigkill(tmp_path):

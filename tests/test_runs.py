@@ -324,7 +324,8 @@ def test_mfu_counts_each_step_at_its_own_bucket_length(tmp_path, cache):
     from dpo_jax.flops import train_step_flops
 
     overrides = _overrides(tmp_path / "run", cache, **{
-        "data.seq_buckets": "(16,24,32,40,48,56,64)", "train.global_batch_pairs": 2, "train.steps": 8,
+        "data.seq_buckets": "(16,24,32,40,48,56,64)", "data.layout": "shared_prompt", "train.global_batch_pairs": 2,
+        "train.steps": 8,
         "train.log_every": 4, "train.peak_tflops_per_device": 1.0, "mesh.data": 1})
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}  # 2 pairs a step: one device
     out = subprocess.run(_cli(overrides), cwd=REPO, capture_output=True, text=True, timeout=600, env=env)

@@ -59,6 +59,7 @@ class PreferenceLoader:
         rows_multiple: int = 1,
         plan_steps: int = 0,
         global_batch_tokens: int = 0,
+        score_spans: np.ndarray | None = None,
     ):
         """source: random access (`len`, `source[i]` -> dict of TokenizedPair fields), e.g. a TFDS data source.
         seq_len: a fixed T, or buckets (sorted ascending; each batch takes the smallest that fits its longest
@@ -75,7 +76,10 @@ class PreferenceLoader:
         global_batch_tokens > 0 (packed layout only): token-budget batches instead of `global_batch_pairs` — every
         batch is ceil(global_batch_tokens / seq_len) rows (rounded up to `rows_multiple` per host), filled with the
         epoch's permutation in order by `packing.fill_batches`; the number of pairs, and of batches per epoch,
-        then varies. Host h takes the h-th block of rows."""
+        then varies. Host h takes the h-th block of rows.
+        score_spans (packed layout): per example, its packed pair's first-to-last scored span; the planned
+        batches' most scored tokens in a row (rounded up to 8) become `score_window` — a gather size, not a span,
+        in this layout (0 without spans: every position)."""
         self._arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.layout = get_layout(layout) if isinstance(layout, str) else layout
         self.source = source
@@ -101,7 +105,7 @@ class PreferenceLoader:
             if self.lengths.max() > self.buckets[-1]:
                 raise ValueError(f"an example has {self.lengths.max()} tokens, more than the largest seq_len "
                                  f"{self.buckets[-1]}; raise seq_len or lower data.max_length")
-        self.score_window = score_window
+        self.score_window = score_window  # the packed layout plans its own (_plan)
         self.rows_multiple, self.planned_rows = max(int(rows_multiple), 1), None
         self.global_batch = global_batch_pairs
         self.local_batch = global_batch_pairs // process_count
@@ -115,23 +119,48 @@ class PreferenceLoader:
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
         self.global_batch_tokens, self._epoch_plan = int(global_batch_tokens), None
-        if self.global_batch_tokens:
-            self._plan_tokens(process_count)
-        elif self.layout.rows_per_pair == 0:
-            self._plan(num_epochs or max(-(-plan_steps // self.batches_per_epoch), 1))
-
-    def _plan_tokens(self, process_count: int) -> None:
-        """Token-budget batches (see __init__): the row count; the batches themselves are planned per epoch."""
-        if self.layout.rows_per_pair != 0:
+        self.score_spans = None if score_spans is None else np.asarray(score_spans)
+        if self.global_batch_tokens and self.layout.rows_per_pair != 0:
             raise ValueError(f"config.train.global_batch_tokens = {self.global_batch_tokens} budgets packed rows; "
                              f"it needs config.data.layout = 'packed' (got {self.layout.name!r})")
-        if self.global_batch_tokens < 0:
-            raise ValueError(f"config.train.global_batch_tokens = {self.global_batch_tokens}: must be >= 0")
+        if self.layout.rows_per_pair == 0:
+            self._plan(num_epochs, plan_steps)
+
+    def _plan(self, num_epochs: int | None, plan_steps: int) -> None:
+        """The packed layout's static shape (see __init__): the row count and the most scored tokens a row of the
+        planned batches holds (bounded by its pairs' scored spans: the step gathers that many score positions)."""
         if self.lengths is None or len(self.buckets) != 1:
             raise ValueError("the packed layout needs the examples' packed lengths and one seq_len (no buckets)")
-        self.score_window = 0
-        per_host = -(-self.global_batch_tokens // (self.buckets[0] * process_count))
-        self.planned_rows = -(-per_host // self.rows_multiple) * self.rows_multiple
+        if self.global_batch_tokens < 0:
+            raise ValueError(f"config.train.global_batch_tokens = {self.global_batch_tokens}: must be >= 0")
+        if self.global_batch_tokens:
+            per_host = -(-self.global_batch_tokens // (self.buckets[0] * self.process_count))
+            self.planned_rows = -(-per_host // self.rows_multiple) * self.rows_multiple
+        batches, epoch = [], 0
+        while (epoch < num_epochs) if num_epochs else (epoch == 0 or len(batches) < plan_steps):
+            batches += [self._host_plans(epoch, step) for step in range(self.batches_in(epoch))]
+            epoch += 1
+        rows = [row for batch in batches for host in batch for row in host]
+        if not self.global_batch_tokens:
+            need = max(1, *(len(host) for batch in batches for host in batch))
+            self.planned_rows = -(-need // self.rows_multiple) * self.rows_multiple
+        most = 0 if self.score_spans is None else max(int(self.score_spans[row].sum()) for row in rows if row)
+        self.score_window = min(-(-most // 8) * 8, self.buckets[0] - 1)  # position 0 is never scored
+
+    def _host_plans(self, epoch: int, step: int) -> list[list[list[int]]]:
+        """Per host, the rows of global batch (epoch, step) as source indices (the same answer on every host)."""
+        if self.global_batch_tokens:
+            rows = self._batches(epoch)[step]
+            return [rows[h * self.planned_rows:(h + 1) * self.planned_rows] for h in range(self.process_count)]
+        indices = self.global_indices(epoch, step)
+        hosts = [indices[h * self.local_batch:(h + 1) * self.local_batch] for h in range(self.process_count)]
+        return [[[int(h[h >= 0][i]) for i in row] for row in self.layout.plan_rows(self.lengths[h[h >= 0]],
+                                                                                    self.buckets[0])]
+                for h in hosts]
+
+    def _rows_needed(self, epoch: int, step: int) -> int:
+        """The most packed rows any host needs for global batch (epoch, step)."""
+        return max(1, *(len(host) for host in self._host_plans(epoch, step)))
 
     def _batches(self, epoch: int) -> list[list[list[int]]]:
         """Token-budget mode: epoch `epoch`'s batches, each `planned_rows · processes` rows of source indices."""
@@ -145,21 +174,6 @@ class PreferenceLoader:
     def batches_in(self, epoch: int) -> int:
         """Batches in epoch `epoch` (varies with the epoch only for token-budget batches)."""
         return len(self._batches(epoch)) if self.global_batch_tokens else self.batches_per_epoch
-
-    def _plan(self, epochs: int) -> None:
-        """The packed layout's static row count (see __init__)."""
-        if self.lengths is None or len(self.buckets) != 1:
-            raise ValueError("the packed layout needs the examples' packed lengths and one seq_len (no buckets)")
-        self.score_window = 0  # a row's scored tokens span several pairs: no window (the unembedding sees all)
-        need = max(self._rows_needed(epoch, step) for epoch in range(epochs) for step in range(self.batches_per_epoch))
-        self.planned_rows = -(-need // self.rows_multiple) * self.rows_multiple
-
-    def _rows_needed(self, epoch: int, step: int) -> int:
-        """The most packed rows any host needs for global batch (epoch, step) (the same answer on every host)."""
-        indices = self.global_indices(epoch, step)
-        hosts = [indices[h * self.local_batch:(h + 1) * self.local_batch] for h in range(len(indices) //
-                                                                                           self.local_batch)]
-        return max(1, *(len(self.layout.plan_rows(self.lengths[h[h >= 0]], self.buckets[0])) for h in hosts))
 
     # ----- the pure part ------------------------------------------------------------------------------------------
 
@@ -180,14 +194,11 @@ class PreferenceLoader:
     def batch_at(self, epoch: int, step: int) -> Batch:
         """This host's part of global batch (epoch, step)."""
         if self.global_batch_tokens:
-            rows = self._batches(epoch)[step][self.process_index * self.planned_rows:
-                                              (self.process_index + 1) * self.planned_rows]
-            members = [i for row in rows for i in row]
-            plan, start = [], 0
-            for row in rows:
-                plan.append(list(range(start, start + len(row))))
-                start += len(row)
-            return self._finish([self.source[i] for i in members], self.buckets[0], self.planned_rows, plan)
+            rows = self._host_plans(epoch, step)[self.process_index]
+            sizes = np.cumsum([0] + [len(row) for row in rows])
+            plan = [list(range(a, b)) for a, b in zip(sizes[:-1], sizes[1:])]
+            return self._finish([self.source[i] for row in rows for i in row], self.buckets[0], self.planned_rows,
+                                plan)
         indices = self.global_indices(epoch, step)
         real = indices[indices >= 0]
         if len(self.buckets) == 1:

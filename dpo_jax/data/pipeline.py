@@ -32,11 +32,12 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.truncation_mode = "auto"  # auto: keep_end for HH, keep_start otherwise (the authors' choice); skip: drop
     #                             examples whose prompt would have to be cut
     c.seq_buckets = ()  # sorted row lengths to pad to; empty: one length (see layout)
-    # shared_prompt: one row per pair, prompt + chosen + rejected, the prompt computed once (rows as long as the
-    # split's longest packed pair, rounded up to 16, unless seq_buckets are given); pairs: a row per response
-    # (max_length long unless seq_buckets are given); packed: several shared-prompt pairs per row, rows as long as
-    # the longest packed pair (or seq_buckets' one length), the row count planned once for the run
-    c.layout = "shared_prompt"
+    # packed (default): several shared-prompt pairs per row (first-fit decreasing, attention kept inside each pair),
+    # rows as long as the split's longest packed pair rounded up to 16 (or seq_buckets' one length), the row count
+    # planned once for the run; shared_prompt: one row per pair, prompt + chosen + rejected, the prompt computed
+    # once; pairs: a row per response (max_length long unless seq_buckets are given). All three compute the same
+    # log-probs (tested); they differ in how many positions are padding.
+    c.layout = "packed"
     c.max_pairs_per_row = 8  # packed: at most this many pairs share a row (static: per-pair arrays are rows x this)
     c.on_bad_example = "skip"  # or "error"
     c.shp_min_score_ratio = 2.0
@@ -94,6 +95,10 @@ def build_loaders(
     if not config.train_path:
         raise ValueError("config.data.train_path is empty: point it at a local data file or directory")
     layout = get_layout(config.layout, config.max_pairs_per_row)
+    if layout.rows_per_pair == 0 and len(tuple(config.seq_buckets)) > 1:
+        raise ValueError(f"config.data.layout = {config.layout!r} packs pairs into rows of one length, but "
+                         f"config.data.seq_buckets = {tuple(config.seq_buckets)} gives several: give one length "
+                         "(the row length) or use data.layout = 'shared_prompt' with buckets")
     data_format = resolve_format(config)
     lengths = resolve_lengths(config, data_format)
     if tokenizer is None:
@@ -117,8 +122,9 @@ def build_loaders(
         p = prepared[split]
         lengths = layout.row_lengths(p)
         seq_len = tuple(config.seq_buckets) or layout.default_seq_len(lengths, config.max_length)
-        window = rounded_max(layout.score_spans(p))
-        return PreferenceLoader(p.source, lengths=lengths, seq_len=seq_len, score_window=window, **common, **kwargs)
+        spans = layout.score_spans(p)
+        return PreferenceLoader(p.source, lengths=lengths, seq_len=seq_len, score_window=rounded_max(spans),
+                                score_spans=spans, **common, **kwargs)
 
     loaders = {"train": split_loader("train", shuffle=config.shuffle, state=train_state, plan_steps=steps)}
     if "eval" in prepared:

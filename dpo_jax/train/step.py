@@ -50,7 +50,9 @@ class StepConfig:
     num_blocks: int = 1  # host blocks in the global batch (= process count)
     chunk_size: int = 128
     layout: Layout = PAIRS  # how pairs are rows (dpo_jax/layout.py)
-    score_window: int = 0  # > 0: every row's scored tokens lie within this many positions (logprobs.py `window`)
+    # > 0: every row's scored tokens lie within this many positions (logprobs.py `window`); packed layout: every
+    # row has at most this many scored tokens (logprobs.py `positions`, gathered)
+    score_window: int = 0
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -82,14 +84,18 @@ def policy_logprobs(params: Any, batch: dict[str, jax.Array], c: StepConfig) -> 
     kernel, bias = unembedding(params, c.model)
     return sequence_logprobs(hidden, kernel, batch["input_ids"], batch["loss_mask"], bias=bias,
                              chunk_size=c.chunk_size, predecessor=c.layout.predecessor(batch),
-                             window=score_window(batch, c))
+                             **score_window(batch, c))
 
 
-def score_window(batch: dict[str, jax.Array], c: StepConfig) -> tuple[jax.Array, int] | None:
-    """(each row's first scored position, c.score_window), or None when every position is scored."""
+def score_window(batch: dict[str, jax.Array], c: StepConfig) -> dict[str, Any]:
+    """Where the unembedding runs (sequence_logprobs' `window` or `positions`), {} for every position."""
     if not c.score_window or c.score_window >= batch["input_ids"].shape[1]:
-        return None
-    return jnp.argmax(c.layout.scored(batch), axis=1).astype(jnp.int32), c.score_window
+        return {}
+    scored = c.layout.scored(batch)
+    if c.layout.rows_per_pair == 0:  # packed rows: the scored tokens of several pairs, gathered in order
+        first = jnp.argsort(jnp.logical_not(scored), axis=1, stable=True)[:, :c.score_window].astype(jnp.int32)
+        return {"positions": jnp.where(jnp.take_along_axis(scored, first, axis=1), first, -1)}
+    return {"window": (jnp.argmax(scored, axis=1).astype(jnp.int32), c.score_window)}
 
 
 class PairLogProbs(NamedTuple):
