@@ -354,9 +354,7 @@ def main() -> None:
                   f"{r['reference_s']:5.1f} s | steady step {steady(r['step_s']):.3f} s | first step "
                   f"{r['step_s'][0]:.2f} s | first loss {r['losses'][0]:.4f} | peak RSS {r['peak_rss_mib']:,.0f} MiB",
                   flush=True)
-        for d in os.listdir(work_dir):  # run directories and dataset caches; keep the venv and inputs
-            if d.startswith(("ours_run_", "trl_run_", "tmp")) or d == "hf":
-                shutil.rmtree(os.path.join(work_dir, d), ignore_errors=True)
+        clean_work_dir(work_dir)
     with open(s["data_path"]) as f:  # real tokens of a step as two rows per pair (+ 2 EOS): the common measure
         real = [len(r["prompt"].split()) * 2 + len(r["chosen"].split()) + len(r["rejected"].split()) + 2
                 for r in map(json.loads, f)]
@@ -365,14 +363,26 @@ def main() -> None:
         print(f"repeat {row['repeat']}: " + ", ".join(f"{k.replace('_vs_', ' vs ')} {v:.2f}x" for k, v in row.items()
                                                     if k != "repeat"))
     print("median ratios:", json.dumps({k: round(v, 3) for k, v in summary["median_ratios"].items()}))
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump({"command": " ".join(["python", "bench/dpo_vs_trl.py", *sys.argv[1:]]),
-                       "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                   "processor": platform.processor()},
-                       "settings": {k: v for k, v in s.items() if k not in ("work_dir",)},
-                       "summary": summary, "runs": runs}, f, indent=1)
+    write_result(args.out, s, summary=summary, runs=runs)
+
+
+def clean_work_dir(work_dir: str) -> None:
+    """Removes the runs' directories and dataset caches; keeps the virtualenvs and the inputs."""
+    for d in os.listdir(work_dir):
+        if d.startswith(("ours_run_", "trl_run_", "tunix_run_", "tmp")) or d == "hf":
+            shutil.rmtree(os.path.join(work_dir, d), ignore_errors=True)
+
+
+def write_result(out: str, settings: dict, **payload) -> None:
+    """A bench's JSON record (when `out` is set): the command that made it, the machine, the settings, results."""
+    if not out:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"command": " ".join(["python", os.path.relpath(sys.argv[0]), *sys.argv[1:]]),
+                   "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                               "processor": platform.processor()},
+                   "settings": {k: v for k, v in settings.items() if k != "work_dir"}, **payload}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -81,9 +80,7 @@ def main() -> None:
                   f"{r['reference_s']:5.1f} s | steady step {trl_bench.steady(r['step_s']):.3f} s "
                   f"({r['pairs_per_step']:.2f} pairs) | first step {r['step_s'][0]:.2f} s | peak RSS "
                   f"{r['peak_rss_mib']:,.0f} MiB", flush=True)
-        for d in os.listdir(work_dir):
-            if d.startswith(("ours_run_", "tunix_run_", "tmp")) or d == "hf":
-                shutil.rmtree(os.path.join(work_dir, d), ignore_errors=True)
+        trl_bench.clean_work_dir(work_dir)
     ratios = []
     for rep in range(args.repeats):
         group = {r["system"]: r for r in runs if r["repeat"] == rep}
@@ -98,13 +95,7 @@ def main() -> None:
         print(f"repeat {row['repeat']}: end to end {row['end_to_end']:.2f}x, steady step per pair "
               f"{row['steady_step_per_pair']:.2f}x")
     print("median ratios:", json.dumps({k: round(v, 3) for k, v in medians.items()}))
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump({"command": " ".join(["python", "bench/dpo_vs_tunix.py", *sys.argv[1:]]),
-                       "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-                       "settings": {k: v for k, v in s.items() if k != "work_dir"},
-                       "summary": {"ratios": ratios, "median_ratios": medians}, "runs": runs}, f, indent=1)
+    trl_bench.write_result(args.out, s, summary={"ratios": ratios, "median_ratios": medians}, runs=runs)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -148,9 +147,7 @@ def main() -> None:
             print(f"repeat {rep} {system:5s} end-to-end {r['end_to_end_s']:6.1f} s | steady iteration "
                   f"{steady(r['iteration_s']):.2f} s of which generation {steady(r['generation_s']):.2f} s | "
                   f"peak RSS {r['peak_rss_mib']:,.0f} MiB", flush=True)
-        for d in os.listdir(work_dir):
-            if d.startswith(("ours_run_", "trl_run_", "tmp")) or d == "hf":
-                shutil.rmtree(os.path.join(work_dir, d), ignore_errors=True)
+        common.clean_work_dir(work_dir)
     ratios = []
     for rep in range(args.repeats):
         ours, trl = (next(r for r in runs if r["repeat"] == rep and r["system"] == x) for x in ("ours", "trl"))
@@ -162,14 +159,7 @@ def main() -> None:
         print(f"repeat {r['repeat']}: end-to-end {r['end_to_end']:.2f}x, steady iteration {r['steady_iteration']:.2f}x,"
               f" generation {r['generation']:.2f}x (TRL time / ours)")
     print("median ratios:", json.dumps({k: round(v, 3) for k, v in median.items()}))
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump({"command": " ".join(["python", "bench/ppo_vs_trl.py", *sys.argv[1:]]),
-                       "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-                       "settings": {k: v for k, v in s.items() if k != "work_dir"}, "ratios": ratios,
-                       "median_ratios": median, "runs": runs}, f, indent=1)
-
+    common.write_result(args.out, s, ratios=ratios, median_ratios=median, runs=runs)
 
 if __name__ == "__main__":
     main()

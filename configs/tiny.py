@@ -8,8 +8,9 @@ A tiny CPU run of the whole pipeline on configs/data/tiny_hh (256 synthetic HH d
 on-topic answers are preferred; regenerate with configs/data/make_tiny_hh.py): a 512-token byte-level BPE trained
 on the data, a 2-layer GPT-2-shaped model from random init, the cached reference pass, logging, eval, sampling
 and checkpoints. MODE: dpo (default), sft (Preferred-FT), unlikelihood, reward (a Bradley-Terry reward model:
-eval accuracy 1.0 and loss < 1e-4 by step 30, as the tiny data's preference is easy; no samples), or any
-preference loss type (ipo, hinge, ...), which trains DPO with that loss.
+eval accuracy 1.0 and loss < 1e-4 by step 30, as the tiny data's preference is easy; no samples), lora (DPO on
+rank-8 adapters of every projection, the reference = the base with the adapters off, computed in the step), or
+any preference loss type (ipo, hinge, ...), which trains DPO with that loss.
 
 MODE best_of_n is the config of `dpo-jax best-of-n` (another schema: rlhf/best_of_n_command.py) for the RLHF
 baseline on the same data, after an SFT policy and a reward model from it:
@@ -103,10 +104,15 @@ def get_config(arg=None):
         c.train.mode = mode
         if mode == "reward":
             c.train.eval_samples = 0  # a reward model scores; it does not sample
+    elif mode == "lora":  # DPO training LoRA adapters only; the reference is the base with the adapters off
+        c.model.lora.rank, c.model.lora.alpha = 8, 16.0
+        c.model.lora.targets = ("q", "k", "v", "o", "fc_in", "fc_out")
+        c.dpo.reference, c.dpo.beta = "base", 0.1
+        c.optimizer.learning_rate = 1e-2
     elif mode == "dpo" or mode in loss_types():
         c.dpo.loss_type = "sigmoid" if mode == "dpo" else mode
         c.dpo.beta = 0.1
     else:
-        raise ValueError(f"configs/tiny.py: unknown MODE {mode!r}; use dpo, sft, unlikelihood, reward, best_of_n, "
-                         "ppo or a loss type")
+        raise ValueError(f"configs/tiny.py: unknown MODE {mode!r}; use dpo, sft, unlikelihood, reward, lora, "
+                         "best_of_n, ppo or a loss type")
     return c

@@ -324,6 +324,11 @@ def test_build_loaders_from_the_data_config(tokenizer, tmp_path, capsys):
     spans = [scored_span(m) for m in next(iter(loaders["eval"]))["loss_mask"]]
     assert loaders["eval"].score_window == -(-max(spans) // 16) * 16 > 0
     loaders["train"].close()
+    c.layout, c.seq_buckets = "packed", ()
+    loaders = build_loaders(c, global_batch_pairs=4, seed=0, data_parallel_size=2)
+    most = max(loader.pairs_per_row for loader in loaders.values())
+    assert 1 <= most < 8 and all(loader.layout.max_pairs_per_row == most for loader in loaders.values())
+    loaders["train"].close()  # K shrinks to what a planned row holds: the same batches, smaller per-pair arrays
     c.format = "shp"
     with pytest.raises(DataError, match=r"train\.jsonl:1: missing field 'history'"):
         build_loaders(c, global_batch_pairs=4, seed=0)

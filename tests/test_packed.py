@@ -62,15 +62,18 @@ def _by_id(values, ids):
     return {int(i): float(v) for v, i in zip(np.asarray(values), np.asarray(ids)) if i >= 0}
 
 
-@pytest.mark.parametrize("model", [H.MODEL, SLIDING], ids=["gqa", "sliding_window"])
-def test_packed_pair_logprobs_equal_two_rows_per_pair(model):
+@pytest.mark.parametrize("model,layout", [(H.MODEL, PACKED), (SLIDING, PACKED), (H.MODEL, PackedPairs(1))],
+                         ids=["gqa", "sliding_window", "one_pair_per_row"])
+def test_packed_pair_logprobs_equal_two_rows_per_pair(model, layout):
+    """K = 1 (what the loaders choose when no row holds two pairs) scores through a contiguous window instead."""
     rows = _pairs(13, seed=7)
-    plain, packed, window = _loaders(rows, pairs=14)
-    assert packed["input_ids"].shape[0] < 14 and packed["example_id"].shape == (packed["input_ids"].shape[0] * 4,)
+    plain, packed, window = _loaders(rows, pairs=14, layout=layout)
+    k = layout.max_pairs_per_row
+    assert packed["input_ids"].shape[0] < 14 and packed["example_id"].shape == (packed["input_ids"].shape[0] * k,)
     assert sorted(i for i in packed["example_id"] if i >= 0) == list(range(13))  # every pair once, none dropped
     assert int(packed["attention_mask"].sum()) < int(plain["attention_mask"].sum())
     params = init_params(model, jax.random.key(1))
-    got = pair_logprobs(params, jax.tree.map(jnp.asarray, packed), StepConfig(model, layout=PACKED,
+    got = pair_logprobs(params, jax.tree.map(jnp.asarray, packed), StepConfig(model, layout=layout,
                                                                                score_window=window))
     want = pair_logprobs(params, jax.tree.map(jnp.asarray, plain), StepConfig(model))
     for field in ("chosen_sums", "rejected_sums", "chosen_counts", "rejected_counts"):

@@ -106,6 +106,7 @@ class PreferenceLoader:
                 raise ValueError(f"an example has {self.lengths.max()} tokens, more than the largest seq_len "
                                  f"{self.buckets[-1]}; raise seq_len or lower data.max_length")
         self.score_window = score_window  # the packed layout plans its own (_plan)
+        self.pairs_per_row = 1
         self.rows_multiple, self.planned_rows = max(int(rows_multiple), 1), None
         self.global_batch = global_batch_pairs
         self.local_batch = global_batch_pairs // process_count
@@ -141,6 +142,7 @@ class PreferenceLoader:
             batches += [self._host_plans(epoch, step) for step in range(self.batches_in(epoch))]
             epoch += 1
         rows = [row for batch in batches for host in batch for row in host]
+        self.pairs_per_row = max(len(row) for row in rows)  # the most any planned row holds (<= K)
         if not self.global_batch_tokens:
             need = max(1, *(len(host) for batch in batches for host in batch))
             self.planned_rows = -(-need // self.rows_multiple) * self.rows_multiple

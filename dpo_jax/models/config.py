@@ -13,6 +13,7 @@ MLP_TYPES = ("swiglu", "gelu")
 HEADS = ("lm", "score")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "fc_in", "fc_out")  # the decoder's projection names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +63,9 @@ class ModelConfig:
     scan_layers: bool = False
     remat_policy: str = "none"
     attention_impl: str | None = None  # jax.nn.dot_product_attention(implementation=...): None, "xla", "cudnn"
+    lora_rank: int = 0  # > 0: low-rank adapters (models/lora.py) on the `lora_targets` projections
+    lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank (PEFT's convention)
+    lora_targets: tuple[str, ...] = ()  # projection names: q, k, v, o, gate, up, down, fc_in, fc_out
 
     def __post_init__(self):
         checks = [
@@ -84,6 +88,12 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.rotary_dim = {rd} must be even and <= head_dim ({self.head_dim})")
         if isinstance(self.rope_scaling, dict):  # from JSON
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # from JSON: a list (unhashable)
+        unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+        if unknown or self.lora_rank < 0 or (self.lora_rank and not self.lora_targets):
+            raise ValueError(f"ModelConfig: lora_rank = {self.lora_rank}, lora_targets = {self.lora_targets}: a rank "
+                             f">= 0 and, with a rank, targets among {', '.join(LORA_TARGETS)}"
+                             + (f" (unknown: {unknown})" if unknown else ""))
 
     @property
     def rotary_dims(self) -> int:

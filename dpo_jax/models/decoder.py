@@ -63,9 +63,11 @@ class Norm(nn.Module):
 
 
 def _dense(config: ModelConfig, features, axes, name, use_bias, in_axes=-1):
-    """DenseGeneral with logical axes on the kernel and bias (bias axes = the output axes)."""
+    """DenseGeneral with logical axes on the kernel and bias (bias axes = the output axes); a projection named in
+    `config.lora_targets` also gets a low-rank adapter beside it (`name_lora`), so the base parameters keep their
+    paths (HF conversion and sharding are unchanged)."""
     n_out = len(features) if isinstance(features, tuple) else 1
-    return nn.DenseGeneral(
+    dense = nn.DenseGeneral(
         features=features,
         axis=in_axes,
         use_bias=use_bias,
@@ -75,6 +77,36 @@ def _dense(config: ModelConfig, features, axes, name, use_bias, in_axes=-1):
         bias_init=_init(axes[-n_out:], nn.initializers.zeros),
         name=name,
     )
+    if not (config.lora_rank and name in config.lora_targets):
+        return dense
+    adapter = LoraAdapter(config, features if isinstance(features, tuple) else (features,), axes,
+                          in_axes if isinstance(in_axes, tuple) else (in_axes,), name=f"{name}_lora")
+    return lambda x: dense(x) + adapter(x)
+
+
+class LoraAdapter(nn.Module):
+    """The low-rank update (alpha / r) · x A B of one projection (Hu et al., 2021; PEFT's initialisation: A uniform
+    in ±1/sqrt(fan_in), B = 0, so a new adapter leaves the model unchanged). Float32 parameters whatever the base's
+    dtype; the rank axis is replicated (logical name None), the others shard like the base kernel's."""
+
+    config: ModelConfig
+    features: tuple[int, ...]
+    axes: tuple[str | None, ...]  # the base kernel's logical axes: inputs, then outputs
+    in_axes: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c, r, n_in = self.config, self.config.lora_rank, len(self.in_axes)
+        in_shape = tuple(x.shape[a] for a in self.in_axes)
+        init_a = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=tuple(range(n_in)),
+                                                  out_axis=-1)
+        a = self.param("a", _init(self.axes[:n_in] + (None,), init_a), in_shape + (r,), jnp.float32)
+        b = self.param("b", _init((None,) + self.axes[n_in:], nn.initializers.zeros), (r,) + self.features,
+                       jnp.float32)
+        dt = jnp.dtype(c.dtype)
+        contract = tuple(a % x.ndim for a in self.in_axes)
+        low = jax.lax.dot_general(x, a.astype(dt), ((contract, tuple(range(n_in))), ((), ())))
+        return jnp.tensordot(low, b.astype(dt), axes=1) * (c.lora_alpha / r)
 
 
 class Attention(nn.Module):

@@ -12,12 +12,13 @@ from dpo_jax import sharding
 from dpo_jax.flops import train_step_flops
 from dpo_jax.layout import PAIRS, Layout
 from dpo_jax.models.config import ModelConfig
+from dpo_jax.models import lora
 from dpo_jax.models.decoder import logical_axes
 from dpo_jax.rlhf.reward_model import make_scorer
 from dpo_jax.train.state import TrainState, create_state, default_optimizer_config, make_optimizer
 from dpo_jax.train.step import StepConfig, make_reference_step, make_steps
 
-REFERENCE_MODES = ("precompute", "per_batch")
+REFERENCE_MODES = ("precompute", "per_batch", "base")
 
 
 def default_train_config() -> ml_collections.ConfigDict:
@@ -41,7 +42,9 @@ def default_dpo_config() -> ml_collections.ConfigDict:
     c.label_smoothing = 0.0
     c.reference_free = False
     c.loss_kwargs = ml_collections.ConfigDict()  # e.g. tau for discopop, gamma for simpo
-    c.reference = "precompute"  # precompute: one cached pass, no reference on device during training; per_batch
+    # precompute: one cached pass, no reference on device during training; per_batch: a resident copy run on each
+    # batch; base (LoRA): the same base weights with the adapters off, run inside each step — no copy, no tables
+    c.reference = "precompute"
     c.unlikelihood_alpha = 1.0
     return c
 
@@ -72,7 +75,7 @@ def step_config(c: ml_collections.ConfigDict, model: ModelConfig, layout: Layout
         loss_kwargs=tuple(sorted(c.dpo.loss_kwargs.to_dict().items())), unlikelihood_alpha=c.dpo.unlikelihood_alpha,
         center_rewards_coefficient=c.reward.center_rewards_coefficient, micro_batches=c.train.micro_batches,
         num_blocks=jax.process_count(), chunk_size=c.train.logprob_chunk_size,
-        layout=layout, score_window=score_window)
+        layout=layout, score_window=score_window, base_reference=c.dpo.reference == "base")
 
 
 class Engine(NamedTuple):
@@ -147,7 +150,8 @@ def build_engine(
     p_shardings = sharding.param_shardings(logical_axes(model), abstract_params, mesh, rules)
     shardings_for = lambda abstract: sharding.state_shardings(abstract, p_shardings, abstract_params,  # noqa
                                                               mesh)
-    state = create_state(init_params, optimizer, shardings_for, *init_args)
+    state = create_state(init_params, optimizer, shardings_for, *init_args,
+                         trained=lambda params: lora.trainable(params, model)[1])
     s_shardings = shardings_for(jax.eval_shape(lambda: state))
     train_step, eval_step = make_steps(sc, optimizer, schedule, mesh, rules, s_shardings)
     reference_step = make_reference_step(sc, mesh, rules, p_shardings)

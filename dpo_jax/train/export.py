@@ -18,6 +18,7 @@ import ml_collections
 
 from dpo_jax.convert.cli import parse_size
 from dpo_jax.convert.hf import save_hf_checkpoint
+from dpo_jax.models import lora
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.decoder import init_params
 from dpo_jax.train.checkpoint import RunCheckpoints
@@ -41,8 +42,8 @@ def restore_params(run_dir: str, step: int | None = None) -> tuple[ml_collection
         if step is None:
             raise ValueError(f"{run_dir}: no checkpoint (nothing trained yet)")
         optimizer, _ = make_optimizer(c.optimizer)
-        abstract = jax.eval_shape(lambda: (lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)))(
-            init_params(model, jax.random.key(0))))
+        abstract = jax.eval_shape(lambda: (lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(
+            lora.trainable(p, model)[1])))(init_params(model, jax.random.key(0))))
         single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=single), abstract)
         state, _, _ = checkpoints.restore(step, abstract, model=model, mode=c.train.mode)
@@ -57,7 +58,9 @@ def export(run_dir: str, out: str, *, step: int | None = None, dtype: str | None
     if os.path.exists(out) and os.listdir(out):
         raise ValueError(f"{out} exists and is not empty; choose a new directory")
     c, model, params, step = restore_params(run_dir, step)
-    files = save_hf_checkpoint(model, params, out, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    # A LoRA run is written as its merged weights: kernel + (alpha / r) A B, a plain HF checkpoint.
+    files = save_hf_checkpoint(lora.base_config(model), lora.merged(params, model), out, dtype=dtype,
+                               max_shard_bytes=max_shard_bytes)
     tokenizer_dir = c.data.tokenizer if c.data.tokenizer and not c.data.tokenizer.startswith("bpe:") else (
         c.model.path if c.model.source == "hf" else None)
     if c.data.tokenizer.startswith("bpe:"):

@@ -13,6 +13,7 @@ from dpo_jax.convert import native
 from dpo_jax.convert.hf import load_hf_checkpoint, read_hf_config
 from dpo_jax.data.formats import read_examples
 from dpo_jax.data.pipeline import default_cache_dir
+from dpo_jax.models import lora
 from dpo_jax.models.config import FAMILY_SWITCHES, PRESETS, ModelConfig, shaped_config
 from dpo_jax.models.decoder import init_params, logical_axes
 from dpo_jax.rlhf.reward_model import as_reward_model, reward_model_config
@@ -34,12 +35,34 @@ def default_model_config() -> ml_collections.ConfigDict:
     c.update(PRESETS["gpt2-tiny"])  # family, hidden_size, num_layers, num_heads, intermediate_size
     c.max_position_embeddings = 512
     c.seed = 0
+    # LoRA (models/lora.py): rank > 0 trains low-rank adapters on the `targets` projections, the base frozen
+    c.lora = ml_collections.ConfigDict({"rank": 0, "alpha": 16.0, "dropout": 0.0, "targets": ("q", "k", "v", "o")})
     return c
 
 
 def _model_overrides(m: ml_collections.ConfigDict) -> dict[str, Any]:
-    return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy, scan_layers=m.scan_layers,
-                attention_impl=m.attention_impl or None)
+    out = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy, scan_layers=m.scan_layers,
+               attention_impl=m.attention_impl or None)
+    lora_section = m.get("lora")
+    if lora_section is not None and lora_section.rank:
+        if lora_section.dropout:
+            raise ValueError(f"config.model.lora.dropout = {lora_section.dropout}: adapter dropout is not "
+                             "implemented (the decoder is deterministic); set it to 0")
+        targets = lora_section.targets
+        out.update(lora_rank=int(lora_section.rank), lora_alpha=float(lora_section.alpha),
+                   lora_targets=tuple(targets.split(",") if isinstance(targets, str) else targets))
+    return out
+
+
+def with_adapters(config: ModelConfig, load: Callable[[], Any], seed: int) -> Callable[[], Any]:
+    """`load` (base weights) plus fresh LoRA adapters when the config has them (B = 0: the model is the base)."""
+    if not config.lora_rank:
+        return load
+
+    def adapters():  # only the adapters' initialisers run: the base init is dead code under jit
+        return lora.split(init_params(config, jax.random.key(seed)))[1]
+
+    return lambda: lora.merge(jax.jit(adapters)(), load())  # adapters a checkpoint already has win
 
 
 def random_model_config(m: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
@@ -61,13 +84,15 @@ def model_loader(m: ml_collections.ConfigDict, vocab_size: int) -> tuple[ModelCo
         raise ValueError(f"config.model.path is empty (needed for source={m.source!r})")
     if m.source == "hf":
         config = read_hf_config(m.path)[1].replace(**_model_overrides(m))
-        return config, lambda: load_hf_checkpoint(m.path, m.param_dtype, config_overrides=_model_overrides(m))[1]
+        return config, with_adapters(config, lambda: load_hf_checkpoint(
+            m.path, m.param_dtype, config_overrides=_model_overrides(m) | {"lora_rank": 0, "lora_targets": ()})[1],
+            m.seed)
     config_path = os.path.join(m.path, native.CONFIG_FILE)
     if not os.path.isfile(config_path):
         raise ValueError(f"config.model.path = {m.path!r} is not a dpo_jax model checkpoint (no {native.CONFIG_FILE})")
     with open(config_path) as f:
         config = ModelConfig.from_json(f.read()).replace(**_model_overrides(m))
-    return config, lambda: native.load_model(m.path)[1]
+    return config, with_adapters(config, lambda: native.load_model(m.path)[1], m.seed)
 
 
 def pad_id(tokenizer) -> int:

@@ -82,7 +82,7 @@ def prepare_reference(c: ml_collections.ConfigDict, engine: Engine, loaders: dic
                       initial_params: Any, load_initial: Callable, run_dir: str):
     """The run's reference source. initial_params: the policy's initial weights on device (None when resumed);
     the tables are computed on them before the first update, so no second copy exists."""
-    if not engine.config.needs_reference:
+    if not engine.config.needs_reference or engine.config.base_reference:  # base: computed inside the step
         return NO_REFERENCE
     if c.dpo.reference == "per_batch":
         params, shared = _reference_params(c, engine, initial_params, load_initial)

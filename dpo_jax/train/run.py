@@ -22,7 +22,6 @@ from dpo_jax.distributed import default_distributed_config
 from dpo_jax.evaluation import command as winrate_command
 from dpo_jax.evaluation.command import default_winrate_config
 from dpo_jax.flops import peak_tflops
-from dpo_jax.layout import get_layout
 from dpo_jax.metrics import MetricWriter, truncate_jsonl
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.generate import SamplingConfig
@@ -136,7 +135,7 @@ def build_run(c: ml_collections.ConfigDict, compile_train_step: bool = False) ->
               "scored span)", flush=True)
 
     # ----- model, optimizer and sharded state
-    layout = get_layout(c.data.layout, c.data.max_pairs_per_row)
+    layout = loaders["train"].layout  # the packed layout's K is the most pairs a planned row holds
     if c.model.source == "random":  # initialised inside the sharded jit: born on its devices
         engine = build_engine(c, model, load_initial, mesh=mesh, layout=layout, score_window=window)
     else:  # loaded on the host, then donated into the sharded state

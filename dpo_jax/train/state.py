@@ -75,14 +75,16 @@ def create_state(
     optimizer: optax.GradientTransformation,
     shardings_for: Callable[[Any], Any],
     *args: Any,
+    trained: Callable[[Any], Any] = lambda params: params,
 ) -> TrainState:
     """Builds the state inside one jit whose out_shardings come from `shardings_for(abstract_state)`, so every
     array is born on its devices. `init_params(*args)` makes the params: a random init (no args), or the identity
-    on loaded params (passed as `args`, donated, so they are resharded rather than copied)."""
+    on loaded params (passed as `args`, donated, so they are resharded rather than copied). The optimizer state
+    covers `trained(params)` (a LoRA model's adapters)."""
 
     def init(*a) -> TrainState:
         params = init_params(*a)
-        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(trained(params)))
 
     abstract = jax.eval_shape(init, *args)
     return jax.jit(init, out_shardings=shardings_for(abstract), donate_argnums=tuple(range(len(args))))(*args)

@@ -24,6 +24,7 @@ from dpo_jax import losses
 from dpo_jax.layout import PAIRS, Layout
 from dpo_jax.logprobs import SequenceLogProbs, sequence_logprobs
 from dpo_jax.models.config import ModelConfig
+from dpo_jax.models import lora
 from dpo_jax.models.decoder import Decoder, unembedding
 from dpo_jax.rlhf import reward_model
 from dpo_jax.sharding import batch_sharding
@@ -53,6 +54,7 @@ class StepConfig:
     # > 0: every row's scored tokens lie within this many positions (logprobs.py `window`); packed layout: every
     # row has at most this many scored tokens (logprobs.py `positions`, gathered)
     score_window: int = 0
+    base_reference: bool = False  # LoRA: the reference is the same base with the adapters off, in the step
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -63,6 +65,9 @@ class StepConfig:
                              f"{self.model.head!r} head")
         if self.mode == "dpo":
             losses.validate_loss_args(self.loss_type, self.beta, self.label_smoothing, **dict(self.loss_kwargs))
+        if self.base_reference and not self.model.lora_rank:
+            raise ValueError("config.dpo.reference = 'base' is the base model with the LoRA adapters off; it needs "
+                             "config.model.lora.rank > 0")
 
     @property
     def needs_reference(self) -> bool:
@@ -71,7 +76,7 @@ class StepConfig:
     def batch_keys(self) -> dict[str, int]:
         """Batch fields the step takes, with their ranks."""
         keys = {k: 2 for k in self.layout.row_keys} | {"example_mask": 1}
-        if self.needs_reference:
+        if self.needs_reference and not self.base_reference:
             keys |= {"ref_chosen_logps": 1, "ref_rejected_logps": 1}
         if self.mode == "reward":
             keys["margin"] = 1
@@ -92,7 +97,7 @@ def score_window(batch: dict[str, jax.Array], c: StepConfig) -> dict[str, Any]:
     if not c.score_window or c.score_window >= batch["input_ids"].shape[1]:
         return {}
     scored = c.layout.scored(batch)
-    if c.layout.rows_per_pair == 0:  # packed rows: the scored tokens of several pairs, gathered in order
+    if c.layout.rows_per_pair == 0 and c.layout.max_pairs_per_row > 1:  # several pairs' scored tokens, gathered
         first = jnp.argsort(jnp.logical_not(scored), axis=1, stable=True)[:, :c.score_window].astype(jnp.int32)
         return {"positions": jnp.where(jnp.take_along_axis(scored, first, axis=1), first, -1)}
     return {"window": (jnp.argmax(scored, axis=1).astype(jnp.int32), c.score_window)}
@@ -144,6 +149,10 @@ def loss_sum_and_metrics(params: Any, batch: dict[str, jax.Array], c: StepConfig
     if c.mode == "dpo":
         ref_c = batch.get("ref_chosen_logps")
         ref_r = batch.get("ref_rejected_logps")
+        if c.base_reference and c.needs_reference:  # adapters off: the frozen base, no second copy of the weights
+            ref = pair_logprobs(jax.lax.stop_gradient(lora.base_params(params)), batch,
+                                dataclasses.replace(c, model=lora.base_config(c.model), base_reference=False))
+            ref_c, ref_r = jax.lax.stop_gradient(ref.chosen_sums), jax.lax.stop_gradient(ref.rejected_sums)
         lc, lr = lp.chosen_counts, lp.rejected_counts
         per_example, cr, rr = losses.preference_loss(
             pc, pr, ref_c, ref_r, loss_type=c.loss_type, beta=c.beta, label_smoothing=c.label_smoothing,
@@ -176,13 +185,16 @@ def _reward_loss_sum(params: Any, batch: dict[str, jax.Array], c: StepConfig) ->
 
 def _accumulate(params: Any, batch: dict[str, jax.Array], c: StepConfig, with_grad: bool,
                 constrain: Callable[[Any], Any]):
+    """(gradients of the trained parameters — the adapters of a LoRA model, else all —, metric sums)."""
     denom = loss_denominator(batch, c)
+    frozen, trained = lora.trainable(params, c.model)
 
     def one(mb):
         if not with_grad:
             return None, loss_sum_and_metrics(params, mb, c)[1]
         (_, metrics), grads = jax.value_and_grad(
-            lambda p: (lambda t, m: (t / denom, m))(*loss_sum_and_metrics(p, mb, c)), has_aux=True)(params)
+            lambda t: (lambda total, m: (total / denom, m))(*loss_sum_and_metrics(lora.combine(frozen, t, c.model),
+                                                                                  mb, c)), has_aux=True)(trained)
         return grads, metrics
 
     if c.micro_batches == 1:
@@ -218,8 +230,9 @@ def make_steps(
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         grads, metrics = _accumulate(state.params, batch, c, True, constrain)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        frozen, trained = lora.trainable(state.params, c.model)  # LoRA: the base never reaches the optimizer
+        updates, opt_state = optimizer.update(grads, state.opt_state, trained)
+        params = lora.combine(frozen, optax.apply_updates(trained, updates), c.model)
         one = jnp.ones((), jnp.float32)
         metrics = dict(metrics)
         metrics["grad_norm"] = Mean(optax.tree.norm(grads), one)
