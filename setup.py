@@ -25,12 +25,13 @@ setup(
         "tensorboardX>=2.6",
         "importlib_resources>=6.0",
         "absl-py>=2.0",
-        "vaderSentiment==3.3.2",
-        "matplotlib>=3.8",  # the sentiment experiment's frontier plot  # the sentiment experiment's ground-truth reward (its lexicon is version-specific)
+        "vaderSentiment==3.3.2",  # the sentiment experiment's ground-truth reward (its lexicon is version-specific)
+        "matplotlib>=3.8",  # the sentiment experiment's frontier plot
     ],
     extras_require={
-        # torch is pinned: an unpinned torch pulls a multi-GB CUDA build. Tests only; runtime never imports it.
-        "test": ["pytest>=8.0", "torch==2.13.0", "transformers>=4.45"],
+        # torch is pinned: an unpinned torch pulls a multi-GB CUDA build. Tests only; runtime never imports it (nor
+        # peft: the LoRA adapter round trip is tested against it).
+        "test": ["pytest>=8.0", "torch==2.13.0", "transformers>=4.45", "peft==0.21.2"],
     },
     entry_points={"console_scripts": ["dpo-jax=dpo_jax.main:run"]},
 )

@@ -1,6 +1,7 @@
 """LoRA: the adapters start at zero, only they train, and the reference is the same base with them off."""
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -10,10 +11,11 @@ import pytest
 from dpo_jax import summaries
 from dpo_jax.models import lora
 from dpo_jax.models.config import shaped_config
-from dpo_jax.models.decoder import Decoder, init_params, logical_axes
+from dpo_jax.models.decoder import Decoder, init_params, logical_axes, logits
 from dpo_jax.train.engine import build_engine
 from dpo_jax.train.step import StepConfig, loss_sum_and_metrics, pair_logprobs
 from tests import engine_helpers as H
+from tests.hf_models import hf_logits
 
 LLAMA = H.MODEL.replace(lora_rank=4, lora_alpha=8.0, lora_targets=("q", "k", "v", "o", "gate", "up", "down"))
 GPT2 = shaped_config("gpt2", 64, 32, 2, 4, 64).replace(lora_rank=2, lora_targets=("q", "v", "fc_in", "fc_out"))
@@ -109,3 +111,63 @@ def test_a_lora_step_on_a_2x2x2_mesh_with_micro_batches_equals_one_device():
             assert g[key] == pytest.approx(w[key], rel=1e-4, abs=1e-6), key
     for a, b in zip(jax.tree.leaves(wa), jax.tree.leaves(ga)):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_a_tiny_lora_run_resumes_exactly_and_exports_merged_and_peft(tmp_path):
+    """configs/tiny.py:lora (GPT-2; q/k/v left out so that every adapter is a PEFT module of its own): killed after
+    checkpoint 8 and resumed, the same metric lines; the merged HF export computes what the adapters compute; the
+    PEFT export holds exactly the trained adapters; a model without adapters has nothing to export."""
+    import subprocess
+    import sys
+
+    import transformers
+
+    from dpo_jax.convert.peft import load_peft, save_peft
+    from dpo_jax.train.export import export, export_peft, restore_params
+    from tests.test_runs import REPO, _train_lines, assert_same_lines, kill_and_resume
+
+    tiny = os.path.join(REPO, "configs", "tiny.py")
+    overrides = {"train.steps": 12, "train.log_every": 3, "train.save_every": 4, "train.eval_samples": 0,
+                 "data.eval_path": "", "train.tensorboard": False, "data.cache_dir": str(tmp_path / "cache"),
+                 "model.lora.targets": "('o','fc_in','fc_out')"}
+    cli = lambda run_dir: [sys.executable, "-m", "dpo_jax.main", "train", "--config", f"{tiny}:lora",  # noqa
+                           f"--config.train.run_dir={run_dir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
+    out = subprocess.run(cli(tmp_path / "straight"), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    want = _train_lines(tmp_path / "straight")
+    assert [r["step"] for r in want] == [3, 6, 9, 12] and want[-1]["loss"] < want[0]["loss"] < 0.7
+    kill_and_resume(cli(tmp_path / "killed"), "[train] step 9")
+    assert_same_lines(_train_lines(tmp_path / "killed"), want)
+
+    _, model, params, _ = restore_params(str(tmp_path / "straight"))
+    assert model.lora_rank == 8 and model.lora_targets == ("o", "fc_in", "fc_out")
+    export(str(tmp_path / "straight"), str(tmp_path / "hf"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    ids = np.random.default_rng(0).integers(0, model.vocab_size, (2, 10))
+    ours = np.asarray(logits(params, model, Decoder(model).apply({"params": params}, jnp.asarray(ids))))
+    np.testing.assert_allclose(hf_logits(hf, ids, np.ones_like(ids)), ours, atol=1e-4)
+    export_peft(str(tmp_path / "straight"), str(tmp_path / "peft"))
+    _, back = load_peft(str(tmp_path / "peft"), lora.base_config(model), lora.base_params(params))
+    for a, b in zip(jax.tree.leaves(lora.split(params)[1]), jax.tree.leaves(lora.split(back)[1])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="has no LoRA adapters"):
+        save_peft(lora.base_config(model), lora.base_params(params), str(tmp_path / "peft2"))
+
+
+def test_a_lora_reward_model_trains_its_adapters_and_its_new_score_head_only():
+    from dpo_jax.rlhf.reward_model import as_reward_model
+
+    model, params = as_reward_model(LLAMA, init_params(LLAMA, jax.random.key(0)), None, jax.random.key(1))
+    c = H.config(optimizer_name="sgd", lr=0.5)
+    c.train.mode = "reward"
+    e = build_engine(c, model, lambda: params, devices=jax.devices()[:1])
+    state = e.state
+    for step in range(2):
+        local = {**H.local_batch(step, 8), "margin": np.zeros(8, np.float32)}
+        state, _ = e.train_step(state, e.shard_batch(local))
+    frozen, trained = lora.trainable(jax.device_get(state.params), model)
+    frozen0, trained0 = lora.trainable(params, model)
+    assert "score_kernel" in trained and "score_kernel" not in frozen
+    for a, b in zip(jax.tree.leaves(frozen0), jax.tree.leaves(frozen)):
+        np.testing.assert_array_equal(a, b)
+    assert all(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(trained0), jax.tree.leaves(trained)))

@@ -37,8 +37,14 @@ def merge(base: Any, adapters: Any) -> dict:
 
 
 def trainable(params: Any, config: ModelConfig) -> tuple[dict, Any]:
-    """(frozen, trained) parts of a model's parameters: the adapters train when the model has them, else all."""
-    return split(params) if config.lora_rank else ({}, params)
+    """(frozen, trained) parts of a model's parameters: with adapters, they train — and a reward model's score
+    head, which starts random (PEFT's modules_to_save) —; without, everything."""
+    if not config.lora_rank:
+        return {}, params
+    flat = traverse_util.flatten_dict(params)
+    trained = {k: v for k, v in flat.items() if _is_adapter(k) or (config.head == "score" and k[-1] == "score_kernel")}
+    frozen = {k: v for k, v in flat.items() if k not in trained}
+    return traverse_util.unflatten_dict(frozen), traverse_util.unflatten_dict(trained)
 
 
 def combine(frozen: dict, trained: Any, config: ModelConfig) -> Any:

@@ -1,7 +1,9 @@
-"""`dpo-jax export --run DIR --to-hf OUT [--step N] [--dtype bfloat16]`: a run's trained policy as an HF checkpoint.
+"""`dpo-jax export --run DIR --to-hf OUT | --to-peft OUT [--step N] [--dtype bfloat16]`: a run's trained model.
 
-The run directory's config.json rebuilds the optimizer (its state is part of the checkpoint's structure) and
-model_config.json the model; only the params are written, with the tokenizer saved alongside.
+--to-hf writes an HF checkpoint (a LoRA run's adapters merged into the weights), with the tokenizer alongside;
+--to-peft writes a LoRA run's adapters as a PEFT adapter directory (convert/peft.py) that
+`peft.PeftModel.from_pretrained` loads onto the base model. The run directory's config.json rebuilds the optimizer
+(its state is part of the checkpoint's structure) and model_config.json the model.
 """
 
 from __future__ import annotations
@@ -74,18 +76,36 @@ def export(run_dir: str, out: str, *, step: int | None = None, dtype: str | None
     return step, files
 
 
+def export_peft(run_dir: str, out: str, *, step: int | None = None) -> tuple[int, list[str]]:
+    """Writes the LoRA adapters of checkpoint `step` (default: latest) of `run_dir` as a PEFT adapter directory."""
+    from dpo_jax.convert.peft import save_peft
+
+    if os.path.exists(out) and os.listdir(out):
+        raise ValueError(f"{out} exists and is not empty; choose a new directory")
+    c, model, params, step = restore_params(run_dir, step)
+    if not model.lora_rank:
+        raise ValueError(f"{run_dir} trained the whole model (config.model.lora.rank = 0): there are no adapters; "
+                         "use --to-hf")
+    return step, save_peft(model, params, out, base_model=c.model.path if c.model.source == "hf" else "")
+
+
 def run(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="dpo-jax export", description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, metavar="DIR", help="the run directory (train.run_dir)")
-    p.add_argument("--to-hf", required=True, metavar="OUT", help="output HF checkpoint directory")
+    to = p.add_mutually_exclusive_group(required=True)
+    to.add_argument("--to-hf", metavar="OUT", help="output HF checkpoint directory (LoRA: merged weights)")
+    to.add_argument("--to-peft", metavar="OUT", help="output PEFT adapter directory (LoRA runs)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-shard-size", type=parse_size, default="5GB")
     args = p.parse_args(argv)
     try:
-        step, files = export(args.run, args.to_hf, step=args.step, dtype=args.dtype,
-                             max_shard_bytes=args.max_shard_size)
+        if args.to_peft:
+            step, files = export_peft(args.run, args.to_peft, step=args.step)
+        else:
+            step, files = export(args.run, args.to_hf, step=args.step, dtype=args.dtype,
+                                 max_shard_bytes=args.max_shard_size)
     except ValueError as e:
         print(f"dpo-jax export: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"exported step {step} of {args.run} -> {args.to_hf} ({len(files)} safetensors file(s))")
+    print(f"exported step {step} of {args.run} -> {args.to_peft or args.to_hf} ({len(files)} file(s))")

@@ -36,7 +36,10 @@ def default_model_config() -> ml_collections.ConfigDict:
     c.max_position_embeddings = 512
     c.seed = 0
     # LoRA (models/lora.py): rank > 0 trains low-rank adapters on the `targets` projections, the base frozen
-    c.lora = ml_collections.ConfigDict({"rank": 0, "alpha": 16.0, "dropout": 0.0, "targets": ("q", "k", "v", "o")})
+    # peft_path: a PEFT LoRA adapter directory to load onto the (source = hf) base; its rank, alpha and targets
+    # are then the adapter's (rank must stay 0 here or agree)
+    c.lora = ml_collections.ConfigDict({"rank": 0, "alpha": 16.0, "dropout": 0.0, "targets": ("q", "k", "v", "o"),
+                                        "peft_path": ""})
     return c
 
 
@@ -84,9 +87,19 @@ def model_loader(m: ml_collections.ConfigDict, vocab_size: int) -> tuple[ModelCo
         raise ValueError(f"config.model.path is empty (needed for source={m.source!r})")
     if m.source == "hf":
         config = read_hf_config(m.path)[1].replace(**_model_overrides(m))
-        return config, with_adapters(config, lambda: load_hf_checkpoint(
-            m.path, m.param_dtype, config_overrides=_model_overrides(m) | {"lora_rank": 0, "lora_targets": ()})[1],
-            m.seed)
+        base = lambda: load_hf_checkpoint(  # noqa: E731
+            m.path, m.param_dtype, config_overrides=_model_overrides(m) | {"lora_rank": 0, "lora_targets": ()})[1]
+        peft_path = m.get("lora", {}).get("peft_path", "")
+        if not peft_path:
+            return config, with_adapters(config, base, m.seed)
+        from dpo_jax.convert.peft import adapter_config, load_peft
+
+        plain = lora.base_config(config)
+        adapted = adapter_config(peft_path, plain)
+        if config.lora_rank and config.lora_rank != adapted.lora_rank:
+            raise ValueError(f"config.model.lora.rank = {config.lora_rank}, but the PEFT adapter in "
+                             f"config.model.lora.peft_path = {peft_path!r} has rank {adapted.lora_rank}")
+        return adapted, lambda: load_peft(peft_path, plain, base())[1]
     config_path = os.path.join(m.path, native.CONFIG_FILE)
     if not os.path.isfile(config_path):
         raise ValueError(f"config.model.path = {m.path!r} is not a dpo_jax model checkpoint (no {native.CONFIG_FILE})")
