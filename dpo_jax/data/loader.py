@@ -160,10 +160,6 @@ class PreferenceLoader:
                                                                                     self.buckets[0])]
                 for h in hosts]
 
-    def _rows_needed(self, epoch: int, step: int) -> int:
-        """The most packed rows any host needs for global batch (epoch, step)."""
-        return max(1, *(len(host) for host in self._host_plans(epoch, step)))
-
     def _batches(self, epoch: int) -> list[list[list[int]]]:
         """Token-budget mode: epoch `epoch`'s batches, each `planned_rows · processes` rows of source indices."""
         if self._epoch_plan is None or self._epoch_plan[0] != epoch:
@@ -172,6 +168,14 @@ class PreferenceLoader:
             plan = fill_batches(self.lengths[perm], self.buckets[0], self.layout.max_pairs_per_row, rows)
             self._epoch_plan = (epoch, [[[int(perm[i]) for i in row] for row in batch] for batch in plan])
         return self._epoch_plan[1]
+
+    def use_pairs_per_row(self, k: int) -> None:
+        """Shrinks the packed layout's K to k >= `pairs_per_row`, before iterating: no planned row holds more than k
+        pairs, so the plans (first fit with a cap never reached) are the same and only the per-pair arrays shrink."""
+        if not self.pairs_per_row <= k <= self.layout.max_pairs_per_row or self._thread is not None:
+            raise ValueError(f"K = {k}: must lie in [{self.pairs_per_row}, {self.layout.max_pairs_per_row}] and be "
+                             "set before the loader starts")
+        self.layout = self._arguments["layout"] = get_layout(self.layout.name, k)
 
     def batches_in(self, epoch: int) -> int:
         """Batches in epoch `epoch` (varies with the epoch only for token-budget batches)."""
@@ -195,12 +199,14 @@ class PreferenceLoader:
 
     def batch_at(self, epoch: int, step: int) -> Batch:
         """This host's part of global batch (epoch, step)."""
-        if self.global_batch_tokens:
-            rows = self._host_plans(epoch, step)[self.process_index]
-            sizes = np.cumsum([0] + [len(row) for row in rows])
+        if self.layout.rows_per_pair == 0:  # packed: the rows were planned (_host_plans), the layout fills them
+            plans = self._host_plans(epoch, step)
+            need = max(1, *(len(host) for host in plans))  # past the planned epochs a batch may need more rows
+            rows, mine = max(self.planned_rows, -(-need // self.rows_multiple) * self.rows_multiple), \
+                plans[self.process_index]
+            sizes = np.cumsum([0] + [len(row) for row in mine])
             plan = [list(range(a, b)) for a, b in zip(sizes[:-1], sizes[1:])]
-            return self._finish([self.source[i] for row in rows for i in row], self.buckets[0], self.planned_rows,
-                                plan)
+            return self._finish([self.source[i] for row in mine for i in row], self.buckets[0], rows, plan)
         indices = self.global_indices(epoch, step)
         real = indices[indices >= 0]
         if len(self.buckets) == 1:
@@ -209,11 +215,7 @@ class PreferenceLoader:
             longest = int(self.lengths[real].max())
             t = next(b for b in self.buckets if b >= longest)
         local = indices[self.process_index * self.local_batch:(self.process_index + 1) * self.local_batch]
-        examples = [None if i < 0 else self.source[int(i)] for i in local]
-        rows = self.planned_rows
-        if rows is not None:  # packed: past the planned epochs a batch may need more rows
-            rows = max(rows, -(-self._rows_needed(epoch, step) // self.rows_multiple) * self.rows_multiple)
-        return self._finish(examples, t, rows)
+        return self._finish([None if i < 0 else self.source[int(i)] for i in local], t, None)
 
     def _finish(self, examples: list, t: int, rows: int | None, plan: list[list[int]] | None = None) -> Batch:
         """Rows in the layout, then the per-pair fields in the layout's pair order."""

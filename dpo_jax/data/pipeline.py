@@ -126,20 +126,14 @@ def build_loaders(
         return PreferenceLoader(p.source, lengths=lengths, seq_len=seq_len, score_window=rounded_max(spans),
                                 score_spans=spans, **common, **kwargs)
 
-    def all_loaders() -> dict[str, PreferenceLoader]:
-        out = {"train": split_loader("train", shuffle=config.shuffle, state=train_state, plan_steps=steps)}
-        if "eval" in prepared:
-            out["eval"] = split_loader("eval", shuffle=False, num_epochs=1)
-        return out
-
-    loaders = all_loaders()
-    most = max(loader.pairs_per_row for loader in loaders.values())
-    if layout.rows_per_pair == 0 and most < layout.max_pairs_per_row:
-        # No planned row holds K pairs (at fixed lengths: one): a smaller K is the same batches with smaller
+    loaders = {"train": split_loader("train", shuffle=config.shuffle, state=train_state, plan_steps=steps)}
+    if "eval" in prepared:
+        loaders["eval"] = split_loader("eval", shuffle=False, num_epochs=1)
+    if layout.rows_per_pair == 0:
+        # No planned row may hold K pairs (at fixed lengths: one): a smaller K is the same batches with smaller
         # per-pair arrays, and K = 1 lets the step use a contiguous score window (the shared-prompt layout's cost).
+        most = max(loader.pairs_per_row for loader in loaders.values())
         for loader in loaders.values():
-            loader.close()
-        common["layout"] = layout = get_layout(layout.name, most)
-        loaders = all_loaders()
+            loader.use_pairs_per_row(most)
     return loaders
 

@@ -23,12 +23,17 @@ def _is_adapter(path: tuple[str, ...]) -> bool:
     return any(str(p).endswith(SUFFIX) for p in path)
 
 
-def split(params: Any) -> tuple[dict, dict]:
-    """(frozen base, trainable adapters): two trees with the original paths, no arrays copied."""
+def _partition(params: Any, taken) -> tuple[dict, dict]:
+    """(leaves whose path `taken` rejects, leaves it takes): two trees with the original paths, no arrays copied."""
     flat = traverse_util.flatten_dict(params)
-    base = {k: v for k, v in flat.items() if not _is_adapter(k)}
-    adapters = {k: v for k, v in flat.items() if _is_adapter(k)}
-    return traverse_util.unflatten_dict(base), traverse_util.unflatten_dict(adapters)
+    take = {k: v for k, v in flat.items() if taken(k)}
+    rest = {k: v for k, v in flat.items() if k not in take}
+    return traverse_util.unflatten_dict(rest), traverse_util.unflatten_dict(take)
+
+
+def split(params: Any) -> tuple[dict, dict]:
+    """(frozen base, adapters)."""
+    return _partition(params, _is_adapter)
 
 
 def merge(base: Any, adapters: Any) -> dict:
@@ -41,10 +46,7 @@ def trainable(params: Any, config: ModelConfig) -> tuple[dict, Any]:
     head, which starts random (PEFT's modules_to_save) —; without, everything."""
     if not config.lora_rank:
         return {}, params
-    flat = traverse_util.flatten_dict(params)
-    trained = {k: v for k, v in flat.items() if _is_adapter(k) or (config.head == "score" and k[-1] == "score_kernel")}
-    frozen = {k: v for k, v in flat.items() if k not in trained}
-    return traverse_util.unflatten_dict(frozen), traverse_util.unflatten_dict(trained)
+    return _partition(params, lambda k: _is_adapter(k) or (config.head == "score" and k[-1] == "score_kernel"))
 
 
 def combine(frozen: dict, trained: Any, config: ModelConfig) -> Any:

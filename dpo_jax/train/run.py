@@ -131,8 +131,8 @@ def build_run(c: ml_collections.ConfigDict, compile_train_step: bool = False) ->
     windows = [loader.score_window for loader in loaders.values()]
     window = max(windows) if all(windows) else 0  # one step serves every split; 0: a split has no window
     if window and main:
-        print(f"score window: the unembedding runs on at most {window} positions per row (the data's longest "
-              "scored span)", flush=True)
+        print(f"score window: the unembedding runs on at most {window} positions per row (planned from the "
+              "data's scored tokens)", flush=True)
 
     # ----- model, optimizer and sharded state
     layout = loaders["train"].layout  # the packed layout's K is the most pairs a planned row holds
