@@ -113,6 +113,40 @@ def test_a_lora_step_on_a_2x2x2_mesh_with_micro_batches_equals_one_device():
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
 
 
+def test_adapter_dropout_is_unbiased_and_on_in_the_train_step_only():
+    """PEFT's lora_dropout: an adapter's mean output over dropout keys is its output without dropout; a train step
+    with dropout differs from one without but is a function of (state, batch) (so resume is exact); evaluation
+    never drops."""
+    from dpo_jax.models.decoder import LoraAdapter
+
+    model = LLAMA.replace(lora_dropout=0.5, scan_layers=True)
+    adapter = LoraAdapter(model, (6,), ("embed", "mlp"), (-1,))
+    x = jax.random.normal(jax.random.key(0), (3, 32))
+    variables = adapter.init(jax.random.key(1), x)
+    variables = {"params": {**variables["params"], "b": jax.random.normal(jax.random.key(2), (4, 6))}}
+    plain = adapter.apply(variables, x)
+    draws = jax.vmap(lambda k: adapter.apply(variables, x, rngs={"dropout": k}))(
+        jax.random.split(jax.random.key(3), 4096))
+    assert float(jnp.abs(draws[0] - plain).max()) > 1e-2  # each draw drops
+    np.testing.assert_allclose(draws.mean(0), plain, atol=0.05 * float(jnp.abs(plain).max()))
+
+    params = _randomize_b(init_params(model, jax.random.key(4)))
+    batch = H.local_batch(0, 8)
+    results = {}
+    for name, m in (("dropout", model), ("none", model.replace(lora_dropout=0.0))):
+        e = build_engine(H.config(optimizer_name="sgd", lr=0.5, reference="base"), m, lambda: params,
+                         devices=jax.devices()[:1])
+        evaluated = summaries.finalize(e.eval_step(e.state.params, e.shard_batch(batch)))
+        for again in ("", " again"):
+            state, metrics = e.train_step(jax.tree.map(jnp.copy, e.state), e.shard_batch(batch))
+            results[name + again] = (evaluated, summaries.finalize(metrics),
+                                     jax.device_get(lora.split(state.params)[1]))
+    (ev_d, tr_d, a_d), (_, tr_a, a_a), (ev_n, tr_n, _), _ = results.values()
+    assert tr_d == tr_a and jax.tree.all(jax.tree.map(np.array_equal, a_d, a_a))  # same key, same step
+    assert abs(tr_d["loss"] - tr_n["loss"]) > 1e-4  # dropout changed the training forward
+    assert ev_d["loss"] == pytest.approx(ev_n["loss"], rel=1e-6)  # and not evaluation's
+
+
 def test_a_tiny_lora_run_resumes_exactly_and_exports_merged_and_peft(tmp_path):
     """configs/tiny.py:lora (GPT-2; q/k/v left out so that every adapter is a PEFT module of its own): killed after
     checkpoint 8 and resumed, the same metric lines; the merged HF export computes what the adapters compute; the

@@ -17,6 +17,8 @@ from dpo_jax.train.trainer import Trainer
 
 TOY = ModelConfig(vocab_size=16, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=16,
                   intermediate_size=64)
+RULES = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor"),
+         ("vocab", "tensor"), ("head_dim", None), ("layers", None))
 TARGET = 7  # the toy reward: the fraction of generated tokens that are this one
 
 
@@ -47,9 +49,7 @@ def _engine(c, devices, optimizer=None):
     _, value = as_reward_model(TOY, policy, None, jax.random.key(1))
     mesh = jax.sharding.Mesh(np.asarray(devices).reshape(-1, 1, 1) if len(devices) < 8 else
                              np.asarray(devices).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
-    rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
-             ("kv_heads", "tensor"), ("vocab", "tensor"), ("head_dim", None), ("layers", None))
-    e = build_ppo_engine(c, optimizer or _optimizer(), policy, value, mesh, rules)
+    e = build_ppo_engine(c, optimizer or _optimizer(), policy, value, mesh, RULES)
     return e, jax.device_put(init_params(TOY, jax.random.key(0)), e.param_shardings["policy"])
 
 
@@ -126,3 +126,42 @@ def test_ppo_step_on_a_2x2x2_mesh_equals_one_device():
     moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(
         init_params(TOY, jax.random.key(0)))) if a.shape == b.shape)
     assert moved > 1e-4
+
+
+def test_lora_ppo_trains_adapters_only_and_its_reference_is_the_base():
+    """A LoRA policy and value model: three iterations move only the adapters and the value head, the optimizer holds
+    only them, and π_ref (no copy) stays the initial base: equal to a separately held plain model's log-probs."""
+    from dpo_jax.models import lora
+
+    policy_config = TOY.replace(lora_rank=4, lora_alpha=8.0, lora_targets=("q", "v", "fc_in"))
+    c = PPOConfig(model=policy_config, value_model=policy_config.replace(head="score", pad_token_id=None),
+                  sampling=_config().sampling)
+    policy = init_params(policy_config, jax.random.key(0))
+    value_config, value = as_reward_model(policy_config, policy, None, jax.random.key(1))
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    e = build_ppo_engine(c, _optimizer(), policy, value, mesh, RULES)
+    initial = jax.device_get(e.state.params)
+    trainer = Trainer(e, steps=3, writer=MetricWriter(None), log_every=1,
+                      rollout=Rollouts(e, None, _reward, lambda ids, mask: [""] * len(ids)))
+    state, _ = trainer.fit(e.state, _Prompts())
+    assert trainer.history[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # B = 0: π = its base at first
+    assert trainer.history[-1]["objective/kl"] > 1e-4
+    after = jax.device_get(state.params)
+    for part, config in (("policy", policy_config), ("value", value_config)):
+        frozen0, trained0 = lora.trainable(initial[part], config)
+        frozen1, trained1 = lora.trainable(after[part], config)
+        assert jax.tree.all(jax.tree.map(np.array_equal, frozen0, frozen1)), part  # the base: bit-identical
+        assert all(float(np.abs(a - b).max()) > 0 for a, b in zip(jax.tree.leaves(trained0),
+                                                                   jax.tree.leaves(trained1)) if a.ndim > 1), part
+    trained_size = sum(x.size for x in jax.tree.leaves(c.trainable(after)[1]))
+    assert sum(x.size for x in jax.tree.leaves(state.opt_state)) <= 2 * trained_size + 8  # AdamW's mu, nu, count
+    # π_ref inside the rollout: the base (adapters off) of the trained policy == a plain model of the initial base
+    p = _prompts(9, 4)
+    ids = jnp.concatenate([jnp.asarray(p["prompt_ids"]), jnp.asarray(p["prompt_ids"])[:, :2] % 5 + 1], 1)
+    ref, _ = e.rollout_stats(state.params, None, ids, jnp.ones_like(ids), 2)
+    np.testing.assert_allclose(ref, response_logps(lora.base_params(initial["policy"]), TOY, ids, jnp.ones_like(ids),
+                                                   2, 1.0), atol=1e-6)
+    mine = response_logps(after["policy"], policy_config, ids, jnp.ones_like(ids), 2, 1.0)
+    assert float(jnp.abs(mine - ref).max()) > 1e-5  # the trained policy differs from it
+    with pytest.raises(ValueError, match="lora.dropout must be 0 for PPO"):
+        PPOConfig(model=policy_config.replace(lora_dropout=0.1), value_model=c.value_model, sampling=c.sampling)

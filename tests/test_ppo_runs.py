@@ -82,9 +82,11 @@ def test_ppo_against_a_reward_model_checkpoint_with_the_value_model_from_it(tmp_
     rm_config, rm_params = as_reward_model(policy, init_params(policy, jax.random.key(3)), tok.pad_token_id,
                                            jax.random.key(4))
     native.save_model(str(tmp_path / "rm"), rm_config, rm_params)
-    c.reward.kind, c.reward.model.source, c.reward.model.path = "model", "checkpoint", str(tmp_path / "rm")
-    c.value_init = "reward"
-    ppo_run.main(c)
-    rows = _lines(tmp_path / "rm_run")
-    assert [r["step"] for r in rows] == [1, 2] and rows[0]["objective/kl"] == pytest.approx(0, abs=1e-5)
-    assert all(abs(r["objective/scores"]) < 1e3 and r["loss/value_avg"] > 0 for r in rows)
+    for run, rank in (("rm_run", 0), ("lora_run", 4)):  # LoRA: adapters on the policy and the RM-made value model
+        c.train.run_dir, c.policy.lora.rank = str(tmp_path / run), rank
+        c.reward.kind, c.reward.model.source, c.reward.model.path = "model", "checkpoint", str(tmp_path / "rm")
+        c.value_init = "reward"
+        ppo_run.main(c)
+        rows = _lines(tmp_path / run)
+        assert [r["step"] for r in rows] == [1, 2] and rows[0]["objective/kl"] == pytest.approx(0, abs=1e-5)
+        assert all(abs(r["objective/scores"]) < 1e3 and r["loss/value_avg"] > 0 for r in rows)

@@ -77,7 +77,7 @@ def save_peft(config: ModelConfig, params: Any, out: str, base_model: str = "") 
     save_file(tensors, os.path.join(out, WEIGHTS_FILE), metadata={"format": "pt"})
     adapter_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r,
-        "lora_alpha": config.lora_alpha, "lora_dropout": 0.0, "bias": "none",
+        "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout, "bias": "none",
         # the module's last two name parts: unambiguous where a leaf name is not (GPT-2's attn.c_proj, mlp.c_proj)
         "target_modules": sorted({".".join(table[t][0].split(".")[-2:]) for t in config.lora_targets}),
         "fan_in_fan_out": config.family == "gpt2",  # GPT-2's Conv1D stores [in, out]
@@ -116,7 +116,8 @@ def adapter_config(directory: str, config: ModelConfig) -> ModelConfig:
         raise ValueError(f"{path}: target_modules {unknown} are not {config.family} projections we can adapt "
                          f"({sorted(module for module, _ in table.values())})")
     targets = tuple(name for name in LORA_TARGETS if any(name in names for names in matches.values()))
-    return config.replace(lora_rank=int(ac["r"]), lora_alpha=float(ac["lora_alpha"]), lora_targets=targets)
+    return config.replace(lora_rank=int(ac["r"]), lora_alpha=float(ac["lora_alpha"]), lora_targets=targets,
+                          lora_dropout=float(ac.get("lora_dropout", 0.0)))
 
 
 def load_peft(directory: str, config: ModelConfig, params: Any) -> tuple[ModelConfig, dict]:

@@ -66,6 +66,7 @@ class ModelConfig:
     lora_rank: int = 0  # > 0: low-rank adapters (models/lora.py) on the `lora_targets` projections
     lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank (PEFT's convention)
     lora_targets: tuple[str, ...] = ()  # projection names: q, k, v, o, gate, up, down, fc_in, fc_out
+    lora_dropout: float = 0.0  # PEFT's lora_dropout on each adapter's input, in steps that pass a dropout key
 
     def __post_init__(self):
         checks = [
@@ -94,6 +95,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: lora_rank = {self.lora_rank}, lora_targets = {self.lora_targets}: a rank "
                              f">= 0 and, with a rank, targets among {', '.join(LORA_TARGETS)}"
                              + (f" (unknown: {unknown})" if unknown else ""))
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"ModelConfig.lora_dropout = {self.lora_dropout}: a probability in [0, 1)")
 
     @property
     def rotary_dims(self) -> int:

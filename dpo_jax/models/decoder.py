@@ -87,7 +87,9 @@ def _dense(config: ModelConfig, features, axes, name, use_bias, in_axes=-1):
 class LoraAdapter(nn.Module):
     """The low-rank update (alpha / r) · x A B of one projection (Hu et al., 2021; PEFT's initialisation: A uniform
     in ±1/sqrt(fan_in), B = 0, so a new adapter leaves the model unchanged). Float32 parameters whatever the base's
-    dtype; the rank axis is replicated (logical name None), the others shard like the base kernel's."""
+    dtype; the rank axis is replicated (logical name None), the others shard like the base kernel's.
+    With `lora_dropout`, the adapter's input is dropped (as PEFT) when the caller passes a "dropout" key — the
+    training steps do; evaluation, sampling and the reference never do, so they need no switch."""
 
     config: ModelConfig
     features: tuple[int, ...]
@@ -104,6 +106,8 @@ class LoraAdapter(nn.Module):
         b = self.param("b", _init((None,) + self.axes[n_in:], nn.initializers.zeros), (r,) + self.features,
                        jnp.float32)
         dt = jnp.dtype(c.dtype)
+        if c.lora_dropout and self.has_rng("dropout"):
+            x = nn.Dropout(c.lora_dropout, deterministic=False)(x)
         contract = tuple(a % x.ndim for a in self.in_axes)
         low = jax.lax.dot_general(x, a.astype(dt), ((contract, tuple(range(n_in))), ((), ())))
         return jnp.tensordot(low, b.astype(dt), axes=1) * (c.lora_alpha / r)
@@ -271,7 +275,7 @@ class Decoder(nn.Module):
             scanned = nn.scan(
                 block,
                 variable_axes={"params": 0},
-                split_rngs={"params": True},
+                split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
                 length=c.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},

@@ -9,6 +9,8 @@ One Trainer step is one iteration, as TRL's PPOTrainer counts updates:
     whitened advantages, then `epochs` passes of `minibatches` clipped policy + value updates under one optimizer
     over {policy, value} (a `lax.scan`; the data never leaves the device), and the adaptive KL controller.
 The generation key of iteration s is fold_in(seed, s), so a resumed run draws what an uninterrupted one would.
+With a LoRA policy (and value model) only the adapters (and the value head) train, and π_ref is the policy's own
+frozen base with the adapters off: no reference copy.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dpo_jax import sharding
 from dpo_jax.logprobs import token_logprobs
+from dpo_jax.models import lora
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.decoder import Decoder, logical_axes, unembedding
 from dpo_jax.models.generate import SamplingConfig, generate
@@ -62,12 +65,31 @@ class PPOConfig:
         if self.sampling.greedy or self.sampling.top_k or self.sampling.top_p < 1.0:
             raise ValueError("PPO samples from π at a temperature only (no greedy, top-k or top-p): the log-probs "
                              "of the update must be those of the distribution sampled from")
+        if self.model.lora_dropout or self.value_model.lora_dropout:
+            raise ValueError("config.policy.lora.dropout must be 0 for PPO: the update's ratio π/π_old compares "
+                             "log-probs with the rollout's, which are drawn without dropout (TRL's PPO disables "
+                             "dropout too)")
+
+    @property
+    def base_reference(self) -> bool:
+        """A LoRA policy's π_ref is its base with the adapters off (no copy)."""
+        return bool(self.model.lora_rank)
+
+    def trainable(self, params: dict) -> tuple[dict, dict]:
+        """({"policy", "value"} frozen parts, trained parts): adapters (+ the value head) with LoRA, else all."""
+        (fp, tp), (fv, tv) = lora.trainable(params["policy"], self.model), lora.trainable(params["value"],
+                                                                                          self.value_model)
+        return {"policy": fp, "value": fv}, {"policy": tp, "value": tv}
+
+    def combine(self, frozen: dict, trained: dict) -> dict:
+        return {"policy": lora.combine(frozen["policy"], trained["policy"], self.model),
+                "value": lora.combine(frozen["value"], trained["value"], self.value_model)}
 
 
 class PPOState(NamedTuple):
     step: jax.Array
     params: Any  # {"policy": ..., "value": ...}
-    opt_state: Any  # one optimizer over both (TRL's policy-and-value wrapper)
+    opt_state: Any  # one optimizer over both (TRL's policy-and-value wrapper); LoRA: over their trained parts
     kl_coef: jax.Array
 
 
@@ -127,17 +149,21 @@ def make_ppo_step(c: PPOConfig, optimizer: optax.GradientTransformation, schedul
         order = jnp.concatenate([jax.random.permutation(jax.random.fold_in(key, e), b) for e in range(c.epochs)])
         order = order.reshape(c.epochs * c.minibatches, b // c.minibatches)
 
+        frozen, trained = c.trainable(state.params)  # LoRA: the bases never reach the gradients or the optimizer
+
         def update(carry, idx):
-            params, opt_state = carry
+            trained, opt_state = carry
             mb = {k: jax.lax.with_sharding_constraint(
                 jnp.take(v, idx, axis=0), NamedSharding(mesh, PartitionSpec(rows, *([None] * (v.ndim - 1)))))
                 for k, v in data.items()}
-            (loss, stats), grads = jax.value_and_grad(_losses, has_aux=True)(params, mb, c)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), {**stats, "loss": loss,
-                                                                       "grad_norm": optax.tree.norm(grads)}
+            (loss, stats), grads = jax.value_and_grad(
+                lambda t: _losses(c.combine(frozen, t), mb, c), has_aux=True)(trained)
+            updates, opt_state = optimizer.update(grads, opt_state, trained)
+            return (optax.apply_updates(trained, updates), opt_state), {**stats, "loss": loss,
+                                                                        "grad_norm": optax.tree.norm(grads)}
 
-        (params, opt_state), per_update = jax.lax.scan(update, (state.params, state.opt_state), order)
+        (trained, opt_state), per_update = jax.lax.scan(update, (trained, state.opt_state), order)
+        params = c.combine(frozen, trained)
         sequence_kl = jnp.sum(kl, axis=1)
         mean_kl = jnp.mean(sequence_kl)
         kl_coef = ppo_math.adaptive_kl_coef(state.kl_coef, mean_kl, c.target_kl, c.horizon, b) \
@@ -170,7 +196,7 @@ class PPOEngine(NamedTuple):
     state_shardings: PPOState
     state: PPOState
     train_step: Callable
-    rollout_stats: Callable  # (params, ref_params, ids, mask, length) -> (ref logps, values)
+    rollout_stats: Callable  # (params, ref_params, ids, mask, length) -> (ref logps, values); LoRA: ref_params None
     init_state: Callable  # (policy params, value params, kl_coef) -> a fresh sharded PPOState (params donated)
 
     def shard_batch(self, local: dict) -> dict:
@@ -238,7 +264,8 @@ def build_ppo_engine(c: PPOConfig, optimizer_config: Any, policy_params: Any, va
         value = jax.tree.map(lambda x: jnp.copy(x) if id(x) in shared else x, value)
         # placed first: donating across a resharding is not supported
         params = jax.device_put({"policy": policy, "value": value}, p_shardings)
-        train_state = create_state(lambda p: p, optimizer, shardings_for, params)
+        train_state = create_state(lambda p: p, optimizer, shardings_for, params,
+                                   trained=lambda p: c.trainable(p)[1])
         return PPOState(*train_state, jax.device_put(jnp.asarray(kl_coef, jnp.float32), replicated))
 
     state = init_state(policy_params, value_params, c.kl_coef)
@@ -246,11 +273,14 @@ def build_ppo_engine(c: PPOConfig, optimizer_config: Any, policy_params: Any, va
     rows = sharding.batch_sharding(mesh, rules, 2)
 
     def stats(params, ref_params, ids, mask, length):
-        return (response_logps(ref_params, c.model, ids, mask, length, c.sampling.temperature),
+        ref, ref_model = (lora.base_params(params["policy"]), lora.base_config(c.model)) if c.base_reference \
+            else (ref_params, c.model)
+        return (response_logps(ref, ref_model, ids, mask, length, c.sampling.temperature),
                 response_values(params["value"], c.value_model, ids, mask, length))
 
-    rollout_stats = jax.jit(stats, static_argnums=(4,), in_shardings=(s_shardings.params, p_shardings["policy"],
-                                                                     rows, rows), out_shardings=rows)
+    ref_shardings = None if c.base_reference else p_shardings["policy"]
+    rollout_stats = jax.jit(stats, static_argnums=(4,), in_shardings=(s_shardings.params, ref_shardings, rows, rows),
+                            out_shardings=rows)
     step = make_ppo_step(c, optimizer, schedule, mesh, rules, s_shardings)
     return PPOEngine(c, mesh, rules, p_shardings, s_shardings, state, step, rollout_stats, init_state)
 
@@ -258,6 +288,7 @@ def build_ppo_engine(c: PPOConfig, optimizer_config: Any, policy_params: Any, va
 class Rollouts:
     """The Trainer's rollout hook: a host batch of prompts + the current state -> a rollout batch on device.
 
+    ref_params: π_ref's parameters (None for a LoRA policy: its base is the reference).
     score(ids, mask, texts) -> [B] float32: a reward model's scoring pass on (prompt + response) rows, or a host
     reward of the decoded texts (PPO-GT); `missing_eos_penalty` is subtracted from responses without EOS.
     ready(): waited for once, after the first rollout (e.g. `compile_ahead(...).wait`)."""

@@ -27,7 +27,9 @@ from dpo_jax.rlhf.best_of_n import score_rows
 from dpo_jax.rlhf.ppo import PPOConfig, PPOState, Rollouts, build_ppo_engine, compile_ahead
 from dpo_jax.rlhf.reward_model import as_reward_model, make_scorer
 from dpo_jax.train.checkpoint import RunCheckpoints
-from dpo_jax.train.model_source import default_model_config, load_tokenizer, model_with_head, pad_id, place_on_mesh
+from dpo_jax.models import lora
+from dpo_jax.train.model_source import (default_model_config, load_tokenizer, model_with_head, pad_id, place_on_mesh,
+                                        with_adapters)
 from dpo_jax.train.state import default_optimizer_config
 from dpo_jax.train.trainer import Trainer
 
@@ -38,6 +40,8 @@ VALUE_INITS = ("reward", "policy")
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.policy = default_model_config()  # π_SFT: where the policy starts, and π_ref (never trained)
+    # policy.lora.rank > 0: the policy and the value model train LoRA adapters (policy.lora's rank, alpha, targets;
+    # the value head too) over frozen bases, and π_ref is the policy's base with the adapters off — no copy
     c.reward = ml_collections.ConfigDict(dict(kind="model", function="", model=default_model_config()))
     # kind = model: reward.model is a reward model (HF *ForSequenceClassification dir or a dpo_jax checkpoint);
     # kind = function: reward.function = "module:name" or "file.py:name", texts -> floats (PPO-GT)
@@ -108,9 +112,15 @@ def main(c: ml_collections.ConfigDict) -> dict[str, float]:
     sampling = SamplingConfig(max_new_tokens=p.max_new_tokens, temperature=p.temperature,
                               eos_id=tokenizer.eos_token_id, pad_id=pad)
     policy_params = load_policy()
-    reference = jax.tree.map(jnp.copy, policy_params)  # π_ref = π_SFT, never trained: a copy, not a second load
+    # π_ref = π_SFT, never trained: a copy, not a second load; a LoRA policy's reference is its own frozen base
+    reference = None if policy.lora_rank else jax.tree.map(jnp.copy, policy_params)
     if c.value_init == "reward":
         value_config, value_params = reward[0], reward[1]()
+        if policy.lora_rank:  # the value model trains adapters like the policy's (and its head) over a frozen base
+            merged = lora.merged(value_params, value_config)  # a LoRA reward model's own adapters folded in
+            value_config = lora.base_config(value_config).replace(
+                lora_rank=policy.lora_rank, lora_alpha=policy.lora_alpha, lora_targets=policy.lora_targets)
+            value_params = with_adapters(value_config, lambda: merged, t.seed + 2)()
     else:
         value_config, value_params = as_reward_model(policy, policy_params, pad, jax.random.key(t.seed + 1))
     config = PPOConfig(model=policy, value_model=value_config, sampling=sampling, epochs=p.epochs,
@@ -118,7 +128,8 @@ def main(c: ml_collections.ConfigDict) -> dict[str, float]:
                        gamma=p.gamma, lam=p.lam, kl_coef=p.kl_coef, target_kl=p.target_kl, horizon=p.horizon,
                        whiten_rewards=p.whiten_rewards, seed=t.seed)
     engine = build_ppo_engine(config, c.optimizer, policy_params, value_params, mesh, rules)
-    reference = jax.device_put(reference, engine.param_shardings["policy"])
+    if reference is not None:
+        reference = jax.device_put(reference, engine.param_shardings["policy"])
     state, start, window = engine.state, 0, None
     writer = MetricWriter(run_dir, enabled=jax.process_index() == 0, tensorboard=t.tensorboard)
     if latest is not None:

@@ -74,11 +74,12 @@ def sequence_scores(params: dict, config: ModelConfig, input_ids: Array, attenti
     return _at(token_scores(params, config, hidden), last_token(scoreable(input_ids, attention_mask, config)))
 
 
-def pair_rewards(params: dict, batch: dict[str, Array], config: ModelConfig, layout: Layout, num_blocks: int
-                 ) -> tuple[Array, Array]:
+def pair_rewards(params: dict, batch: dict[str, Array], config: ModelConfig, layout: Layout, num_blocks: int,
+                 rngs: dict[str, Array] | None = None) -> tuple[Array, Array]:
     """(r_chosen, r_rejected) [B] float32 of a preference batch in any layout (shared prompt: one packed row gives
-    both scores)."""
-    hidden = Decoder(config).apply({"params": params}, batch["input_ids"], **layout.decoder_inputs(batch))
+    both scores). `rngs`: a training step's dropout key."""
+    hidden = Decoder(config).apply({"params": params}, batch["input_ids"], **layout.decoder_inputs(batch),
+                                   rngs=rngs)
     scores = token_scores(params, config, hidden)
     valid = scoreable(batch["input_ids"], batch["attention_mask"], config)
     (sc, vc), (sr, vr) = layout.sequences(scores, valid, batch, num_blocks)

@@ -75,7 +75,8 @@ def step_config(c: ml_collections.ConfigDict, model: ModelConfig, layout: Layout
         loss_kwargs=tuple(sorted(c.dpo.loss_kwargs.to_dict().items())), unlikelihood_alpha=c.dpo.unlikelihood_alpha,
         center_rewards_coefficient=c.reward.center_rewards_coefficient, micro_batches=c.train.micro_batches,
         num_blocks=jax.process_count(), chunk_size=c.train.logprob_chunk_size,
-        layout=layout, score_window=score_window, base_reference=c.dpo.reference == "base")
+        layout=layout, score_window=score_window, base_reference=c.dpo.reference == "base",
+        seed=c.train.seed)
 
 
 class Engine(NamedTuple):

@@ -37,7 +37,8 @@ def default_model_config() -> ml_collections.ConfigDict:
     c.seed = 0
     # LoRA (models/lora.py): rank > 0 trains low-rank adapters on the `targets` projections, the base frozen
     # peft_path: a PEFT LoRA adapter directory to load onto the (source = hf) base; its rank, alpha and targets
-    # are then the adapter's (rank must stay 0 here or agree)
+    # are then the adapter's (rank must stay 0 here or agree); dropout: PEFT's lora_dropout on the adapters'
+    # inputs in training steps (DPO, SFT, reward; PPO refuses it), this config's value even with a peft_path
     c.lora = ml_collections.ConfigDict({"rank": 0, "alpha": 16.0, "dropout": 0.0, "targets": ("q", "k", "v", "o"),
                                         "peft_path": ""})
     return c
@@ -47,10 +48,9 @@ def _model_overrides(m: ml_collections.ConfigDict) -> dict[str, Any]:
     out = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy, scan_layers=m.scan_layers,
                attention_impl=m.attention_impl or None)
     lora_section = m.get("lora")
+    if lora_section is not None and (lora_section.rank or lora_section.get("peft_path")):
+        out["lora_dropout"] = float(lora_section.dropout)
     if lora_section is not None and lora_section.rank:
-        if lora_section.dropout:
-            raise ValueError(f"config.model.lora.dropout = {lora_section.dropout}: adapter dropout is not "
-                             "implemented (the decoder is deterministic); set it to 0")
         targets = lora_section.targets
         out.update(lora_rank=int(lora_section.rank), lora_alpha=float(lora_section.alpha),
                    lora_targets=tuple(targets.split(",") if isinstance(targets, str) else targets))
@@ -99,6 +99,7 @@ def model_loader(m: ml_collections.ConfigDict, vocab_size: int) -> tuple[ModelCo
         if config.lora_rank and config.lora_rank != adapted.lora_rank:
             raise ValueError(f"config.model.lora.rank = {config.lora_rank}, but the PEFT adapter in "
                              f"config.model.lora.peft_path = {peft_path!r} has rank {adapted.lora_rank}")
+        adapted = adapted.replace(lora_dropout=config.lora_dropout)  # a training setting: the config's
         return adapted, lambda: load_peft(peft_path, plain, base())[1]
     config_path = os.path.join(m.path, native.CONFIG_FILE)
     if not os.path.isfile(config_path):

@@ -55,6 +55,7 @@ class StepConfig:
     # row has at most this many scored tokens (logprobs.py `positions`, gathered)
     score_window: int = 0
     base_reference: bool = False  # LoRA: the reference is the same base with the adapters off, in the step
+    seed: int = 0  # LoRA dropout: micro-batch m of step s drops with key fold_in(fold_in(key(seed), s), m)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -83,9 +84,16 @@ class StepConfig:
         return keys
 
 
-def policy_logprobs(params: Any, batch: dict[str, jax.Array], c: StepConfig) -> SequenceLogProbs:
+def dropout_rngs(rng: jax.Array | None) -> dict[str, jax.Array] | None:
+    """The `rngs` of a training forward pass: a dropout key turns on the LoRA adapters' dropout."""
+    return None if rng is None else {"dropout": rng}
+
+
+def policy_logprobs(params: Any, batch: dict[str, jax.Array], c: StepConfig, rng: jax.Array | None = None
+                    ) -> SequenceLogProbs:
     """Forward over all rows, then chunked float32 log-probs of the scored tokens."""
-    hidden = Decoder(c.model).apply({"params": params}, batch["input_ids"], **c.layout.decoder_inputs(batch))
+    hidden = Decoder(c.model).apply({"params": params}, batch["input_ids"], **c.layout.decoder_inputs(batch),
+                                    rngs=dropout_rngs(rng))
     kernel, bias = unembedding(params, c.model)
     return sequence_logprobs(hidden, kernel, batch["input_ids"], batch["loss_mask"], bias=bias,
                              chunk_size=c.chunk_size, predecessor=c.layout.predecessor(batch),
@@ -122,9 +130,10 @@ def response_masks(batch: dict[str, jax.Array], c: StepConfig) -> tuple[jax.Arra
     return c.layout.responses(c.layout.scored(batch).astype(jnp.float32), batch, c.num_blocks)
 
 
-def pair_logprobs(params: Any, batch: dict[str, jax.Array], c: StepConfig) -> PairLogProbs:
+def pair_logprobs(params: Any, batch: dict[str, jax.Array], c: StepConfig, rng: jax.Array | None = None
+                  ) -> PairLogProbs:
     """The policy's log-probs of both responses of every pair, whatever the batch layout."""
-    lp = policy_logprobs(params, batch, c)
+    lp = policy_logprobs(params, batch, c, rng)
     mask_c, mask_r = response_masks(batch, c)
     tc, tr = c.layout.responses(lp.token_logps, batch, c.num_blocks)
     return PairLogProbs(jnp.sum(tc, -1), jnp.sum(tr, -1), jnp.sum(mask_c, -1), jnp.sum(mask_r, -1), tc, tr,
@@ -139,11 +148,12 @@ def loss_denominator(batch: dict[str, jax.Array], c: StepConfig) -> jax.Array:
     return jnp.maximum(jnp.sum(batch["example_mask"]).astype(jnp.float32), 1.0)
 
 
-def loss_sum_and_metrics(params: Any, batch: dict[str, jax.Array], c: StepConfig) -> tuple[jax.Array, dict]:
-    """Σ of per-example (SFT: per-token) losses over real examples, and metric sums. Pure."""
+def loss_sum_and_metrics(params: Any, batch: dict[str, jax.Array], c: StepConfig, rng: jax.Array | None = None
+                         ) -> tuple[jax.Array, dict]:
+    """Σ of per-example (SFT: per-token) losses over real examples, and metric sums. Pure (`rng`: dropout)."""
     if c.mode == "reward":
-        return _reward_loss_sum(params, batch, c)
-    lp = pair_logprobs(params, batch, c)
+        return _reward_loss_sum(params, batch, c, rng)
+    lp = pair_logprobs(params, batch, c, rng)
     pc, pr = lp.chosen_sums, lp.rejected_sums
     mask = batch["example_mask"].astype(jnp.float32)
     if c.mode == "dpo":
@@ -176,37 +186,40 @@ def loss_sum_and_metrics(params: Any, batch: dict[str, jax.Array], c: StepConfig
     return total, metrics
 
 
-def _reward_loss_sum(params: Any, batch: dict[str, jax.Array], c: StepConfig) -> tuple[jax.Array, dict]:
-    rc, rr = reward_model.pair_rewards(params, batch, c.model, c.layout, c.num_blocks)
+def _reward_loss_sum(params: Any, batch: dict[str, jax.Array], c: StepConfig, rng: jax.Array | None
+                     ) -> tuple[jax.Array, dict]:
+    rc, rr = reward_model.pair_rewards(params, batch, c.model, c.layout, c.num_blocks, dropout_rngs(rng))
     mask = batch["example_mask"].astype(jnp.float32)
     per_example, _ = losses.bradley_terry_loss(rc, rr, batch["margin"], c.center_rewards_coefficient)
     return jnp.sum(per_example * mask), reward_model.reward_metrics(per_example, rc, rr, mask)
 
 
 def _accumulate(params: Any, batch: dict[str, jax.Array], c: StepConfig, with_grad: bool,
-                constrain: Callable[[Any], Any]):
-    """(gradients of the trained parameters — the adapters of a LoRA model, else all —, metric sums)."""
+                constrain: Callable[[Any], Any], rng: jax.Array | None = None):
+    """(gradients of the trained parameters — the adapters of a LoRA model, else all —, metric sums). `rng`: the
+    step's dropout key (micro-batch m uses fold_in(rng, m)), None for no dropout."""
     denom = loss_denominator(batch, c)
     frozen, trained = lora.trainable(params, c.model)
 
-    def one(mb):
+    def one(mb, m):
+        key = None if rng is None else jax.random.fold_in(rng, m)
         if not with_grad:
             return None, loss_sum_and_metrics(params, mb, c)[1]
         (_, metrics), grads = jax.value_and_grad(
-            lambda t: (lambda total, m: (total / denom, m))(*loss_sum_and_metrics(lora.combine(frozen, t, c.model),
-                                                                                  mb, c)), has_aux=True)(trained)
+            lambda t: (lambda total, sums: (total / denom, sums))(*loss_sum_and_metrics(
+                lora.combine(frozen, t, c.model), mb, c, key)), has_aux=True)(trained)
         return grads, metrics
 
     if c.micro_batches == 1:
-        return one(batch)
+        return one(batch, 0)
     micro = constrain(c.layout.micro_batches(batch, c.micro_batches, c.num_blocks))
-    shapes = jax.eval_shape(one, jax.tree.map(lambda x: x[0], micro))
+    shapes = jax.eval_shape(one, jax.tree.map(lambda x: x[0], micro), 0)
     init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
-    def body(carry, mb):
-        return jax.tree.map(jnp.add, carry, one(mb)), None
+    def body(carry, xs):
+        return jax.tree.map(jnp.add, carry, one(*xs)), None
 
-    (grads, metrics), _ = jax.lax.scan(body, init, micro)
+    (grads, metrics), _ = jax.lax.scan(body, init, (micro, jnp.arange(c.micro_batches)))
     return grads, metrics
 
 
@@ -229,7 +242,8 @@ def make_steps(
             micro.items()}
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
-        grads, metrics = _accumulate(state.params, batch, c, True, constrain)
+        rng = jax.random.fold_in(jax.random.key(c.seed), state.step) if c.model.lora_dropout else None
+        grads, metrics = _accumulate(state.params, batch, c, True, constrain, rng)
         frozen, trained = lora.trainable(state.params, c.model)  # LoRA: the base never reaches the optimizer
         updates, opt_state = optimizer.update(grads, state.opt_state, trained)
         params = lora.combine(frozen, optax.apply_updates(trained, updates), c.model)
