@@ -55,3 +55,21 @@ def test_presets_build_the_shapes_they_name_and_gpt2_matches_the_hf_reading():
     assert _gpt2_config(hf) == shaped_config(vocab_size=100, max_position_embeddings=128, **PRESETS["gpt2-tiny"])
     with pytest.raises(ValueError, match="model family 'gptj' for a from-scratch model; valid: gpt2, llama"):
         shaped_config("gptj", 100, 64, 2, 4, 256)
+
+
+def test_materialized_cotangent_is_the_identity_with_bit_identical_gradients():
+    """The XLA:CPU layout workaround on bias-free projections (decoder.materialized_cotangent) changes no value."""
+    from dpo_jax.models.decoder import materialized_cotangent
+
+    x = jax.random.normal(jax.random.key(0), (2, 5, 3, 4))
+    w = jax.random.normal(jax.random.key(1), (4, 6))
+
+    def loss(w, wrap):
+        y = wrap(jnp.einsum("bthd,de->bthe", x, w))
+        return jnp.sum(jax.nn.silu(y) * y)
+
+    plain = jax.jit(jax.grad(lambda w: loss(w, lambda y: y)))(w)
+    wrapped = jax.jit(jax.grad(lambda w: loss(w, materialized_cotangent)))(w)
+    np.testing.assert_array_equal(wrapped, plain)
+    np.testing.assert_array_equal(materialized_cotangent(x), x)
+    assert float(jnp.abs(plain).max()) > 0

@@ -77,11 +77,34 @@ def _dense(config: ModelConfig, features, axes, name, use_bias, in_axes=-1):
         bias_init=_init(axes[-n_out:], nn.initializers.zeros),
         name=name,
     )
+    grad_layout = (lambda y: y) if use_bias else materialized_cotangent  # a bias's gradient already does its job
     if not (config.lora_rank and name in config.lora_targets):
-        return dense
+        return lambda x: grad_layout(dense(x))
     adapter = LoraAdapter(config, features if isinstance(features, tuple) else (features,), axes,
                           in_axes if isinstance(in_axes, tuple) else (in_axes,), name=f"{name}_lora")
-    return lambda x: dense(x) + adapter(x)
+    return lambda x: grad_layout(dense(x) + adapter(x))
+
+
+@jax.custom_vjp
+def materialized_cotangent(y: Array) -> Array:
+    """The identity, whose backward pass makes XLA:CPU write a projection's output gradient g once, row-major.
+
+    The weight gradient x^T g contracts over tokens, so XLA:CPU's matmul wants g transposed; without a second
+    consumer of g it fuses that transpose into the elementwise producer of g (SwiGLU's backward: five inputs read
+    with a stride per output element), which cost 40 % of a Llama-shaped step (docs/PERFORMANCE.md). A bias's
+    gradient (a column sum of g) is such a consumer, and is why biased models did not suffer; this gives g the same
+    column sum times 0.0, which XLA may not fold away (0.0 · inf is NaN) and which leaves g bit-identical when
+    finite. Other backends get the plain identity."""
+    return y
+
+
+def _materialized_cotangent_bwd(_, g):
+    if jax.default_backend() != "cpu":
+        return (g,)
+    return (g + 0.0 * jnp.sum(g, axis=tuple(range(g.ndim - 1)), keepdims=True),)
+
+
+materialized_cotangent.defvjp(lambda y: (y, None), _materialized_cotangent_bwd)
 
 
 class LoraAdapter(nn.Module):
