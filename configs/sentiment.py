@@ -4,7 +4,8 @@ Expected (default; measured 11 min 53 s on 2 CPU cores from an empty cache, with
 package index — two runs, identical results): VADER vs human ratings r = 0.450 on the test split; π_SFT's mean
 reward on held-out prefixes +0.160; DPO β = 0.1 at +0.574 (KL 9.4 nats), β = 1 at +0.297 (KL 1.2), Preferred-FT
 +0.247; PPO β = 0.05 +0.567 (KL 10.1), PPO-GT β = 0.05 +0.491 (KL 5.8); win rate against the human continuation
-(VADER) at temperature 0 / 1: π_SFT 40 % / 48 %, DPO β = 0.05 98 % / 80 %, PPO β = 0.05 79 % / 81 %, PPO-GT β = 0.05 83 % / 75 %;
+(VADER) at temperature 0 / 1: π_SFT 40 % / 48 %, DPO β = 0.05 98 % / 80 %, PPO β = 0.05 79 % / 81 %, PPO-GT
+β = 0.05 83 % / 75 %;
 runs/sentiment/{results.md, results.csv, frontier.png, winrate.png, winrate.md, winrate.csv,
 generalization.csv, overoptimization.png, samples.jsonl, pairs.jsonl} (docs/sentiment/ has a copy).
 
