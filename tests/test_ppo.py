@@ -163,5 +163,5 @@ def test_lora_ppo_trains_adapters_only_and_its_reference_is_the_base():
                                                    2, 1.0), atol=1e-6)
     mine = response_logps(after["policy"], policy_config, ids, jnp.ones_like(ids), 2, 1.0)
     assert float(jnp.abs(mine - ref).max()) > 1e-5  # the trained policy differs from it
-    with pytest.raises(ValueError, match="lora.dropout must be 0 for PPO"):
+    with pytest.raises(ValueError, match="reward.model.lora.dropout .the value model.s. must be 0 for PPO"):
         PPOConfig(model=policy_config.replace(lora_dropout=0.1), value_model=c.value_model, sampling=c.sampling)

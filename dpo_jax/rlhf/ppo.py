@@ -66,7 +66,8 @@ class PPOConfig:
             raise ValueError("PPO samples from π at a temperature only (no greedy, top-k or top-p): the log-probs "
                              "of the update must be those of the distribution sampled from")
         if self.model.lora_dropout or self.value_model.lora_dropout:
-            raise ValueError("config.policy.lora.dropout must be 0 for PPO: the update's ratio π/π_old compares "
+            raise ValueError("config.policy.lora.dropout and config.reward.model.lora.dropout (the value model's) "
+                             "must be 0 for PPO: the update's ratio π/π_old compares "
                              "log-probs with the rollout's, which are drawn without dropout (TRL's PPO disables "
                              "dropout too)")
 

@@ -22,12 +22,12 @@ from dpo_jax import sharding
 from dpo_jax.data.pipeline import default_data_config
 from dpo_jax.data.prompts import PromptLoader, encode_prompts, read_prompts
 from dpo_jax.metrics import MetricWriter, truncate_jsonl
+from dpo_jax.models import lora
 from dpo_jax.models.generate import SamplingConfig
 from dpo_jax.rlhf.best_of_n import score_rows
 from dpo_jax.rlhf.ppo import PPOConfig, PPOState, Rollouts, build_ppo_engine, compile_ahead
 from dpo_jax.rlhf.reward_model import as_reward_model, make_scorer
 from dpo_jax.train.checkpoint import RunCheckpoints
-from dpo_jax.models import lora
 from dpo_jax.train.model_source import (default_model_config, load_tokenizer, model_with_head, pad_id, place_on_mesh,
                                         with_adapters)
 from dpo_jax.train.state import default_optimizer_config
