@@ -22,8 +22,8 @@ def config(mesh=(1, 1, 1), pairs=8, micro=1, lr=3e-3, optimizer_name="adamw", **
     return c
 
 
-def engine(c, devices=None, seed=0, **kwargs):
-    return build_engine(c, MODEL, lambda: init_params(MODEL, jax.random.key(seed)), devices=devices, **kwargs)
+def engine(c, devices=None, seed=0, model=MODEL, **kwargs):
+    return build_engine(c, model, lambda: init_params(model, jax.random.key(seed)), devices=devices, **kwargs)
 
 
 def global_pairs(step, pairs, vocab=MODEL.vocab_size, padding=0):

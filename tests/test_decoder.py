@@ -73,3 +73,31 @@ def test_materialized_cotangent_is_the_identity_with_bit_identical_gradients():
     np.testing.assert_array_equal(wrapped, plain)
     np.testing.assert_array_equal(materialized_cotangent(x), x)
     assert float(jnp.abs(plain).max()) > 0
+
+
+@pytest.mark.parametrize("switch", [{"sliding_window": 5}, {"scan_layers": True, "remat_policy": "dots"}],
+                         ids=["sliding_window", "scanned_remat"])
+def test_causal_query_blocks_equal_one_dense_attention(switch):
+    """`attention_query_block` (queries in blocks that skip the causal upper triangle) changes no real token's
+    hidden state or any gradient — with packed segments, a padded row, GQA, sliding windows — and does less work."""
+    config = CONFIG.replace(**switch)
+    blocked = config.replace(attention_query_block=7)  # 30 tokens: 4 query blocks
+    params = init_params(config, jax.random.key(0))
+    ids = jax.random.randint(jax.random.key(1), (3, 30), 0, 40)
+    segments = jnp.asarray(np.repeat(np.arange(5) * 4 + 1, 6)[None].repeat(3, 0))  # five sequences of 6 per row
+    mask = jnp.ones((3, 30), jnp.int32).at[2, 25:].set(0)
+
+    def loss(p, c):
+        hidden = Decoder(c).apply({"params": p}, ids, segment_ids=segments, attention_mask=mask)
+        return jnp.sum(jnp.sin(hidden) * mask[..., None]), hidden
+
+    step = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    (want, hidden), grads = step(params, config)
+    (got, hidden_b), grads_b = step(params, blocked)
+    real = np.asarray(mask, bool)
+    np.testing.assert_allclose(np.asarray(hidden_b)[real], np.asarray(hidden)[real], atol=2e-6)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_b)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * float(jnp.abs(a).max()))
+    flops = [step.lower(params, c).cost_analysis()["flops"] for c in (config, blocked)]
+    assert flops[1] < flops[0]

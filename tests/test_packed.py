@@ -62,10 +62,12 @@ def _by_id(values, ids):
     return {int(i): float(v) for v, i in zip(np.asarray(values), np.asarray(ids)) if i >= 0}
 
 
-@pytest.mark.parametrize("model,layout", [(H.MODEL, PACKED), (SLIDING, PACKED), (H.MODEL, PackedPairs(1))],
-                         ids=["gqa", "sliding_window", "one_pair_per_row"])
+@pytest.mark.parametrize("model,layout", [(H.MODEL, PACKED), (SLIDING, PACKED), (H.MODEL, PackedPairs(1)),
+                                          (SLIDING.replace(attention_query_block=16), PACKED)],
+                         ids=["gqa", "sliding_window", "one_pair_per_row", "sliding_window_query_blocks"])
 def test_packed_pair_logprobs_equal_two_rows_per_pair(model, layout):
-    """K = 1 (what the loaders choose when no row holds two pairs) scores through a contiguous window instead."""
+    """K = 1 (what the loaders choose when no row holds two pairs) scores through a contiguous window instead;
+    query blocks (48-token packed rows in three) against plain rows attending densely."""
     rows = _pairs(13, seed=7)
     plain, packed, window = _loaders(rows, pairs=14, layout=layout)
     k = layout.max_pairs_per_row
@@ -75,7 +77,7 @@ def test_packed_pair_logprobs_equal_two_rows_per_pair(model, layout):
     params = init_params(model, jax.random.key(1))
     got = pair_logprobs(params, jax.tree.map(jnp.asarray, packed), StepConfig(model, layout=layout,
                                                                                score_window=window))
-    want = pair_logprobs(params, jax.tree.map(jnp.asarray, plain), StepConfig(model))
+    want = pair_logprobs(params, jax.tree.map(jnp.asarray, plain), StepConfig(model.replace(attention_query_block=0)))
     for field in ("chosen_sums", "rejected_sums", "chosen_counts", "rejected_counts"):
         g, w = _by_id(getattr(got, field), packed["example_id"]), _by_id(getattr(want, field), plain["example_id"])
         assert g.keys() == w.keys()
@@ -115,14 +117,15 @@ def test_packed_loss_metrics_and_gradient_equal_the_plain_layout(mode):
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g0)) > 1e-4
 
 
-def _plain_on_one_device_vs_packed_on_a_mesh(plain, packed, pairs, window):
+def _plain_on_one_device_vs_packed_on_a_mesh(plain, packed, pairs, window, packed_model=H.MODEL):
     """Two SGD steps: the plain layout on one device against packed rows on a (2,2,2) mesh with 2 micro-batches;
     the same loss, metrics and parameters."""
     history, finals = [], []
-    for mesh, micro, batch, devices, layout, positions in (((1, 1, 1), 1, plain, jax.devices()[:1], PAIRS, 0),
-                                                           ((2, 2, 2), 2, packed, jax.devices()[:8], PACKED, window)):
+    for mesh, micro, batch, devices, layout, positions, model in (
+            ((1, 1, 1), 1, plain, jax.devices()[:1], PAIRS, 0, H.MODEL),
+            ((2, 2, 2), 2, packed, jax.devices()[:8], PACKED, window, packed_model)):
         c = H.config(mesh=mesh, pairs=pairs, micro=micro, optimizer_name="sgd", lr=0.5)
-        e = H.engine(c, devices=devices, layout=layout, score_window=positions)
+        e = H.engine(c, devices=devices, layout=layout, score_window=positions, model=model)
         sc, sr, _, _ = (np.asarray(x) for x in e.reference_logps(e.state.params, batch))
         local = {**batch, "ref_chosen_logps": sc, "ref_rejected_logps": sr}
         state, out = e.state, []
@@ -158,7 +161,8 @@ def test_packed_engine_with_micro_batches_on_a_2x2x2_mesh_equals_plain_rows_on_o
 
 
 def test_a_token_budget_batch_on_a_2x2x2_mesh_equals_plain_rows_of_its_pairs_on_one_device():
-    """A token-budget batch holds however many pairs fill its rows; the loss averages over exactly those."""
+    """A token-budget batch holds however many pairs fill its rows; the loss averages over exactly those. The
+    packed side's attention goes in query blocks (32-token rows in two), the plain side's is one dense T × T."""
     rows = _pairs(40, seed=11)
     packed = PreferenceLoader(rows, seq_len=32, layout=PACKED, lengths=_lengths(rows), rows_multiple=8,
                               global_batch_pairs=0, global_batch_tokens=8 * 32, shuffle=False, prefetch=0,
@@ -170,7 +174,8 @@ def test_a_token_budget_batch_on_a_2x2x2_mesh_equals_plain_rows_of_its_pairs_on_
     plain = next(iter(PreferenceLoader([rows[i] for i in sorted(ids)], seq_len=16, global_batch_pairs=len(ids),
                                        shuffle=False, num_epochs=1, prefetch=0)))
     assert 0 < packed.score_window < 32  # the unembedding runs on the gathered scored tokens only
-    _plain_on_one_device_vs_packed_on_a_mesh(plain, batch, len(ids), packed.score_window)
+    _plain_on_one_device_vs_packed_on_a_mesh(plain, batch, len(ids), packed.score_window,
+                                             packed_model=H.MODEL.replace(attention_query_block=16))
 
 
 def test_fill_batches_keeps_order_capacity_and_count_and_drops_nothing():

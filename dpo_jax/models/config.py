@@ -63,6 +63,8 @@ class ModelConfig:
     scan_layers: bool = False
     remat_policy: str = "none"
     attention_impl: str | None = None  # jax.nn.dot_product_attention(implementation=...): None, "xla", "cudnn"
+    attention_query_block: int = 0  # > 0: XLA attention over T >= 1.5 x this skips the causal upper triangle in
+    #   query blocks of about this many rows (decoder.causal_attention); 0: one dense T x T
     lora_rank: int = 0  # > 0: low-rank adapters (models/lora.py) on the `lora_targets` projections
     lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank (PEFT's convention)
     lora_targets: tuple[str, ...] = ()  # projection names: q, k, v, o, gate, up, down, fc_in, fc_out

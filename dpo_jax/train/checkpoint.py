@@ -26,7 +26,7 @@ class CheckpointMismatch(ValueError):
 
 def _identity(model: ModelConfig, mode: str) -> dict[str, Any]:
     """What must agree between a checkpoint and the run restoring it (compute dtype and remat may change)."""
-    keep = model.replace(dtype="float32", remat_policy="none", attention_impl=None)
+    keep = model.replace(dtype="float32", remat_policy="none", attention_impl=None, attention_query_block=0)
     return {"model": keep.to_json(), "mode": mode}
 
 

@@ -30,6 +30,7 @@ def default_model_config() -> ml_collections.ConfigDict:
     c.remat_policy = "dots"  # save matmul outputs, recompute the rest: less memory than "none" and faster here
     c.scan_layers = True  # one compiled layer body: faster compiles, and faster steps on XLA:CPU (docs/PERFORMANCE.md)
     c.attention_impl = ""  # "", "xla" or "cudnn"
+    c.attention_query_block = 192  # XLA attention: queries in blocks of ~192 skip the causal upper triangle (T >= 288)
     # architecture, for source = random (the vocabulary comes from the tokenizer): a shape from models/config.py
     # PRESETS (`c.model.update(PRESETS[name])`), or these fields set one by one
     c.update(PRESETS["gpt2-tiny"])  # family, hidden_size, num_layers, num_heads, intermediate_size
@@ -46,7 +47,7 @@ def default_model_config() -> ml_collections.ConfigDict:
 
 def _model_overrides(m: ml_collections.ConfigDict) -> dict[str, Any]:
     out = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy, scan_layers=m.scan_layers,
-               attention_impl=m.attention_impl or None)
+               attention_impl=m.attention_impl or None, attention_query_block=m.attention_query_block)
     lora_section = m.get("lora")
     if lora_section is not None and (lora_section.rank or lora_section.get("peft_path")):
         out["lora_dropout"] = float(lora_section.dropout)
