@@ -124,7 +124,21 @@ def settings(args, work_dir: str, precompute: bool = False) -> dict:
                 max_length=PROMPT_TOKENS + RESPONSE_TOKENS if args.lengths == "fixed" else 512,
                 max_prompt_length=PROMPT_TOKENS if args.lengths == "fixed" else 256, lengths=args.lengths,
                 precompute=precompute, scan_layers=args.scan_layers, layout=args.layout, mode=args.mode,
-                seq_len=args.seq_len, batch_tokens=args.batch_tokens)
+                seq_len=args.seq_len, batch_tokens=args.batch_tokens, ours_model=ours_model(args))
+
+
+def ours_model(args) -> dict:
+    """--ours-model KEY=VALUE,...: our run's config.model fields (e.g. attention_query_block=0), typed as the
+    defaults; an A/B of one of our settings against the same TRL."""
+    from dpo_jax.train.model_source import default_model_config
+
+    defaults, out = default_model_config(), {}
+    for item in filter(None, (getattr(args, "ours_model", "") or "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in defaults or hasattr(defaults[key], "keys"):
+            raise SystemExit(f"--ours-model {item!r}: {key!r} is not a config.model field")
+        out[key] = type(defaults[key])(value)
+    return out
 
 
 # ----- the TRL virtualenv -------------------------------------------------------------------------------------------
@@ -186,6 +200,7 @@ def run_ours(s: dict) -> dict:
     c = train_run.default_run_config()
     m, d, t, o = c.model, c.data, c.train, c.optimizer
     m.source, m.path, m.scan_layers = "hf", s["model_dir"], s["scan_layers"]
+    m.update(s.get("ours_model", {}))
     d.train_path, d.tokenizer, d.cache_dir = s["data_path"], s["tokenizer_dir"], os.path.join(run_dir, "cache")
     d.max_length, d.max_prompt_length, d.layout = s["max_length"], s["max_prompt_length"], s["layout"]
     d.seq_buckets = (s["seq_len"],) if s.get("seq_len") else ()
@@ -318,6 +333,8 @@ def main() -> None:
                    help="ours: token-budget batches (config.train.global_batch_tokens, packed layout) over one epoch "
                    "of the same pairs; steady steps are then compared per pair")
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ", ".join(SYSTEMS))
+    p.add_argument("--ours-model", default="", help="KEY=VALUE,...: our config.model fields for this invocation "
+                   "(e.g. attention_query_block=0 against the default)")
     p.add_argument("--work-dir", default=default_work_dir())
     p.add_argument("--out", default="", help="write the runs and the summary here as JSON")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
