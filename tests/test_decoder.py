@@ -101,3 +101,5 @@ def test_causal_query_blocks_equal_one_dense_attention(switch):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * float(jnp.abs(a).max()))
     flops = [step.lower(params, c).cost_analysis()["flops"] for c in (config, blocked)]
     assert flops[1] < flops[0]
+    with pytest.raises(ValueError, match="attention_query_block = -1"):
+        config.replace(attention_query_block=-1)

@@ -97,6 +97,9 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: lora_rank = {self.lora_rank}, lora_targets = {self.lora_targets}: a rank "
                              f">= 0 and, with a rank, targets among {', '.join(LORA_TARGETS)}"
                              + (f" (unknown: {unknown})" if unknown else ""))
+        if self.attention_query_block < 0:
+            raise ValueError(f"ModelConfig.attention_query_block = {self.attention_query_block}: a row count >= 0 "
+                             "(0: one dense T x T attention)")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"ModelConfig.lora_dropout = {self.lora_dropout}: a probability in [0, 1)")
 
