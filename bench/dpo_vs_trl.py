@@ -137,7 +137,12 @@ def ours_model(args) -> dict:
         key, _, value = item.partition("=")
         if key not in defaults or hasattr(defaults[key], "keys"):
             raise SystemExit(f"--ours-model {item!r}: {key!r} is not a config.model field")
-        out[key] = type(defaults[key])(value)
+        if isinstance(defaults[key], bool):  # bool("False") is True
+            if value.lower() not in ("true", "false"):
+                raise SystemExit(f"--ours-model {item!r}: {key!r} takes true or false")
+            out[key] = value.lower() == "true"
+        else:
+            out[key] = type(defaults[key])(value)
     return out
 
 
