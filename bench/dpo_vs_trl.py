@@ -124,7 +124,8 @@ def settings(args, work_dir: str, precompute: bool = False) -> dict:
                 max_length=PROMPT_TOKENS + RESPONSE_TOKENS if args.lengths == "fixed" else 512,
                 max_prompt_length=PROMPT_TOKENS if args.lengths == "fixed" else 256, lengths=args.lengths,
                 precompute=precompute, scan_layers=args.scan_layers, layout=args.layout, mode=args.mode,
-                seq_len=args.seq_len, batch_tokens=args.batch_tokens, ours_model=ours_model(args))
+                seq_len=args.seq_len, batch_tokens=args.batch_tokens, ours_model=ours_model(args),
+                ours_data=ours_data(args))
 
 
 def ours_model(args) -> dict:
@@ -132,14 +133,25 @@ def ours_model(args) -> dict:
     defaults; an A/B of one of our settings against the same TRL."""
     from dpo_jax.train.model_source import default_model_config
 
-    defaults, out = default_model_config(), {}
-    for item in filter(None, (getattr(args, "ours_model", "") or "").split(",")):
+    return _fields("--ours-model", getattr(args, "ours_model", ""), default_model_config(), "config.model")
+
+
+def ours_data(args) -> dict:
+    """--ours-data KEY=VALUE,...: our run's config.data fields (e.g. pack_lookahead=1), as --ours-model."""
+    from dpo_jax.data.pipeline import default_data_config
+
+    return _fields("--ours-data", getattr(args, "ours_data", ""), default_data_config(), "config.data")
+
+
+def _fields(flag: str, spec: str, defaults, section: str) -> dict:
+    out = {}
+    for item in filter(None, (spec or "").split(",")):
         key, _, value = item.partition("=")
         if key not in defaults or hasattr(defaults[key], "keys"):
-            raise SystemExit(f"--ours-model {item!r}: {key!r} is not a config.model field")
+            raise SystemExit(f"{flag} {item!r}: {key!r} is not a {section} field")
         if isinstance(defaults[key], bool):  # bool("False") is True
             if value.lower() not in ("true", "false"):
-                raise SystemExit(f"--ours-model {item!r}: {key!r} takes true or false")
+                raise SystemExit(f"{flag} {item!r}: {key!r} takes true or false")
             out[key] = value.lower() == "true"
         else:
             out[key] = type(defaults[key])(value)
@@ -209,6 +221,7 @@ def run_ours(s: dict) -> dict:
     d.train_path, d.tokenizer, d.cache_dir = s["data_path"], s["tokenizer_dir"], os.path.join(run_dir, "cache")
     d.max_length, d.max_prompt_length, d.layout = s["max_length"], s["max_prompt_length"], s["layout"]
     d.seq_buckets = (s["seq_len"],) if s.get("seq_len") else ()
+    d.update(s.get("ours_data", {}))
     t.global_batch_pairs, t.steps, t.seed = s["pairs"], s["steps"], s["seed"]
     t.log_every, t.save_every, t.eval_every, t.run_dir, t.tensorboard = 1, s["steps"], 0, run_dir, False
     c.dpo.loss_type, c.dpo.beta, c.dpo.reference = "sigmoid", s["beta"], "precompute"
@@ -340,6 +353,7 @@ def main() -> None:
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ", ".join(SYSTEMS))
     p.add_argument("--ours-model", default="", help="KEY=VALUE,...: our config.model fields for this invocation "
                    "(e.g. attention_query_block=0 against the default)")
+    p.add_argument("--ours-data", default="", help="KEY=VALUE,...: our config.data fields (e.g. pack_lookahead=1)")
     p.add_argument("--work-dir", default=default_work_dir())
     p.add_argument("--out", default="", help="write the runs and the summary here as JSON")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)

@@ -329,7 +329,10 @@ def test_build_loaders_from_the_data_config(tokenizer, tmp_path, capsys):
     most = max(loader.pairs_per_row for loader in loaders.values())
     assert 1 <= most < 8 and all(loader.layout.max_pairs_per_row == most for loader in loaders.values())
     loaders["train"].close()  # K shrinks to what a planned row holds: the same batches, smaller per-pair arrays
-    c.format = "shp"
+    c.pack_lookahead = 0
+    with pytest.raises(ValueError, match=r"config.data.pack_lookahead = 0: must be >= 1"):
+        build_loaders(c, global_batch_pairs=4, seed=0)
+    c.pack_lookahead, c.format = 16, "shp"
     with pytest.raises(DataError, match=r"train\.jsonl:1: missing field 'history'"):
         build_loaders(c, global_batch_pairs=4, seed=0)
     c.format, c.truncation_mode = "generic", "middle"

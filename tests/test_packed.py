@@ -191,12 +191,34 @@ def test_fill_batches_keeps_order_capacity_and_count_and_drops_nothing():
     assert batches == fill_batches(lengths, 64, 5, 4)
     with pytest.raises(ValueError, match="a pair of 65 tokens does not fit a packed row of 64"):
         fill_batches([3, 65], 64, 4, 2)
+    with pytest.raises(ValueError, match="lookahead = 0: must be >= 1"):
+        fill_batches([3], 64, 4, 2, lookahead=0)
 
 
-def test_token_budget_loader_sees_every_pair_once_per_epoch_on_each_host_and_resumes_anywhere():
+@pytest.mark.parametrize("lookahead", [2, 16])
+def test_fill_batches_with_lookahead_fills_gaps_overtakes_at_most_lookahead_and_drops_nothing(lookahead):
+    # one row of 10: the second 6 and the 7 wait, 3 fills the gap; the third miss (4) closes the batch, the waiting
+    # pairs open the next in their order
+    assert fill_batches([6, 6, 7, 3, 4], 10, 3, 1, lookahead=3) == [[[0, 3]], [[1, 4]], [[2]]]
+    assert fill_batches([6, 6, 7, 3, 4], 10, 3, 1) == [[[0]], [[1]], [[2, 3]], [[4]]]  # strict order
+    lengths = np.random.default_rng(1).integers(1, 60, 400)
+    batches = fill_batches(lengths, 64, 5, 4, lookahead)
+    flat = [i for b in batches for r in b for i in r]
+    assert sorted(flat) == list(range(400))
+    assert all(len(b) == 4 and all(sum(lengths[r]) <= 64 and len(r) <= 5 for r in b) for b in batches)
+    assert batches == fill_batches(lengths, 64, 5, 4, lookahead)
+    placed: set[int] = set()
+    for b in batches:  # after each batch, at most `lookahead` earlier pairs wait behind a placed one
+        placed.update(i for r in b for i in r)
+        assert len(set(range(max(placed))) - placed) <= lookahead
+    assert len(batches) < len(fill_batches(lengths, 64, 5, 4))  # fewer, fuller batches than strict order
+
+
+@pytest.mark.parametrize("lookahead", [1, 8])
+def test_token_budget_loader_sees_every_pair_once_per_epoch_on_each_host_and_resumes_anywhere(lookahead):
     rows = _pairs(60, seed=12)
     kw = dict(seq_len=32, layout=PACKED, lengths=_lengths(rows), global_batch_pairs=0, global_batch_tokens=4 * 32,
-              seed=5, prefetch=0, rows_multiple=2)
+              seed=5, prefetch=0, rows_multiple=2, pack_lookahead=lookahead)
     hosts = [PreferenceLoader(rows, process_index=h, process_count=2, **kw) for h in range(2)]
     assert hosts[0].planned_rows == 2  # 4 rows a step: 2 per host
     for epoch in range(2):

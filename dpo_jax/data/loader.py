@@ -60,6 +60,7 @@ class PreferenceLoader:
         plan_steps: int = 0,
         global_batch_tokens: int = 0,
         score_spans: np.ndarray | None = None,
+        pack_lookahead: int = 1,
     ):
         """source: random access (`len`, `source[i]` -> dict of TokenizedPair fields), e.g. a TFDS data source.
         seq_len: a fixed T, or buckets (sorted ascending; each batch takes the smallest that fits its longest
@@ -75,8 +76,9 @@ class PreferenceLoader:
         a dropped pair).
         global_batch_tokens > 0 (packed layout only): token-budget batches instead of `global_batch_pairs` — every
         batch is ceil(global_batch_tokens / seq_len) rows (rounded up to `rows_multiple` per host), filled with the
-        epoch's permutation in order by `packing.fill_batches`; the number of pairs, and of batches per epoch,
-        then varies. Host h takes the h-th block of rows.
+        epoch's permutation in order by `packing.fill_batches` (a pair that fits no row waits while up to
+        `pack_lookahead` later ones fill the gaps); the number of pairs, and of batches per epoch, then varies.
+        Host h takes the h-th block of rows.
         score_spans (packed layout): per example, its packed pair's first-to-last scored span; the planned
         batches' most scored tokens in a row (rounded up to 8) become `score_window` — a gather size, not a span,
         in this layout (0 without spans: every position)."""
@@ -120,6 +122,7 @@ class PreferenceLoader:
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
         self.global_batch_tokens, self._epoch_plan = int(global_batch_tokens), None
+        self.pack_lookahead = int(pack_lookahead)
         self.score_spans = None if score_spans is None else np.asarray(score_spans)
         if self.global_batch_tokens and self.layout.rows_per_pair != 0:
             raise ValueError(f"config.train.global_batch_tokens = {self.global_batch_tokens} budgets packed rows; "
@@ -165,7 +168,8 @@ class PreferenceLoader:
         if self._epoch_plan is None or self._epoch_plan[0] != epoch:
             perm = self._permutation(epoch)
             rows = self.planned_rows * self.process_count
-            plan = fill_batches(self.lengths[perm], self.buckets[0], self.layout.max_pairs_per_row, rows)
+            plan = fill_batches(self.lengths[perm], self.buckets[0], self.layout.max_pairs_per_row, rows,
+                                self.pack_lookahead)
             self._epoch_plan = (epoch, [[[int(perm[i]) for i in row] for row in batch] for batch in plan])
         return self._epoch_plan[1]
 

@@ -85,25 +85,43 @@ def pack_row(pairs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([o[k] for o in out]) for k in pairs[0]} if pairs else {}
 
 
-def fill_batches(lengths, capacity: int, max_per_row: int, rows: int) -> list[list[list[int]]]:
+def fill_batches(lengths, capacity: int, max_per_row: int, rows: int, lookahead: int = 1) -> list[list[list[int]]]:
     """Token-budget batches: the pairs, in the given order, into batches of `rows` rows of `capacity` tokens —
-    each pair into the first row of the open batch with room for it and fewer than `max_per_row` pairs; a pair
-    that fits none closes the batch and opens the next. Returns batches of rows of indices into `lengths`;
-    deterministic, every index placed exactly once, consecutive pairs stay in consecutive batches."""
+    each pair into the first row of the open batch with room for it and fewer than `max_per_row` pairs. A pair that
+    fits no row waits for the next batch while the pairs after it go on filling the gaps; the batch closes when
+    `lookahead` pairs wait (1: the first misfit closes it — strict order). Waiting pairs come first in the next
+    batch, so at most `lookahead` pairs are ever overtaken. Returns batches of rows of indices into `lengths`;
+    deterministic, every index placed exactly once."""
     lengths = np.asarray(lengths, np.int64)
     if len(lengths) and int(lengths.max()) > capacity:
         raise ValueError(f"a pair of {int(lengths.max())} tokens does not fit a packed row of {capacity}")
+    if lookahead < 1:
+        raise ValueError(f"lookahead = {lookahead}: must be >= 1")
     batches: list[list[list[int]]] = []
-    room = np.zeros(rows, np.int64)
-    count = np.full(rows, max_per_row, np.int64)  # a full count marks an unopened row in a closed batch
-    for i, n in enumerate(lengths.tolist()):
-        fits = (room >= n) & (count < max_per_row)
-        if not fits.any():
-            batches.append([[] for _ in range(rows)])
-            room[:], count[:] = capacity, 0
-            fits = room >= n
-        r = int(np.argmax(fits))
-        batches[-1][r].append(i)
-        room[r] -= n
-        count[r] += 1
+    waiting: list[int] = []  # pairs set aside, in order (never more than `lookahead`)
+    upcoming = iter(range(len(lengths)))
+    following = next(upcoming, None)
+    while waiting or following is not None:
+        batch = [[] for _ in range(rows)]
+        room = np.full(rows, capacity, np.int64)
+        count = np.zeros(rows, np.int64)
+        aside: list[int] = []
+        examined = 0  # of `waiting`
+        while len(aside) < lookahead:
+            if examined < len(waiting):
+                i, examined = waiting[examined], examined + 1
+            elif following is not None:
+                i, following = following, next(upcoming, None)
+            else:
+                break
+            fits = (room >= lengths[i]) & (count < max_per_row)
+            if not fits.any():
+                aside.append(i)
+                continue
+            r = int(np.argmax(fits))
+            batch[r].append(i)
+            room[r] -= lengths[i]
+            count[r] += 1
+        waiting = sorted(aside + waiting[examined:])
+        batches.append(batch)
     return batches

@@ -26,8 +26,9 @@ def default_train_config() -> ml_collections.ConfigDict:
     c.mode = "dpo"  # dpo | sft (Preferred-FT) | unlikelihood | reward (a Bradley-Terry reward model)
     c.global_batch_pairs = 64  # pairs per optimizer step (the paper: 64)
     # > 0: instead of a pair count, each step is ceil(this / row length) packed rows filled with pairs in the
-    # epoch's order (data.layout = packed only); the pairs per step vary, losses and metrics average over the real
-    # ones. Faster on ragged data (no half-empty rows); a fixed pair count is what reproduces the paper.
+    # epoch's order, give or take data.pack_lookahead (data.layout = packed only); the pairs per step vary, losses
+    # and metrics average over the real ones. Faster on ragged data (no half-empty rows); a fixed pair count is what
+    # reproduces the paper.
     c.global_batch_tokens = 0
     c.micro_batches = 1  # gradient accumulation: global batch = micro_batches x micro-batch
     c.seed = 0
