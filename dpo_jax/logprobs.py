@@ -53,6 +53,7 @@ def token_logprobs(
     predecessor: Array | None = None,
     window: tuple[Array, int] | None = None,
     positions: Array | None = None,
+    rows_per_gather: int = 1,
 ) -> Array:
     """Per-token next-token log-probs [N, T] in float32.
 
@@ -66,6 +67,9 @@ def token_logprobs(
 
     positions: optional [N, S] int (S static; -1: no token): only these tokens are scored, the others give 0 —
     the same saving when a row's scored tokens are scattered (several pairs per row, layout.py `packed`).
+    rows_per_gather = g > 1 (with positions [N / g, S]): each group of g consecutive rows is gathered as one
+    sequence of g·T positions, so S bounds a group's scored tokens, not g times the fullest row's — on ragged packed
+    rows about half the unembedding. Keep a group on one device (the step makes it a batch shard).
 
     hidden: [N, T, D] final (normed) hidden states; kernel: [D, V] unembedding (pass `embedding.T` for tied
     weights: XLA folds the transpose into the matmul); bias: optional [V]. The matmul runs in `compute_dtype`
@@ -83,6 +87,17 @@ def token_logprobs(
         raise ValueError(f"predecessor must be [N={n}, T={t}] like input_ids, got {predecessor.shape}")
     compute_dtype = compute_dtype or hidden.dtype
 
+    if rows_per_gather > 1:
+        if positions is None or n % rows_per_gather:
+            raise ValueError(f"rows_per_gather = {rows_per_gather} needs positions and a row count ({n}) it divides")
+        g = rows_per_gather
+        offsets = (jnp.arange(n) % g * t)[:, None]  # a row's place in its group's sequence
+        pred = jnp.broadcast_to(jnp.arange(t) - 1, (n, t)) if predecessor is None else predecessor
+        pred = jnp.where(pred >= 0, pred + offsets, -1).reshape(n // g, g * t)
+        lp = token_logprobs(hidden.reshape(n // g, g * t, d), kernel, input_ids.reshape(n // g, g * t), bias=bias,
+                            chunk_size=chunk_size, compute_dtype=compute_dtype, predecessor=pred,
+                            positions=positions)
+        return lp.reshape(n, t)
     if window is not None and window[1] < t:
         starts, size = window
         starts = jnp.clip(starts, 0, t - size)
@@ -146,12 +161,13 @@ def sequence_logprobs(
     predecessor: Array | None = None,
     window: tuple[Array, int] | None = None,
     positions: Array | None = None,
+    rows_per_gather: int = 1,
 ) -> SequenceLogProbs:
     """Masked per-token log-probs plus their per-sequence sums and counts (log π(y|x) and |y|), float32.
     With a window or positions, every scored token (loss_mask 1) must be inside (the caller's guarantee)."""
     token_lp = token_logprobs(
         hidden, kernel, input_ids, bias=bias, chunk_size=chunk_size, compute_dtype=compute_dtype,
-        predecessor=predecessor, window=window, positions=positions,
+        predecessor=predecessor, window=window, positions=positions, rows_per_gather=rows_per_gather,
     )
     return _masked(token_lp, loss_mask, predecessor)
 

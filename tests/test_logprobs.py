@@ -93,8 +93,15 @@ def test_a_score_window_computes_only_its_positions_with_the_same_values_and_gra
         where = np.flatnonzero(scored[r])
         positions[r, :len(where)] = where
 
+    # Rows 0-1 and 2-3 gathered in pairs (score groups): positions index a group's two rows one after the other.
+    grouped = np.full((2, 12), -1, np.int32)
+    for g in range(2):
+        where = np.concatenate([np.flatnonzero(scored[2 * g + i]) + 13 * i for i in range(2)])
+        grouped[g, :len(where)] = where
+
     (v_full, full), g_full = run()
-    for kwargs in ({"window": (starts, 7)}, {"positions": jnp.asarray(positions)}):
+    for kwargs in ({"window": (starts, 7)}, {"positions": jnp.asarray(positions)},
+                   {"positions": jnp.asarray(grouped), "rows_per_gather": 2}):
         (v_win, win), g_win = run(**kwargs)
         np.testing.assert_allclose(np.asarray(win.token_logps), np.asarray(full.token_logps), rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(np.asarray(win.counts), np.asarray(full.counts))
@@ -106,6 +113,8 @@ def test_a_score_window_computes_only_its_positions_with_the_same_values_and_gra
     raw = token_logprobs(hidden, kernel, ids, bias=bias, predecessor=predecessor, window=(starts, 7))
     assert np.all(np.asarray(raw)[0, :4] == 0.0) and np.all(np.asarray(raw)[0, 11:] == 0.0)
     assert np.all(np.asarray(token_logprobs(hidden, kernel, ids, bias=bias))[0, 1:4] != 0.0)
+    with pytest.raises(ValueError, match="rows_per_gather = 3 needs positions and a row count"):
+        token_logprobs(hidden, kernel, ids, positions=jnp.asarray(grouped), rows_per_gather=3)
 
 
 def test_a_score_window_shrinks_the_unembedding_matmul():

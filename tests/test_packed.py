@@ -9,6 +9,7 @@ from dpo_jax.data.loader import PreferenceLoader
 from dpo_jax.data.packing import (CHOSEN, PROMPT, REJECTED, fill_batches, first_fit_decreasing, pack_pair, pack_row,
                                   packed_length)
 from dpo_jax.layout import PAIRS, PackedPairs, scored_span
+from dpo_jax.logprobs import scored_mask
 from dpo_jax.models.decoder import SEGMENT_STRIDE, init_params
 from dpo_jax.train.step import StepConfig, loss_sum_and_metrics, pair_logprobs
 from tests import engine_helpers as H
@@ -48,13 +49,15 @@ def _spans(rows):
     return np.asarray([scored_span(p["loss_mask"], p["predecessor"]) for p in packed])
 
 
-def _loaders(rows, pairs, seq_len=48, layout=PACKED):
-    """The same pairs as plain rows and as packed rows, with the packed loader's planned score positions."""
+def _loaders(rows, pairs, seq_len=48, layout=PACKED, groups=0):
+    """The same pairs as plain rows and as packed rows, with the packed loader's planned score positions (per row,
+    or per group of rows with `groups`)."""
     kw = dict(global_batch_pairs=pairs, shuffle=False, num_epochs=1, prefetch=0)
     plain = next(iter(PreferenceLoader(rows, seq_len=16, **kw)))
     loader = PreferenceLoader(rows, seq_len=seq_len, layout=layout, lengths=_lengths(rows), score_spans=_spans(rows),
-                              **kw)
-    assert 0 < loader.score_window < seq_len
+                              score_groups=groups, rows_multiple=max(groups, 1), **kw)
+    assert loader.score_groups == (groups if layout.max_pairs_per_row > 1 else 0)
+    assert 0 < loader.score_window < seq_len * loader.planned_rows // max(groups, 1)
     return plain, next(iter(loader)), loader.score_window
 
 
@@ -62,21 +65,29 @@ def _by_id(values, ids):
     return {int(i): float(v) for v, i in zip(np.asarray(values), np.asarray(ids)) if i >= 0}
 
 
-@pytest.mark.parametrize("model,layout", [(H.MODEL, PACKED), (SLIDING, PACKED), (H.MODEL, PackedPairs(1)),
-                                          (SLIDING.replace(attention_query_block=16), PACKED)],
-                         ids=["gqa", "sliding_window", "one_pair_per_row", "sliding_window_query_blocks"])
-def test_packed_pair_logprobs_equal_two_rows_per_pair(model, layout):
+@pytest.mark.parametrize("model,layout,groups", [
+    (H.MODEL, PACKED, 0), (SLIDING, PACKED, 0), (H.MODEL, PackedPairs(1), 0),
+    (SLIDING.replace(attention_query_block=16), PACKED, 0), (H.MODEL, PACKED, 1), (SLIDING, PACKED, 2)],
+    ids=["gqa", "sliding_window", "one_pair_per_row", "sliding_window_query_blocks", "one_score_group",
+         "sliding_window_two_score_groups"])
+def test_packed_pair_logprobs_equal_two_rows_per_pair(model, layout, groups):
     """K = 1 (what the loaders choose when no row holds two pairs) scores through a contiguous window instead;
-    query blocks (48-token packed rows in three) against plain rows attending densely."""
+    query blocks (48-token packed rows in three) against plain rows attending densely; score groups gather the
+    scored tokens of several rows together."""
     rows = _pairs(13, seed=7)
-    plain, packed, window = _loaders(rows, pairs=14, layout=layout)
+    plain, packed, window = _loaders(rows, pairs=14, layout=layout, groups=groups)
     k = layout.max_pairs_per_row
     assert packed["input_ids"].shape[0] < 14 and packed["example_id"].shape == (packed["input_ids"].shape[0] * k,)
     assert sorted(i for i in packed["example_id"] if i >= 0) == list(range(13))  # every pair once, none dropped
     assert int(packed["attention_mask"].sum()) < int(plain["attention_mask"].sum())
     params = init_params(model, jax.random.key(1))
+    if groups:  # never more positions than per row (R × the fullest row's); here, with one group, fewer
+        n = packed["input_ids"].shape[0]
+        per_row = -(-int(scored_mask(packed["loss_mask"], packed["predecessor"]).sum(1).max()) // 8) * 8
+        assert window <= n // groups * per_row and (groups > 1 or window < n * per_row)
     got = pair_logprobs(params, jax.tree.map(jnp.asarray, packed), StepConfig(model, layout=layout,
-                                                                               score_window=window))
+                                                                               score_window=window,
+                                                                               score_groups=groups))
     want = pair_logprobs(params, jax.tree.map(jnp.asarray, plain), StepConfig(model.replace(attention_query_block=0)))
     for field in ("chosen_sums", "rejected_sums", "chosen_counts", "rejected_counts"):
         g, w = _by_id(getattr(got, field), packed["example_id"]), _by_id(getattr(want, field), plain["example_id"])
@@ -117,15 +128,16 @@ def test_packed_loss_metrics_and_gradient_equal_the_plain_layout(mode):
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g0)) > 1e-4
 
 
-def _plain_on_one_device_vs_packed_on_a_mesh(plain, packed, pairs, window, packed_model=H.MODEL):
-    """Two SGD steps: the plain layout on one device against packed rows on a (2,2,2) mesh with 2 micro-batches;
-    the same loss, metrics and parameters."""
+def _plain_on_one_device_vs_packed_on_a_mesh(plain, packed, pairs, window, packed_model=H.MODEL, micro=2,
+                                             groups=0):
+    """Two SGD steps: the plain layout on one device against packed rows on a (2,2,2) mesh (2 micro-batches, or
+    one with a score group per batch shard); the same loss, metrics and parameters."""
     history, finals = [], []
-    for mesh, micro, batch, devices, layout, positions, model in (
-            ((1, 1, 1), 1, plain, jax.devices()[:1], PAIRS, 0, H.MODEL),
-            ((2, 2, 2), 2, packed, jax.devices()[:8], PACKED, window, packed_model)):
-        c = H.config(mesh=mesh, pairs=pairs, micro=micro, optimizer_name="sgd", lr=0.5)
-        e = H.engine(c, devices=devices, layout=layout, score_window=positions, model=model)
+    for mesh, m, batch, devices, layout, positions, model, g in (
+            ((1, 1, 1), 1, plain, jax.devices()[:1], PAIRS, 0, H.MODEL, 0),
+            ((2, 2, 2), micro, packed, jax.devices()[:8], PACKED, window, packed_model, groups)):
+        c = H.config(mesh=mesh, pairs=pairs, micro=m, optimizer_name="sgd", lr=0.5)
+        e = H.engine(c, devices=devices, layout=layout, score_window=positions, model=model, score_groups=g)
         sc, sr, _, _ = (np.asarray(x) for x in e.reference_logps(e.state.params, batch))
         local = {**batch, "ref_chosen_logps": sc, "ref_rejected_logps": sr}
         state, out = e.state, []
@@ -160,22 +172,25 @@ def test_packed_engine_with_micro_batches_on_a_2x2x2_mesh_equals_plain_rows_on_o
     _plain_on_one_device_vs_packed_on_a_mesh(plain, packed, 24, 0)
 
 
-def test_a_token_budget_batch_on_a_2x2x2_mesh_equals_plain_rows_of_its_pairs_on_one_device():
+@pytest.mark.parametrize("micro,groups", [(2, 0), (1, 4)], ids=["two_micro_batches", "score_group_per_shard"])
+def test_a_token_budget_batch_on_a_2x2x2_mesh_equals_plain_rows_of_its_pairs_on_one_device(micro, groups):
     """A token-budget batch holds however many pairs fill its rows; the loss averages over exactly those. The
-    packed side's attention goes in query blocks (32-token rows in two), the plain side's is one dense T × T."""
+    packed side's attention goes in query blocks (32-token rows in two), the plain side's is one dense T × T;
+    without micro-batches, each of the 4 batch shards gathers its 2 rows' scored tokens together."""
     rows = _pairs(40, seed=11)
     packed = PreferenceLoader(rows, seq_len=32, layout=PACKED, lengths=_lengths(rows), rows_multiple=8,
                               global_batch_pairs=0, global_batch_tokens=8 * 32, shuffle=False, prefetch=0,
-                              score_spans=_spans(rows), plan_steps=1)
+                              score_spans=_spans(rows), plan_steps=1, score_groups=groups)
     batch = packed.batch_at(0, 0)
     ids = [int(i) for i in batch["example_id"] if i >= 0]
     assert batch["input_ids"].shape == (8, 32) and 8 < len(ids) < 40 and packed.batches_in(0) > 1
     assert sorted(ids) == list(range(len(ids)))  # the epoch's first pairs
     plain = next(iter(PreferenceLoader([rows[i] for i in sorted(ids)], seq_len=16, global_batch_pairs=len(ids),
                                        shuffle=False, num_epochs=1, prefetch=0)))
-    assert 0 < packed.score_window < 32  # the unembedding runs on the gathered scored tokens only
+    assert 0 < packed.score_window < 32 * 8 // max(groups, 1)  # the unembedding runs on the scored tokens only
     _plain_on_one_device_vs_packed_on_a_mesh(plain, batch, len(ids), packed.score_window,
-                                             packed_model=H.MODEL.replace(attention_query_block=16))
+                                             packed_model=H.MODEL.replace(attention_query_block=16), micro=micro,
+                                             groups=groups)
 
 
 def test_fill_batches_keeps_order_capacity_and_count_and_drops_nothing():
@@ -212,6 +227,25 @@ def test_fill_batches_with_lookahead_fills_gaps_overtakes_at_most_lookahead_and_
         placed.update(i for r in b for i in r)
         assert len(set(range(max(placed))) - placed) <= lookahead
     assert len(batches) < len(fill_batches(lengths, 64, 5, 4))  # fewer, fuller batches than strict order
+
+
+def test_score_groups_plan_the_fullest_group_of_every_host_and_refuse_a_fuller_batch():
+    rows = _pairs(60, seed=13)
+    spans = _spans(rows)
+    kw = dict(seq_len=32, layout=PACKED, lengths=_lengths(rows), global_batch_pairs=0, global_batch_tokens=8 * 32,
+              seed=3, prefetch=0, rows_multiple=2, score_spans=spans, plan_steps=1, num_epochs=1)
+    hosts = [PreferenceLoader(rows, process_index=h, process_count=2, score_groups=4, **kw) for h in range(2)]
+    per_row = PreferenceLoader(rows, process_index=0, process_count=2, **kw)
+    most = 0  # brute force: global rows (host 0's 4, then host 1's), in 4 groups of 2
+    for step in range(hosts[0].batches_in(0)):
+        plans = hosts[0]._host_plans(0, step)
+        sums = [int(spans[r].sum()) if r else 0 for host in plans for r in host + [[]] * (4 - len(host))]
+        most = max(most, max(sums[i] + sums[i + 1] for i in range(0, 8, 2)))
+    assert hosts[0].score_window == hosts[1].score_window == -(-most // 8) * 8
+    assert hosts[0].score_groups == 4 and per_row.score_groups == 0 and per_row.score_window < hosts[0].score_window
+    hosts[0].score_window = most - 1
+    with pytest.raises(ValueError, match="a score group of batch .* has more scored tokens than the"):
+        [hosts[0].batch_at(0, step) for step in range(hosts[0].batches_in(0))]
 
 
 @pytest.mark.parametrize("lookahead", [1, 8])

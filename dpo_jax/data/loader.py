@@ -61,6 +61,7 @@ class PreferenceLoader:
         global_batch_tokens: int = 0,
         score_spans: np.ndarray | None = None,
         pack_lookahead: int = 1,
+        score_groups: int = 0,
     ):
         """source: random access (`len`, `source[i]` -> dict of TokenizedPair fields), e.g. a TFDS data source.
         seq_len: a fixed T, or buckets (sorted ascending; each batch takes the smallest that fits its longest
@@ -81,7 +82,9 @@ class PreferenceLoader:
         Host h takes the h-th block of rows.
         score_spans (packed layout): per example, its packed pair's first-to-last scored span; the planned
         batches' most scored tokens in a row (rounded up to 8) become `score_window` — a gather size, not a span,
-        in this layout (0 without spans: every position)."""
+        in this layout (0 without spans: every position). score_groups = G > 0: the step gathers each of G
+        groups of consecutive rows of the global batch together (StepConfig.score_groups: one per batch shard),
+        so the window is the most scored tokens in a group; 0 (or K = 1): per row."""
         self._arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.layout = get_layout(layout) if isinstance(layout, str) else layout
         self.source = source
@@ -108,6 +111,7 @@ class PreferenceLoader:
                 raise ValueError(f"an example has {self.lengths.max()} tokens, more than the largest seq_len "
                                  f"{self.buckets[-1]}; raise seq_len or lower data.max_length")
         self.score_window = score_window  # the packed layout plans its own (_plan)
+        self.score_groups = 0  # what the step must use: set by _plan_window (packed, K > 1)
         self.pairs_per_row = 1
         self.rows_multiple, self.planned_rows = max(int(rows_multiple), 1), None
         self.global_batch = global_batch_pairs
@@ -149,8 +153,31 @@ class PreferenceLoader:
         if not self.global_batch_tokens:
             need = max(1, *(len(host) for batch in batches for host in batch))
             self.planned_rows = -(-need // self.rows_multiple) * self.rows_multiple
-        most = 0 if self.score_spans is None else max(int(self.score_spans[row].sum()) for row in rows if row)
-        self.score_window = min(-(-most // 8) * 8, self.buckets[0] - 1)  # position 0 is never scored
+        self._planned = batches
+        self._plan_window()
+
+    def _plan_window(self) -> None:
+        """score_window of the planned batches: the most scored tokens in a row, or in a score group."""
+        grouped = self.score_spans is not None and self.layout.max_pairs_per_row > 1
+        self.score_groups = self._arguments["score_groups"] if grouped else 0
+        if self.score_spans is None:
+            self.score_window = 0
+        elif self.score_groups:
+            most = max(self._group_most(batch, self.planned_rows) for batch in self._planned)
+            g = self.planned_rows * self.process_count // self.score_groups
+            self.score_window = min(-(-most // 8) * 8, g * self.buckets[0] - 1)
+        else:
+            rows = [row for batch in self._planned for host in batch for row in host if row]
+            most = max(int(self.score_spans[row].sum()) for row in rows)
+            self.score_window = min(-(-most // 8) * 8, self.buckets[0] - 1)  # position 0 is never scored
+
+    def _group_most(self, batch: list[list[list[int]]], rows: int) -> int:
+        """The most scored tokens in one of the score groups of a global batch (per host, `rows` rows)."""
+        spans = [int(self.score_spans[row].sum()) if row else 0
+                 for host in batch for row in host + [[]] * (rows - len(host))]
+        if len(spans) % self.score_groups:
+            raise ValueError(f"{len(spans)} packed rows do not split into {self.score_groups} score groups")
+        return int(np.asarray(spans).reshape(self.score_groups, -1).sum(1).max())
 
     def _host_plans(self, epoch: int, step: int) -> list[list[list[int]]]:
         """Per host, the rows of global batch (epoch, step) as source indices (the same answer on every host)."""
@@ -180,6 +207,7 @@ class PreferenceLoader:
             raise ValueError(f"K = {k}: must lie in [{self.pairs_per_row}, {self.layout.max_pairs_per_row}] and be "
                              "set before the loader starts")
         self.layout = self._arguments["layout"] = get_layout(self.layout.name, k)
+        self._plan_window()  # K = 1: the contiguous per-row window
 
     def batches_in(self, epoch: int) -> int:
         """Batches in epoch `epoch` (varies with the epoch only for token-budget batches)."""
@@ -208,6 +236,11 @@ class PreferenceLoader:
             need = max(1, *(len(host) for host in plans))  # past the planned epochs a batch may need more rows
             rows, mine = max(self.planned_rows, -(-need // self.rows_multiple) * self.rows_multiple), \
                 plans[self.process_index]
+            if self.score_groups and self._group_most(plans, rows) > self.score_window:
+                raise ValueError(f"a score group of batch {step} of epoch {epoch} has more scored tokens than the "
+                                 f"{self.score_window} score positions the step was built for (planned over the "
+                                 "batches train.steps reaches; raising train.steps on resume can exceed it: start "
+                                 "the run with the final train.steps)")
             sizes = np.cumsum([0] + [len(row) for row in mine])
             plan = [list(range(a, b)) for a, b in zip(sizes[:-1], sizes[1:])]
             return self._finish([self.source[i] for row in mine for i in row], self.buckets[0], rows, plan)

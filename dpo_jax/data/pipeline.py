@@ -123,6 +123,10 @@ def build_loaders(
                   process_index=process_index, process_count=process_count, data_parallel_size=data_parallel_size,
                   prefetch=config.prefetch, layout=layout, global_batch_tokens=global_batch_tokens,
                   pack_lookahead=config.pack_lookahead,
+                  # packed rows' scored tokens gathered per batch shard (StepConfig.score_groups); not with
+                  # micro-batches, whose rows interleave
+                  score_groups=data_parallel_size if micro_batches == 1 and data_parallel_size % process_count == 0
+                  else 0,
                   rows_multiple=max(data_parallel_size * micro_batches // process_count, micro_batches))
 
     def split_loader(split: str, **kwargs) -> PreferenceLoader:

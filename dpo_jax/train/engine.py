@@ -67,7 +67,7 @@ def default_engine_config() -> ml_collections.ConfigDict:
 
 
 def step_config(c: ml_collections.ConfigDict, model: ModelConfig, layout: Layout = PAIRS,
-                score_window: int = 0) -> StepConfig:
+                score_window: int = 0, score_groups: int = 0) -> StepConfig:
     if c.dpo.reference not in REFERENCE_MODES:
         raise ValueError(f"config.dpo.reference = {c.dpo.reference!r}; valid: {', '.join(REFERENCE_MODES)}")
     return StepConfig(
@@ -76,8 +76,8 @@ def step_config(c: ml_collections.ConfigDict, model: ModelConfig, layout: Layout
         loss_kwargs=tuple(sorted(c.dpo.loss_kwargs.to_dict().items())), unlikelihood_alpha=c.dpo.unlikelihood_alpha,
         center_rewards_coefficient=c.reward.center_rewards_coefficient, micro_batches=c.train.micro_batches,
         num_blocks=jax.process_count(), chunk_size=c.train.logprob_chunk_size,
-        layout=layout, score_window=score_window, base_reference=c.dpo.reference == "base",
-        seed=c.train.seed)
+        layout=layout, score_window=score_window, score_groups=score_groups,
+        base_reference=c.dpo.reference == "base", seed=c.train.seed)
 
 
 class Engine(NamedTuple):
@@ -101,7 +101,9 @@ class Engine(NamedTuple):
     def step_flops(self, local: dict) -> float:
         """Model FLOPs of one train step on this host batch (all hosts; padding included: it is computed)."""
         rows = local["input_ids"].shape[0] * jax.process_count()
-        return train_step_flops(self.config.model, rows, local["input_ids"].shape[1], self.config.score_window)
+        c = self.config
+        scored = c.score_window * c.score_groups // rows if c.score_groups else c.score_window  # per row
+        return train_step_flops(c.model, rows, local["input_ids"].shape[1], scored)
 
     def reference_logps(self, params: Any, local: dict) -> tuple[jax.Array, ...]:
         """A host-local batch's (chosen sums, rejected sums, chosen counts, rejected counts) under `params`, each
@@ -139,12 +141,14 @@ def build_engine(
     mesh: jax.sharding.Mesh | None = None,
     layout: Layout = PAIRS,
     score_window: int = 0,
+    score_groups: int = 0,
 ) -> Engine:
     """Mesh -> shardings (checked before compiling) -> state created sharded -> jitted steps.
     mesh: an already built mesh (else one from config.mesh over `devices`, default all).
-    layout and score_window: see StepConfig (from the loaders: the data's layout and longest scored span)."""
+    layout, score_window and score_groups: see StepConfig (from the loaders: the data's layout and longest scored
+    span)."""
     mesh = mesh if mesh is not None else sharding.make_mesh(c.mesh, devices)
-    sc = step_config(c, model, layout, score_window)
+    sc = step_config(c, model, layout, score_window, score_groups)
     check_batch_layout(c, mesh, layout.rows_per_pair)
     rules = c.mesh.rules
     optimizer, schedule = make_optimizer(c.optimizer)

@@ -89,7 +89,7 @@ def prepare_reference(c: ml_collections.ConfigDict, engine: Engine, loaders: dic
         return PerBatchReference(engine, jax.tree.map(jnp.copy, params) if shared else params)  # policy's: donated
 
     settings = {"chunk": c.train.logprob_chunk_size, "model": engine.config.model.to_json(),
-                "score_window": engine.config.score_window}
+                "score_window": engine.config.score_window, "score_groups": engine.config.score_groups}
     ref_model = reference_model_config(c) if c.reference.path else c.model
     identity = {"reference": source_identity(ref_model),
                 "data": {split: data_identity(loader) for split, loader in loaders.items()}, "settings": settings}

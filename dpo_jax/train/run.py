@@ -130,16 +130,20 @@ def build_run(c: ml_collections.ConfigDict, compile_train_step: bool = False) ->
               f"{c.train.global_batch_tokens}); the pairs per step vary", flush=True)
     windows = [loader.score_window for loader in loaders.values()]
     window = max(windows) if all(windows) else 0  # one step serves every split; 0: a split has no window
+    groups = {loader.score_groups for loader in loaders.values()}.pop()  # built alike: the same for every split
     if window and main:
-        print(f"score window: the unembedding runs on at most {window} positions per row (planned from the "
-              "data's scored tokens)", flush=True)
+        where = f"each of {groups} groups of packed rows (one per batch shard)" if groups else "per row"
+        print(f"score window: the unembedding runs on at most {window} positions {where} (planned from the data's "
+              "scored tokens)", flush=True)
 
     # ----- model, optimizer and sharded state
     layout = loaders["train"].layout  # the packed layout's K is the most pairs a planned row holds
     if c.model.source == "random":  # initialised inside the sharded jit: born on its devices
-        engine = build_engine(c, model, load_initial, mesh=mesh, layout=layout, score_window=window)
+        engine = build_engine(c, model, load_initial, mesh=mesh, layout=layout, score_window=window,
+                              score_groups=groups)
     else:  # loaded on the host, then donated into the sharded state
-        engine = build_engine(c, model, lambda p: p, load_initial(), mesh=mesh, layout=layout, score_window=window)
+        engine = build_engine(c, model, lambda p: p, load_initial(), mesh=mesh, layout=layout, score_window=window,
+                              score_groups=groups)
     state, initial_params, start, log_window = engine.state, engine.state.params, 0, None
 
     # ----- resume

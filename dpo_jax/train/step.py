@@ -52,8 +52,11 @@ class StepConfig:
     chunk_size: int = 128
     layout: Layout = PAIRS  # how pairs are rows (dpo_jax/layout.py)
     # > 0: every row's scored tokens lie within this many positions (logprobs.py `window`); packed layout: every
-    # row has at most this many scored tokens (logprobs.py `positions`, gathered)
+    # row — or with score_groups, every group — has at most this many scored tokens (logprobs.py `positions`)
     score_window: int = 0
+    # packed layout, > 0: the rows form this many groups of consecutive rows (the batch shards), each gathered as
+    # one sequence (logprobs.py `rows_per_gather`); 0: each row alone. Planned by the loader with the window.
+    score_groups: int = 0
     base_reference: bool = False  # LoRA: the reference is the same base with the adapters off, in the step
     seed: int = 0  # LoRA dropout: micro-batch m of step s drops with key fold_in(fold_in(key(seed), s), m)
 
@@ -66,6 +69,8 @@ class StepConfig:
                              f"{self.model.head!r} head")
         if self.mode == "dpo":
             losses.validate_loss_args(self.loss_type, self.beta, self.label_smoothing, **dict(self.loss_kwargs))
+        if self.score_groups and self.micro_batches > 1:
+            raise ValueError("score_groups gathers whole-batch row groups; with micro-batches each row is its own")
         if self.base_reference and not self.model.lora_rank:
             raise ValueError("config.dpo.reference = 'base' is the base model with the LoRA adapters off; it needs "
                              "config.model.lora.rank > 0")
@@ -102,13 +107,20 @@ def policy_logprobs(params: Any, batch: dict[str, jax.Array], c: StepConfig, rng
 
 def score_window(batch: dict[str, jax.Array], c: StepConfig) -> dict[str, Any]:
     """Where the unembedding runs (sequence_logprobs' `window` or `positions`), {} for every position."""
-    if not c.score_window or c.score_window >= batch["input_ids"].shape[1]:
-        return {}
-    scored = c.layout.scored(batch)
+    rows, t = batch["input_ids"].shape
     if c.layout.rows_per_pair == 0 and c.layout.max_pairs_per_row > 1:  # several pairs' scored tokens, gathered
+        if c.score_groups and rows % c.score_groups:
+            raise ValueError(f"{rows} packed rows do not split into {c.score_groups} score groups")
+        g = rows // c.score_groups if c.score_groups else 1
+        if not c.score_window or c.score_window >= g * t:
+            return {}
+        scored = c.layout.scored(batch).reshape(rows // g, g * t)
         first = jnp.argsort(jnp.logical_not(scored), axis=1, stable=True)[:, :c.score_window].astype(jnp.int32)
-        return {"positions": jnp.where(jnp.take_along_axis(scored, first, axis=1), first, -1)}
-    return {"window": (jnp.argmax(scored, axis=1).astype(jnp.int32), c.score_window)}
+        return {"positions": jnp.where(jnp.take_along_axis(scored, first, axis=1), first, -1),
+                "rows_per_gather": g}
+    if not c.score_window or c.score_window >= t:
+        return {}
+    return {"window": (jnp.argmax(c.layout.scored(batch), axis=1).astype(jnp.int32), c.score_window)}
 
 
 class PairLogProbs(NamedTuple):
