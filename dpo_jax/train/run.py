@@ -130,7 +130,10 @@ def build_run(c: ml_collections.ConfigDict, compile_train_step: bool = False) ->
               f"{c.train.global_batch_tokens}); the pairs per step vary", flush=True)
     windows = [loader.score_window for loader in loaders.values()]
     window = max(windows) if all(windows) else 0  # one step serves every split; 0: a split has no window
-    groups = {loader.score_groups for loader in loaders.values()}.pop()  # built alike: the same for every split
+    groups = {loader.score_groups for loader in loaders.values()}  # built alike: the same for every split
+    if len(groups) != 1:
+        raise RuntimeError(f"the splits' loaders planned different score groups {sorted(groups)}")
+    groups = groups.pop()
     if window and main:
         where = f"each of {groups} groups of packed rows (one per batch shard)" if groups else "per row"
         print(f"score window: the unembedding runs on at most {window} positions {where} (planned from the data's "
