@@ -162,14 +162,15 @@ class PreferenceLoader:
         self.score_groups = self._arguments["score_groups"] if grouped else 0
         if self.score_spans is None:
             self.score_window = 0
-        elif self.score_groups:
+            return
+        if self.score_groups:
             most = max(self._group_most(batch, self.planned_rows) for batch in self._planned)
-            g = self.planned_rows * self.process_count // self.score_groups
-            self.score_window = min(-(-most // 8) * 8, g * self.buckets[0] - 1)
+            positions = self.planned_rows * self.process_count // self.score_groups * self.buckets[0]
         else:
-            rows = [row for batch in self._planned for host in batch for row in host if row]
-            most = max(int(self.score_spans[row].sum()) for row in rows)
-            self.score_window = min(-(-most // 8) * 8, self.buckets[0] - 1)  # position 0 is never scored
+            most = max(int(self.score_spans[row].sum()) for batch in self._planned for host in batch for row in host
+                       if row)
+            positions = self.buckets[0]
+        self.score_window = min(-(-most // 8) * 8, positions - 1)  # a row's position 0 is never scored
 
     def _group_most(self, batch: list[list[list[int]]], rows: int) -> int:
         """The most scored tokens in one of the score groups of a global batch (per host, `rows` rows)."""
