@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from dpo_jax import sharding
-from dpo_jax.layout import get_layout
+from dpo_jax.data.layout import get_layout
 from dpo_jax.models import lora
 from dpo_jax.models.config import PRESETS, shaped_config
 from dpo_jax.models.decoder import init_params, logical_axes

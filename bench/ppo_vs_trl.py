@@ -51,7 +51,7 @@ def write_reward_model(model_dir: str, out: str, seed: int) -> None:
     from transformers import AutoTokenizer
 
     from dpo_jax.convert.hf import load_hf_checkpoint, save_hf_checkpoint
-    from dpo_jax.rlhf.reward_model import as_reward_model
+    from dpo_jax.models.reward import as_reward_model
 
     config, params = load_hf_checkpoint(model_dir)
     config, params = as_reward_model(config, params, 0, jax.random.key(seed + 7))
@@ -63,7 +63,8 @@ def run_ours(s: dict) -> dict:
     t_start = time.perf_counter()
     import jax
 
-    from dpo_jax.rlhf import ppo, ppo_run
+    from dpo_jax.rlhf import ppo
+    from dpo_jax.commands import ppo as ppo_run
 
     t_imported = time.perf_counter()
     generation: list[float] = []

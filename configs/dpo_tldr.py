@@ -8,7 +8,7 @@ RMSprop lr 1e-6 with 150 warmup steps, clip 10. Prompts end in "TL;DR:", so trun
 bf16 compute, remat, FSDP over all devices, 4 micro-batches.
 """
 
-from dpo_jax.train.run import default_run_config
+from dpo_jax.commands.train import default_run_config
 
 
 def get_config(arg=None):

@@ -9,7 +9,7 @@ ARG: model=qwen2.5-7b|llama-3-8b (the family only changes the run name; the chec
 """
 
 from dpo_jax.config import parse_arg
-from dpo_jax.train.run import default_run_config
+from dpo_jax.commands.train import default_run_config
 
 
 def get_config(arg=None):

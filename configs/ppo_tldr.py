@@ -13,7 +13,7 @@ from the reward model, prompts from the comparisons' posts (`SUBREDDIT/TITLE/POS
 prompts), bf16 compute with FSDP over all devices. Not run here (no TPU pod).
 """
 
-from dpo_jax.rlhf.ppo_run import default_config
+from dpo_jax.commands.ppo import default_config
 
 
 def get_config(arg=None):

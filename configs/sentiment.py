@@ -17,7 +17,7 @@ the pairs, 200-step runs and 256 win-rate prefixes, into runs/sentiment_full; re
 
 import ml_collections
 
-from dpo_jax.experiments.sentiment import default_config, method
+from dpo_jax.experiments.sentiment_config import default_config, method
 
 
 def full_config() -> ml_collections.ConfigDict:

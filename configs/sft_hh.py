@@ -10,7 +10,7 @@ params and optimizer state, FSDP over all devices. ARG: model=pythia-1.4b|pythia
 """
 
 from dpo_jax.config import parse_arg
-from dpo_jax.train.run import default_run_config
+from dpo_jax.commands.train import default_run_config
 
 MICRO_BATCHES = {"pythia-1.4b": 1, "pythia-2.8b": 2, "pythia-6.9b": 4}
 

@@ -12,7 +12,7 @@ eval accuracy 1.0 and loss < 1e-4 by step 30, as the tiny data's preference is e
 rank-8 adapters of every projection, the reference = the base with the adapters off, computed in the step), or
 any preference loss type (ipo, hinge, ...), which trains DPO with that loss.
 
-MODE best_of_n is the config of `dpo-jax best-of-n` (another schema: rlhf/best_of_n_command.py) for the RLHF
+MODE best_of_n is the config of `dpo-jax best-of-n` (another schema: commands/best_of_n.py) for the RLHF
 baseline on the same data, after an SFT policy and a reward model from it:
   dpo-jax train --config configs/tiny.py:sft && dpo-jax export --run runs/tiny_sft --to-hf runs/tiny_sft_hf
   dpo-jax train --config configs/tiny.py:reward --config.model.source=hf --config.model.path=runs/tiny_sft_hf \
@@ -20,7 +20,7 @@ baseline on the same data, after an SFT policy and a reward model from it:
   dpo-jax best-of-n --config configs/tiny.py:best_of_n
 Expected: rewards.md with the mean reward-model score of the pick rising with N (1, 2, 4, 8).
 
-MODE ppo is the config of `dpo-jax ppo --config configs/tiny.py:ppo` (rlhf/ppo_run.py): PPO from the random tiny
+MODE ppo is the config of `dpo-jax ppo --config configs/tiny.py:ppo` (commands/ppo.py): PPO from the random tiny
 policy against `polite_reward` below (a host reward function, as PPO-GT uses one), ~25 s. Expected: objective/kl 0
 at step 1 and growing to ~10, objective/scores rising from ~0.17 to ~0.7 as the policy learns the polite answers'
 words; checkpoints at steps 10, 20 and 30.
@@ -30,7 +30,7 @@ import os
 
 from dpo_jax.losses import loss_types
 from dpo_jax.models.config import PRESETS
-from dpo_jax.train.run import default_run_config
+from dpo_jax.commands.train import default_run_config
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiny_hh")
 
@@ -52,7 +52,7 @@ def polite_reward(texts):
 
 
 def ppo_config():
-    from dpo_jax.rlhf.ppo_run import default_config
+    from dpo_jax.commands.ppo import default_config
 
     c = default_config()
     c.policy.source, c.policy.max_position_embeddings = "random", 128
@@ -68,7 +68,7 @@ def ppo_config():
 
 
 def best_of_n_config():
-    from dpo_jax.rlhf.best_of_n_command import default_config
+    from dpo_jax.commands.best_of_n import default_config
 
     c = default_config()
     c.policy.source, c.policy.path = "hf", "runs/tiny_sft_hf"

@@ -1,8 +1,9 @@
 """The `dpo-jax` command: `dpo-jax COMMAND [--config FILE[:ARG]] [--config.key=value ...]`.
 
-A config command is a module with `default_config() -> ConfigDict` and `main(config)`: without `--config` the
-built-in default is used, and `--config.key=value` overrides it either way (ml-collections; an unknown key is an
-error, never ignored). A plain-flags command (`convert`) is a module with `run(argv)`.
+Each command is a module of dpo_jax/commands/. A config command has `default_config() -> ConfigDict` and
+`main(config)`: without `--config` the built-in default is used, and `--config.key=value` overrides it either way
+(ml-collections; an unknown key is an error, never ignored). A plain-flags command (`convert`, `export`) has
+`run(argv)`. `experiment NAME` picks its config and module from commands/experiment.py.
 """
 
 from __future__ import annotations
@@ -10,26 +11,23 @@ from __future__ import annotations
 import importlib
 import sys
 
-COMMANDS = {  # name: (module, function, summary); config commands' modules also have default_config()
-    "experiment": ("dpo_jax.experiments", "", "run a paper experiment: `dpo-jax experiment sentiment` (§6.1)"),
-    "train": ("dpo_jax.train.run", "main",
-              "train (or resume) a run: DPO and relatives, SFT, unlikelihood, reward models"),
-    "precompute": ("dpo_jax.train.run", "precompute_main", "build the data caches and reference log-probs only"),
-    "eval": ("dpo_jax.train.run", "eval_main",
-             "a run's latest checkpoint on the eval split; with config.winrate, win rates across temperatures"),
-    "export": ("dpo_jax.train.export", "run", "a run's trained policy -> HF checkpoint (--run DIR --to-hf OUT)"),
-    "convert": ("dpo_jax.convert.cli", "run", "HF checkpoint directory <-> dpo_jax model checkpoint"),
-    "ppo": ("dpo_jax.rlhf.ppo_run", "main", "PPO from an SFT policy against a reward model or function (RLHF)"),
-    "best-of-n": ("dpo_jax.rlhf.best_of_n_command", "main", "Best-of-N from a policy, ranked by a reward model"),
-    "smoke": ("dpo_jax.smoke", "main", "toy DPO run on synthetic preferences: the loss math end to end, in seconds"),
+COMMANDS = {  # name: (module under dpo_jax/commands/, summary)
+    "experiment": ("experiment", "run a paper experiment: `dpo-jax experiment sentiment` (§6.1)"),
+    "train": ("train", "train (or resume) a run: DPO and relatives, SFT, unlikelihood, reward models"),
+    "precompute": ("precompute", "build the data caches and reference log-probs only"),
+    "eval": ("evaluate", "a run's latest checkpoint on the eval split; with config.winrate, win rates across "
+             "temperatures"),
+    "export": ("export", "a run's trained policy -> HF checkpoint or PEFT adapter (--run DIR --to-hf OUT)"),
+    "convert": ("convert", "HF checkpoint directory <-> dpo_jax model checkpoint"),
+    "ppo": ("ppo", "PPO from an SFT policy against a reward model or function (RLHF)"),
+    "best-of-n": ("best_of_n", "Best-of-N from a policy, ranked by a reward model"),
+    "smoke": ("smoke", "toy DPO run on synthetic preferences: the loss math end to end, in seconds"),
 }
-
-EXPERIMENTS = {"sentiment": "dpo_jax.experiments.sentiment"}
 
 
 def _usage() -> str:
     lines = ["usage: dpo-jax COMMAND [--config FILE[:ARG]] [--config.KEY=VALUE ...]", "", "commands:"]
-    lines += [f"  {name:<11} {doc}" for name, (_, _, doc) in COMMANDS.items()]
+    lines += [f"  {name:<11} {doc}" for name, (_, doc) in COMMANDS.items()]
     return "\n".join(lines)
 
 
@@ -44,19 +42,19 @@ def run(argv: list[str] | None = None) -> None:
         print(f"dpo-jax: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         sys.exit(2)
 
-    if command == "experiment":  # `dpo-jax experiment NAME [--config ...]`: NAME picks the module
-        if len(argv) < 2 or argv[1] not in EXPERIMENTS:
-            print(f"dpo-jax experiment: name one of {', '.join(EXPERIMENTS)}", file=sys.stderr)
+    module = importlib.import_module(f"dpo_jax.commands.{COMMANDS[command][0]}")
+    if command == "experiment":  # `dpo-jax experiment NAME [--config ...]`: NAME picks the config and the module
+        try:
+            config_module, experiment = module.resolve(argv.pop(1) if len(argv) > 1 else "")
+        except ValueError as e:
+            print(e, file=sys.stderr)
             sys.exit(2)
-        module = importlib.import_module(EXPERIMENTS[argv.pop(1)])
-        _run_config_command(command, module, module.main, argv)
+        _run_config_command(command, config_module, experiment.main, argv)
         return
-    module_name, function, _ = COMMANDS[command]
-    module = importlib.import_module(module_name)
     if not hasattr(module, "default_config"):  # a plain-flags command
-        getattr(module, function)(argv[1:])
+        module.run(argv[1:])
         return
-    _run_config_command(command, module, getattr(module, function), argv)
+    _run_config_command(command, module, module.main, argv)
 
 
 def _run_config_command(command: str, module, entry, argv: list[str]) -> None:

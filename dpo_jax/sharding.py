@@ -163,3 +163,15 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh, rules: Any) -> dict[s
         global_shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
         out[k] = jax.make_array_from_process_local_data(sharding, v, global_shape)
     return out
+
+
+def abstract(tree: Any, shardings: Any = None) -> Any:
+    """Shape/dtype/sharding stand-ins for the arrays of `tree` (jax.ShapeDtypeStruct): what lowering, compiling
+    ahead and restoring a checkpoint need. `shardings`: one sharding for every leaf, or a tree of them; default
+    each array's own (None for a leaf that has none, e.g. an eval_shape result)."""
+    if shardings is None:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                            tree)
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

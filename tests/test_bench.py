@@ -68,7 +68,7 @@ def test_scaling_point_reports_consistent_flops_and_memory():
 
 def test_step_variants_batch_matches_the_bench_job():
     """bench/step_variants.py times the DPO-vs-TRL job: 8 packed rows of 48 + 80 + 80 tokens, a 160-wide window."""
-    from dpo_jax.layout import scored_span
+    from dpo_jax.data.layout import scored_span
 
     bench = _bench_module("step_variants")
     batch = bench.bench_batch()

@@ -10,7 +10,7 @@ import pytest
 from dpo_jax.models.decoder import init_params
 from dpo_jax.models.generate import SamplingConfig
 from dpo_jax.rlhf import best_of_n as bon
-from dpo_jax.rlhf.reward_model import as_reward_model, sequence_scores
+from dpo_jax.models.reward import as_reward_model, score_rows, sequence_scores
 from tests import engine_helpers as H
 
 
@@ -70,5 +70,5 @@ def test_chunked_scoring_of_completions_equals_one_batch(policy):
     def score(p, i, m):
         return sequence_scores(p, config, jnp.asarray(i), jnp.asarray(m))
 
-    np.testing.assert_allclose(bon.score_rows(score, params, rows, row_mask, batch_rows=4),
+    np.testing.assert_allclose(score_rows(score, params, rows, row_mask, batch_rows=4),
                                np.asarray(score(params, rows, row_mask)), atol=1e-6)

@@ -148,9 +148,9 @@ def test_adapter_dropout_is_unbiased_and_on_in_the_train_step_only():
 
 
 def test_a_tiny_lora_run_resumes_exactly_and_exports_merged_and_peft(tmp_path):
-    """configs/tiny.py:lora (GPT-2; q/k/v left out so that every adapter is a PEFT module of its own): killed after
-    checkpoint 8 and resumed, the same metric lines; the merged HF export computes what the adapters compute; the
-    PEFT export holds exactly the trained adapters; a model without adapters has nothing to export."""
+    """configs/tiny.py:lora (GPT-2; q/k/v adapters go out as one block-diagonal adapter of the fused c_attn):
+    killed after checkpoint 8 and resumed, the same metric lines; the merged HF export computes what the adapters
+    compute; the PEFT export holds exactly the trained adapters; a model without adapters has nothing to export."""
     import subprocess
     import sys
 
@@ -162,8 +162,7 @@ def test_a_tiny_lora_run_resumes_exactly_and_exports_merged_and_peft(tmp_path):
 
     tiny = os.path.join(REPO, "configs", "tiny.py")
     overrides = {"train.steps": 12, "train.log_every": 3, "train.save_every": 4, "train.eval_samples": 0,
-                 "data.eval_path": "", "train.tensorboard": False, "data.cache_dir": str(tmp_path / "cache"),
-                 "model.lora.targets": "('o','fc_in','fc_out')"}
+                 "data.eval_path": "", "train.tensorboard": False, "data.cache_dir": str(tmp_path / "cache")}
     cli = lambda run_dir: [sys.executable, "-m", "dpo_jax.main", "train", "--config", f"{tiny}:lora",  # noqa
                            f"--config.train.run_dir={run_dir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
     out = subprocess.run(cli(tmp_path / "straight"), cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -174,7 +173,7 @@ def test_a_tiny_lora_run_resumes_exactly_and_exports_merged_and_peft(tmp_path):
     assert_same_lines(_train_lines(tmp_path / "killed"), want)
 
     _, model, params, _ = restore_params(str(tmp_path / "straight"))
-    assert model.lora_rank == 8 and model.lora_targets == ("o", "fc_in", "fc_out")
+    assert model.lora_rank == 8 and model.lora_targets == ("q", "k", "v", "o", "fc_in", "fc_out")
     export(str(tmp_path / "straight"), str(tmp_path / "hf"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
     ids = np.random.default_rng(0).integers(0, model.vocab_size, (2, 10))
@@ -189,7 +188,7 @@ def test_a_tiny_lora_run_resumes_exactly_and_exports_merged_and_peft(tmp_path):
 
 
 def test_a_lora_reward_model_trains_its_adapters_and_its_new_score_head_only():
-    from dpo_jax.rlhf.reward_model import as_reward_model
+    from dpo_jax.models.reward import as_reward_model
 
     model, params = as_reward_model(LLAMA, init_params(LLAMA, jax.random.key(0)), None, jax.random.key(1))
     c = H.config(optimizer_name="sgd", lr=0.5)

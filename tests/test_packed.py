@@ -8,7 +8,7 @@ import pytest
 from dpo_jax.data.loader import PreferenceLoader
 from dpo_jax.data.packing import (CHOSEN, PROMPT, REJECTED, fill_batches, first_fit_decreasing, pack_pair, pack_row,
                                   packed_length)
-from dpo_jax.layout import PAIRS, PackedPairs, scored_span
+from dpo_jax.data.layout import PAIRS, PackedPairs, scored_span
 from dpo_jax.logprobs import scored_mask
 from dpo_jax.models.decoder import SEGMENT_STRIDE, init_params
 from dpo_jax.train.step import StepConfig, loss_sum_and_metrics, pair_logprobs
@@ -99,7 +99,7 @@ def test_packed_pair_logprobs_equal_two_rows_per_pair(model, layout, groups):
 
 @pytest.mark.parametrize("mode", ["dpo", "sft", "unlikelihood", "reward"])
 def test_packed_loss_metrics_and_gradient_equal_the_plain_layout(mode):
-    from dpo_jax.rlhf.reward_model import as_reward_model
+    from dpo_jax.models.reward import as_reward_model
 
     rows = _pairs(11, seed=8)
     plain, packed, window = _loaders(rows, pairs=12)

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from dpo_jax.rlhf import ppo_run
+from dpo_jax.commands import ppo as ppo_run
 from tests import test_runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,15 +69,15 @@ def test_bad_ppo_configs_name_the_key(tmp_path, cache):
 
 def test_ppo_against_a_reward_model_checkpoint_with_the_value_model_from_it(tmp_path, cache):
     import jax
-    import ml_collections
 
     from dpo_jax.convert import native
     from dpo_jax.models.decoder import init_params
-    from dpo_jax.rlhf.reward_model import as_reward_model
-    from dpo_jax.train.model_source import load_tokenizer, model_with_head
+    from dpo_jax.models.reward import as_reward_model
+    from dpo_jax.data.tokenizers import load_tokenizer
+    from dpo_jax.train.model_source import model_with_head, tokenizer_dir
 
     c = _config(_overrides(tmp_path / "rm_run", cache, **{"train.steps": 2, "train.save_every": 0}))
-    tok = load_tokenizer(ml_collections.ConfigDict({"data": c.data, "model": c.policy}))
+    tok = load_tokenizer(c.data, tokenizer_dir(c.policy))
     policy, _ = model_with_head(c.policy, len(tok), "lm", "policy")
     rm_config, rm_params = as_reward_model(policy, init_params(policy, jax.random.key(3)), tok.pad_token_id,
                                            jax.random.key(4))

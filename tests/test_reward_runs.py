@@ -13,7 +13,7 @@ import transformers as T
 from dpo_jax.convert.hf import load_hf_checkpoint
 from dpo_jax import sharding
 from dpo_jax.models.decoder import logical_axes
-from dpo_jax.rlhf.reward_model import make_scorer, score_texts, sequence_scores
+from dpo_jax.models.reward import make_scorer, score_texts, sequence_scores
 from dpo_jax.train import run as train_run
 from dpo_jax.train.export import export
 from tests.test_runs import REPO, _cli, _config, _overrides, _train_lines, assert_same_lines, kill_and_resume
@@ -65,7 +65,7 @@ def test_reward_model_from_sft_learns_the_eval_preference_and_exports_to_transfo
 
     # Best-of-N from π_SFT ranked by this reward model: the command's files, picks = argmax of the first N' scores
     from dpo_jax.config import load_config_file
-    from dpo_jax.rlhf import best_of_n_command
+    from dpo_jax.commands import best_of_n as best_of_n_command
 
     b = load_config_file(f"{REPO}/configs/tiny.py:best_of_n")
     b.policy.path, b.reward_model.path, b.out_dir = str(sft_export), str(tmp_path / "rm_hf"), str(tmp_path / "bon")

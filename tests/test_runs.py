@@ -17,7 +17,9 @@ from dpo_jax.config import load_config_file
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.decoder import Decoder, logits
 from dpo_jax import reference
+from dpo_jax.data.tokenizers import load_tokenizer
 from dpo_jax.train import model_source
+from dpo_jax.commands import evaluate as eval_command
 from dpo_jax.train import run as train_run
 from dpo_jax.train.trainer import RunError
 from dpo_jax.train.export import export
@@ -264,7 +266,7 @@ def test_precompute_then_eval_commands(tmp_path, cache):
     assert set(record) == {"train", "eval"} and all(os.path.isfile(p) for p in record.values())
     assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")  # nothing trained
     train_run.train(c)
-    train_run.evaluate(c)  # the latest checkpoint (step 2) on the eval split, logged once more at step 2
+    eval_command.evaluate(c)  # the latest checkpoint (step 2) on the eval split, logged once more at step 2
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     evals = [r for r in rows if r["split"] == "eval"]
     assert [r["step"] for r in evals] == [2, 2] and evals[0]["loss"] == pytest.approx(evals[1]["loss"], rel=1e-6)
@@ -331,11 +333,11 @@ def test_mfu_counts_each_step_at_its_own_bucket_length(tmp_path, cache):
     out = subprocess.run(_cli(overrides), cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     c = _config("dpo", {**overrides, "data.seq_buckets": (16, 24, 32, 40, 48, 56, 64)})
-    tokenizer = model_source.load_tokenizer(c)
+    tokenizer = load_tokenizer(c.data, model_source.tokenizer_dir(c.model))
     loader = build_loaders(c.data, global_batch_pairs=2, seed=c.train.seed, tokenizer=tokenizer)["train"]
     lengths = [loader.batch_at(0, k)["input_ids"].shape[1] for k in range(8)]
     loader.close()
-    model, _ = model_source.model_loader(c.model, len(model_source.load_tokenizer(c)))
+    model, _ = model_source.model_loader(c.model, len(tokenizer))
     flops = [train_step_flops(model, 2, t, loader.score_window) for t in lengths]  # shared prompt: a row per pair
     assert len(set(lengths[:4])) > 1 and len(set(lengths[4:])) > 1  # the buckets do vary within a window
     for row, window in zip(_train_lines(tmp_path / "run", timing=True), (flops[:4], flops[4:])):

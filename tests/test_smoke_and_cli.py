@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from dpo_jax import config as cfg
-from dpo_jax import smoke
+from dpo_jax.commands import smoke
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

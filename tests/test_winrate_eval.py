@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from dpo_jax.evaluation.winrate import win_rate
+from dpo_jax.commands import evaluate as eval_command
 from dpo_jax.train import run as train_run
 from tests.test_runs import TINY, _config, _overrides
 
@@ -51,7 +52,7 @@ def test_win_rates_against_chosen_and_another_run_recompute_from_the_completions
 
     root, _, dirs = runs
     out = str(root / "vs_chosen")
-    train_run.evaluate(_eval_config(runs, runs=f"sft={dirs['sft']}", out_dir=out))
+    eval_command.evaluate(_eval_config(runs, runs=f"sft={dirs['sft']}", out_dir=out))
     rows, records = _read(out)
     assert [(r["method"], float(r["temperature"])) for r in rows] == [("dpo", 0.0), ("dpo", 1.0), ("sft", 0.0),
                                                                       ("sft", 1.0)]
@@ -67,7 +68,7 @@ def test_win_rates_against_chosen_and_another_run_recompute_from_the_completions
     assert any(r["completion"] for r in records)
 
     out2 = str(root / "vs_sft")
-    train_run.evaluate(_eval_config(runs, runs=f"sft={dirs['sft']}", baseline="sft", out_dir=out2))
+    eval_command.evaluate(_eval_config(runs, runs=f"sft={dirs['sft']}", baseline="sft", out_dir=out2))
     rows2, records2 = _read(out2)
     assert [r["method"] for r in rows2] == ["dpo", "dpo"]
     sft_at = {(r["temperature"], r["prompt"]): r["completion"] for r in records if r["method"] == "sft"}
@@ -80,14 +81,14 @@ def test_win_rates_against_chosen_and_another_run_recompute_from_the_completions
 def test_bad_input_fails_before_sampling(runs, tmp_path):
     root, cache, dirs = runs
     with pytest.raises(ValueError, match=r"winrate\.temperatures.*>= 0"):
-        train_run.evaluate(_eval_config(runs, temperatures=(0.0, -0.5), out_dir=str(tmp_path / "a")))
+        eval_command.evaluate(_eval_config(runs, temperatures=(0.0, -0.5), out_dir=str(tmp_path / "a")))
     empty = tmp_path / "nothing_trained"
     with pytest.raises(ValueError, match="'ghost'.*no policy checkpoint"):
-        train_run.evaluate(_eval_config(runs, runs=f"ghost={empty}", out_dir=str(tmp_path / "b")))
+        eval_command.evaluate(_eval_config(runs, runs=f"ghost={empty}", out_dir=str(tmp_path / "b")))
     with pytest.raises(ValueError, match="baseline = 'nobody'"):
-        train_run.evaluate(_eval_config(runs, baseline="nobody", out_dir=str(tmp_path / "c")))
+        eval_command.evaluate(_eval_config(runs, baseline="nobody", out_dir=str(tmp_path / "c")))
     with pytest.raises(ValueError, match="judge.kind"):
-        train_run.evaluate(_eval_config(runs, judge={"kind": "oracle"}))
+        eval_command.evaluate(_eval_config(runs, judge={"kind": "oracle"}))
     assert not any((tmp_path / x).exists() for x in "abc") and not empty.exists()
 
 
@@ -96,21 +97,23 @@ def test_reward_model_and_endpoint_judges_through_eval(runs, tmp_path):
     import jax.numpy as jnp
 
     from dpo_jax.convert import native
-    from dpo_jax.rlhf.reward_model import as_reward_model, sequence_scores
+    from dpo_jax.models.reward import as_reward_model, sequence_scores
     from dpo_jax.train.export import restore_params
-    from dpo_jax.train.model_source import load_tokenizer
+    from dpo_jax.data.tokenizers import load_tokenizer
+    from dpo_jax.train.model_source import tokenizer_dir
     from tests.test_judges import Stub
 
     root, _, dirs = runs
     _, policy, params, _ = restore_params(dirs["dpo"])
-    tok = load_tokenizer(_eval_config(runs))
+    c = _eval_config(runs)
+    tok = load_tokenizer(c.data, tokenizer_dir(c.model))
     rm_config, rm_params = as_reward_model(policy, params, tok.pad_token_id, jax.random.key(7))
     native.save_model(str(tmp_path / "rm"), rm_config, rm_params)
     out = str(tmp_path / "rm_judge")
     c = _eval_config(runs, out_dir=out, temperatures=(1.0,))
     c.winrate.judge.kind, c.winrate.judge.model.source, c.winrate.judge.model.path = "reward_model", "checkpoint", \
         str(tmp_path / "rm")
-    train_run.evaluate(c)
+    eval_command.evaluate(c)
     (row,), records = _read(out)
 
     def score(texts):  # one text at a time, no padding, no chunking, one device: an independent path
@@ -129,11 +132,11 @@ def test_reward_model_and_endpoint_judges_through_eval(runs, tmp_path):
         c = _eval_config(runs, out_dir=out)
         c.winrate.judge.kind = "endpoint"
         c.winrate.judge.endpoint.update(base_url=stub.url, model="stub", template="dialogue", backoff_s=0.01)
-        train_run.evaluate(c)
+        eval_command.evaluate(c)
         rows, records = _read(out)
         assert [int(r["valid"]) + int(r["invalid"]) for r in rows] == [8, 8] and len(stub.requests) == 16
         assert len(open(os.path.join(out, "verdicts.jsonl")).read().splitlines()) == 16
-        train_run.evaluate(c)  # resumed from the verdict cache: nothing asked again, the same table
+        eval_command.evaluate(c)  # resumed from the verdict cache: nothing asked again, the same table
         assert len(stub.requests) == 16 and _read(out)[0] == rows
     finally:
         stub.close()

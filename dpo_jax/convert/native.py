@@ -11,6 +11,7 @@ from typing import Any, Callable
 import jax
 import orbax.checkpoint as ocp
 
+from dpo_jax import sharding
 from dpo_jax.models.config import ModelConfig
 
 CONFIG_FILE = "model_config.json"
@@ -56,8 +57,7 @@ def load_model(path: str, sharding_fn: Callable[[Any], Any] | None = None) -> tu
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree,
                             is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
     if sharding_fn is not None:
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-                                sharding_fn(abstract))
+        abstract = sharding.abstract(abstract, sharding_fn(abstract))
     return config, checkpointer.restore(os.path.join(path, PARAMS_DIR), abstract)
 
 

@@ -5,7 +5,7 @@ Batch `k` of epoch `e` is a pure function of (seed, e, k): the epoch's permutati
 reads only the h-th `global_batch_pairs / P` of them. Resuming from `LoaderState(epoch, step)` therefore yields
 exactly the batches an uninterrupted run would have seen, on any number of restarts.
 
-Host-local batch: b = global_batch_pairs / P pairs as rows of T tokens in the layout's fields (dpo_jax/layout.py:
+Host-local batch: b = global_batch_pairs / P pairs as rows of T tokens in the layout's fields (dpo_jax/data/layout.py:
 a row per response, or one packed row per pair), T the smallest bucket that fits the *global* batch so every host
 agrees on the shape; example_id [b] int32 (-1 for padding) and example_mask [b] int32 (0 for padding).
 The last batch of an epoch is completed with padding examples (all-zero masks): nothing is dropped, and padding
@@ -21,7 +21,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 import numpy as np
 
 from dpo_jax.data.packing import fill_batches
-from dpo_jax.layout import Layout, get_layout
+from dpo_jax.data.layout import Layout, get_layout
 
 Batch = dict[str, np.ndarray]
 
@@ -67,7 +67,7 @@ class PreferenceLoader:
         seq_len: a fixed T, or buckets (sorted ascending; each batch takes the smallest that fits its longest
         sequence — `lengths[i]` = max(chosen, rejected) length of example i is then required).
         data_parallel_size: the product of the mesh's batch axes; the global batch must divide by it.
-        layout: how pairs become rows (dpo_jax/layout.py; a name or a Layout); `lengths` are its row lengths.
+        layout: how pairs become rows (dpo_jax/data/layout.py; a name or a Layout); `lengths` are its row lengths.
         score_window: > 0 promises the step that every row's scored tokens lie within this many positions (the
         split's longest scored span, from the prepared metadata); each batch is checked against it.
         Packed layout (several pairs per row): every batch gets the same row count — the most any batch of the

@@ -15,6 +15,8 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 
 from dpo_jax.evaluation.winrate import outcomes_from_scores
+from dpo_jax.parsing import load_callable
+from dpo_jax.train.model_source import load_reward_scorer
 
 
 class Judge(Protocol):
@@ -44,24 +46,18 @@ class ScoreJudge:
         return outcomes_from_scores(both[:len(prompts)], both[len(prompts):])
 
 
-def function_judge(spec: str, name: str | None = None) -> ScoreJudge:
-    """A ground-truth reward function `module:name` or `file.py:name` (texts -> floats) as a judge."""
-    from dpo_jax.rlhf.ppo_run import load_reward_function
-
-    return ScoreJudge(name or spec, load_reward_function(spec))
+def function_judge(spec: str, name: str | None = None, key: str = "config.winrate.judge.function") -> ScoreJudge:
+    """A ground-truth reward function `module:name` or `file.py:name` (texts -> floats) as a judge; errors name
+    `key`."""
+    return ScoreJudge(name or spec, load_callable(spec, key))
 
 
 def reward_model_judge(model_section: Any, tokenizer: Any, mesh: Any, rules: Any, max_length: int,
                        batch_rows: int = 64, name: str = "reward model") -> ScoreJudge:
     """A reward model (config.model-style section: an HF sequence-classification dir or a dpo_jax checkpoint) as a
     judge, scored on `mesh` (batch_rows must divide over its batch axes)."""
-    from dpo_jax.rlhf.reward_model import make_scorer, score_texts
-    from dpo_jax.train.model_source import model_with_head, place_on_mesh
-
-    config, load = model_with_head(model_section, len(tokenizer), "score", "judge.model")
-    params, shardings = place_on_mesh(config, load(), mesh, rules)
-    scorer = make_scorer(config, mesh, rules, shardings)
-    return ScoreJudge(name, lambda texts: score_texts(scorer, params, tokenizer, texts, max_length, batch_rows))
+    scorer = load_reward_scorer(model_section, len(tokenizer), mesh, rules, "winrate.judge.model")
+    return ScoreJudge(name, lambda texts: scorer.texts(tokenizer, texts, max_length, batch_rows))
 
 
 def pair_agreement(judge_scores: np.ndarray, human: np.ndarray, pairs: np.ndarray) -> dict[str, float]:

@@ -40,60 +40,17 @@ from dpo_jax.data.loader import PreferenceLoader
 from dpo_jax.data.pipeline import default_cache_dir
 from dpo_jax.experiments import sentiment_corpus as corpus
 from dpo_jax.experiments import sentiment_ppo, sentiment_rlhf, sentiment_winrate
+from dpo_jax.experiments.sentiment_config import default_config, method  # noqa: F401 (default_config: the command's)
 from dpo_jax.experiments.sentiment_report import write_results
 from dpo_jax.fingerprint import fingerprint
 from dpo_jax.logprobs import token_logprobs
 from dpo_jax.metrics import MetricWriter
-from dpo_jax.models.config import PRESETS, ModelConfig, shaped_config
+from dpo_jax.models.config import ModelConfig, shaped_config
 from dpo_jax.models.decoder import Decoder, init_params, unembedding
 from dpo_jax.models.generate import SamplingConfig, generate
 from dpo_jax.train.engine import build_engine, default_engine_config
 from dpo_jax.train.reference_source import NO_REFERENCE, ReferenceTables
 from dpo_jax.train.trainer import Trainer
-
-
-def default_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.out_dir = "runs/sentiment"
-    c.cache_dir = ""  # empty: $DPO_JAX_CACHE or ~/.cache/dpo_jax
-    c.seed = 0
-    c.vocab_size = 2048
-    c.max_sentence_tokens = 40
-    c.model = ml_collections.ConfigDict(PRESETS["gpt2-sentiment"])  # family and shape of π_SFT
-    c.sft = ml_collections.ConfigDict(dict(steps=500, batch=32, learning_rate=2e-3))
-    c.pairs = ml_collections.ConfigDict(dict(prefixes=512, samples_per_prefix=4, min_prefix=2, max_prefix=8,
-                                             max_new_tokens=24, temperature=1.0))
-    c.eval = ml_collections.ConfigDict(dict(prefixes=256, every=30, max_new_tokens=24))
-    c.train = ml_collections.ConfigDict(dict(steps=120, batch_pairs=32, learning_rate=3e-4))
-    # the RLHF baseline's reward model: π_SFT's body + a score head, Bradley-Terry on the same pairs and batches
-    c.reward_model = ml_collections.ConfigDict(dict(steps=120, learning_rate=3e-4))
-    # Best-of-N from π_SFT ranked by that reward model, on the held-out prefixes; one pass of max(ns) samples each
-    c.best_of_n = ml_collections.ConfigDict(dict(ns=(1, 2, 4, 16, 64)))
-    # PPO (learned reward model) and PPO-GT (VADER) at the DPO family's β grid, with every method's budget
-    # (sentiment_ppo.py); evaluated every `eval_every` iterations
-    c.ppo = ml_collections.ConfigDict(dict(betas=(0.05, 0.1, 1.0, 5.0), epochs=4, eval_every=8))
-    # every final policy's win rate vs the human continuation per temperature, its reward and win rate on other
-    # domains' prefixes, and the judges' agreement with human ratings (sentiment_winrate.py); prefixes = 0: off
-    c.winrate = ml_collections.ConfigDict(dict(temperatures=(0.0, 0.25, 0.5, 0.75, 1.0), prefixes=128,
-                                               domains=("amazon", "nyt", "tweets"), validation_pairs=2000))
-    # every compared method, by name: its train.mode and the engine dpo-section fields it sets; all get the same
-    # steps, batch, learning rate and evaluation (e.g. --config.methods.dpo_beta1.dpo.beta=2)
-    c.methods = ml_collections.ConfigDict({
-        "dpo_beta0p05": method("dpo", beta=0.05), "dpo_beta0p1": method("dpo", beta=0.1),
-        "dpo_beta1": method("dpo", beta=1.0), "dpo_beta5": method("dpo", beta=5.0),
-        "cdpo_beta0p1": method("dpo", beta=0.1, label_smoothing=0.2),
-        "ipo_beta0p1": method("dpo", loss_type="ipo", beta=0.1),
-        "unlikelihood_alpha0p1": method("unlikelihood", unlikelihood_alpha=0.1),
-        "unlikelihood_alpha1": method("unlikelihood", unlikelihood_alpha=1.0),
-        "preferred_ft": method("sft"),
-    })
-    return c
-
-
-def method(mode: str, **dpo: Any) -> ml_collections.ConfigDict:
-    """A compared method: train.mode (dpo, sft = Preferred-FT, unlikelihood) and the `dpo` config fields it sets
-    (loss_type, beta, label_smoothing, unlikelihood_alpha, loss_kwargs ...; unset ones keep their defaults)."""
-    return ml_collections.ConfigDict({"mode": mode, "dpo": dpo})
 
 
 def _key(*parts: Any) -> str:
@@ -136,10 +93,10 @@ class Stages:
             train_bpe_tokenizer((s.text for s in self.train_text), self.c.vocab_size, tok_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(tok_dir)
         self.eos, self.pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        self.train_ids = [self._encode(s.text) for s in self.train_text]
-        self.test_ids = [self._encode(s.text) for s in self.test_text]
+        self.train_ids = [self.encode(s.text) for s in self.train_text]
+        self.test_ids = [self.encode(s.text) for s in self.test_text]
 
-    def _encode(self, text: str) -> list[int]:
+    def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.c.max_sentence_tokens - 1]
 
     def model_config(self) -> ModelConfig:
@@ -147,7 +104,7 @@ class Stages:
         return shaped_config(m.family, len(self.tokenizer), m.hidden_size, m.num_layers, m.num_heads,
                              m.intermediate_size, max_position_embeddings=64)
 
-    def _engine(self, name: str, m: ml_collections.ConfigDict, learning_rate: float, pairs: int, params: Any,
+    def engine_for(self, name: str, m: ml_collections.ConfigDict, learning_rate: float, pairs: int, params: Any,
                 model: ModelConfig | None = None):
         """An engine for method `m` (see `method`), from `params` (None: a fresh init of π_SFT's shape; `model`: a
         different model, e.g. the reward model)."""
@@ -179,7 +136,7 @@ class Stages:
             self.sft_params = native.load_model(path)[1]
             self.log(f"π_SFT: cached ({path})")
             return
-        engine = self._engine("sft", method("sft"), s.learning_rate, s.batch, None)
+        engine = self.engine_for("sft", method("sft"), s.learning_rate, s.batch, None)
         trainer = Trainer(engine, steps=s.steps, writer=MetricWriter(None), name="π_SFT", log_every=200)
         state, _ = trainer.fit(engine.state, self._sentence_batches())
         self.sft_params = jax.device_get(state.params)
@@ -202,7 +159,7 @@ class Stages:
                    (np.arange(t) == 0), "example_id": index.astype(np.int32), "example_mask": np.ones(b, np.int32)}
 
     # 4: preference pairs
-    def _prefixes(self, ids: list[list[int]], n: int, seed: int, sources: bool = False) -> tuple[np.ndarray, ...]:
+    def prefixes(self, ids: list[list[int]], n: int, seed: int, sources: bool = False) -> tuple[np.ndarray, ...]:
         """(prompts, mask) [n, max_prefix] left-padded: 2-8-token prefixes of n random sentences longer than
         max_prefix; with `sources`, also each row's sentence index and prefix length."""
         p = self.c.pairs
@@ -233,7 +190,7 @@ class Stages:
             self._load_pairs(path)
             self.log(f"pairs: {len(self.pair_source)} (cached: {path})")
             return
-        prompts, mask = self._prefixes(self.train_ids, p.prefixes, self.c.seed + 1)
+        prompts, mask = self.prefixes(self.train_ids, p.prefixes, self.c.seed + 1)
         k = p.samples_per_prefix
         rep_prompts, rep_mask = np.repeat(prompts, k, 0), np.repeat(mask, k, 0)
         out, texts = self._sample(self.sft_params, rep_prompts, rep_mask, self.c.seed + 2, p.max_new_tokens,
@@ -301,16 +258,16 @@ class Stages:
         key = _key(self.sft_key, self.c.pairs.to_dict(), self.c.reward_model.to_dict(), self.c.train.batch_pairs)
         rm = self.reward_model = sentiment_rlhf.RewardModelStage(self, key)
         summary = rm.on_test_sentences()
-        points, more = sentiment_rlhf.best_of_n(self, rm, *self._test_prefixes())
+        points, more = sentiment_rlhf.best_of_n(self, rm, *self.test_prefixes())
         self.over_optimization = []
         if self.c.train.steps >= 1 and self.c.ppo.betas:
-            ppo_points, self.over_optimization = sentiment_ppo.run_ppo(self, rm, *self._test_prefixes())
+            ppo_points, self.over_optimization = sentiment_ppo.run_ppo(self, rm, *self.test_prefixes())
             points += ppo_points
         return points, {**summary, **more}
 
-    def _test_prefixes(self) -> tuple[np.ndarray, np.ndarray]:
+    def test_prefixes(self) -> tuple[np.ndarray, np.ndarray]:
         """The held-out prefixes every method (and Best-of-N) is evaluated on."""
-        return self._prefixes(self.test_ids, self.c.eval.prefixes, self.c.seed + 4)
+        return self.prefixes(self.test_ids, self.c.eval.prefixes, self.c.seed + 4)
 
     # 6: methods with evaluation
     def evaluate(self, params, ref_params, prompts, mask) -> tuple[float, float, list[str]]:
@@ -329,7 +286,7 @@ class Stages:
 
     def methods(self) -> list[dict[str, Any]]:
         t = self.c.train
-        test_prompts, test_mask = self._test_prefixes()
+        test_prompts, test_mask = self.test_prefixes()
         sft_reward, sft_kl, sft_texts = self.evaluate(self.sft_params, self.sft_params, test_prompts, test_mask)
         self.log(f"π_SFT on test prefixes: reward {sft_reward:+.3f}, KL {sft_kl:.4f}")
         points = [{"method": "sft", "step": 0, "reward": sft_reward, "kl": sft_kl}]
@@ -338,13 +295,13 @@ class Stages:
         if t.steps < 1:
             self.log(f"train.steps = {t.steps}: no method is trained; only π_SFT is evaluated")
         if methods:  # π_SFT's log-probs of every pair, shared by all methods (no pass when nothing trains)
-            ref_engine = self._engine("reference", method("dpo"), t.learning_rate, t.batch_pairs, self.sft_params)
+            ref_engine = self.engine_for("reference", method("dpo"), t.learning_rate, t.batch_pairs, self.sft_params)
             path = os.path.join(self.cache, "reference-" + _key(self.sft_key, self.c.pairs.to_dict(),
                                                                 t.batch_pairs) + ".npz")
             table = reference.precompute(ref_engine.state.params, ref_engine.reference_logps,
-                                         self._pair_loader().one_pass, path)[0]
+                                         self.pair_loader().one_pass, path)[0]
         for name, m in methods:
-            engine = self._engine(name, m, t.learning_rate, t.batch_pairs, self.sft_params)
+            engine = self.engine_for(name, m, t.learning_rate, t.batch_pairs, self.sft_params)
 
             def evaluate(step: int, state: Any, name: str = name) -> None:
                 reward, kl, texts = self.evaluate(state.params, self.sft_params, test_prompts, test_mask)
@@ -355,7 +312,7 @@ class Stages:
             trainer = Trainer(engine, steps=t.steps, writer=MetricWriter(None), name=name,
                               reference=ReferenceTables({"train": table}) if engine.config.needs_reference
                               else NO_REFERENCE, eval_every=self.c.eval.every, evaluate=evaluate)
-            self.final_policy(name, trainer.fit(engine.state, self._pair_loader())[0].params)
+            self.final_policy(name, trainer.fit(engine.state, self.pair_loader())[0].params)
             self.log(f"{name}: reward {points[-1]['reward']:+.3f}, KL {points[-1]['kl']:.3f} after {t.steps} steps "
                      f"({time.perf_counter() - t0:.0f} s)")
         with open(os.path.join(self.c.out_dir, "samples.jsonl"), "w") as f:
@@ -367,7 +324,7 @@ class Stages:
         if self.winrates is not None:
             self.winrates.add(name, params)
 
-    def _pair_loader(self) -> PreferenceLoader:
+    def pair_loader(self) -> PreferenceLoader:
         """The preference pairs in training order (the same for every method)."""
         return PreferenceLoader(self.pair_source, global_batch_pairs=self.c.train.batch_pairs,
                                 seq_len=self._seq_len(), seed=self.c.seed, prefetch=0, pad_id=self.pad)

@@ -43,7 +43,7 @@ def run_ppo(st: Any, rm: Any, test_prompts: np.ndarray, test_mask: np.ndarray
     mesh = sharding.make_mesh(sharding.default_mesh_config(), jax.devices()[:1])
     engine = build_ppo_engine(config, o, _host(st.sft_params), _host(rm.params), mesh, sharding.DEFAULT_RULES)
     reference = jax.device_put(st.sft_params, engine.param_shardings["policy"])
-    prompts, mask = st._prefixes(st.train_ids, st.c.pairs.prefixes, st.c.seed + 1)  # the pairs' prefixes
+    prompts, mask = st.prefixes(st.train_ids, st.c.pairs.prefixes, st.c.seed + 1)  # the pairs' prefixes
 
     def decode(rows, row_mask):
         return st.tokenizer.batch_decode([r[m == 1] for r, m in zip(rows, row_mask)], skip_special_tokens=True)

@@ -13,14 +13,15 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from dpo_jax import sharding
 from dpo_jax.convert import native
+from dpo_jax.experiments.sentiment_config import method
 from dpo_jax.metrics import MetricWriter
 from dpo_jax.models.generate import SamplingConfig
+from dpo_jax.models.reward import RewardScorer, as_reward_model
 from dpo_jax.rlhf import best_of_n as bon
-from dpo_jax.rlhf.reward_model import as_reward_model, sequence_scores
 from dpo_jax.train.trainer import Trainer
 
 
@@ -41,22 +42,20 @@ class RewardModelStage:
         else:
             self.config, init = as_reward_model(st.model_config(), st.sft_params, st.pad,
                                                 jax.random.key(c.seed + 5))
-            from dpo_jax.experiments.sentiment import method
-
-            engine = st._engine("reward_model", method("reward"), r.learning_rate, c.train.batch_pairs, init,
+            engine = st.engine_for("reward_model", method("reward"), r.learning_rate, c.train.batch_pairs, init,
                                 model=self.config)
             t0 = time.perf_counter()
             trainer = Trainer(engine, steps=r.steps, writer=MetricWriter(None), name="reward model", log_every=0)
-            state, _ = trainer.fit(engine.state, st._pair_loader())
+            state, _ = trainer.fit(engine.state, st.pair_loader())
             self.params = jax.device_get(state.params)
             native.save_model(path, self.config, self.params)
             st.log(f"reward model: {r.steps} Bradley-Terry steps from π_SFT on the pairs "
                    f"({time.perf_counter() - t0:.0f} s)")
-        self._score = jax.jit(lambda p, ids, mask: sequence_scores(p, self.config, ids, mask))
+        mesh = sharding.make_mesh(sharding.default_mesh_config(), jax.devices()[:1])  # one device, as every stage
+        self.scorer = RewardScorer(self.config, self.params, mesh, sharding.DEFAULT_RULES)
 
     def score(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return bon.score_rows(lambda p, i, m: self._score(p, jnp.asarray(i), jnp.asarray(m)), self.params, ids, mask,
-                              batch_rows=2048)
+        return self.scorer.rows(ids, mask, batch_rows=2048)
 
     def on_test_sentences(self) -> dict[str, float]:
         """Correlation of its score of each human-written test sentence (+ EOS) with VADER and the human rating."""

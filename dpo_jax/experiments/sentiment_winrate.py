@@ -46,7 +46,7 @@ class WinRates:
         for d, domain in enumerate(w.domains):
             snippets = corpus.read_snippets(corpus.fetch_corpus(os.path.dirname(st.cache), domain))
             self.snippets[domain] = snippets
-            self.sets[domain] = self._prefix_set([st._encode(s.text) for s in snippets], w.prefixes,
+            self.sets[domain] = self._prefix_set([st.encode(s.text) for s in snippets], w.prefixes,
                                                  st.c.seed + 10 + d)
         self.rows: list[dict[str, Any]] = []  # win rate per method and temperature (movies)
         self.domain_rows: list[dict[str, Any]] = []  # reward and win rate per method and domain (temperature 1)
@@ -55,7 +55,7 @@ class WinRates:
     def _prefix_set(self, ids: list[list[int]], n: int, seed: int) -> dict[str, Any]:
         """Prefixes as the experiment draws them, with each sentence's human continuation as text."""
         st = self.st
-        prompts, mask, rows, lengths = st._prefixes(ids, n, seed, sources=True)
+        prompts, mask, rows, lengths = st.prefixes(ids, n, seed, sources=True)
         dec = st.tokenizer.decode
         return {"ids": prompts, "mask": mask, "prefix": [dec(ids[r][:k]) for r, k in zip(rows, lengths)],
                 "human": [dec(ids[r][k:]) for r, k in zip(rows, lengths)]}

@@ -333,7 +333,7 @@ class Decoder(nn.Module):
             new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new_layers)
 
         x = Norm(c, name="final_norm")(x)
-        if c.head == "score":  # a reward model: one scalar per token, read at the last one (rlhf/reward_model.py)
+        if c.head == "score":  # a reward model: one scalar per token, read at the last one (models/reward.py)
             self.param("score_kernel", _init(("embed", None), nn.initializers.normal((c.hidden_size + 1) ** -0.5)),
                        (c.hidden_size, 1), jnp.dtype(c.param_dtype))
         elif not c.tie_word_embeddings:

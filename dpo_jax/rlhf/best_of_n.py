@@ -11,7 +11,7 @@ upper bound), which the DPO paper's Figure 2 uses for this baseline.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -72,14 +72,3 @@ def completion_rows(prompt_ids: np.ndarray, prompt_mask: np.ndarray, samples: Sa
     ids = np.concatenate([np.repeat(prompt_ids, n, 0), samples.tokens.reshape(p * n, -1)], 1)
     mask = np.concatenate([np.repeat(prompt_mask, n, 0), samples.mask.reshape(p * n, -1)], 1)
     return ids.astype(np.int32), mask.astype(np.int32)
-
-
-def score_rows(score: Callable[[Any, np.ndarray, np.ndarray], jax.Array], params: Any, ids: np.ndarray,
-               mask: np.ndarray, batch_rows: int = 1024) -> np.ndarray:
-    """A scoring pass over many rows in fixed-size chunks (one compile); [rows] float32."""
-    rows = min(batch_rows, len(ids))
-    out = []
-    for start in range(0, len(ids), rows):
-        take = np.arange(start, start + rows) % len(ids)
-        out.append(np.asarray(score(params, ids[take], mask[take]))[:min(rows, len(ids) - start)])
-    return np.concatenate(out)

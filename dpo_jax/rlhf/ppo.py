@@ -30,9 +30,9 @@ from dpo_jax.models import lora
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.decoder import Decoder, logical_axes, unembedding
 from dpo_jax.models.generate import SamplingConfig, generate
+from dpo_jax.models.reward import token_scores
 from dpo_jax.rlhf import ppo_math
 from dpo_jax.rlhf.best_of_n import sample_keys
-from dpo_jax.rlhf.reward_model import token_scores
 from dpo_jax.summaries import Mean
 
 
@@ -55,7 +55,6 @@ class PPOConfig:
     horizon: float = 10000.0  # its horizon, in episodes
     whiten_rewards: bool = False
     seed: int = 0  # generation keys and minibatch shuffles
-    mode: str = "ppo"
 
     def __post_init__(self):
         if self.model.head != "lm" or self.value_model.head != "score":
@@ -188,7 +187,8 @@ def make_ppo_step(c: PPOConfig, optimizer: optax.GradientTransformation, schedul
 
 
 class PPOEngine(NamedTuple):
-    """The PPO counterpart of train/engine.py's Engine, for `Trainer.fit`: config, mesh, state, jitted step."""
+    """The PPO counterpart of train/engine.py's Engine: config, mesh, state, jitted step. Implements the Trainer's
+    engine protocol (train/trainer.py `TrainEngine`)."""
 
     config: PPOConfig
     mesh: Mesh
@@ -199,6 +199,24 @@ class PPOEngine(NamedTuple):
     train_step: Callable
     rollout_stats: Callable  # (params, ref_params, ids, mask, length) -> (ref logps, values); LoRA: ref_params None
     init_state: Callable  # (policy params, value params, kl_coef) -> a fresh sharded PPOState (params donated)
+
+    @property
+    def model(self) -> ModelConfig:
+        return self.config.model
+
+    @property
+    def kind(self) -> str:
+        return "ppo"
+
+    def abstract_rollout(self, batch: int, prompt_length: int) -> dict:
+        """Stand-ins for the update's batch: rollouts of `batch` prompts of `prompt_length` tokens (what compiling
+        the update ahead of the first rollout needs)."""
+        length = self.config.sampling.max_new_tokens
+        shapes = {k: (batch, prompt_length + length) if k in ("input_ids", "attention_mask") else
+                  (batch, length) if n == 2 else (batch,) for k, n in ROLLOUT_KEYS.items()}
+        dtypes = {"input_ids": jnp.int32, "attention_mask": jnp.int32, "response_mask": jnp.int32}
+        return {k: jax.ShapeDtypeStruct(s, dtypes.get(k, jnp.float32), sharding=sharding.batch_sharding(
+            self.mesh, self.rules, len(s))) for k, s in shapes.items()}
 
     def shard_batch(self, local: dict) -> dict:
         """A rollout (already global device arrays, or host numpy) -> the step's fields, sharded."""
@@ -213,37 +231,6 @@ class PPOEngine(NamedTuple):
         b, t = local["input_ids"].shape
         per_epoch = train_step_flops(self.config.model, b, t) + train_step_flops(self.config.value_model, b, t)
         return self.config.epochs * per_epoch
-
-
-def compile_ahead(engine: PPOEngine, state: PPOState, batch: int, prompt_length: int):
-    """Compiles the update step for rollouts of `batch` prompts of `prompt_length` tokens on a background thread,
-    so that it overlaps the first rollout (whose generation and passes compile on the main thread). Returns the
-    thread's `wait` (re-raises a compile error)."""
-    import threading
-
-    length = engine.config.sampling.max_new_tokens
-    shapes = {k: (batch, prompt_length + length) if k in ("input_ids", "attention_mask") else
-              (batch, length) if n == 2 else (batch,) for k, n in ROLLOUT_KEYS.items()}
-    dtypes = {"input_ids": jnp.int32, "attention_mask": jnp.int32, "response_mask": jnp.int32}
-    abstract_batch = {k: jax.ShapeDtypeStruct(s, dtypes.get(k, jnp.float32), sharding=sharding.batch_sharding(
-        engine.mesh, engine.rules, len(s))) for k, s in shapes.items()}
-    abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    error: list[BaseException] = []
-
-    def run():
-        try:
-            engine.train_step.lower(abstract_state, abstract_batch).compile()
-        except BaseException as e:  # noqa: BLE001 — re-raised by wait()
-            error.append(e)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-
-    def wait() -> None:
-        thread.join()
-        if error:
-            raise error[0]
-    return wait
 
 
 def build_ppo_engine(c: PPOConfig, optimizer_config: Any, policy_params: Any, value_params: Any, mesh: Mesh,
@@ -292,7 +279,7 @@ class Rollouts:
     ref_params: π_ref's parameters (None for a LoRA policy: its base is the reference).
     score(ids, mask, texts) -> [B] float32: a reward model's scoring pass on (prompt + response) rows, or a host
     reward of the decoded texts (PPO-GT); `missing_eos_penalty` is subtracted from responses without EOS.
-    ready(): waited for once, after the first rollout (e.g. `compile_ahead(...).wait`)."""
+    ready(): waited for once, after the first rollout (e.g. a train/compile_ahead.py `CompileAhead.wait`)."""
 
     def __init__(self, engine: PPOEngine, ref_params: Any, score: Callable[..., np.ndarray], decode: Callable,
                  missing_eos_penalty: float = 0.0, ready: Callable[[], None] | None = None):

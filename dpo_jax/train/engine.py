@@ -6,15 +6,16 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import ml_collections
+import numpy as np
 import optax
 
 from dpo_jax import sharding
 from dpo_jax.flops import train_step_flops
-from dpo_jax.layout import PAIRS, Layout
+from dpo_jax.data.layout import PAIRS, Layout
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models import lora
 from dpo_jax.models.decoder import logical_axes
-from dpo_jax.rlhf.reward_model import make_scorer
+from dpo_jax.models.reward import make_scorer
 from dpo_jax.train.state import TrainState, create_state, default_optimizer_config, make_optimizer
 from dpo_jax.train.step import StepConfig, make_reference_step, make_steps
 
@@ -81,6 +82,9 @@ def step_config(c: ml_collections.ConfigDict, model: ModelConfig, layout: Layout
 
 
 class Engine(NamedTuple):
+    """The DPO-family engine (every registered mode): the sharded state and its jitted steps. Implements the
+    Trainer's engine protocol (train/trainer.py `TrainEngine`)."""
+
     config: StepConfig
     mesh: jax.sharding.Mesh
     rules: Any
@@ -91,7 +95,24 @@ class Engine(NamedTuple):
     eval_step: Callable
     reference_step: Callable
     schedule: optax.Schedule
-    score: Callable | None  # a reward model's scoring pass (rlhf/reward_model.py make_scorer); None for a policy
+    score: Callable | None  # a reward model's scoring pass (models/reward.py make_scorer); None for a policy
+
+    @property
+    def model(self) -> ModelConfig:
+        return self.config.model
+
+    @property
+    def kind(self) -> str:
+        """What its checkpoints record: the mode (a checkpoint of another mode is refused on resume)."""
+        return self.config.mode
+
+    def abstract_batch(self, local: dict) -> dict:
+        """Stand-ins for the step's batch of this host batch's shapes (reference fields added when the step reads
+        them): what compiling ahead needs."""
+        if self.config.needs_reference and not self.config.base_reference:
+            zeros = np.zeros(len(local["example_id"]), np.float32)
+            local = {**local, "ref_chosen_logps": zeros, "ref_rejected_logps": zeros}
+        return sharding.abstract(self.shard_batch(local))
 
     def shard_batch(self, local: dict) -> dict:
         """Host-local numpy batch -> global sharded arrays, keeping only the fields the step takes."""

@@ -1,5 +1,7 @@
-"""Where a run's model and tokenizer come from: a local HF checkpoint, a `dpo-jax convert` checkpoint, or a random
-init of a preset shape; the tokenizer from a local HF directory or a byte-level BPE trained on the train split."""
+"""Where a run's model comes from, as a table of sources (`MODEL_SOURCES`): a local HF checkpoint (optionally with
+a PEFT adapter), a `dpo-jax convert` checkpoint, or a random init of a preset shape. A source gives the model config
+and a loader; the config section's overrides (dtype, remat, attention, LoRA) are computed once and adapters added
+once, whatever the source. The tokenizer is data/tokenizers.py's."""
 
 from __future__ import annotations
 
@@ -11,15 +13,11 @@ import ml_collections
 
 from dpo_jax.convert import native
 from dpo_jax.convert.hf import load_hf_checkpoint, read_hf_config
-from dpo_jax.data.formats import read_examples
-from dpo_jax.data.pipeline import default_cache_dir
 from dpo_jax.models import lora
 from dpo_jax.models.config import FAMILY_SWITCHES, PRESETS, ModelConfig, shaped_config
-from dpo_jax.models.decoder import init_params, logical_axes
-from dpo_jax.rlhf.reward_model import as_reward_model, reward_model_config
-
-MODEL_SOURCES = ("hf", "random", "checkpoint")
-
+from dpo_jax.models.decoder import init_params
+from dpo_jax.models.reward import RewardScorer, as_reward_model, reward_model_config
+from dpo_jax.train.modes import get_mode
 
 def default_model_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -77,37 +75,61 @@ def random_model_config(m: ml_collections.ConfigDict, vocab_size: int) -> ModelC
                          max_position_embeddings=m.max_position_embeddings, **_model_overrides(m))
 
 
-def model_loader(m: ml_collections.ConfigDict, vocab_size: int) -> tuple[ModelConfig, Callable[[], Any]]:
-    """(ModelConfig, load()) where load() returns fresh initial params (jittable for source=random)."""
-    if m.source not in MODEL_SOURCES:
-        raise ValueError(f"config.model.source = {m.source!r}; valid: {', '.join(MODEL_SOURCES)}")
-    if m.source == "random":
-        config = random_model_config(m, vocab_size)
-        return config, lambda: init_params(config, jax.random.key(m.seed))
-    if not m.path:
-        raise ValueError(f"config.model.path is empty (needed for source={m.source!r})")
-    if m.source == "hf":
-        config = read_hf_config(m.path)[1].replace(**_model_overrides(m))
-        base = lambda: load_hf_checkpoint(  # noqa: E731
-            m.path, m.param_dtype, config_overrides=_model_overrides(m) | {"lora_rank": 0, "lora_targets": ()})[1]
-        peft_path = m.get("lora", {}).get("peft_path", "")
-        if not peft_path:
-            return config, with_adapters(config, base, m.seed)
-        from dpo_jax.convert.peft import adapter_config, load_peft
+# A model source: (model section, vocabulary size, the section's overrides) -> (ModelConfig, load base weights,
+# whether fresh LoRA adapters go on top). `load` is jittable for `random`.
+Source = Callable[[ml_collections.ConfigDict, int, dict], tuple[ModelConfig, Callable[[], Any], bool]]
 
-        plain = lora.base_config(config)
-        adapted = adapter_config(peft_path, plain)
-        if config.lora_rank and config.lora_rank != adapted.lora_rank:
-            raise ValueError(f"config.model.lora.rank = {config.lora_rank}, but the PEFT adapter in "
-                             f"config.model.lora.peft_path = {peft_path!r} has rank {adapted.lora_rank}")
-        adapted = adapted.replace(lora_dropout=config.lora_dropout)  # a training setting: the config's
-        return adapted, lambda: load_peft(peft_path, plain, base())[1]
+
+def _random_source(m, vocab_size, overrides):
+    config = random_model_config(m, vocab_size)
+    return config, lambda: init_params(config, jax.random.key(m.seed)), False  # its init has the adapters
+
+
+def _hf_source(m, vocab_size, overrides):
+    config = read_hf_config(m.path)[1].replace(**overrides)
+    base = lambda: load_hf_checkpoint(  # noqa: E731
+        m.path, m.param_dtype, config_overrides=overrides | {"lora_rank": 0, "lora_targets": ()})[1]
+    peft_path = m.get("lora", {}).get("peft_path", "")
+    if not peft_path:
+        return config, base, True
+    from dpo_jax.convert.peft import adapter_config, load_peft
+
+    plain = lora.base_config(config)
+    adapted = adapter_config(peft_path, plain)
+    if config.lora_rank and config.lora_rank != adapted.lora_rank:
+        raise ValueError(f"config.model.lora.rank = {config.lora_rank}, but the PEFT adapter in "
+                         f"config.model.lora.peft_path = {peft_path!r} has rank {adapted.lora_rank}")
+    adapted = adapted.replace(lora_dropout=config.lora_dropout)  # a training setting: the config's
+    return adapted, lambda: load_peft(peft_path, plain, base())[1], False  # the adapter's own adapters
+
+
+def _checkpoint_source(m, vocab_size, overrides):
     config_path = os.path.join(m.path, native.CONFIG_FILE)
     if not os.path.isfile(config_path):
         raise ValueError(f"config.model.path = {m.path!r} is not a dpo_jax model checkpoint (no {native.CONFIG_FILE})")
     with open(config_path) as f:
-        config = ModelConfig.from_json(f.read()).replace(**_model_overrides(m))
-    return config, with_adapters(config, lambda: native.load_model(m.path)[1], m.seed)
+        config = ModelConfig.from_json(f.read()).replace(**overrides)
+    return config, lambda: native.load_model(m.path)[1], True
+
+
+MODEL_SOURCES: dict[str, Source] = {"hf": _hf_source, "checkpoint": _checkpoint_source, "random": _random_source}
+NEEDS_PATH = ("hf", "checkpoint")
+
+
+def model_loader(m: ml_collections.ConfigDict, vocab_size: int) -> tuple[ModelConfig, Callable[[], Any]]:
+    """(ModelConfig, load()) of a model section, where load() returns fresh initial params (jittable for
+    source=random): the section's overrides computed once, LoRA adapters added once."""
+    if m.source not in MODEL_SOURCES:
+        raise ValueError(f"config.model.source = {m.source!r}; valid: {', '.join(MODEL_SOURCES)}")
+    if m.source in NEEDS_PATH and not m.path:
+        raise ValueError(f"config.model.path is empty (needed for source={m.source!r})")
+    config, load, add_adapters = MODEL_SOURCES[m.source](m, vocab_size, _model_overrides(m))
+    return config, with_adapters(config, load, m.seed) if add_adapters else load
+
+
+def tokenizer_dir(m: ml_collections.ConfigDict) -> str:
+    """The directory a model section's own tokenizer is in (an HF checkpoint's), or ''."""
+    return m.path if m.source == "hf" else ""
 
 
 def pad_id(tokenizer) -> int:
@@ -127,22 +149,22 @@ def model_with_head(m: ml_collections.ConfigDict, vocab_size: int, head: str, ke
     return config, load
 
 
-def place_on_mesh(config: ModelConfig, params: Any, mesh: jax.sharding.Mesh, rules: Any) -> tuple[Any, Any]:
-    """(params on the mesh, their NamedShardings) by the model's logical axes: host-loaded weights placed for a
-    jitted pass (scoring, sampling) outside an engine."""
-    from dpo_jax import sharding
-
-    shardings = sharding.param_shardings(logical_axes(config), params, mesh, rules)
-    return jax.device_put(params, shardings), shardings
+def load_reward_scorer(m: ml_collections.ConfigDict, vocab_size: int, mesh: jax.sharding.Mesh, rules: Any,
+                       key: str) -> RewardScorer:
+    """The reward model of a model section (an HF *ForSequenceClassification dir or a dpo_jax checkpoint), loaded,
+    placed on `mesh` and ready to score; errors name config.`key`."""
+    config, load = model_with_head(m, vocab_size, "score", key)
+    return RewardScorer(config, load(), mesh, rules)
 
 
 def for_mode(m: ml_collections.ConfigDict, mode: str, config: ModelConfig, load: Callable[[], Any],
              tokenizer) -> tuple[ModelConfig, Callable[[], Any]]:
-    """The model a train mode needs from a model source. mode = reward on a policy (the SFT model): its body with a
-    fresh score head (seeded by model.seed) whose pad id is the tokenizer's pad, else its EOS (TRL's choice, and
-    what an exported checkpoint's `pad_token_id` will say). A reward-model source in a policy mode is an error."""
+    """The model a train mode needs (the head it registered, train/modes.py) from a model source. A reward model from
+    a policy (the SFT model): its body with a fresh score head (seeded by model.seed) whose pad id is the
+    tokenizer's pad, else its EOS (TRL's choice, and what an exported checkpoint's `pad_token_id` will say). A
+    reward-model source for a policy mode is an error."""
     where = f"config.model.path = {m.path!r}" if m.source != "random" else "config.model (source = random)"
-    if mode != "reward":
+    if get_mode(mode).head == "lm":
         if config.head != "lm":
             raise ValueError(f"{where} is a reward model ({config.head!r} head); config.train.mode = {mode!r} "
                              "trains a policy, which needs a language-model head")
@@ -166,30 +188,3 @@ def source_identity(m: ml_collections.ConfigDict) -> dict[str, Any]:
             st = os.stat(os.path.join(root, name))
             files.append([os.path.relpath(os.path.join(root, name), path), st.st_size, st.st_mtime_ns])
     return {"source": m.source, "path": path, "files": files}
-
-
-def load_tokenizer(c: ml_collections.ConfigDict):
-    """data.tokenizer: a local HF tokenizer dir; `bpe:N` = a byte-level BPE of N tokens trained on the train split
-    (cached); empty = the model's own directory."""
-    from transformers import AutoTokenizer
-
-    spec = c.data.tokenizer or (c.model.path if c.model.source == "hf" else "")
-    if not spec:
-        raise ValueError("config.data.tokenizer is empty and the model has no tokenizer directory")
-    if not spec.startswith("bpe:"):
-        return AutoTokenizer.from_pretrained(spec)
-    from dpo_jax.data.bpe import train_bpe_tokenizer
-    from dpo_jax.data.storage import files_fingerprint
-    from dpo_jax.fingerprint import fingerprint
-
-    vocab = int(spec.split(":", 1)[1])
-    directory = os.path.join(c.data.cache_dir or default_cache_dir(), "tokenizers",
-                             fingerprint([files_fingerprint(c.data.train_path), vocab]))
-    if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
-        def texts():
-            for ex in read_examples(c.data.train_path, None if c.data.format == "auto" else c.data.format):
-                if hasattr(ex, "prompt"):
-                    for t in (ex.prompt, ex.chosen, ex.rejected):
-                        yield t if isinstance(t, str) else " ".join(m["content"] for m in t)
-        train_bpe_tokenizer(texts(), vocab, directory)
-    return AutoTokenizer.from_pretrained(directory)

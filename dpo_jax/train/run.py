@@ -1,16 +1,16 @@
-"""`dpo-jax train | precompute | eval`: a run config -> its parts (`build_run`) -> the one loop (`Trainer.fit`).
+"""A run: its config -> its parts (`build_run`) -> the one loop (`Trainer.fit`); the library of `dpo-jax train |
+precompute | eval` (commands/).
 
 Resume is automatic: if the run directory holds a checkpoint, training continues from it exactly (state, loader
-position, partial logging window), and metrics.jsonl is cut back to that step. SIGTERM (TPU preemption) finishes the
-current step, saves and exits 0. A non-finite loss or gradient stops the run naming the step and example ids.
+position, partial logging window), and the logs are cut back to that step (train/run_dir.py). SIGTERM (TPU
+preemption) finishes the current step, saves and exits 0. A non-finite loss or gradient stops the run naming the
+step and example ids.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import ml_collections
@@ -18,20 +18,19 @@ import ml_collections
 from dpo_jax import distributed
 from dpo_jax.data.loader import PreferenceLoader
 from dpo_jax.data.pipeline import build_loaders, default_data_config
+from dpo_jax.data.tokenizers import load_tokenizer
 from dpo_jax.distributed import default_distributed_config
-from dpo_jax.evaluation import command as winrate_command
-from dpo_jax.evaluation.command import default_winrate_config
 from dpo_jax.flops import peak_tflops
-from dpo_jax.metrics import MetricWriter, truncate_jsonl
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.generate import SamplingConfig
-from dpo_jax.sharding import data_parallel_size, make_mesh
-from dpo_jax.train.checkpoint import RunCheckpoints
+from dpo_jax.sharding import abstract, data_parallel_size, make_mesh
+from dpo_jax.train.compile_ahead import CompileAhead
 from dpo_jax.train.engine import Engine, build_engine, default_engine_config
 from dpo_jax.train.evaluation import evaluate_split, sample_completions, sample_prompts
-from dpo_jax.train.model_source import default_model_config, for_mode, load_tokenizer, model_loader
+from dpo_jax.train.model_source import default_model_config, for_mode, model_loader, tokenizer_dir
 from dpo_jax.train.reference_source import prepare_reference
-from dpo_jax.train.trainer import CompileAhead, RunError, Trainer
+from dpo_jax.train.run_dir import RunDirectory
+from dpo_jax.train.trainer import Trainer
 
 
 def default_run_config() -> ml_collections.ConfigDict:
@@ -52,11 +51,7 @@ def default_run_config() -> ml_collections.ConfigDict:
     t.sample_temperature = 1.0
     t.peak_tflops_per_device = 0.0  # for MFU; 0: from the device kind when known (TPU v4/v5/v6, H100/H200, A100)
     t.tensorboard = True
-    c.winrate = default_winrate_config()  # `dpo-jax eval`'s sampling evaluation (evaluation/command.py)
     return c
-
-
-default_config = default_run_config
 
 
 @dataclasses.dataclass
@@ -71,13 +66,16 @@ class Run:
     start: int  # the step it is at
     window: dict | None  # a restored partial logging window
     reference: Any  # train/reference_source.py: attaches reference log-probs to host batches
-    checkpoints: RunCheckpoints
-    writer: MetricWriter
+    directory: RunDirectory  # checkpoints, logs (directory.writer), config files
     prompts: tuple | None  # fixed eval prompts for samples
 
     @property
     def model(self) -> ModelConfig:
         return self.engine.config.model
+
+    @property
+    def writer(self):
+        return self.directory.writer
 
     def evaluate(self, step: int, state: Any) -> None:
         self.writer.scalars(step, "eval", evaluate_split(self.engine, state.params, self.loaders["eval"],
@@ -92,10 +90,9 @@ class Run:
         return sample_completions(params, self.model, self.prompts, self.tokenizer, sampling, t.seed)
 
     def close(self) -> None:
-        self.checkpoints.close()
+        self.directory.close()
         for loader in self.loaders.values():
             loader.close()
-        self.writer.close()
 
 
 def build_run(c: ml_collections.ConfigDict, compile_train_step: bool = False) -> Run:
@@ -103,11 +100,11 @@ def build_run(c: ml_collections.ConfigDict, compile_train_step: bool = False) ->
     # ----- processes and run directory
     distributed.initialize(c.distributed)
     main = distributed.is_main_process()
-    run_dir = os.path.abspath(c.train.run_dir)
-    os.makedirs(run_dir, exist_ok=True)
+    directory = RunDirectory(c.train.run_dir, keep_checkpoints=c.train.keep_checkpoints,
+                             tensorboard=c.train.tensorboard)
 
     # ----- tokenizer and model source
-    tokenizer = load_tokenizer(c)
+    tokenizer = load_tokenizer(c.data, tokenizer_dir(c.model))
     model, load_initial = for_mode(c.model, c.train.mode, *model_loader(c.model, len(tokenizer)), tokenizer)
     if model.vocab_size < len(tokenizer):
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
@@ -115,9 +112,7 @@ def build_run(c: ml_collections.ConfigDict, compile_train_step: bool = False) ->
 
     # ----- mesh and input
     mesh = make_mesh(c.mesh)
-    checkpoints = RunCheckpoints(os.path.join(run_dir, "checkpoints"), keep=c.train.keep_checkpoints)
-    latest = checkpoints.latest_step()
-    restored = None if latest is None else checkpoints.restore_extra(latest, model=model, mode=c.train.mode)
+    restored = directory.restore_extra(model=model, kind=c.train.mode)
     loaders = build_loaders(c.data, global_batch_pairs=c.train.global_batch_pairs, seed=c.train.seed,
                             data_parallel_size=data_parallel_size(mesh, c.mesh.rules),
                             process_index=jax.process_index(), process_count=jax.process_count(),
@@ -150,28 +145,18 @@ def build_run(c: ml_collections.ConfigDict, compile_train_step: bool = False) ->
     state, initial_params, start, log_window = engine.state, engine.state.params, 0, None
 
     # ----- resume
-    writer = MetricWriter(run_dir, enabled=main, tensorboard=c.train.tensorboard)
-    if latest is not None:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        state = checkpoints.restore_state(latest, abstract)
-        jax.tree.map(lambda x: x.delete(), engine.state)
+    if restored is not None:
+        state = directory.resume(engine.state)
         engine = engine._replace(state=state)  # never hand out the deleted initial state
-        initial_params, start, log_window = None, latest, restored[1]
-        if main:
-            truncate_jsonl(writer.metrics_path, latest)
-            truncate_jsonl(writer.samples_path, latest)
-            print(f"resumed from {checkpoints.directory}/{latest}", flush=True)
-    if main:  # only now: a run refused by its checkpoint must not overwrite that run's files
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            f.write(c.to_json_best_effort(indent=2, sort_keys=True))
-        with open(os.path.join(run_dir, "model_config.json"), "w") as f:
-            f.write(model.to_json())
+        initial_params, start, log_window = None, directory.latest, restored[1]
+    directory.write_configs(c, model)  # only now: a run refused by its checkpoint must not overwrite its files
 
     # ----- reference log-probs, while the train step compiles
     train = loaders["train"]
-    compiling = CompileAhead(engine, state, train.batch_at(int(train.state.epoch), int(train.state.step))) \
+    first = train.batch_at(int(train.state.epoch), int(train.state.step))
+    compiling = CompileAhead(engine.train_step, abstract(state), engine.abstract_batch(first)) \
         if compile_train_step and start < c.train.steps else None
-    reference = prepare_reference(c, engine, loaders, initial_params, load_initial, run_dir)
+    reference = prepare_reference(c, engine, loaders, initial_params, load_initial, directory.path)
     if compiling is not None:
         compiling.wait()
 
@@ -181,7 +166,7 @@ def build_run(c: ml_collections.ConfigDict, compile_train_step: bool = False) ->
                          "sample (set it to 0)")
     prompts = sample_prompts(loaders.get("eval"), c.train.eval_samples, tokenizer.pad_token_id or 0) \
         if c.train.eval_samples else None
-    return Run(c, tokenizer, loaders, engine, state, start, log_window, reference, checkpoints, writer, prompts)
+    return Run(c, tokenizer, loaders, engine, state, start, log_window, reference, directory, prompts)
 
 
 def train(c: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -193,7 +178,7 @@ def train(c: ml_collections.ConfigDict) -> dict[str, Any]:
             ref = run.reference.params if run.reference.params is not None else run.state.params
             run.writer.samples(0, "reference", run.samples(ref))
         trainer = Trainer(run.engine, steps=t.steps, reference=run.reference, writer=run.writer,
-                          log_every=t.log_every, checkpoints=run.checkpoints, save_every=t.save_every,
+                          log_every=t.log_every, checkpoints=run.directory.checkpoints, save_every=t.save_every,
                           eval_every=t.eval_every, evaluate=run.evaluate if "eval" in run.loaders else None,
                           peak_tflops=t.peak_tflops_per_device or peak_tflops(jax.devices()[0].device_kind))
         _, last = trainer.fit(run.state, run.loaders["train"], start=run.start, window=run.window)
@@ -208,34 +193,3 @@ def precompute(c: ml_collections.ConfigDict) -> None:
     """Builds the data caches and the reference tables, then stops (`dpo-jax precompute`)."""
     build_run(c).close()
     print("precompute done", flush=True)
-
-
-def evaluate(c: ml_collections.ConfigDict) -> None:
-    """Evaluates the run directory's latest checkpoint (or the initial model) on the eval split (`dpo-jax eval`);
-    with a judge (config.winrate.judge.kind), also samples it (and config.winrate.runs) at each temperature and
-    reports win rates."""
-    runs = winrate_command.check(c, c.train.run_dir) if c.winrate.judge.kind else None
-    run = build_run(c)
-    try:
-        if "eval" not in run.loaders:
-            raise ValueError("config.data.eval_path is empty: nothing to evaluate")
-        run.evaluate(run.start, run.state)
-        if runs is not None:
-            winrate_command.evaluate_winrate(run, runs)
-    finally:
-        run.close()
-
-
-def _command(fn: Callable, name: str) -> Callable[[ml_collections.ConfigDict], None]:
-    def command(c: ml_collections.ConfigDict) -> None:
-        try:
-            fn(c)
-        except RunError as e:
-            print(f"dpo-jax {name}: {e}", file=sys.stderr, flush=True)
-            sys.exit(1)
-    return command
-
-
-main = _command(train, "train")
-precompute_main = _command(precompute, "precompute")
-eval_main = _command(evaluate, "eval")

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import signal
 import sys
-import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import jax
 import numpy as np
@@ -23,9 +22,31 @@ from tqdm.auto import tqdm
 
 from dpo_jax import distributed, summaries
 from dpo_jax.metrics import MetricWriter, itstime
+from dpo_jax.models.config import ModelConfig
 from dpo_jax.train.checkpoint import RunCheckpoints
-from dpo_jax.train.engine import Engine
 from dpo_jax.train.reference_source import NO_REFERENCE
+
+
+class TrainEngine(Protocol):
+    """What `Trainer.fit` needs of an engine: train/engine.py's Engine (every registered mode) and rlhf/ppo.py's
+    PPOEngine implement it; a new algorithm's engine does too."""
+
+    state: Any
+    train_step: Callable  # jitted (state, batch) -> (state, metrics: Means incl. loss, grad_norm, num_tokens)
+
+    @property
+    def model(self) -> ModelConfig:
+        """The trained model (the policy), recorded with each checkpoint."""
+
+    @property
+    def kind(self) -> str:
+        """The kind of run (a train mode, or "ppo"), recorded with each checkpoint: resuming as another is refused."""
+
+    def shard_batch(self, local: dict) -> dict:
+        """A host batch -> the step's global, sharded batch."""
+
+    def step_flops(self, local: dict) -> float:
+        """Model FLOPs of one step on this host batch (for MFU)."""
 
 
 class RunError(RuntimeError):
@@ -57,33 +78,6 @@ class Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-class CompileAhead:
-    """Compiles the train step for a batch's shapes on a background thread, so that compilation overlaps other
-    work (the reference pass: on an accelerator it runs on the device and the compile on the host). The jit's own
-    cache then serves the first step; `wait()` re-raises a compile error."""
-
-    def __init__(self, engine: Engine, state: Any, first: dict):
-        if engine.config.needs_reference:
-            zeros = np.zeros(len(first["example_id"]), np.float32)
-            first = {**first, "ref_chosen_logps": zeros, "ref_rejected_logps": zeros}
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                (state, engine.shard_batch(first)))
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._compile, args=(engine.train_step, abstract), daemon=True)
-        self._thread.start()
-
-    def _compile(self, train_step, abstract) -> None:
-        try:
-            train_step.lower(*abstract).compile()
-        except BaseException as e:  # noqa: BLE001 — handed to the main thread by wait()
-            self._error = e
-
-    def wait(self) -> None:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-
-
 def check_finite(pending: list, checkpoints: RunCheckpoints | None) -> None:
     """pending: (step, loss Mean, grad norm, example ids) of the steps since the last check."""
     for step, loss, grad_norm, ids in pending:
@@ -107,7 +101,7 @@ class Trainer:
     rollout(batch, state): turns each host batch into the step's batch with the current state (PPO: prompts ->
     sampled responses, log-probs, values and scores; rlhf/ppo.py `Rollouts`)."""
 
-    def __init__(self, engine: Engine, *, steps: int, reference=NO_REFERENCE, writer: MetricWriter | None = None,
+    def __init__(self, engine: TrainEngine, *, steps: int, reference=NO_REFERENCE, writer: MetricWriter | None = None,
                  name: str = "train", log_every: int = 0, checkpoints: RunCheckpoints | None = None,
                  save_every: int = 0, eval_every: int = 0,
                  evaluate: Callable[[int, Any], None] | None = None, peak_tflops: float = 0.0,
@@ -175,8 +169,8 @@ class Trainer:
                 if save_now:
                     check_finite(pending, checkpoints)
                     pending = []
-                    checkpoints.save(step, state, loader=batches.state, window=window, model=engine.config.model,
-                                     mode=engine.config.mode)
+                    checkpoints.save(step, state, loader=batches.state, window=window, model=engine.model,
+                                     mode=engine.kind)
                 if evaluate_now:
                     t_eval = time.perf_counter()
                     self.evaluate(step, state)

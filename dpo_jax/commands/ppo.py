@@ -8,11 +8,6 @@ non-finite loss stops the run. The reward function sees whole texts (prompt + re
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
-from typing import Any, Callable
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -21,15 +16,15 @@ import numpy as np
 from dpo_jax import sharding
 from dpo_jax.data.pipeline import default_data_config
 from dpo_jax.data.prompts import PromptLoader, encode_prompts, read_prompts
-from dpo_jax.metrics import MetricWriter, truncate_jsonl
+from dpo_jax.data.tokenizers import load_tokenizer
 from dpo_jax.models import lora
 from dpo_jax.models.generate import SamplingConfig
-from dpo_jax.rlhf.best_of_n import score_rows
-from dpo_jax.rlhf.ppo import PPOConfig, PPOState, Rollouts, build_ppo_engine, compile_ahead
-from dpo_jax.rlhf.reward_model import as_reward_model, make_scorer
-from dpo_jax.train.checkpoint import RunCheckpoints
-from dpo_jax.train.model_source import (default_model_config, load_tokenizer, model_with_head, pad_id, place_on_mesh,
-                                        with_adapters)
+from dpo_jax.models.reward import RewardScorer, as_reward_model
+from dpo_jax.parsing import load_callable
+from dpo_jax.rlhf.ppo import PPOConfig, Rollouts, build_ppo_engine
+from dpo_jax.train.compile_ahead import CompileAhead
+from dpo_jax.train.model_source import default_model_config, model_with_head, pad_id, tokenizer_dir, with_adapters
+from dpo_jax.train.run_dir import RunDirectory
 from dpo_jax.train.state import default_optimizer_config
 from dpo_jax.train.trainer import Trainer
 
@@ -60,50 +55,29 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def load_reward_function(spec: str) -> Callable[[list[str]], Any]:
-    """`module:name` or `path/to/file.py:name` -> the callable."""
-    where, _, name = spec.rpartition(":")
-    if not where or not name:
-        raise ValueError(f"config.reward.function = {spec!r}: expected 'module:name' or 'file.py:name'")
-    if where.endswith(".py"):
-        spec_ = importlib.util.spec_from_file_location(f"_reward_{abs(hash(where))}", where)
-        if spec_ is None or not os.path.isfile(where):
-            raise ValueError(f"config.reward.function: no file {where!r}")
-        module = importlib.util.module_from_spec(spec_)
-        spec_.loader.exec_module(module)
-    else:
-        module = importlib.import_module(where)
-    if not callable(getattr(module, name, None)):
-        raise ValueError(f"config.reward.function = {spec!r}: {where} has no callable {name!r}")
-    return getattr(module, name)
-
-
 def main(c: ml_collections.ConfigDict) -> dict[str, float]:
     # ----- tokenizer, models, mesh
     if c.reward.kind not in REWARD_KINDS or c.value_init not in VALUE_INITS:
         raise ValueError(f"config.reward.kind must be one of {REWARD_KINDS} and config.value_init one of "
                          f"{VALUE_INITS}; got {c.reward.kind!r}, {c.value_init!r}")
-    tokenizer = load_tokenizer(ml_collections.ConfigDict({"data": c.data, "model": c.policy}))
+    tokenizer = load_tokenizer(c.data, tokenizer_dir(c.policy))
     mesh, rules = sharding.make_mesh(c.mesh), c.mesh.rules
     policy, load_policy = model_with_head(c.policy, len(tokenizer), "lm", "policy")
     reward = model_with_head(c.reward.model, len(tokenizer), "score", "reward.model") \
         if c.reward.kind == "model" else None
-    function = load_reward_function(c.reward.function) if reward is None else None
+    function = load_callable(c.reward.function, "config.reward.function") if reward is None else None
     if c.value_init == "reward" and reward is None:
         raise ValueError("config.value_init = 'reward' needs a reward model (config.reward.kind = 'model'); use "
                          "value_init = 'policy' with a reward function")
     pad = pad_id(tokenizer)
 
-    # ----- prompts
+    # ----- prompts and run directory
     t = c.train
     path = c.prompts.path or c.data.train_path
     ids, mask = encode_prompts(read_prompts(path, c.prompts.format, c.prompts.limit), tokenizer,
                                c.prompts.max_prompt_length, pad)
-    run_dir = os.path.abspath(t.run_dir)
-    os.makedirs(run_dir, exist_ok=True)
-    checkpoints = RunCheckpoints(os.path.join(run_dir, "checkpoints"), keep=t.keep_checkpoints)
-    latest = checkpoints.latest_step()
-    restored = None if latest is None else checkpoints.restore_extra(latest, model=policy, mode="ppo")
+    directory = RunDirectory(t.run_dir, keep_checkpoints=t.keep_checkpoints, tensorboard=t.tensorboard)
+    restored = directory.restore_extra(model=policy, kind="ppo")
     prompts = PromptLoader(ids, mask, t.batch_prompts, t.seed, None if restored is None else restored[0],
                            jax.process_index(), jax.process_count())
 
@@ -131,22 +105,17 @@ def main(c: ml_collections.ConfigDict) -> dict[str, float]:
     if reference is not None:
         reference = jax.device_put(reference, engine.param_shardings["policy"])
     state, start, window = engine.state, 0, None
-    writer = MetricWriter(run_dir, enabled=jax.process_index() == 0, tensorboard=t.tensorboard)
-    if latest is not None:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        state = checkpoints.restore_state(latest, abstract)
-        start, window = latest, restored[1]
-        truncate_jsonl(writer.metrics_path, latest)
-        print(f"resumed from {checkpoints.directory}/{latest}", flush=True)
+    if restored is not None:
+        state = directory.resume(engine.state)
+        start, window = directory.latest, restored[1]
 
     # ----- the score of a rollout: the reward model's scoring pass, or the host function on texts
     if reward is not None:
         rm_config, load_rm = reward
-        rm_params, rm_shardings = place_on_mesh(rm_config, load_rm(), mesh, rules)
-        scorer = make_scorer(rm_config, mesh, rules, rm_shardings)
+        scorer = RewardScorer(rm_config, load_rm(), mesh, rules)
 
         def score(rows, row_mask, texts):
-            return score_rows(scorer, rm_params, rows, row_mask, len(rows))
+            return scorer.rows(rows, row_mask, len(rows))
     else:
         def score(rows, row_mask, texts):
             return np.asarray(function(texts), np.float32)
@@ -154,17 +123,15 @@ def main(c: ml_collections.ConfigDict) -> dict[str, float]:
     def decode(rows, row_mask):
         return tokenizer.batch_decode([r[m == 1] for r, m in zip(rows, row_mask)], skip_special_tokens=True)
 
-    ready = compile_ahead(engine, state, prompts.local * jax.process_count(), ids.shape[1]) if start < t.steps \
-        else None
+    ready = CompileAhead(engine.train_step, sharding.abstract(state),
+                         engine.abstract_rollout(prompts.local * jax.process_count(), ids.shape[1])).wait \
+        if start < t.steps else None
     rollout = Rollouts(engine, reference, score, decode, p.missing_eos_penalty, ready)
     try:
-        trainer = Trainer(engine._replace(state=state), steps=t.steps, writer=writer, name="ppo",
-                          log_every=t.log_every, checkpoints=checkpoints, save_every=t.save_every, rollout=rollout)
+        trainer = Trainer(engine._replace(state=state), steps=t.steps, writer=directory.writer, name="ppo",
+                          log_every=t.log_every, checkpoints=directory.checkpoints, save_every=t.save_every,
+                          rollout=rollout)
         _, last = trainer.fit(state, prompts, start=start, window=window)
         return last
     finally:
-        checkpoints.close()
-        writer.close()
-
-
-__all__ = ["default_config", "main", "PPOState"]
+        directory.close()

@@ -8,23 +8,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 
 import jax
 
 from dpo_jax.convert import native
 from dpo_jax.convert.hf import load_hf_checkpoint, save_hf_checkpoint
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
-    if not m or m.group(2).upper() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 5GB, 500MB, 2GiB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-
+from dpo_jax.parsing import parse_size
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dpo-jax convert", description=__doc__.splitlines()[0])

@@ -19,11 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dpo_jax.layout import Layout
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.decoder import Decoder
+from dpo_jax.models.placement import place_on_mesh
 from dpo_jax.sharding import batch_sharding
-from dpo_jax.summaries import Mean
 
 Array = jax.Array
 _LM_HEAD = ("lm_head_kernel", "lm_head_bias")
@@ -64,34 +63,14 @@ def token_scores(params: dict, config: ModelConfig, hidden: Array) -> Array:
     return jnp.einsum("btd,d->bt", hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)
 
 
-def _at(x: Array, index: Array) -> Array:
+def value_at(x: Array, index: Array) -> Array:
     return jnp.take_along_axis(x, index[:, None], axis=1)[:, 0]
 
 
 def sequence_scores(params: dict, config: ModelConfig, input_ids: Array, attention_mask: Array) -> Array:
     """One score per sequence [B] float32: rows of (prompt + response), left- or right-padded."""
     hidden = Decoder(config).apply({"params": params}, input_ids, attention_mask=attention_mask)
-    return _at(token_scores(params, config, hidden), last_token(scoreable(input_ids, attention_mask, config)))
-
-
-def pair_rewards(params: dict, batch: dict[str, Array], config: ModelConfig, layout: Layout, num_blocks: int,
-                 rngs: dict[str, Array] | None = None) -> tuple[Array, Array]:
-    """(r_chosen, r_rejected) [B] float32 of a preference batch in any layout (shared prompt: one packed row gives
-    both scores). `rngs`: a training step's dropout key."""
-    hidden = Decoder(config).apply({"params": params}, batch["input_ids"], **layout.decoder_inputs(batch),
-                                   rngs=rngs)
-    scores = token_scores(params, config, hidden)
-    valid = scoreable(batch["input_ids"], batch["attention_mask"], config)
-    (sc, vc), (sr, vr) = layout.sequences(scores, valid, batch, num_blocks)
-    return _at(sc, last_token(vc)), _at(sr, last_token(vr))
-
-
-def reward_metrics(losses: Array, chosen: Array, rejected: Array, example_mask: Array) -> dict[str, Mean]:
-    """TRL RewardTrainer's names (loss, accuracy, margin, mean_reward) plus the mean chosen and rejected rewards, as
-    (sum, count) pairs so they average exactly over micro-batches and hosts."""
-    values = {"loss": losses, "accuracy": (chosen > rejected).astype(jnp.float32), "margin": chosen - rejected,
-              "mean_reward": (chosen + rejected) / 2, "rewards/chosen": chosen, "rewards/rejected": rejected}
-    return {k: Mean.of(jax.lax.stop_gradient(v), example_mask) for k, v in values.items()}
+    return value_at(token_scores(params, config, hidden), last_token(scoreable(input_ids, attention_mask, config)))
 
 
 def make_scorer(config: ModelConfig, mesh: Mesh, rules: Any, param_shardings: Any
@@ -114,8 +93,6 @@ def score_texts(score: Callable[[dict, np.ndarray, np.ndarray], Array], params: 
     """Scores of whole texts (prompt + response as one string) [len(texts)] float32: each tokenized, keeping its
     last `max_length` tokens, right-padded to a multiple of 64 so a few shapes serve any texts, then scored in
     fixed chunks of `batch_rows` (see `make_scorer`; rows must divide over the mesh's batch axes)."""
-    from dpo_jax.rlhf.best_of_n import score_rows
-
     encoded = [tokenizer(t)["input_ids"][-max_length:] for t in texts]
     width = -(-max(len(e) for e in encoded) // 64) * 64
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -124,3 +101,33 @@ def score_texts(score: Callable[[dict, np.ndarray, np.ndarray], Array], params: 
     for i, e in enumerate(encoded):
         ids[i, :len(e)], mask[i, :len(e)] = e, 1
     return score_rows(score, params, ids, mask, batch_rows)
+
+
+def score_rows(score: Callable[[Any, np.ndarray, np.ndarray], Array], params: Any, ids: np.ndarray,
+               mask: np.ndarray, batch_rows: int = 1024) -> np.ndarray:
+    """A scoring pass over many rows in fixed-size chunks (one compile); [rows] float32."""
+    rows = min(batch_rows, len(ids))
+    out = []
+    for start in range(0, len(ids), rows):
+        take = np.arange(start, start + rows) % len(ids)
+        out.append(np.asarray(score(params, ids[take], mask[take]))[:min(rows, len(ids) - start)])
+    return np.concatenate(out)
+
+
+class RewardScorer:
+    """A reward model ready to score: its weights placed on the mesh by their logical axes and the jitted, sharded
+    scoring pass. PPO, Best-of-N, the reward-model judge and the sentiment experiment all score through this.
+    (Loading one from a config section: train/model_source.py `load_reward_scorer`.)"""
+
+    def __init__(self, config: ModelConfig, params: Any, mesh: Mesh, rules: Any):
+        self.config = config
+        self.params, shardings = place_on_mesh(config, params, mesh, rules)
+        self.score = make_scorer(config, mesh, rules, shardings)
+
+    def rows(self, ids: np.ndarray, mask: np.ndarray, batch_rows: int = 1024) -> np.ndarray:
+        """Scores of token rows (prompt + response, left- or right-padded) [rows] float32, in fixed chunks."""
+        return score_rows(self.score, self.params, ids, mask, batch_rows)
+
+    def texts(self, tokenizer, texts: list[str], max_length: int, batch_rows: int = 256) -> np.ndarray:
+        """Scores of whole texts [len(texts)] float32 (see `score_texts`)."""
+        return score_texts(self.score, self.params, tokenizer, texts, max_length, batch_rows)

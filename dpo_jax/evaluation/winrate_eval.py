@@ -1,7 +1,7 @@
-"""The sampling evaluation of `dpo-jax eval` (the `winrate` config section): a run's policy — and other runs side by
-side — sampled on the eval split's prompts at every temperature of a sweep, each completion judged against the
-split's preferred response or another run's completion at the same temperature; win rates with 95 % intervals in
-winrate.csv / winrate.md / winrate.png and every judged completion in completions.jsonl.
+"""The sampling evaluation of `dpo-jax eval` (commands/eval.py; the `winrate` config section): a run's policy — and
+other runs side by side — sampled on the eval split's prompts at every temperature of a sweep, each completion judged
+against the split's preferred response or another run's completion at the same temperature; win rates with 95 %
+intervals in winrate.csv / winrate.md / winrate.png and every judged completion in completions.jsonl.
 
     dpo-jax eval --config configs/tiny.py --config.winrate.judge.kind=endpoint \\
         --config.winrate.judge.endpoint.base_url=http://127.0.0.1:8000/v1 --config.winrate.judge.endpoint.model=NAME
@@ -25,7 +25,11 @@ from dpo_jax.evaluation.endpoint import EndpointConfig, EndpointJudge
 from dpo_jax.evaluation.judges import Judge, function_judge, reward_model_judge
 from dpo_jax.evaluation.sampling import check_temperatures, decode_completions, sample_sweep, win_rates
 from dpo_jax.models.generate import SamplingConfig
-from dpo_jax.train.model_source import default_model_config, place_on_mesh
+from dpo_jax.models.placement import place_on_mesh
+from dpo_jax.train.checkpoint import RunCheckpoints
+from dpo_jax.train.evaluation import sample_prompts
+from dpo_jax.train.export import restore_params
+from dpo_jax.train.model_source import default_model_config
 
 JUDGES = ("function", "reward_model", "endpoint")
 
@@ -88,8 +92,6 @@ def check(c: ml_collections.ConfigDict, run_dir: str) -> dict[str, str]:
                          f"({', '.join(runs) or 'none given'})")
     if w.prompts < 1 or w.max_new_tokens < 1:
         raise ValueError("config.winrate.prompts and config.winrate.max_new_tokens must be >= 1")
-    from dpo_jax.train.checkpoint import RunCheckpoints
-
     for name, path in {w.name: run_dir, **runs}.items():
         directory = os.path.join(os.path.abspath(path), "checkpoints")
         checkpoints = RunCheckpoints(directory, keep=1000) if os.path.isdir(directory) else None
@@ -121,9 +123,6 @@ def build_judge(c: ml_collections.ConfigDict, tokenizer: Any, mesh: Any, out_dir
 
 def evaluate_winrate(run: Any, runs: dict[str, str]) -> list[dict[str, Any]]:
     """The sweep for `run` (a train/run.py Run at its restored checkpoint) and `runs`; writes the outputs."""
-    from dpo_jax.train.evaluation import sample_prompts
-    from dpo_jax.train.export import restore_params
-
     c, w = run.config, run.config.winrate
     out_dir = w.out_dir or os.path.join(os.path.abspath(c.train.run_dir), "winrate")
     os.makedirs(out_dir, exist_ok=True)

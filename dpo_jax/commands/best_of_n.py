@@ -17,10 +17,12 @@ import ml_collections
 
 from dpo_jax import sharding
 from dpo_jax.data.prompts import encode_prompts, read_prompts
+from dpo_jax.data.tokenizers import load_tokenizer
 from dpo_jax.models.generate import SamplingConfig
+from dpo_jax.models.placement import place_on_mesh
 from dpo_jax.rlhf import best_of_n as bon
-from dpo_jax.rlhf.reward_model import make_scorer
-from dpo_jax.train.model_source import default_model_config, model_with_head, pad_id, place_on_mesh
+from dpo_jax.train.model_source import (default_model_config, load_reward_scorer, model_with_head, pad_id,
+                                        tokenizer_dir)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -39,23 +41,17 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def _place(m, vocab, mesh, rules, head, key):
-    config, load = model_with_head(m, vocab, head, key)
-    return (config, *place_on_mesh(config, load(), mesh, rules))
-
-
 def main(c: ml_collections.ConfigDict) -> None:
-    from dpo_jax.train.model_source import load_tokenizer
-
     if not c.prompts.path:
         raise ValueError("config.prompts.path is empty")
     ns = sorted(set(int(n) for n in c.ns))
     if not ns or ns[0] < 1 or ns[-1] > c.n:
         raise ValueError(f"config.ns = {tuple(c.ns)} must be N' in [1, config.n = {c.n}]")
-    tokenizer = load_tokenizer(ml_collections.ConfigDict({"data": {"tokenizer": c.tokenizer}, "model": c.policy}))
+    tokenizer = load_tokenizer({"tokenizer": c.tokenizer}, tokenizer_dir(c.policy))
     mesh = sharding.make_mesh(c.mesh)
-    policy, policy_params, _ = _place(c.policy, len(tokenizer), mesh, c.mesh.rules, "lm", "policy")
-    rm, rm_params, rm_shardings = _place(c.reward_model, len(tokenizer), mesh, c.mesh.rules, "score", "reward_model")
+    policy, load_policy = model_with_head(c.policy, len(tokenizer), "lm", "policy")
+    policy_params, _ = place_on_mesh(policy, load_policy(), mesh, c.mesh.rules)
+    scorer = load_reward_scorer(c.reward_model, len(tokenizer), mesh, c.mesh.rules, "reward_model")
     pad = pad_id(tokenizer)
     prompts = read_prompts(c.prompts.path, c.prompts.format, c.prompts.limit)
     ids, mask = encode_prompts(prompts, tokenizer, c.prompts.max_prompt_length, pad)
@@ -64,8 +60,7 @@ def main(c: ml_collections.ConfigDict) -> None:
                               top_p=s.top_p, eos_id=tokenizer.eos_token_id, pad_id=pad)
     samples = bon.sample_n(policy_params, policy, ids, mask, c.n, jax.random.key(c.seed), sampling, c.batch_rows)
     rows, row_mask = bon.completion_rows(ids, mask, samples)
-    scores = bon.score_rows(make_scorer(rm, mesh, c.mesh.rules, rm_shardings), rm_params, rows, row_mask,
-                            c.batch_rows).reshape(len(prompts), c.n)
+    scores = scorer.rows(rows, row_mask, c.batch_rows).reshape(len(prompts), c.n)
     completions = [[tokenizer.decode(samples.tokens[i, j][samples.mask[i, j] == 1], skip_special_tokens=True)
                     for j in range(c.n)] for i in range(len(prompts))]
     if jax.process_index() != 0:
