@@ -30,6 +30,7 @@ from dpo_jax.train.checkpoint import RunCheckpoints
 from dpo_jax.train.evaluation import sample_prompts
 from dpo_jax.train.export import restore_params
 from dpo_jax.train.model_source import default_model_config
+from dpo_jax.train.modes import get_mode
 
 JUDGES = ("function", "reward_model", "endpoint")
 
@@ -101,7 +102,7 @@ def check(c: ml_collections.ConfigDict, run_dir: str) -> dict[str, str]:
         finally:
             if checkpoints is not None:
                 checkpoints.close()
-    if c.train.mode == "reward":
+    if get_mode(c.train.mode).head != "lm":
         raise ValueError("config.winrate: a reward-model run cannot sample; evaluate a policy run")
     return runs
 
