@@ -105,12 +105,14 @@ def test_reward_model_ranks_held_out_samples_and_best_of_n_climbs_with_n(result)
     assert "held-out pair accuracy" in text and "## Best-of-N" in text
 
 
-def test_ppo_gt_raises_the_ground_truth_reward_and_moves_away_from_the_sft_policy(result):
+def test_ppo_gt_is_evaluated_on_the_shared_schedule_and_moves_away_from_the_sft_policy(result):
+    """At this size (20 iterations of 32 rollouts, DPO's learning rate) PPO-GT's gain in VADER reward is inside
+    run-to-run noise — +0.03 on one CPU, none on another (issue 34) — so no reward gain is asserted here; that PPO
+    raises a reward it is given is tests/test_ppo.py's and tests/test_ppo_runs.py's toy tasks, far from π_SFT."""
     _, r = result
-    sft = next(p for p in r["points"] if p["method"] == "sft")
     gt = [p for p in r["points"] if p["method"] == "ppo_gt_beta0p1"]
     assert [p["step"] for p in gt] == [32, 64, 80]  # optimizer steps: iterations 8, 16, 20 x 4 epochs
-    assert gt[-1]["reward"] > sft["reward"] + 0.03 and gt[-1]["kl"] > 0.3
+    assert gt[-1]["kl"] > 0.3
 
 
 def test_experiment_command_needs_a_known_name():
