@@ -24,9 +24,9 @@ import numpy as np
 
 from dpo_jax.data import storage
 from dpo_jax.data.bpe import train_bpe_tokenizer
+from dpo_jax.data.layout import PAIRS
 from dpo_jax.data.loader import PreferenceLoader
 from dpo_jax.data.tokenize import Lengths
-from dpo_jax.data.layout import PAIRS
 
 MODULES = ["os", "re", "json", "collections", "itertools", "functools", "pathlib", "subprocess", "threading",
            "asyncio", "argparse", "logging", "unittest", "typing", "dataclasses", "inspect", "email", "http.client",

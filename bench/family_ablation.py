@@ -24,8 +24,8 @@ import time
 
 import jax
 
-from dpo_jax.flops import train_step_flops
 from dpo_jax.data.layout import get_layout
+from dpo_jax.flops import train_step_flops
 from dpo_jax.models.config import FAMILY_SWITCHES, PRESETS
 from dpo_jax.models.decoder import init_params
 from dpo_jax.train.engine import build_engine

@@ -63,8 +63,8 @@ def run_ours(s: dict) -> dict:
     t_start = time.perf_counter()
     import jax
 
-    from dpo_jax.rlhf import ppo
     from dpo_jax.commands import ppo as ppo_run
+    from dpo_jax.rlhf import ppo
 
     t_imported = time.perf_counter()
     generation: list[float] = []

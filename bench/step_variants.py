@@ -31,8 +31,8 @@ import numpy as np
 from flax import traverse_util
 
 from dpo_jax.convert.hf import unstack_layers
-from dpo_jax.data.packing import pack_pair
 from dpo_jax.data.layout import get_layout, scored_span
+from dpo_jax.data.packing import pack_pair
 from dpo_jax.models.config import PRESETS
 from dpo_jax.models.decoder import init_params
 from dpo_jax.models.reward import as_reward_model, reward_model_config

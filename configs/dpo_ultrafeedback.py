@@ -8,8 +8,8 @@ prompt 512, the tokenizer's chat template (conversational data), bf16 compute, r
 ARG: model=qwen2.5-7b|llama-3-8b (the family only changes the run name; the checkpoint decides the architecture).
 """
 
-from dpo_jax.config import parse_arg
 from dpo_jax.commands.train import default_run_config
+from dpo_jax.config import parse_arg
 
 
 def get_config(arg=None):

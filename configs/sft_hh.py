@@ -9,8 +9,8 @@ max_length 512, max_prompt_length 256, HH truncation keep_end, gradient-norm cli
 params and optimizer state, FSDP over all devices. ARG: model=pythia-1.4b|pythia-2.8b|pythia-6.9b (micro-batching).
 """
 
-from dpo_jax.config import parse_arg
 from dpo_jax.commands.train import default_run_config
+from dpo_jax.config import parse_arg
 
 MICRO_BATCHES = {"pythia-1.4b": 1, "pythia-2.8b": 2, "pythia-6.9b": 4}
 

@@ -28,9 +28,9 @@ words; checkpoints at steps 10, 20 and 30.
 
 import os
 
+from dpo_jax.commands.train import default_run_config
 from dpo_jax.losses import loss_types
 from dpo_jax.models.config import PRESETS
-from dpo_jax.commands.train import default_run_config
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiny_hh")
 

@@ -66,7 +66,7 @@ def token_logprobs(
     then runs on N·S positions instead of N·T: prompts, which are never scored, are skipped.
 
     positions: optional [N, S] int (S static; -1: no token): only these tokens are scored, the others give 0 —
-    the same saving when a row's scored tokens are scattered (several pairs per row, layout.py `packed`).
+    the same saving when a row's scored tokens are scattered (several pairs per row, data/layout.py `packed`).
     rows_per_gather = g > 1 (with positions [N / g, S]): each group of g consecutive rows is gathered as one
     sequence of g·T positions, so S bounds a group's scored tokens, not g times the fullest row's (on the ragged
     bench, 22 % fewer unembedding positions). Keep a group on one device (the step makes it a batch shard).

@@ -9,8 +9,8 @@ import pytest
 
 from dpo_jax.models.decoder import init_params
 from dpo_jax.models.generate import SamplingConfig
-from dpo_jax.rlhf import best_of_n as bon
 from dpo_jax.models.reward import as_reward_model, score_rows, sequence_scores
+from dpo_jax.rlhf import best_of_n as bon
 from tests import engine_helpers as H
 
 

@@ -11,8 +11,8 @@ import pytest
 from dpo_jax.data import storage
 from dpo_jax.data.bpe import SPECIAL, train_bpe_tokenizer
 from dpo_jax.data.formats import DataError, PreferenceExample, Skip
-from dpo_jax.data.loader import LoaderState, PreferenceLoader
 from dpo_jax.data.layout import scored_span
+from dpo_jax.data.loader import LoaderState, PreferenceLoader
 from dpo_jax.data.tokenize import Lengths, PairTokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

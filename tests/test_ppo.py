@@ -10,8 +10,8 @@ from dpo_jax.metrics import MetricWriter
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.decoder import init_params
 from dpo_jax.models.generate import SamplingConfig, generate
-from dpo_jax.rlhf.ppo import PPOConfig, Rollouts, build_ppo_engine, response_logps
 from dpo_jax.models.reward import as_reward_model
+from dpo_jax.rlhf.ppo import PPOConfig, Rollouts, build_ppo_engine, response_logps
 from dpo_jax.train.state import default_optimizer_config
 from dpo_jax.train.trainer import Trainer
 

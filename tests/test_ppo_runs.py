@@ -71,9 +71,9 @@ def test_ppo_against_a_reward_model_checkpoint_with_the_value_model_from_it(tmp_
     import jax
 
     from dpo_jax.convert import native
+    from dpo_jax.data.tokenizers import load_tokenizer
     from dpo_jax.models.decoder import init_params
     from dpo_jax.models.reward import as_reward_model
-    from dpo_jax.data.tokenizers import load_tokenizer
     from dpo_jax.train.model_source import model_with_head, tokenizer_dir
 
     c = _config(_overrides(tmp_path / "rm_run", cache, **{"train.steps": 2, "train.save_every": 0}))

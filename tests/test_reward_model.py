@@ -12,8 +12,8 @@ import transformers as T
 
 from dpo_jax import summaries
 from dpo_jax.convert import load_hf_checkpoint, save_hf_checkpoint
-from dpo_jax.data.loader import PreferenceLoader
 from dpo_jax.data.layout import LAYOUTS, PAIRS
+from dpo_jax.data.loader import PreferenceLoader
 from dpo_jax.models.decoder import init_params
 from dpo_jax.models.reward import as_reward_model, sequence_scores
 from dpo_jax.train.engine import build_engine

@@ -10,8 +10,8 @@ import pytest
 import torch
 import transformers as T
 
-from dpo_jax.convert.hf import load_hf_checkpoint
 from dpo_jax import sharding
+from dpo_jax.convert.hf import load_hf_checkpoint
 from dpo_jax.models.decoder import logical_axes
 from dpo_jax.models.reward import make_scorer, score_texts, sequence_scores
 from dpo_jax.train import run as train_run
@@ -64,8 +64,8 @@ def test_reward_model_from_sft_learns_the_eval_preference_and_exports_to_transfo
     np.testing.assert_allclose(by_text, np.r_[want, want[:1]], atol=1e-4)
 
     # Best-of-N from π_SFT ranked by this reward model: the command's files, picks = argmax of the first N' scores
-    from dpo_jax.config import load_config_file
     from dpo_jax.commands import best_of_n as best_of_n_command
+    from dpo_jax.config import load_config_file
 
     b = load_config_file(f"{REPO}/configs/tiny.py:best_of_n")
     b.policy.path, b.reward_model.path, b.out_dir = str(sft_export), str(tmp_path / "rm_hf"), str(tmp_path / "bon")

@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 import transformers as T
 
+from dpo_jax import reference
+from dpo_jax.commands import evaluate as eval_command
 from dpo_jax.config import load_config_file
+from dpo_jax.data.tokenizers import load_tokenizer
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.decoder import Decoder, logits
-from dpo_jax import reference
-from dpo_jax.data.tokenizers import load_tokenizer
 from dpo_jax.train import model_source
-from dpo_jax.commands import evaluate as eval_command
 from dpo_jax.train import run as train_run
-from dpo_jax.train.trainer import RunError
 from dpo_jax.train.export import export
+from dpo_jax.train.trainer import RunError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.py")

@@ -145,7 +145,7 @@ def test_evaluation_samples_at_temperature_one_whatever_the_pairs_used(result, m
     stages.sft()
     seen, generate = [], S.generate
     monkeypatch.setattr(S, "generate", lambda *a, **k: seen.append(a[-1].temperature) or generate(*a, **k))
-    prompts, mask = stages._prefixes(stages.test_ids, 8, 0)
+    prompts, mask = stages.prefixes(stages.test_ids, 8, 0)
     reward, kl, texts = stages.evaluate(stages.sft_params, stages.sft_params, prompts, mask)
     assert seen == [1.0] and len(texts) == 8 and abs(kl) < 1e-3
 
@@ -169,4 +169,4 @@ def test_methods_are_named_entries_whose_unknown_fields_name_the_method(result):
     stages = S.Stages(c.copy_and_resolve_references())
     stages.data()
     with pytest.raises(ValueError, match=r"config.methods.typo.dpo: unknown key\(s\) \['bta'\]; valid: beta, "):
-        stages._engine("typo", S.method("dpo", bta=0.5), 1e-3, 4, None)
+        stages.engine_for("typo", S.method("dpo", bta=0.5), 1e-3, 4, None)

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dpo_jax.data.layout import LAYOUTS, PAIRS, scored_span
 from dpo_jax.data.loader import PreferenceLoader
 from dpo_jax.data.packing import CHOSEN, PROMPT, REJECTED, pack_pair, packed_length
-from dpo_jax.data.layout import LAYOUTS, PAIRS, scored_span
 from dpo_jax.models.decoder import init_params
 from dpo_jax.train.step import StepConfig, loss_sum_and_metrics, pair_logprobs
 from tests import engine_helpers as H

@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from dpo_jax.evaluation.winrate import win_rate
 from dpo_jax.commands import evaluate as eval_command
+from dpo_jax.evaluation.winrate import win_rate
 from dpo_jax.train import run as train_run
 from tests.test_runs import TINY, _config, _overrides
 
@@ -97,9 +97,9 @@ def test_reward_model_and_endpoint_judges_through_eval(runs, tmp_path):
     import jax.numpy as jnp
 
     from dpo_jax.convert import native
+    from dpo_jax.data.tokenizers import load_tokenizer
     from dpo_jax.models.reward import as_reward_model, sequence_scores
     from dpo_jax.train.export import restore_params
-    from dpo_jax.data.tokenizers import load_tokenizer
     from dpo_jax.train.model_source import tokenizer_dir
     from tests.test_judges import Stub
 

@@ -20,8 +20,8 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from dpo_jax.data.packing import fill_batches
 from dpo_jax.data.layout import Layout, get_layout
+from dpo_jax.data.packing import fill_batches
 
 Batch = dict[str, np.ndarray]
 

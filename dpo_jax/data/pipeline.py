@@ -9,9 +9,9 @@ import ml_collections
 
 from dpo_jax.data import storage
 from dpo_jax.data.formats import FORMATS, detect_format, iter_rows
+from dpo_jax.data.layout import get_layout, rounded_max
 from dpo_jax.data.loader import LoaderState, PreferenceLoader
 from dpo_jax.data.tokenize import TRUNCATION_MODES, Lengths
-from dpo_jax.data.layout import get_layout, rounded_max
 
 CACHE_ENV = "DPO_JAX_CACHE"
 

@@ -21,8 +21,8 @@ import tensorflow_datasets as tfds
 
 from dpo_jax.data.formats import (BAD_EXAMPLE_POLICIES, DataError, PreferenceExample, Skip, data_files,
                                   read_examples)
-from dpo_jax.data.packing import pack_pair
 from dpo_jax.data.layout import scored_span
+from dpo_jax.data.packing import pack_pair
 from dpo_jax.data.tokenize import Lengths, PairTokenizer
 from dpo_jax.fingerprint import fingerprint
 

@@ -1,1 +1,2 @@
-"""One decoder-only transformer for every supported HF family, plus sampling."""
+"""One decoder-only transformer for every supported HF family (with LoRA adapters and a reward model's score head),
+plus sampling."""

@@ -1,2 +1,2 @@
-"""The RLHF pipeline DPO replaces, as baselines: a Bradley-Terry reward model (reward_model.py) and Best-of-N
-sampling ranked by it (best_of_n.py)."""
+"""The RLHF pipeline DPO replaces, as baselines: PPO with a KL penalty (ppo.py, ppo_math.py) and Best-of-N sampling
+(best_of_n.py), both plugged into the one Trainer; the reward model they score with is models/reward.py."""

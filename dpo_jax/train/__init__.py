@@ -1,1 +1,2 @@
-"""Train state, the pure jitted train/eval steps, and (later) the loop and checkpoints."""
+"""Training: the pure jitted steps and their registered modes, the engine, the one loop (Trainer.fit), runs, run
+directories, checkpoints, model and reference sources, export."""

@@ -10,10 +10,10 @@ import numpy as np
 import optax
 
 from dpo_jax import sharding
-from dpo_jax.flops import train_step_flops
 from dpo_jax.data.layout import PAIRS, Layout
-from dpo_jax.models.config import ModelConfig
+from dpo_jax.flops import train_step_flops
 from dpo_jax.models import lora
+from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.decoder import logical_axes
 from dpo_jax.models.reward import make_scorer
 from dpo_jax.train.state import TrainState, create_state, default_optimizer_config, make_optimizer
