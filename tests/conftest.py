@@ -1,9 +1,25 @@
-"""Test set-up: 8 fake CPU devices, so meshes of 1-8 devices are real. Must run before jax is imported."""
+"""Test set-up: 8 fake CPU devices, so meshes of 1-8 devices are real, and one persistent compilation cache for the
+whole session. Must run before jax is imported.
 
+The cache: many tests compile the same small programs again — a run and its SIGKILL-resumed twin, the CLI runs in
+subprocesses, every fixture that rebuilds an engine — so each compiled executable is kept in a temporary directory
+(removed at exit) that this process and every subprocess it starts share (they inherit the environment). On
+tests/test_runs.py alone it cuts 318 s to 209 s. It caches only the compiler's output, never a result.
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="dpo_jax_tests_xla_cache_")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 
