@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from dpo_jax.experiments import sentiment as S
+from dpo_jax.experiments import sentiment_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -15,7 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sentiment")
-    c = S.default_config()
+    c = sentiment_config.default_config()
     c.out_dir, c.cache_dir = str(tmp / "out"), str(tmp / "cache")
     c.sft.steps = 200  # the default model and tokenizer, trained for less time
     c.pairs.prefixes, c.eval.prefixes, c.eval.every = 256, 128, 40
@@ -163,7 +164,7 @@ def test_zero_training_steps_evaluates_only_the_sft_policy(result, capsys):
 
 def test_methods_are_named_entries_whose_unknown_fields_name_the_method(result):
     c, _ = result
-    m = S.default_config().methods
+    m = sentiment_config.default_config().methods
     assert (m.cdpo_beta0p1.mode, m.cdpo_beta0p1.dpo.beta, m.cdpo_beta0p1.dpo.label_smoothing) == ("dpo", 0.1, 0.2)
     assert m.unlikelihood_alpha1.to_dict() == {"mode": "unlikelihood", "dpo": {"unlikelihood_alpha": 1.0}}
     stages = S.Stages(c.copy_and_resolve_references())

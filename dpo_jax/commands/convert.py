@@ -16,6 +16,7 @@ from dpo_jax.convert import native
 from dpo_jax.convert.hf import load_hf_checkpoint, save_hf_checkpoint
 from dpo_jax.parsing import parse_size
 
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dpo-jax convert", description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)

@@ -168,14 +168,22 @@ def _matches(entry: str, module: str) -> bool:
     return module == entry or module.endswith("." + entry)
 
 
-def adapter_config(directory: str, config: ModelConfig) -> ModelConfig:
-    """`config` (a base model) with the rank, alpha and targets of the PEFT LoRA adapter in `directory`; anything
-    this cannot represent exactly is an error naming the file and key."""
+def _read_adapter_config(directory: str) -> tuple[str, dict]:
+    """(path, contents) of the adapter directory's adapter_config.json."""
     path = os.path.join(directory, CONFIG_FILE)
     if not os.path.isfile(path):
         raise ValueError(f"{directory}: no {CONFIG_FILE} (is this a PEFT adapter directory?)")
     with open(path) as f:
-        ac = json.load(f)
+        return path, json.load(f)
+
+
+def adapter_config(directory: str, config: ModelConfig) -> ModelConfig:
+    """`config` (a base model) with the rank, alpha and targets of the PEFT LoRA adapter in `directory`; anything
+    this cannot represent exactly is an error naming the file and key."""
+    return _lora_config(*_read_adapter_config(directory), config)
+
+
+def _lora_config(path: str, ac: dict, config: ModelConfig) -> ModelConfig:
     for key, want in (("peft_type", "LORA"), ("bias", "none")):
         if ac.get(key, want) != want:
             raise ValueError(f"{path}: {key} = {ac.get(key)!r}; only {want!r} is supported")
@@ -210,7 +218,8 @@ def load_peft(directory: str, config: ModelConfig, params: Any) -> tuple[ModelCo
     Every tensor of the file must be one of the adapters' (an error names the first that is not)."""
     from safetensors.numpy import load_file
 
-    lora_config = adapter_config(directory, config)
+    path, ac = _read_adapter_config(directory)
+    lora_config = _lora_config(path, ac, config)
     table, r, targets = modules(config), lora_config.lora_rank, lora_config.lora_targets
     where = f"{directory}/{WEIGHTS_FILE}"
     tensors = load_file(os.path.join(directory, WEIGHTS_FILE))
@@ -237,8 +246,6 @@ def load_peft(directory: str, config: ModelConfig, params: Any) -> tuple[ModelCo
             a, b = pair(PREFIX + module.format(i=i), (r, int(np.prod(shape[:n_in]))), (int(np.prod(shape[n_in:])), r))
             expected[f"{adapter}/a"] = a.T.reshape(shape[:n_in] + (r,))
             expected[f"{adapter}/b"] = b.T.reshape((r,) + shape[n_in:])
-    with open(os.path.join(directory, CONFIG_FILE)) as f:
-        ac = json.load(f)
     for module, (names, kernels, hook) in fused_modules(config).items():
         if not set(names) & set(targets):
             continue

@@ -40,7 +40,7 @@ from dpo_jax.data.loader import PreferenceLoader
 from dpo_jax.data.pipeline import default_cache_dir
 from dpo_jax.experiments import sentiment_corpus as corpus
 from dpo_jax.experiments import sentiment_ppo, sentiment_rlhf, sentiment_winrate
-from dpo_jax.experiments.sentiment_config import default_config, method  # noqa: F401 (default_config: the command's)
+from dpo_jax.experiments.sentiment_config import method
 from dpo_jax.experiments.sentiment_report import write_results
 from dpo_jax.fingerprint import fingerprint
 from dpo_jax.logprobs import token_logprobs
