@@ -2,8 +2,8 @@
 
 Each command is a module of dpo_jax/commands/. A config command has `default_config() -> ConfigDict` and
 `main(config)`: without `--config` the built-in default is used, and `--config.key=value` overrides it either way
-(ml-collections; an unknown key is an error, never ignored). A plain-flags command (`convert`, `export`) has
-`run(argv)`. `experiment NAME` picks its config and module from commands/experiment.py.
+(ml-collections; an unknown key is an error, never ignored). A config command may add its own flags
+(`define_flags()`: plan's --topology). A plain-flags command (`convert`, `export`) has `run(argv)`. `experiment NAME` picks its config and module from commands/experiment.py.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ COMMANDS = {  # name: (module under dpo_jax/commands/, summary)
     "ppo": ("ppo", "PPO from an SFT policy against a reward model or function (RLHF)"),
     "best-of-n": ("best_of_n", "Best-of-N from a policy, ranked by a reward model"),
     "smoke": ("smoke", "toy DPO run on synthetic preferences: the loss math end to end, in seconds"),
+    "plan": ("plan", "compile a train config for a TPU topology on this host: fits?, memory, estimated time"),
 }
 
 
@@ -66,6 +67,8 @@ def _run_config_command(command: str, module, entry, argv: list[str]) -> None:
     from dpo_jax.config import ConfigError, define_config_flag, split_config_args
 
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no "no TPU here" noise on CPU/GPU
+    if hasattr(module, "define_flags"):  # a command's own flags beside --config (plan: --topology, ...)
+        module.define_flags()
     try:
         spec, keys, argv = split_config_args(argv)
         define_config_flag(spec, module.default_config, keys, argv)

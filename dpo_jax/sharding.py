@@ -9,6 +9,7 @@ would silently replicate it), a rule naming no mesh axis, a dimension the mesh d
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -163,6 +164,22 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh, rules: Any) -> dict[s
         global_shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
         out[k] = jax.make_array_from_process_local_data(sharding, v, global_shape)
     return out
+
+
+def on_mesh(fn: Any, mesh: Mesh) -> Any:
+    """`fn` traced with `mesh` as the context's abstract mesh: what lets a Mosaic kernel inside (TPU pair attention,
+    which XLA cannot partition) be shard_mapped over it. Wrap a jitted step's body with it."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
+def abstract_global_batch(local: dict[str, np.ndarray], mesh: Mesh, rules: Any) -> dict[str, jax.ShapeDtypeStruct]:
+    """`global_batch`'s result as stand-ins, no array made (compiling ahead; `dpo-jax plan` on abstract devices)."""
+    return {k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(),) + v.shape[1:], v.dtype,
+                                    sharding=batch_sharding(mesh, rules, v.ndim)) for k, v in local.items()}
 
 
 def abstract(tree: Any, shardings: Any = None) -> Any:

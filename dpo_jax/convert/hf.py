@@ -36,13 +36,18 @@ def read_hf_config(directory: str) -> tuple[Family, ModelConfig]:
             cj = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: invalid JSON ({e})") from None
-    family = family_of(cj.get("model_type"), path)
+    return config_from_hf_json(cj, path)
+
+
+def config_from_hf_json(cj: dict, where: str) -> tuple[Family, ModelConfig]:
+    """An HF config.json's contents -> (its family, our ModelConfig); errors name `where`."""
+    family = family_of(cj.get("model_type"), where)
     try:
         return family, family.config_from_hf(cj).replace(**head_from_hf(cj))
     except KeyError as e:
-        raise ValueError(f"{path}: missing key {e.args[0]!r} for model_type {family.model_type!r}") from None
+        raise ValueError(f"{where}: missing key {e.args[0]!r} for model_type {family.model_type!r}") from None
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise ValueError(f"{where}: {e}") from None
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

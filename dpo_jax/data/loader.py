@@ -256,16 +256,7 @@ class PreferenceLoader:
         return self._finish([None if i < 0 else self.source[int(i)] for i in local], t, None)
 
     def _finish(self, examples: list, t: int, rows: int | None, plan: list[list[int]] | None = None) -> Batch:
-        """Rows in the layout, then the per-pair fields in the layout's pair order."""
-        extra = {} if plan is None else {"plan": plan}
-        out = self.layout.host_rows(examples, t, self.pad_id, self.score_window, rows=rows, **extra)
-        if "pair_order" in out:  # the layout's per-pair order (packed: row-major slots)
-            examples = [None if i < 0 else examples[i] for i in out.pop("pair_order")]
-        out["example_id"] = np.asarray([-1 if ex is None else int(ex["example_id"]) for ex in examples], np.int32)
-        out["example_mask"] = np.asarray([ex is not None for ex in examples], np.int32)
-        out["margin"] = np.asarray([0.0 if ex is None else float(ex.get("margin", 0.0)) for ex in examples],
-                                   np.float32)
-        return out
+        return host_batch(self.layout, examples, t, self.pad_id, self.score_window, rows, plan)
 
     def one_pass(self, prefetch: int = 2) -> "PreferenceLoader":
         """A fresh, unshuffled single pass over this loader's split with the same batch geometry (evaluation and
@@ -350,3 +341,16 @@ class PreferenceLoader:
     def __del__(self):
         self.close()
 
+
+def host_batch(layout, examples: list, seq_len: int, pad_id: int, score_window: int = 0, rows: int | None = None,
+               plan: list[list[int]] | None = None) -> Batch:
+    """A host's batch: the examples' rows in the layout, then the per-pair fields in the layout's pair order (None:
+    a padding example). All-None examples give the batch's shapes and dtypes without data (`dpo-jax plan`)."""
+    extra = {} if plan is None else {"plan": plan}
+    out = layout.host_rows(examples, seq_len, pad_id, score_window, rows=rows, **extra)
+    if "pair_order" in out:  # the layout's per-pair order (packed: row-major slots)
+        examples = [None if i < 0 else examples[i] for i in out.pop("pair_order")]
+    out["example_id"] = np.asarray([-1 if ex is None else int(ex["example_id"]) for ex in examples], np.int32)
+    out["example_mask"] = np.asarray([ex is not None for ex in examples], np.int32)
+    out["margin"] = np.asarray([0.0 if ex is None else float(ex.get("margin", 0.0)) for ex in examples], np.float32)
+    return out

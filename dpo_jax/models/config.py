@@ -13,6 +13,7 @@ MLP_TYPES = ("swiglu", "gelu")
 HEADS = ("lm", "score")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLS = (None, "xla", "cudnn", "pallas")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "fc_in", "fc_out")  # the decoder's projection names
 
 
@@ -62,7 +63,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False
     remat_policy: str = "none"
-    attention_impl: str | None = None  # jax.nn.dot_product_attention(implementation=...): None, "xla", "cudnn"
+    attention_impl: str | None = None  # None: automatic (the Pallas kernel on TPU, else XLA's); "xla", "cudnn"
+    #   (jax.nn.dot_product_attention's), or "pallas" (models/pair_attention.py; interpret mode off TPU)
     attention_query_block: int = 0  # > 0: XLA attention over T >= 1.5 x this skips the causal upper triangle in
     #   query blocks of about this many rows (decoder.causal_attention); 0: one dense T x T
     lora_rank: int = 0  # > 0: low-rank adapters (models/lora.py) on the `lora_targets` projections
@@ -97,6 +99,9 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: lora_rank = {self.lora_rank}, lora_targets = {self.lora_targets}: a rank "
                              f">= 0 and, with a rank, targets among {', '.join(LORA_TARGETS)}"
                              + (f" (unknown: {unknown})" if unknown else ""))
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"ModelConfig.attention_impl = {self.attention_impl!r}; valid: '' (automatic), xla, "
+                             "cudnn, pallas")
         if self.attention_query_block < 0:
             raise ValueError(f"ModelConfig.attention_query_block = {self.attention_query_block}: a row count >= 0 "
                              "(0: one dense T x T attention)")

@@ -15,7 +15,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dpo_jax.compile_target import target_platform
 from dpo_jax.models.config import ModelConfig
+from dpo_jax.models.pair_attention import pair_attention
 from dpo_jax.models.rotary import apply_rotary
 
 Array = jax.Array
@@ -99,7 +101,7 @@ def materialized_cotangent(y: Array) -> Array:
 
 
 def _materialized_cotangent_bwd(_, g):
-    if jax.default_backend() != "cpu":
+    if target_platform() != "cpu":
         return (g,)
     return (g + 0.0 * jnp.sum(g, axis=tuple(range(g.ndim - 1)), keepdims=True),)
 
@@ -138,6 +140,7 @@ class LoraAdapter(nn.Module):
 
 class Attention(nn.Module):
     config: ModelConfig
+    shared_segment: int | None = None
 
     @nn.compact
     def __call__(self, x, positions, mask, cache_index=None, layer_cache=None):
@@ -162,25 +165,39 @@ class Attention(nn.Module):
         # softmax_custom_jvp: the softmax's derivative as y · (g − Σ y·g) rather than through exp / sum (JAX's
         # default still): a third less attention backward work (docs/PERFORMANCE.md), same values
         with jax.softmax_custom_jvp(True):
-            out = causal_attention(q, k, v, mask, c, blocks=layer_cache is None)
+            out = causal_attention(q, k, v, mask, c, blocks=layer_cache is None, shared_segment=self.shared_segment)
         out = _dense(c, c.hidden_size, ("heads", "head_dim", "embed"), "o", c.attn_out_bias, in_axes=(-2, -1))(out)
         return out, new_cache
 
 
-def causal_attention(q: Array, k: Array, v: Array, mask: Array, config: ModelConfig, blocks: bool) -> Array:
-    """`jax.nn.dot_product_attention`; with `blocks` (queries and keys the same T tokens) and XLA's attention, the
-    queries go in blocks of about `config.attention_query_block` rows, block i attending only the keys up to its
-    own end. The causal upper triangle, masked for every query anyway, is then never computed — at 576 tokens in
-    three blocks a third of the T × T work. Exact: each query's softmax sees the same unmasked keys."""
+def attention_impl(config: ModelConfig) -> str | None:
+    """The attention a training/scoring pass uses: the config's, or automatically the Pallas kernel
+    (models/pair_attention.py) when building for a TPU and XLA's elsewhere."""
+    if config.attention_impl is None:
+        return "pallas" if target_platform() == "tpu" else None
+    return config.attention_impl
+
+
+def causal_attention(q: Array, k: Array, v: Array, mask: Array | dict, config: ModelConfig, blocks: bool,
+                     shared_segment: int | None = None) -> Array:
+    """`mask` a dict of per-token inputs (Decoder: the Pallas kernel's path): the kernel, which builds the mask
+    itself. Else `jax.nn.dot_product_attention` under the boolean mask; with `blocks` (queries and keys the same T
+    tokens) and XLA's attention, the queries go in blocks of about `config.attention_query_block` rows, block i
+    attending only the keys up to its own end. The causal upper triangle, masked for every query anyway, is then
+    never computed — at 576 tokens in three blocks a third of the T × T work. Exact: each query's softmax sees the
+    same unmasked keys."""
+    if isinstance(mask, dict):
+        return pair_attention(q, k, v, **mask, shared_segment=shared_segment, sliding_window=config.sliding_window,
+                              scale=config.head_dim**-0.5, interpret=target_platform() != "tpu")
+    impl = config.attention_impl if config.attention_impl != "pallas" else None  # decoding: XLA's
     t, size = q.shape[1], config.attention_query_block
-    n = round(t / size) if size and blocks and config.attention_impl != "cudnn" else 1
+    n = round(t / size) if size and blocks and impl != "cudnn" else 1
     if n < 2:
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=config.head_dim**-0.5,
-                                            implementation=config.attention_impl)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=config.head_dim**-0.5, implementation=impl)
     ends = [round(t * (i + 1) / n) for i in range(n)]
     return jnp.concatenate([
         jax.nn.dot_product_attention(q[:, lo:hi], k[:, :hi], v[:, :hi], mask=mask[:, :, lo:hi, :hi],
-                                     scale=config.head_dim**-0.5, implementation=config.attention_impl)
+                                     scale=config.head_dim**-0.5, implementation=impl)
         for lo, hi in zip([0] + ends[:-1], ends)], axis=1)
 
 
@@ -203,11 +220,12 @@ class Block(nn.Module):
     """One layer; the residual wiring is the config's `residual` switch. Scan-compatible signature."""
 
     config: ModelConfig
+    shared_segment: int | None = None
 
     @nn.compact
     def __call__(self, x, positions, mask, cache_index=None, layer_cache=None):
         c = self.config
-        attn, mlp = Attention(c, name="attn"), Mlp(c, name="mlp")
+        attn, mlp = Attention(c, self.shared_segment, name="attn"), Mlp(c, name="mlp")
         normed = Norm(c, name="attn_norm")(x)
         a, new_cache = attn(normed, positions, mask, cache_index, layer_cache)
         if c.residual == "sequential":
@@ -300,9 +318,12 @@ class Decoder(nn.Module):
             if cache is not None:
                 raise ValueError("Decoder: pass positions explicitly when decoding with a cache")
             positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
-        query_index = jnp.arange(t) if cache is None else cache_index + jnp.arange(t)
-        mask = build_attention_mask(c, query_index, attention_mask, segment_ids, shared_segment,
-                                    positions if cache is None else None)
+        if attention_impl(c) == "pallas" and cache is None:  # the kernel builds the mask from these, per block
+            mask = {"key_valid": attention_mask, "positions": positions, "segment_ids": segment_ids}
+        else:
+            query_index = jnp.arange(t) if cache is None else cache_index + jnp.arange(t)
+            mask = build_attention_mask(c, query_index, attention_mask, segment_ids, shared_segment,
+                                        positions if cache is None else None)
 
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=jnp.dtype(c.dtype),
                          param_dtype=jnp.dtype(c.param_dtype), embedding_init=_init(("vocab", "embed")),
@@ -323,12 +344,12 @@ class Decoder(nn.Module):
                 length=c.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, new_cache = scanned(c, name="layers")(x, positions, mask, cache_index, cache)
+            x, new_cache = scanned(c, shared_segment, name="layers")(x, positions, mask, cache_index, cache)
         else:
             new_layers = []
             for i in range(c.num_layers):
                 layer_cache = None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache)
-                x, lc = block(c, name=f"layers_{i}")(x, positions, mask, cache_index, layer_cache)
+                x, lc = block(c, shared_segment, name=f"layers_{i}")(x, positions, mask, cache_index, layer_cache)
                 new_layers.append(lc)
             new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new_layers)
 

@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.decoder import Decoder
 from dpo_jax.models.placement import place_on_mesh
-from dpo_jax.sharding import batch_sharding
+from dpo_jax.sharding import batch_sharding, on_mesh
 
 Array = jax.Array
 _LM_HEAD = ("lm_head_kernel", "lm_head_bias")
@@ -80,7 +80,7 @@ def make_scorer(config: ModelConfig, mesh: Mesh, rules: Any, param_shardings: An
     if config.head != "score":
         raise ValueError("make_scorer: the model has a language-model head, not a reward model's score head")
     rows = batch_sharding(mesh, rules, 2)
-    jitted = jax.jit(lambda p, ids, mask: sequence_scores(p, config, ids, mask),
+    jitted = jax.jit(on_mesh(lambda p, ids, mask: sequence_scores(p, config, ids, mask), mesh),
                      in_shardings=(param_shardings, rows, rows), out_shardings=NamedSharding(mesh, PartitionSpec()))
 
     def score(params: dict, input_ids: np.ndarray, attention_mask: np.ndarray) -> Array:

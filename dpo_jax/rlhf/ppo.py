@@ -182,7 +182,7 @@ def make_ppo_step(c: PPOConfig, optimizer: optax.GradientTransformation, schedul
         metrics = {k: Mean(jax.lax.stop_gradient(v).astype(jnp.float32), one) for k, v in values.items()}
         return PPOState(state.step + 1, params, opt_state, kl_coef), metrics
 
-    return jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+    return jax.jit(sharding.on_mesh(train_step, mesh), in_shardings=(state_shardings, batch_shardings),
                    out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
 
@@ -267,7 +267,7 @@ def build_ppo_engine(c: PPOConfig, optimizer_config: Any, policy_params: Any, va
                 response_values(params["value"], c.value_model, ids, mask, length))
 
     ref_shardings = None if c.base_reference else p_shardings["policy"]
-    rollout_stats = jax.jit(stats, static_argnums=(4,), in_shardings=(s_shardings.params, ref_shardings, rows, rows),
+    rollout_stats = jax.jit(sharding.on_mesh(stats, mesh), static_argnums=(4,), in_shardings=(s_shardings.params, ref_shardings, rows, rows),
                             out_shardings=rows)
     step = make_ppo_step(c, optimizer, schedule, mesh, rules, s_shardings)
     return PPOEngine(c, mesh, rules, p_shardings, s_shardings, state, step, rollout_stats, init_state)

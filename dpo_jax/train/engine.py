@@ -108,11 +108,12 @@ class Engine(NamedTuple):
 
     def abstract_batch(self, local: dict) -> dict:
         """Stand-ins for the step's batch of this host batch's shapes (reference fields added when the step reads
-        them): what compiling ahead needs."""
+        them): what compiling ahead needs. Nothing is placed on a device."""
         if self.config.needs_reference and not self.config.base_reference:
             zeros = np.zeros(len(local["example_id"]), np.float32)
             local = {**local, "ref_chosen_logps": zeros, "ref_rejected_logps": zeros}
-        return sharding.abstract(self.shard_batch(local))
+        keys = self.config.batch_keys()
+        return sharding.abstract_global_batch({k: v for k, v in local.items() if k in keys}, self.mesh, self.rules)
 
     def shard_batch(self, local: dict) -> dict:
         """Host-local numpy batch -> global sharded arrays, keeping only the fields the step takes."""
@@ -163,8 +164,11 @@ def build_engine(
     layout: Layout = PAIRS,
     score_window: int = 0,
     score_groups: int = 0,
+    abstract_state: bool = False,
 ) -> Engine:
     """Mesh -> shardings (checked before compiling) -> state created sharded -> jitted steps.
+    abstract_state: the state as shape/dtype/sharding stand-ins, nothing allocated or loaded (`dpo-jax plan`: the
+    devices may be a TPU topology's abstract ones).
     mesh: an already built mesh (else one from config.mesh over `devices`, default all).
     layout, score_window and score_groups: see StepConfig (from the loaders: the data's layout and longest scored
     span)."""
@@ -178,8 +182,9 @@ def build_engine(
     shardings_for = lambda abstract: sharding.state_shardings(abstract, p_shardings, abstract_params,  # noqa
                                                               mesh)
     state = create_state(init_params, optimizer, shardings_for, *init_args,
-                         trained=lambda params: lora.trainable(params, model)[1])
-    s_shardings = shardings_for(jax.eval_shape(lambda: state))
+                         trained=lambda params: lora.trainable(params, model)[1], abstract=abstract_state)
+    s_shardings = shardings_for(jax.eval_shape(lambda: state)) if not abstract_state else \
+        jax.tree.map(lambda x: x.sharding, state)
     train_step, eval_step = make_steps(sc, optimizer, schedule, mesh, rules, s_shardings)
     reference_step = make_reference_step(sc, mesh, rules, p_shardings)
     score = make_scorer(model, mesh, rules, p_shardings) if model.head == "score" else None

@@ -13,6 +13,7 @@ import ml_collections
 
 from dpo_jax.convert import native
 from dpo_jax.convert.hf import load_hf_checkpoint, read_hf_config
+from dpo_jax.convert.presets import preset_config
 from dpo_jax.models import lora
 from dpo_jax.models.config import FAMILY_SWITCHES, PRESETS, ModelConfig, shaped_config
 from dpo_jax.models.decoder import init_params
@@ -23,11 +24,14 @@ def default_model_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.source = "hf"  # hf: a local HF checkpoint dir; checkpoint: a `dpo-jax convert` checkpoint; random: init
     c.path = ""
+    # a named architecture without weights (convert/presets.py: llama3-8b, qwen3-8b, pythia-2.8b, ...): what
+    # `dpo-jax plan` compiles whatever the source, or with source = random a from-scratch model of that shape
+    c.preset = ""
     c.dtype = "float32"  # compute dtype; bfloat16 on accelerators
     c.param_dtype = "float32"
     c.remat_policy = "dots"  # save matmul outputs, recompute the rest: less memory than "none" and faster here
     c.scan_layers = True  # one compiled layer body: faster compiles, and faster steps on XLA:CPU (docs/PERFORMANCE.md)
-    c.attention_impl = ""  # "", "xla" or "cudnn"
+    c.attention_impl = ""  # "": automatic (the Pallas kernel on TPU, XLA elsewhere), "xla", "cudnn" or "pallas"
     c.attention_query_block = 192  # XLA attention: queries in blocks of ~192 skip the causal upper triangle (T >= 288)
     # architecture, for source = random (the vocabulary comes from the tokenizer): a shape from models/config.py
     # PRESETS (`c.model.update(PRESETS[name])`), or these fields set one by one
@@ -81,7 +85,7 @@ Source = Callable[[ml_collections.ConfigDict, int, dict], tuple[ModelConfig, Cal
 
 
 def _random_source(m, vocab_size, overrides):
-    config = random_model_config(m, vocab_size)
+    config = preset_config(m.preset).replace(**overrides) if m.get("preset") else random_model_config(m, vocab_size)
     return config, lambda: init_params(config, jax.random.key(m.seed)), False  # its init has the adapters
 
 
@@ -121,6 +125,10 @@ def model_loader(m: ml_collections.ConfigDict, vocab_size: int) -> tuple[ModelCo
     source=random): the section's overrides computed once, LoRA adapters added once."""
     if m.source not in MODEL_SOURCES:
         raise ValueError(f"config.model.source = {m.source!r}; valid: {', '.join(MODEL_SOURCES)}")
+    if m.get("preset") and m.source != "random":
+        raise ValueError(f"config.model.preset = {m.preset!r} is a shape without weights: use it with "
+                         f"config.model.source = 'random' (a from-scratch model) or in `dpo-jax plan`, not with "
+                         f"source = {m.source!r}")
     if m.source in NEEDS_PATH and not m.path:
         raise ValueError(f"config.model.path is empty (needed for source={m.source!r})")
     config, load, add_adapters = MODEL_SOURCES[m.source](m, vocab_size, _model_overrides(m))

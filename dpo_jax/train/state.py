@@ -70,21 +70,31 @@ def make_optimizer(c: ml_collections.ConfigDict) -> tuple[optax.GradientTransfor
     return opt, schedule
 
 
+def _state_init(init_params: Callable[..., Any], optimizer: optax.GradientTransformation,
+                trained: Callable[[Any], Any]) -> Callable[..., TrainState]:
+    def init(*a) -> TrainState:
+        params = init_params(*a)
+        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(trained(params)))
+
+    return init
+
+
 def create_state(
     init_params: Callable[..., Any],
     optimizer: optax.GradientTransformation,
     shardings_for: Callable[[Any], Any],
     *args: Any,
     trained: Callable[[Any], Any] = lambda params: params,
+    abstract: bool = False,
 ) -> TrainState:
     """Builds the state inside one jit whose out_shardings come from `shardings_for(abstract_state)`, so every
     array is born on its devices. `init_params(*args)` makes the params: a random init (no args), or the identity
     on loaded params (passed as `args`, donated, so they are resharded rather than copied). The optimizer state
-    covers `trained(params)` (a LoRA model's adapters)."""
-
-    def init(*a) -> TrainState:
-        params = init_params(*a)
-        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(trained(params)))
-
-    abstract = jax.eval_shape(init, *args)
-    return jax.jit(init, out_shardings=shardings_for(abstract), donate_argnums=tuple(range(len(args))))(*args)
+    covers `trained(params)` (a LoRA model's adapters). abstract: only the state's shapes, dtypes and shardings
+    (jax.ShapeDtypeStruct), nothing allocated: what `dpo-jax plan` compiles against."""
+    init = _state_init(init_params, optimizer, trained)
+    shapes = jax.eval_shape(init, *args)
+    if abstract:
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                            shardings_for(shapes))
+    return jax.jit(init, out_shardings=shardings_for(shapes), donate_argnums=tuple(range(len(args))))(*args)

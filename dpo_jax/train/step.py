@@ -20,7 +20,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dpo_jax.models import lora
-from dpo_jax.sharding import batch_sharding
+from dpo_jax.sharding import batch_sharding, on_mesh
 from dpo_jax.summaries import Mean
 from dpo_jax.train import modes
 from dpo_jax.train.forward import pair_logprobs
@@ -101,14 +101,14 @@ def make_steps(
     def eval_step(params, batch):
         return _accumulate(params, batch, c, False, constrain)[1]
 
-    train = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+    train = jax.jit(on_mesh(train_step, mesh), in_shardings=(state_shardings, batch_shardings),
                     out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-    evaluate = jax.jit(eval_step, in_shardings=(state_shardings.params, batch_shardings), out_shardings=replicated)
+    evaluate = jax.jit(on_mesh(eval_step, mesh), in_shardings=(state_shardings.params, batch_shardings), out_shardings=replicated)
     return train, evaluate
 
 
 def make_reference_step(c: StepConfig, mesh: Mesh, rules: Any, param_shardings: Any) -> Callable:
-    """Jitted reference forward (never under grad): batch -> (chosen sums, rejected sums, chosen counts,
+    """Jitted reference forward (never under grad): the layout's row fields (exactly those) -> (chosen sums, rejected sums, chosen counts,
     rejected counts), each [B] float32 in block order."""
     shardings = {k: batch_sharding(mesh, rules, 2) for k in c.layout.row_keys}
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -117,5 +117,4 @@ def make_reference_step(c: StepConfig, mesh: Mesh, rules: Any, param_shardings: 
         lp = pair_logprobs(params, batch, c)
         return lp.chosen_sums, lp.rejected_sums, lp.chosen_counts, lp.rejected_counts
 
-    jitted = jax.jit(reference, in_shardings=(param_shardings, shardings), out_shardings=replicated)
-    return lambda params, batch: jitted(params, {k: batch[k] for k in c.layout.row_keys})
+    return jax.jit(on_mesh(reference, mesh), in_shardings=(param_shardings, shardings), out_shardings=replicated)

@@ -1,0 +1,115 @@
+"""`dpo-jax plan`: a run compiled for a TPU topology before paying for it — memory against HBM, fits or not, the
+compiler's step-time estimate, collectives; `--fit` finds the fastest remat / micro-batch settings that fit.
+
+    pip install -e ".[tpu]"   # libtpu: the TPU compiler, no TPU needed
+    dpo-jax plan --config configs/dpo_hh.py --config.model.preset=llama3-8b --topology v5e:4x4 [--num_slices 2]
+        [--fit] [--out plan.json]
+
+Takes any `train` config (the same overrides); nothing is read but the config (and an HF config.json, or the
+tokenizer of a random-init model), nothing runs, nothing is allocated. Times, tokens/s and MFU are the TPU
+compiler's estimates (marked *), not measurements.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import ml_collections
+from absl import flags
+
+from dpo_jax.commands.train import default_config  # noqa: F401 — plan takes train's config schema
+from dpo_jax.plan.chips import GIB, topology_devices
+
+FLAG_NAMES = ("topology", "num_slices", "fit", "out")
+
+
+def define_flags() -> None:
+    """The plan's own flags beside --config (main.py calls this before parsing)."""
+    if "topology" in flags.FLAGS:
+        return
+    flags.DEFINE_string("topology", None, "TPU slice, e.g. v5e:4x4, v5p:4x4x4, v6e:2x4")
+    flags.DEFINE_integer("num_slices", 1, "slices (multi-slice over DCN: set config.mesh.dcn_* too)")
+    flags.DEFINE_bool("fit", False, "search remat policy and micro-batches for the fastest plan that fits")
+    flags.DEFINE_string("out", "", "write the plan as JSON here")
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.2f}"
+
+
+def report(plan: dict) -> str:
+    """The plan as a table (what `dpo-jax plan` prints)."""
+    info, model = plan["run"], plan["run"]["model"]
+    batch = info["batch"]
+    lines = [
+        f"plan: {plan['model_name']} ({model['family']}, {model['layers']} layers, {model['parameters'] / 1e9:.2f} B "
+        f"parameters{', LoRA rank ' + str(model['lora_rank']) if model['lora_rank'] else ''}), mode {info['mode']}, "
+        f"{info['layout']} rows {batch['rows']} x {batch['seq_len']} tokens, micro-batches {info['micro_batches']}, "
+        f"remat {model['remat_policy']}, compute {model['dtype']}, params {model['param_dtype']}",
+        f"topology {plan['topology']} x {plan['num_slices']} slice(s): {info['devices']} x {info['chip']} "
+        f"({_gib(info['hbm_bytes'])} GiB HBM, {info['peak_tflops_per_device']:.0f} bf16 TFLOP/s each), mesh "
+        + " ".join(f"{k}={v}" for k, v in info["mesh"].items()),
+        "",
+        f"{'program':<15}{'fits':<6}{'GiB per device: args':>21}{'out':>7}{'temp':>7}{'peak':>7}{'+other':>8}"
+        f"{'step s*':>10}{'tokens/s*':>12}{'MFU*':>7}{'PFLOP ours/compiler*':>22}{'compile s':>11}",
+    ]
+    for name, p in plan["programs"].items():
+        fits = "yes" if p["fits"] else "NO"
+        lines.append(
+            f"{name:<15}{fits:<6}{_gib(p['argument_bytes']):>21}{_gib(p['output_bytes']):>7}"
+            f"{_gib(p['temp_bytes']):>7}{_gib(p['peak_bytes']):>7}{_gib(p['resident_bytes']):>8}"
+            f"{p['estimated_step_seconds']:>10.3f}{p['tokens_per_second']:>12,.0f}{100 * p['estimated_mfu']:>6.1f}%"
+            f"{p['model_flops'] / 1e15:>13.2f} / {p['estimated_flops'] / 1e15:<6.2f}{p['compile_seconds']:>11.1f}")
+        if p["error"]:
+            lines.append(f"  does not fit: {p['error']}")
+    lines.append("")
+    for name, p in plan["programs"].items():
+        parts = [f"{kind} {v['count']} ({_gib(v['bytes'])} GiB)" for kind, v in sorted(p["collectives"].items())]
+        lines.append(f"collectives in {name} (a loop body's once): {', '.join(parts) or 'none'}")
+    lines.append("* the TPU compiler's estimate (cost analysis of loop-free variants, extrapolated), not a measurement;"
+                 " +other: what else the run holds meanwhile (optimizer state, a resident reference)")
+    if plan.get("fit"):
+        fit = plan["fit"]
+        lines.append("--fit: " + (" ".join(fit["overrides"]) if fit["overrides"] else
+                                  "nothing tried fits; use more chips, LoRA or a shorter max_length"))
+    lines.append("fits: " + ("yes" if plan["fits"] else "NO"))
+    return "\n".join(lines)
+
+
+def make_plan(c: ml_collections.ConfigDict, topology: str, num_slices: int = 1, fit: bool = False) -> dict:
+    from dpo_jax.plan.fit import fit as search, with_settings
+    from dpo_jax.plan.run_plan import plan_programs
+
+    devices = topology_devices(topology, num_slices)
+    found = None
+    if fit:
+        found = search(c, devices)
+        if found["overrides"]:
+            c = with_settings(c, found["remat_policy"], found["micro_batches"])
+    plans, info = plan_programs(c, devices)
+    programs = {name: p.to_json(info["devices"], _chip(devices)) for name, p in plans.items()}
+    return {"topology": topology, "num_slices": num_slices,
+            "model_name": c.model.preset or c.model.path or c.model.family, "run": info, "programs": programs,
+            "fits": all(p["fits"] for p in programs.values()), "fit": found}
+
+
+def _chip(devices):
+    from dpo_jax.plan.chips import chip_of
+
+    return chip_of(devices[0])
+
+
+def main(c: ml_collections.ConfigDict) -> None:
+    if not flags.FLAGS.topology:
+        raise ValueError("--topology is required (e.g. --topology v5e:4x4)")
+    plan = make_plan(c, flags.FLAGS.topology, flags.FLAGS.num_slices, flags.FLAGS.fit)
+    print(report(plan), flush=True)
+    if flags.FLAGS.out:
+        os.makedirs(os.path.dirname(os.path.abspath(flags.FLAGS.out)), exist_ok=True)
+        with open(flags.FLAGS.out, "w") as f:
+            json.dump(plan, f, indent=2)
+        print(f"wrote {flags.FLAGS.out}", flush=True)
+    if not plan["fits"]:
+        sys.exit(1)

@@ -1,0 +1,113 @@
+"""One jitted program compiled for a plan: its per-device memory, the compiler's cost estimate, its collectives.
+
+The TPU compiler's cost analysis counts a `while` loop's body once (a scanned 32-layer model reports one layer's
+FLOPs), so estimates of time are not read from the full program: run_plan.estimate compiles small variants
+(`loop_free_cost`) and scales them."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_COLLECTIVE = re.compile(r"=\s*(.+?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+_SHAPE = re.compile(r"\b(pred|[a-z]+\d+(?:e\d+m\d+\w*)?)\[([\d,]*)\]")
+_OUT_OF_MEMORY = ("RESOURCE_EXHAUSTED", "Ran out of memory", "out of memory", "exceeds the memory")
+
+
+@dataclasses.dataclass
+class Compiled:
+    """What the compiler says of one program. Byte counts are per device."""
+
+    argument_bytes: int = 0
+    output_bytes: int = 0
+    temp_bytes: int = 0
+    alias_bytes: int = 0
+    generated_code_bytes: int = 0
+    peak_bytes: int = 0  # the compiler's peak; when it reports none, arguments + outputs - aliased + temporaries
+    compiler_flops: float = 0.0  # per device, a loop body counted once (see the module docstring)
+    compiler_seconds: float = 0.0  # likewise
+    collectives: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # kind -> count, bytes
+    compile_seconds: float = 0.0
+    error: str = ""  # the compiler refused: out of memory (does not fit), or another reason
+
+
+def _dtype_bytes(name: str) -> int:
+    if name == "pred":
+        return 1
+    bits = re.search(r"(\d+)", name)
+    return max(int(bits.group(1)) // 8, 1) if bits else 4
+
+
+def collectives_of(hlo_text: str) -> dict[str, dict[str, int]]:
+    """{kind: {count, bytes}} of the collectives in a compiled module's text (bytes: each op's result, summed; an
+    async pair counted at its start). A loop body's collectives are counted once, as written."""
+    out: dict[str, dict[str, int]] = {}
+    for line in hlo_text.splitlines():
+        match = _COLLECTIVE.search(line)
+        if match is None:
+            continue
+        shapes, kind = match.group(1), match.group(2)
+        size = sum(_dtype_bytes(dtype) * math.prod(int(d) for d in dims.split(",") if d)
+                   for dtype, dims in _SHAPE.findall(shapes))
+        if match.group(3):  # an async start's result holds the operand too: count the larger half
+            size //= 2
+        entry = out.setdefault(kind, {"count": 0, "bytes": 0})
+        entry["count"] += 1
+        entry["bytes"] += size
+    return out
+
+
+def is_out_of_memory(message: str) -> bool:
+    return any(marker.lower() in message.lower() for marker in _OUT_OF_MEMORY)
+
+
+def compile_program(jitted: Callable, *abstract_args: Any) -> Compiled:
+    """Lowers and compiles `jitted` on abstract arguments (jax.ShapeDtypeStruct with shardings). An out-of-memory
+    compile is a result (error set), not an exception; any other compiler error propagates."""
+    start = time.perf_counter()
+    try:
+        executable = jitted.lower(*abstract_args).compile()
+    except Exception as e:  # noqa: BLE001 — only out-of-memory is a plan's answer; the rest is re-raised
+        if not is_out_of_memory(str(e)):
+            raise
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        return Compiled(compile_seconds=time.perf_counter() - start, error=first[:500])
+    seconds = time.perf_counter() - start
+    memory = executable.memory_analysis()
+    cost = executable.cost_analysis()
+    cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else (cost or {})
+    result = Compiled(
+        argument_bytes=int(memory.argument_size_in_bytes), output_bytes=int(memory.output_size_in_bytes),
+        temp_bytes=int(memory.temp_size_in_bytes), alias_bytes=int(memory.alias_size_in_bytes),
+        generated_code_bytes=int(memory.generated_code_size_in_bytes),
+        compiler_flops=float(cost.get("flops", 0.0)), compiler_seconds=float(cost.get("optimal_seconds", 0.0)),
+        collectives=collectives_of(executable.as_text()), compile_seconds=seconds)
+    reported = int(getattr(memory, "peak_memory_in_bytes", 0) or 0)
+    result.peak_bytes = reported or (result.argument_bytes + result.output_bytes - result.alias_bytes
+                                     + result.temp_bytes)
+    return result
+
+
+def loop_free_cost(jitted: Callable, *abstract_args: Any) -> tuple[float, float]:
+    """(compiler FLOPs, compiler seconds) per device of a program built without loops (see run_plan.py)."""
+    compiled = compile_program(jitted, *abstract_args)
+    if compiled.error:  # a 1- or 2-layer variant is far smaller than the plan: it compiles; say so if not
+        raise RuntimeError(f"the loop-free estimate variant did not compile: {compiled.error}")
+    return compiled.compiler_flops, compiled.compiler_seconds
+
+
+def per_device_bytes(tree: Any) -> int:
+    """Bytes one device holds of an abstract tree (each leaf's shard; replicated leaves whole)."""
+    import jax
+
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape
+        total += int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+    return total

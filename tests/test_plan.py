@@ -1,0 +1,165 @@
+"""`dpo-jax plan` on a v5e:2x2 topology's abstract devices (libtpu from the test extra; nothing runs on a TPU): its
+figures are the compiled executable's, grow with the batch, a run that cannot fit says so, `--fit` returns settings
+that fit, the programs are those `train` builds, and the shape presets are the models they name."""
+
+import copy
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from dpo_jax.compile_target import compiling_for
+from dpo_jax.config import load_config_file
+from dpo_jax.convert.hf import read_hf_config
+from dpo_jax.convert.presets import HF_PRESETS, preset_config
+from dpo_jax.plan.chips import topology_devices
+from dpo_jax.plan.fit import fit
+from dpo_jax.plan.programs import collectives_of
+from dpo_jax.plan.run_plan import planned_batch, planned_engine, planned_model, planned_shape, plan_programs, \
+    programs_of
+from dpo_jax.sharding import make_mesh
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+
+
+@pytest.fixture(scope="module")
+def devices():
+    return topology_devices("v5e:2x2")
+
+
+def tiny(**changes):
+    c = load_config_file(TINY)
+    c.data.layout = "pairs"
+    c.data.eval_path, c.train.eval_samples = "", 0  # programs: the train step and the reference pass
+    for key, value in changes.items():
+        section, name = key.split(".")
+        c[section][name] = value
+    return c
+
+
+def test_memory_is_the_executables_and_grows_with_the_batch(devices):
+    plans = {}
+    for pairs in (8, 16):
+        c = tiny(**{"train.global_batch_pairs": pairs, "train.mode": "sft"})  # one program: the train step
+        plans[pairs], info = plan_programs(c, devices, with_estimate=False)
+        assert info["batch"] == {"pairs": pairs, "rows": 2 * pairs, "seq_len": c.data.max_length}
+    # the plan's figures are the compiled executable's own
+    c = tiny(**{"train.global_batch_pairs": 8, "train.mode": "sft"})
+    mesh = make_mesh(c.mesh, devices)
+    with compiling_for("tpu"):
+        engine = planned_engine(c, planned_model(c), mesh)
+        jitted, args = programs_of(c, engine, planned_batch(c, planned_shape(c, 4)))["train_step"]
+        memory = jitted.lower(*args).compile().memory_analysis()
+    small, large = plans[8]["train_step"].compiled, plans[16]["train_step"].compiled
+    assert (small.argument_bytes, small.temp_bytes, small.output_bytes) == \
+        (memory.argument_size_in_bytes, memory.temp_size_in_bytes, memory.output_size_in_bytes)
+    # doubling the pairs adds each device's share of the extra rows to its arguments (the state is the same; TPU
+    # tiles pad small arrays, hence the range)
+    batch = planned_batch(c, planned_shape(c, 4))
+    rows_bytes = sum(v.nbytes for k, v in batch.items() if k in engine.config.layout.row_keys) // 4
+    assert rows_bytes <= large.argument_bytes - small.argument_bytes <= 2 * rows_bytes
+    assert plans[16]["train_step"].total_bytes > plans[8]["train_step"].total_bytes
+    assert all(p.fits for p in plans[16].values())
+
+
+def test_a_run_that_cannot_fit_is_reported_as_not_fitting(devices):
+    c = tiny(**{"model.hidden_size": 8192, "model.intermediate_size": 32768, "model.num_heads": 64,
+                "mesh.data": 4, "train.mode": "sft"})  # 1.6 B float32 parameters on every 16 GiB chip, and RMSprop
+    plans, _ = plan_programs(c, devices, with_estimate=False)
+    train = plans["train_step"]
+    assert not train.fits
+    assert train.compiled.error or train.total_bytes > train.hbm_bytes
+
+
+def test_fit_returns_settings_that_fit_and_are_the_fastest_tried(devices):
+    c = tiny(**{"train.global_batch_pairs": 8, "train.mode": "sft"})
+    found = fit(c, devices, policies=("dots", "full"))  # two of the three: the suite's time
+    assert found["overrides"] == [f"--config.model.remat_policy={found['remat_policy']}",
+                                  f"--config.train.micro_batches={found['micro_batches']}"]
+    timed = [t for t in found["tried"] if "estimated_step_seconds" in t]
+    assert timed and all(t["fits"] for t in timed)
+    assert found["estimated_step_seconds"] == min(t["estimated_step_seconds"] for t in timed)
+    chosen = copy.deepcopy(c)
+    chosen.model.remat_policy, chosen.train.micro_batches = found["remat_policy"], found["micro_batches"]
+    plans, _ = plan_programs(chosen, devices, with_estimate=False)
+    assert all(p.fits for p in plans.values())
+
+
+def test_plan_builds_the_programs_train_builds(tmp_path):
+    """No drift: on the same (CPU) mesh, plan's abstract state and batch equal what build_run makes for training."""
+    from dpo_jax.train.run import build_run
+
+    c = tiny(**{"train.global_batch_pairs": 8})
+    c.data.cache_dir, c.train.run_dir = str(tmp_path / "cache"), str(tmp_path / "run")
+    run = build_run(c)
+    try:
+        train = run.engine
+        first = run.loaders["train"].batch_at(0, 0)
+        planned = planned_engine(c, planned_model(c), train.mesh)
+        shape = planned_shape(c, 8)
+        spec = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding.spec), tree)  # noqa: E731
+        assert spec(planned.state) == spec(jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+            x.shape, x.dtype, sharding=x.sharding), train.state))
+        assert spec(planned.abstract_batch(planned_batch(c, shape))) == spec(train.abstract_batch(first))
+        # the same step, but for the score window: train's is planned from the data, plan's is the whole row (at most)
+        assert planned.config.score_window == 0 < train.config.score_window
+        assert dataclasses.replace(planned.config, score_window=train.config.score_window) == train.config
+    finally:
+        run.close()
+
+
+def test_cli_plan_prints_the_table_and_writes_json(tmp_path):
+    out = tmp_path / "plan.json"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-m", "dpo_jax.main", "plan", "--config", TINY, "--topology", "v5e:2x2",
+                             "--out", str(out)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train_step" in result.stdout and "fits: yes" in result.stdout
+    plan = json.loads(out.read_text())
+    assert plan["fits"] and plan["topology"] == "v5e:2x2" and plan["run"]["devices"] == 4
+    for name, program in plan["programs"].items():
+        for key in ("fits", "argument_bytes", "output_bytes", "temp_bytes", "alias_bytes", "peak_bytes", "hbm_bytes",
+                    "estimated_step_seconds", "estimated_mfu", "collectives", "compile_seconds"):
+            assert key in program, (name, key)
+        assert program["estimated_step_seconds"] > 0 and 0 < program["estimated_mfu"] < 1
+        # the compiler's FLOPs (loop-free variants, extrapolated) against flops.py's: remat recomputes some forward
+        ratio = program["estimated_flops"] / program["model_flops"]
+        assert 0.9 < ratio < (1.6 if name == "train_step" else 1.2), (name, ratio)
+
+
+def test_bad_topology_names_the_flag():
+    with pytest.raises(ValueError, match="--topology 'v9z:1x1'"):
+        topology_devices("v9z:1x1")
+
+
+def test_collectives_are_counted_with_their_bytes():
+    text = ("  %all-gather.1 = bf16[512,8,128]{2,1,0} all-gather(%p), replica_groups={{0,1}}\n"
+            "  %ar = (f32[4]{0}, f32[2,2]{1,0}) all-reduce(%a, %b), to_apply=%add\n"
+            "  %rs-start = (f32[8]{0}, f32[4]{0}) reduce-scatter-start(%c)\n  %x = f32[4]{0} add(%a, %b)\n")
+    assert collectives_of(text) == {"all-gather": {"count": 1, "bytes": 512 * 8 * 128 * 2},
+                                    "all-reduce": {"count": 1, "bytes": 32},
+                                    "reduce-scatter": {"count": 1, "bytes": 24}}
+
+
+@pytest.mark.parametrize("name", sorted(HF_PRESETS))
+def test_presets_are_the_models_they_name(name, tmp_path):
+    """Each preset reads through the family table; a directory holding only its config.json plans the same model."""
+    config = preset_config(name)
+    expected = {"llama3.2-1b": 1.24e9, "llama3-8b": 8.03e9, "llama3-70b": 70.6e9, "qwen3-8b": 8.19e9,
+                "mistral-7b": 7.24e9, "gptj-6b": 6.05e9, "pythia-2.8b": 2.78e9}[name]  # the models' published sizes
+    params = jax.eval_shape(lambda: __import__("dpo_jax.models.decoder", fromlist=["x"]).init_params(
+        config, jax.random.key(0)))
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    assert abs(count - expected) / expected < 0.02, count
+    (tmp_path / "config.json").write_text(json.dumps(HF_PRESETS[name]))
+    assert read_hf_config(str(tmp_path))[1] == config
+    c = tiny(**{"model.source": "hf", "model.path": str(tmp_path)})
+    c.model.scan_layers, c.model.remat_policy = config.scan_layers, config.remat_policy
+    c.model.dtype, c.model.param_dtype, c.model.attention_query_block = config.dtype, config.param_dtype, 0
+    assert planned_model(c).replace(attention_query_block=0) == config
