@@ -3,7 +3,8 @@
 Each command is a module of dpo_jax/commands/. A config command has `default_config() -> ConfigDict` and
 `main(config)`: without `--config` the built-in default is used, and `--config.key=value` overrides it either way
 (ml-collections; an unknown key is an error, never ignored). A config command may add its own flags
-(`define_flags()`: plan's --topology). A plain-flags command (`convert`, `export`) has `run(argv)`. `experiment NAME` picks its config and module from commands/experiment.py.
+(`define_flags()`: plan's --topology). A plain-flags command (`convert`, `export`) has `run(argv)`.
+`experiment NAME` picks its config and module from commands/experiment.py.
 """
 
 from __future__ import annotations

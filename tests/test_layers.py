@@ -13,12 +13,12 @@ FLOORS = (
     ("main",),
     ("commands",),
     ("experiments",),
-    ("evaluation",),
+    ("evaluation", "plan"),
     ("rlhf",),
     ("train",),
     ("data", "convert", "flops", "reference"),
     ("models", "losses", "logprobs"),
-    ("config", "parsing", "sharding", "summaries", "metrics", "fingerprint", "distributed"),
+    ("config", "parsing", "sharding", "summaries", "metrics", "fingerprint", "distributed", "compile_target"),
 )
 
 

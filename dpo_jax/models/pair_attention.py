@@ -99,7 +99,8 @@ def _live(s: Static, b, qi, ki, qmin, qmax, kmin, kmax) -> jax.Array:
 
 
 def _scores(s: Static, q, k, mask):
-    x = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32, precision=_PRECISION) * s.scale
+    x = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+                            precision=_PRECISION) * s.scale
     return jnp.where(mask, x, MASK_VALUE)
 
 
@@ -230,7 +231,8 @@ def _dkv_kernel(s: Static, qmin, qmax, kmin, kmax, q_ref, k_ref, v_ref, do_ref, 
         p = _probabilities(s, qi, ki, q, k_ref[0, 0], lse_ref[0, 0], qseg_ref, qpos_ref, kseg_ref, kpos_ref)
         dv_scratch[...] += jax.lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
                                                preferred_element_type=jnp.float32, precision=_PRECISION)
-        dp = jax.lax.dot_general(do, v_ref[0, 0], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32, precision=_PRECISION)
+        dp = jax.lax.dot_general(do, v_ref[0, 0], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+                                 precision=_PRECISION)
         ds = p * (dp - delta_ref[0, 0]) * s.scale
         dk_scratch[...] += jax.lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
                                                preferred_element_type=jnp.float32, precision=_PRECISION)

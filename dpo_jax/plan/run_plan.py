@@ -32,7 +32,7 @@ from dpo_jax.flops import train_step_flops
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.decoder import init_params
 from dpo_jax.plan.chips import Chip, chip_of
-from dpo_jax.plan.programs import compile_program, loop_free_cost, per_device_bytes
+from dpo_jax.plan.programs import Compiled, compile_program, loop_free_cost, per_device_bytes
 from dpo_jax.sharding import data_parallel_size, make_mesh
 from dpo_jax.train.engine import Engine, build_engine
 from dpo_jax.train.model_source import for_mode, model_loader, tokenizer_dir

@@ -267,8 +267,8 @@ def build_ppo_engine(c: PPOConfig, optimizer_config: Any, policy_params: Any, va
                 response_values(params["value"], c.value_model, ids, mask, length))
 
     ref_shardings = None if c.base_reference else p_shardings["policy"]
-    rollout_stats = jax.jit(sharding.on_mesh(stats, mesh), static_argnums=(4,), in_shardings=(s_shardings.params, ref_shardings, rows, rows),
-                            out_shardings=rows)
+    rollout_stats = jax.jit(sharding.on_mesh(stats, mesh), static_argnums=(4,),
+                            in_shardings=(s_shardings.params, ref_shardings, rows, rows), out_shardings=rows)
     step = make_ppo_step(c, optimizer, schedule, mesh, rules, s_shardings)
     return PPOEngine(c, mesh, rules, p_shardings, s_shardings, state, step, rollout_stats, init_state)
 

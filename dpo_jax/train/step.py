@@ -103,13 +103,14 @@ def make_steps(
 
     train = jax.jit(on_mesh(train_step, mesh), in_shardings=(state_shardings, batch_shardings),
                     out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-    evaluate = jax.jit(on_mesh(eval_step, mesh), in_shardings=(state_shardings.params, batch_shardings), out_shardings=replicated)
+    evaluate = jax.jit(on_mesh(eval_step, mesh), in_shardings=(state_shardings.params, batch_shardings),
+                       out_shardings=replicated)
     return train, evaluate
 
 
 def make_reference_step(c: StepConfig, mesh: Mesh, rules: Any, param_shardings: Any) -> Callable:
-    """Jitted reference forward (never under grad): the layout's row fields (exactly those) -> (chosen sums, rejected sums, chosen counts,
-    rejected counts), each [B] float32 in block order."""
+    """Jitted reference forward (never under grad): the layout's row fields (exactly those) -> (chosen sums,
+    rejected sums, chosen counts, rejected counts), each [B] float32 in block order."""
     shardings = {k: batch_sharding(mesh, rules, 2) for k in c.layout.row_keys}
     replicated = NamedSharding(mesh, PartitionSpec())
 
