@@ -2,8 +2,11 @@
 # TPU VM pod lifecycle for dpo-jax through gcloud; every host runs the same `dpo-jax train` (jax.distributed auto).
 #
 #   launch/tpu_pod.sh [--dry-run] ACTION NAME ZONE [ACCELERATOR] [-- dpo-jax train args...]
-#   ACTION: create | setup | copy | run | stop | delete
+#   ACTION: plan | create | setup | copy | run | stop | delete
 #
+# `plan` (on this machine, no TPU: pip install -e ".[tpu]") compiles the run for ACCELERATOR and says whether it
+# fits and how fast the compiler expects it to be; `create` given the train args plans first and stops if it does
+# not fit, before any TPU is paid for.
 # `stop` sends SIGTERM: each host finishes its step, the run saves a checkpoint and exits 0; `run` again resumes.
 # --dry-run (or DRY_RUN=1) prints the gcloud commands instead of running them.
 set -euo pipefail
@@ -11,7 +14,7 @@ set -euo pipefail
 dry=${DRY_RUN:-0}
 if [[ "${1:-}" == "--dry-run" ]]; then dry=1; shift; fi
 if [[ $# -lt 3 ]]; then
-  sed -n '2,9p' "$0" >&2
+  sed -n '2,13p' "$0" >&2
   exit 2
 fi
 action=$1 name=$2 zone=$3
@@ -32,8 +35,16 @@ ssh_all() {
   run gcloud compute tpus tpu-vm ssh "$name" --zone "$zone" --worker=all --command "$1"
 }
 
+plan_run() {
+  [[ ${#train_args[@]} -gt 0 ]] || { echo "plan needs: -- --config configs/x.py ..." >&2; exit 2; }
+  run dpo-jax plan "${train_args[@]}" --topology "$accelerator" --out "plan_${name}.json"
+}
+
 case "$action" in
+  plan)
+    plan_run ;;
   create)
+    [[ ${#train_args[@]} -gt 0 ]] && plan_run  # a plan that does not fit exits 1: nothing is created
     run gcloud compute tpus tpu-vm create "$name" --zone "$zone" --accelerator-type "$accelerator" --version "$version" ;;
   setup)
     ssh_all "python3 -m pip install -U pip && python3 -m pip install 'jax[tpu]' && python3 -m pip install -e $repo_dir" ;;
@@ -51,5 +62,5 @@ case "$action" in
   delete)
     run gcloud compute tpus tpu-vm delete "$name" --zone "$zone" --quiet ;;
   *)
-    echo "unknown action '$action' (create | setup | copy | run | stop | delete)" >&2; exit 2 ;;
+    echo "unknown action '$action' (plan | create | setup | copy | run | stop | delete)" >&2; exit 2 ;;
 esac

@@ -55,6 +55,10 @@ def test_tpu_pod_dry_run_prints_the_gcloud_commands():
     assert "dpo-jax\\ train\\ --config\\ configs/dpo_hh.py\\ --config.dpo.beta=0.05" in run.replace("'", "") or \
         "dpo-jax train --config configs/dpo_hh.py --config.dpo.beta=0.05" in run.replace("\\", "")
     assert "pkill -TERM" in dry("stop", "dpo-v4", "us-central2-b").replace("\\", "")
+    # create with the run's arguments plans it for the accelerator first (a plan that does not fit exits 1)
+    created = dry("create", "dpo-v5p", "us-east5-a", "v5p-64", "--", "--config", "configs/dpo_hh.py").splitlines()
+    assert created[0].replace("\\", "") == "+ dpo-jax plan --config configs/dpo_hh.py --topology v5p-64 --out " \
+        "plan_dpo-v5p.json" and "tpu-vm create dpo-v5p" in created[1]
     bad = subprocess.run(["bash", "launch/tpu_pod.sh", "--dry-run", "explode", "x", "y"], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown action 'explode'" in bad.stderr

@@ -163,3 +163,12 @@ def test_presets_are_the_models_they_name(name, tmp_path):
     c.model.scan_layers, c.model.remat_policy = config.scan_layers, config.remat_policy
     c.model.dtype, c.model.param_dtype, c.model.attention_query_block = config.dtype, config.param_dtype, 0
     assert planned_model(c).replace(attention_query_block=0) == config
+
+
+def test_accelerator_types_name_their_slices():
+    from dpo_jax.plan.chips import topology_name
+
+    assert [topology_name(n) for n in ("v5p-64", "v5litepod-16", "v6e-8", "v5e-256", "v5p-128", "v5e:4x4")] == \
+        ["v5p:2x4x4", "v5e:4x4", "v6e:2x4", "v5e:16x16", "v5p:4x4x4", "v5e:4x4"]
+    with pytest.raises(ValueError, match="no standard slice shape"):
+        topology_name("v5e-12")

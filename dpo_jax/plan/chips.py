@@ -33,8 +33,30 @@ def chip_of(device: Any) -> Chip:
     return CHIPS[kind]
 
 
+# Accelerator types (gcloud's names) -> the compiler's topology names: chips per slice -> the standard shape
+_SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+_SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
+              512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
+_ACCELERATORS = {"v5litepod": ("v5e", 1, _SHAPES_2D), "v5e": ("v5e", 1, _SHAPES_2D), "v6e": ("v6e", 1, _SHAPES_2D),
+                 "v5p": ("v5p", 2, _SHAPES_3D), "v4": ("v4", 2, _SHAPES_3D)}  # (name, cores per chip, shapes)
+
+
+def topology_name(name: str) -> str:
+    """`v5p-64` (gcloud's accelerator type: v4 and v5p count TensorCores, two per chip) -> `v5p:2x4x4`; a topology
+    name (`v5e:4x4`) is returned as it is."""
+    kind, dash, count = name.rpartition("-")
+    if ":" in name or not dash or kind not in _ACCELERATORS or not count.isdigit():
+        return name
+    prefix, cores, shapes = _ACCELERATORS[kind]
+    chips = int(count) // cores
+    if chips not in shapes:
+        raise ValueError(f"--topology {name!r}: {chips} chips has no standard slice shape; give it as "
+                         f"{prefix}:AxB{'xC' if shapes is _SHAPES_3D else ''}")
+    return f"{prefix}:{shapes[chips]}"
+
+
 def topology_devices(topology: str, num_slices: int = 1) -> list[Any]:
-    """The abstract devices of a TPU slice (`v5e:4x4`, `v5p:4x4x4`, ...) times `num_slices`, from libtpu's compiler
+    """The abstract devices of a TPU slice (`v5e:4x4`, `v5p:4x4x4`, or `v5p-128`, ...) times `num_slices`, from libtpu's compiler
     (the `tpu` extra). No TPU is needed, and nothing can run on them: they are for lowering and compiling."""
     try:
         from jax.experimental import topologies
@@ -47,7 +69,7 @@ def topology_devices(topology: str, num_slices: int = 1) -> list[Any]:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
     try:
-        description = topologies.get_topology_desc(topology_name=topology, platform="tpu", **kwargs)
+        description = topologies.get_topology_desc(topology_name=topology_name(topology), platform="tpu", **kwargs)
     except Exception as e:  # noqa: BLE001 — libtpu missing, or a name it does not know: say which and how to fix
         text = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise ValueError(f"--topology {topology!r}: no TPU compiler could describe it ({text}). Plans need libtpu: "

@@ -94,11 +94,15 @@ def compile_program(jitted: Callable, *abstract_args: Any) -> Compiled:
     return result
 
 
+class VariantOutOfMemory(RuntimeError):
+    """An estimate variant did not fit the chip (run_plan.estimate then compiles it on a smaller batch)."""
+
+
 def loop_free_cost(jitted: Callable, *abstract_args: Any) -> tuple[float, float]:
-    """(compiler FLOPs, compiler seconds) per device of a program built without loops (see run_plan.py)."""
+    """(compiler FLOPs, compiler seconds) per device of an estimate variant (see run_plan.estimate)."""
     compiled = compile_program(jitted, *abstract_args)
-    if compiled.error:  # a 1- or 2-layer variant is far smaller than the plan: it compiles; say so if not
-        raise RuntimeError(f"the loop-free estimate variant did not compile: {compiled.error}")
+    if compiled.error:
+        raise VariantOutOfMemory(compiled.error)
     return compiled.compiler_flops, compiled.compiler_seconds
 
 

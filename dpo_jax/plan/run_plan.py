@@ -32,7 +32,7 @@ from dpo_jax.flops import train_step_flops
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.decoder import init_params
 from dpo_jax.plan.chips import Chip, chip_of
-from dpo_jax.plan.programs import Compiled, compile_program, loop_free_cost, per_device_bytes
+from dpo_jax.plan.programs import Compiled, VariantOutOfMemory, compile_program, loop_free_cost, per_device_bytes
 from dpo_jax.sharding import data_parallel_size, make_mesh
 from dpo_jax.train.engine import Engine, build_engine
 from dpo_jax.train.model_source import for_mode, model_loader, tokenizer_dir
@@ -84,6 +84,14 @@ def planned_shape(c: ml_collections.ConfigDict, dp: int) -> BatchShape:
     return BatchShape(pairs, rows, seq_len)
 
 
+def check_rows(c: ml_collections.ConfigDict, dp: int, parts: int) -> None:
+    """ValueError unless 1/parts of the batch still splits over the data-parallel size."""
+    layout = get_layout(c.data.layout, c.data.max_pairs_per_row)
+    rows = planned_shape(c, dp).rows
+    if rows % parts or (rows // parts) % dp:
+        raise ValueError(f"{rows} rows do not split into {parts} parts of a multiple of {dp} ({layout.name})")
+
+
 def planned_batch(c: ml_collections.ConfigDict, shape: BatchShape) -> dict[str, np.ndarray]:
     """A host batch of the shape's fields, dtypes and sizes (all padding), from the loader's own batch builder."""
     layout = get_layout(c.data.layout, c.data.max_pairs_per_row)
@@ -119,15 +127,28 @@ def _resident_bytes(c: ml_collections.ConfigDict, engine: Engine) -> dict[str, i
     return {"train_step": reference, "eval_step": optimizer + reference, "reference_step": optimizer}
 
 
-def _variant(c: ml_collections.ConfigDict, chunk: int) -> ml_collections.ConfigDict:
-    """The config of one micro-batch run as a whole batch, its log-prob chunks `chunk` long."""
+def _variant(c: ml_collections.ConfigDict, chunk: int, parts: int) -> ml_collections.ConfigDict:
+    """The config of 1/parts of the batch run as a whole batch, its log-prob chunks `chunk` long."""
     variant = copy.deepcopy(c)
-    m = c.train.micro_batches
     variant.train.micro_batches = 1
-    variant.train.global_batch_pairs = max(c.train.global_batch_pairs // m, 1)
-    variant.train.global_batch_tokens = c.train.global_batch_tokens // m
+    variant.train.global_batch_pairs = c.train.global_batch_pairs // parts
+    variant.train.global_batch_tokens = c.train.global_batch_tokens // parts
     variant.train.logprob_chunk_size = chunk
+    if variant.train.global_batch_pairs * parts != c.train.global_batch_pairs or not variant.train.global_batch_pairs:
+        raise ValueError(f"the batch of {c.train.global_batch_pairs} pairs does not split into {parts} parts")
     return variant
+
+
+def _variant_costs(c, model, mesh, dp, chunk, parts) -> dict[tuple[int, int], dict[str, tuple[float, float]]]:
+    costs = {}
+    with compiling_for("tpu"):
+        for layers, size in ((1, chunk), (2, chunk), (1, 2 * chunk)):
+            variant = _variant(c, size, parts)
+            engine = planned_engine(variant, model.replace(num_layers=layers, scan_layers=False), mesh)
+            batch = planned_batch(variant, planned_shape(variant, dp))
+            costs[layers, size] = {name: loop_free_cost(jitted, *args)
+                                   for name, (jitted, args) in programs_of(variant, engine, batch).items()}
+    return costs
 
 
 def estimate(c: ml_collections.ConfigDict, model: ModelConfig, mesh: jax.sharding.Mesh, dp: int
@@ -135,20 +156,24 @@ def estimate(c: ml_collections.ConfigDict, model: ModelConfig, mesh: jax.shardin
     """{program: (compiler FLOPs, compiler seconds)} per device and step. The compiler counts a loop body once, so
     three variants of one micro-batch are compiled — (1 layer, chunk C), (2 layers, C), (1 layer, 2C), layers
     unscanned — and the step's FLOPs are F(1, C) + (L - 1)·[F(2, C) - F(1, C)] + (K - 1)·[F(1, 2C) - F(1, C)],
-    times the micro-batches (K: log-prob chunks of C positions per row; the micro-batch loop's optimizer update is
-    then counted M times: a small overcount). Seconds: those FLOPs at the 2-layer variant's estimated rate."""
+    times the parts (the micro-batches, or more when a variant at that size does not fit the chip: the batch is
+    halved until it does; K: log-prob chunks of C positions per row; the optimizer update is then counted once per
+    part: a small overcount). Seconds: those FLOPs at the 2-layer variant's estimated rate."""
     shape = planned_shape(c, dp)
     chunk = min(c.train.logprob_chunk_size, shape.seq_len)
     chunks = -(-shape.seq_len // chunk)
-    costs: dict[tuple[int, int], dict[str, tuple[float, float]]] = {}
-    with compiling_for("tpu"):
-        for layers, size in ((1, chunk), (2, chunk), (1, 2 * chunk)):
-            variant = _variant(c, size)
-            engine = planned_engine(variant, model.replace(num_layers=layers, scan_layers=False), mesh)
-            batch = planned_batch(variant, planned_shape(variant, dp))
-            costs[layers, size] = {name: loop_free_cost(jitted, *args)
-                                   for name, (jitted, args) in programs_of(variant, engine, batch).items()}
     m = c.train.micro_batches
+    while True:  # unscanned layers keep more alive than the scanned run: a variant may need a smaller batch
+        try:
+            costs = _variant_costs(c, model, mesh, dp, chunk, m)
+            break
+        except VariantOutOfMemory as e:
+            try:
+                _variant(c, chunk, 2 * m)
+                check_rows(c, dp, 2 * m)
+            except ValueError:
+                raise RuntimeError(f"no estimate: even the smallest batch variant does not fit ({e})") from None
+            m *= 2
 
     def flops(name: str) -> float:
         base = costs[1, chunk][name][0]

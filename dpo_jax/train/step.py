@@ -109,8 +109,8 @@ def make_steps(
 
 
 def make_reference_step(c: StepConfig, mesh: Mesh, rules: Any, param_shardings: Any) -> Callable:
-    """Jitted reference forward (never under grad): the layout's row fields (exactly those) -> (chosen sums,
-    rejected sums, chosen counts, rejected counts), each [B] float32 in block order."""
+    """Jitted reference forward (never under grad): a batch (its layout's row fields are read) -> (chosen sums,
+    rejected sums, chosen counts, rejected counts), each [B] float32 in block order; `.lower` for compiling ahead."""
     shardings = {k: batch_sharding(mesh, rules, 2) for k in c.layout.row_keys}
     replicated = NamedSharding(mesh, PartitionSpec())
 
@@ -118,4 +118,13 @@ def make_reference_step(c: StepConfig, mesh: Mesh, rules: Any, param_shardings: 
         lp = pair_logprobs(params, batch, c)
         return lp.chosen_sums, lp.rejected_sums, lp.chosen_counts, lp.rejected_counts
 
-    return jax.jit(on_mesh(reference, mesh), in_shardings=(param_shardings, shardings), out_shardings=replicated)
+    jitted = jax.jit(on_mesh(reference, mesh), in_shardings=(param_shardings, shardings), out_shardings=replicated)
+
+    def rows_only(batch):
+        return {k: batch[k] for k in c.layout.row_keys}
+
+    def reference_step(params, batch):
+        return jitted(params, rows_only(batch))
+
+    reference_step.lower = lambda params, batch: jitted.lower(params, rows_only(batch))  # compiling ahead, plan
+    return reference_step

@@ -1,0 +1,93 @@
+"""docs/PERFORMANCE.md "Planned on TPU": real `dpo-jax plan` runs (compile-time estimates, no TPU) over presets,
+full fine-tuning and LoRA DPO, sequence lengths and topologies.
+
+    pip install -e ".[tpu]"
+    python bench/tpu_plans.py [--rows NAME,NAME] [--out docs/bench/tpu_plans.json]
+
+Each row is `dpo-jax plan --config configs/dpo_hh.py[:lora] --config.model.preset=P --config.data.layout=pairs
+--config.data.max_length=T ... --topology X [--fit]` (64 pairs a step: the paper's batch, two rows of T tokens per
+pair; bf16 compute; the reference precomputed, or with LoRA the base with adapters off). Results are appended to
+--out as they finish (a row already there is skipped), so the matrix can be run a few rows at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name: (preset, lora, tokens per sequence, topology, slices, fit, extra overrides)
+ROWS = {
+    "llama3-8b-2k-v5p64-fit": ("llama3-8b", False, 2048, "v5p-64", 1, True, []),
+    "llama3-8b-2k-v5e256-fit": ("llama3-8b", False, 2048, "v5e-256", 1, True, []),
+    "llama3-8b-2k-v5e16": ("llama3-8b", False, 2048, "v5e-16", 1, False, []),
+    "llama3-8b-8k-v5p64": ("llama3-8b", False, 8192, "v5p-64", 1, False, ["--config.train.micro_batches=8"]),
+    "llama3-8b-2k-2xv5p64": ("llama3-8b", False, 2048, "v5p-64", 2, False,
+                             ["--config.mesh.dcn_data=2", "--config.train.micro_batches=1"]),
+    "llama3-70b-lora-2k-v5p128": ("llama3-70b", True, 2048, "v5p-128", 1, False, []),
+    "llama3.2-1b-2k-v6e8": ("llama3.2-1b", False, 2048, "v6e-8", 1, False, []),
+    "qwen3-8b-lora-2k-v5e16": ("qwen3-8b", True, 2048, "v5e-16", 1, False, []),
+    "mistral-7b-lora-8k-v6e8": ("mistral-7b", True, 8192, "v6e-8", 1, False, ["--config.train.micro_batches=8"]),
+    "gptj-6b-2k-v5e16": ("gptj-6b", False, 2048, "v5e-16", 1, False, []),
+    "pythia-2.8b-2k-v5e16": ("pythia-2.8b", False, 2048, "v5e-16", 1, False, []),
+    # the kernel's effect at long context: one packed row of 32k tokens per data-parallel shard
+    "llama3-8b-32k-packed-v5p64-kernel": ("llama3-8b", False, 32768, "v5p-64", 1, False,
+                                          ["--config.data.layout=packed", "--config.data.seq_buckets=(32768,)",
+                                           "--config.train.global_batch_tokens=1048576",
+                                           "--config.model.attention_impl=pallas"]),
+    "llama3-8b-32k-packed-v5p64-xla": ("llama3-8b", False, 32768, "v5p-64", 1, False,
+                                       ["--config.data.layout=packed", "--config.data.seq_buckets=(32768,)",
+                                        "--config.train.global_batch_tokens=1048576",
+                                        "--config.model.attention_impl=xla"]),
+}
+
+
+def command(row: str, out: str) -> list[str]:
+    preset, lora, tokens, topology, slices, fit, extra = ROWS[row]
+    args = [sys.executable, "-m", "dpo_jax.main", "plan", "--config", "configs/dpo_hh.py" + (":lora" if lora else ""),
+            f"--config.model.preset={preset}", "--config.data.layout=pairs", f"--config.data.max_length={tokens}",
+            f"--config.data.max_prompt_length={tokens // 2}", "--config.train.micro_batches=1",
+            "--config.data.eval_path=", "--config.train.eval_samples=0", *extra, "--topology", topology,
+            "--num_slices", str(slices), "--out", out]
+    return args + (["--fit"] if fit else [])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--out", default=os.path.join(ROOT, "docs", "bench", "tpu_plans.json"))
+    args = parser.parse_args()
+    results = json.load(open(args.out)) if os.path.exists(args.out) else {}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    for row in args.rows.split(","):
+        if row in results:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            plan_file = os.path.join(tmp, "plan.json")
+            cmd = command(row, plan_file)
+            start = time.perf_counter()
+            done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+            seconds = time.perf_counter() - start
+            if not os.path.exists(plan_file):
+                print(f"{row}: failed ({done.returncode})\n{done.stderr[-2000:]}", flush=True)
+                continue
+            plan = json.load(open(plan_file))
+        plan["command"] = " ".join(cmd[2:])
+        plan["wall_seconds"] = seconds
+        results[row] = plan
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+        train = plan["programs"]["train_step"]
+        print(f"{row}: fits {plan['fits']}, {train['total_bytes'] / 2**30:.1f} GiB/chip, "
+              f"{train['estimated_step_seconds']:.2f} s/step*, MFU* {100 * train['estimated_mfu']:.0f} %, "
+              f"fit {plan['fit'] and plan['fit']['overrides']}, {seconds:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
