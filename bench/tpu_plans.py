@@ -2,7 +2,7 @@
 full fine-tuning and LoRA DPO, sequence lengths and topologies.
 
     pip install -e ".[tpu]"
-    python bench/tpu_plans.py [--rows NAME,NAME] [--out docs/bench/tpu_plans.json]
+    python bench/tpu_plans.py [--rows NAME,NAME] [--out docs/bench/tpu_plans.json] [--table]
 
 Each row is `dpo-jax plan --config configs/dpo_hh.py[:lora] --config.model.preset=P --config.data.layout=pairs
 --config.data.max_length=T ... --topology X [--fit]` (64 pairs a step: the paper's batch, two rows of T tokens per
@@ -58,12 +58,34 @@ def command(row: str, out: str) -> list[str]:
     return args + (["--fit"] if fit else [])
 
 
+def table(results: dict) -> str:
+    """The docs table: one line per planned row."""
+    lines = ["| row | topology | fits | GiB/chip (of HBM) | step s* | tokens/s* | MFU* | FLOPs compiler / ours | "
+             "`--fit` | plan took |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row, plan in results.items():
+        train = plan["programs"]["train_step"]
+        fit = " ".join(o.replace("--config.", "") for o in plan["fit"]["overrides"]) if plan.get("fit") else ""
+        slices = f" × {plan['num_slices']}" if plan["num_slices"] > 1 else ""
+        ratio = train["estimated_flops"] / train["model_flops"] if train["model_flops"] else 0.0
+        lines.append(
+            f"| {row} | {plan['topology']}{slices} ({plan['run']['devices']} chips) | "
+            f"{'yes' if plan['fits'] else '**no**'} | "
+            f"{train['total_bytes'] / 2**30:.1f} ({train['hbm_bytes'] / 2**30:.0f}) "
+            f"| {train['estimated_step_seconds']:.2f} | {train['tokens_per_second']:,.0f} | "
+            f"{100 * train['estimated_mfu']:.0f} % | {ratio:.2f} | {fit} | {plan['wall_seconds'] / 60:.0f} min |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "bench", "tpu_plans.json"))
+    parser.add_argument("--table", action="store_true", help="print the docs table of --out and stop")
     args = parser.parse_args()
     results = json.load(open(args.out)) if os.path.exists(args.out) else {}
+    if args.table:
+        print(table(results))
+        return
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     for row in args.rows.split(","):
         if row in results:

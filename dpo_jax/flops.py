@@ -33,7 +33,8 @@ def train_step_flops(c: ModelConfig, rows: int, seq_len: int, scored_positions: 
 
 
 # Dense bf16 peak TFLOP/s per device, by `jax.devices()[0].device_kind` substring (vendor spec sheets).
-PEAK_TFLOPS = (("TPU v4", 275.0), ("TPU v5p", 459.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0),
+PEAK_TFLOPS = (("TPU v4", 275.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0), ("TPU v5p", 459.0),
+               ("TPU v5", 459.0),  # v5p's device kind is "TPU v5": after "TPU v5 lite", which it prefixes
                ("TPU v6", 918.0), ("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L4", 121.0))
 
 

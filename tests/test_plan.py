@@ -172,3 +172,18 @@ def test_accelerator_types_name_their_slices():
         ["v5p:2x4x4", "v5e:4x4", "v6e:2x4", "v5e:16x16", "v5p:4x4x4", "v5e:4x4"]
     with pytest.raises(ValueError, match="no standard slice shape"):
         topology_name("v5e-12")
+
+
+def test_a_ppo_config_plans_its_four_programs(devices):
+    """A `dpo-jax ppo` config: generation, the reward model's scoring pass, the reference/value pass and the update
+    are compiled (memory and fits; no time estimate), with what else the run holds counted beside each."""
+    from dpo_jax.plan.ppo_plan import plan_ppo
+
+    c = load_config_file(TINY + ":ppo")
+    c.reward.kind, c.reward.model.source, c.value_init = "model", "random", "reward"  # a reward model of tiny's shape
+    plans, info = plan_ppo(c, devices)
+    assert set(plans) == {"generate", "reward_score", "rollout_stats", "ppo_update"} and info["mode"] == "ppo"
+    assert all(p.fits and p.compiled.argument_bytes > 0 and p.estimated_step_seconds == 0 for p in plans.values())
+    # the update's arguments are the whole state; while generating, the value model and optimizer state are held
+    assert plans["generate"].resident_bytes > 0 and plans["ppo_update"].compiled.argument_bytes > \
+        plans["generate"].compiled.argument_bytes

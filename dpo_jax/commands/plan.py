@@ -5,9 +5,10 @@ compiler's step-time estimate, collectives; `--fit` finds the fastest remat / mi
     dpo-jax plan --config configs/dpo_hh.py --config.model.preset=llama3-8b --topology v5e:4x4 [--num_slices 2]
         [--fit] [--out plan.json]
 
-Takes any `train` config (the same overrides); nothing is read but the config (and an HF config.json, or the
-tokenizer of a random-init model), nothing runs, nothing is allocated. Times, tokens/s and MFU are the TPU
-compiler's estimates (marked *), not measurements.
+Takes any `train` config (the same overrides), or a `ppo` config (generation, scoring, the reference/value pass
+and the update: memory, fits, collectives; no time estimate). Nothing is read but the config (and an HF
+config.json, or the tokenizer of a random-init model), nothing runs, nothing is allocated. Times, tokens/s and MFU
+(marked *) are estimates from the TPU compiler's cost analysis, not measurements.
 """
 
 from __future__ import annotations
@@ -57,19 +58,25 @@ def report(plan: dict) -> str:
     ]
     for name, p in plan["programs"].items():
         fits = "yes" if p["fits"] else "NO"
+        if p["estimated_step_seconds"]:
+            estimate = (f"{p['estimated_step_seconds']:>10.3f}{p['tokens_per_second']:>12,.0f}"
+                        f"{100 * p['estimated_mfu']:>6.1f}%{p['model_flops'] / 1e15:>13.2f} / "
+                        f"{p['estimated_flops'] / 1e15:<6.2f}")
+        else:  # no estimate (a PPO program, or a plan that does not fit)
+            estimate = f"{'-':>10}{'-':>12}{'-':>7}{p['model_flops'] / 1e15:>13.2f} / {'-':<6}"
         lines.append(
             f"{name:<15}{fits:<6}{_gib(p['argument_bytes']):>21}{_gib(p['output_bytes']):>7}"
             f"{_gib(p['temp_bytes']):>7}{_gib(p['peak_bytes']):>7}{_gib(p['resident_bytes']):>8}"
-            f"{p['estimated_step_seconds']:>10.3f}{p['tokens_per_second']:>12,.0f}{100 * p['estimated_mfu']:>6.1f}%"
-            f"{p['model_flops'] / 1e15:>13.2f} / {p['estimated_flops'] / 1e15:<6.2f}{p['compile_seconds']:>11.1f}")
+            f"{estimate}{p['compile_seconds']:>11.1f}")
         if p["error"]:
             lines.append(f"  does not fit: {p['error']}")
     lines.append("")
     for name, p in plan["programs"].items():
         parts = [f"{kind} {v['count']} ({_gib(v['bytes'])} GiB)" for kind, v in sorted(p["collectives"].items())]
         lines.append(f"collectives in {name} (a loop body's once): {', '.join(parts) or 'none'}")
-    lines.append("* the TPU compiler's estimate (cost analysis of loop-free variants, extrapolated), not a measurement;"
-                 " +other: what else the run holds meanwhile (optimizer state, a resident reference)")
+    lines.append("* estimates, not measurements: the roofline (bf16 peak, HBM bandwidth) of the TPU compiler's FLOPs "
+                 "and bytes, loop bodies scaled by their trip counts; +other: what else the run holds meanwhile "
+                 "(optimizer state, a resident reference)")
     if plan.get("fit"):
         fit = plan["fit"]
         lines.append("--fit: " + (" ".join(fit["overrides"]) if fit["overrides"] else
@@ -79,19 +86,29 @@ def report(plan: dict) -> str:
 
 
 def make_plan(c: ml_collections.ConfigDict, topology: str, num_slices: int = 1, fit: bool = False) -> dict:
+    """The plan of a train config (or of a `dpo-jax ppo` config: its four programs, memory only) as JSON-ready."""
     from dpo_jax.plan.fit import fit as search, with_settings
+    from dpo_jax.plan.ppo_plan import is_ppo_config, plan_ppo
     from dpo_jax.plan.run_plan import plan_programs
 
     devices = topology_devices(topology, num_slices)
     found = None
-    if fit:
-        found = search(c, devices)
-        if found["overrides"]:
-            c = with_settings(c, found["remat_policy"], found["micro_batches"])
-    plans, info = plan_programs(c, devices)
+    if is_ppo_config(c):
+        if fit:
+            raise ValueError("--fit searches a train run's remat and micro-batches; for a PPO config, plan without it "
+                             "and set config.policy.remat_policy / config.ppo.minibatches by hand")
+        plans, info = plan_ppo(c, devices)
+        model = c.policy
+    else:
+        if fit:
+            found = search(c, devices)
+            if found["overrides"]:
+                c = with_settings(c, found["remat_policy"], found["micro_batches"])
+        plans, info = plan_programs(c, devices)
+        model = c.model
     programs = {name: p.to_json(info["devices"], _chip(devices)) for name, p in plans.items()}
     return {"topology": topology, "num_slices": num_slices,
-            "model_name": c.model.preset or c.model.path or c.model.family, "run": info, "programs": programs,
+            "model_name": model.get("preset") or model.path or model.family, "run": info, "programs": programs,
             "fits": all(p["fits"] for p in programs.values()), "fit": found}
 
 

@@ -85,6 +85,8 @@ def make_scorer(config: ModelConfig, mesh: Mesh, rules: Any, param_shardings: An
 
     def score(params: dict, input_ids: np.ndarray, attention_mask: np.ndarray) -> Array:
         return jitted(params, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32))
+
+    score.lower = jitted.lower  # compiling ahead on abstract arguments (`dpo-jax plan`)
     return score
 
 

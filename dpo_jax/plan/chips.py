@@ -1,4 +1,5 @@
-"""TPU chips a plan targets: HBM and bf16 peak per device (vendor spec sheets), and a topology's abstract devices."""
+"""TPU chips a plan targets: HBM per device (vendor spec sheets; the bf16 peak is flops.py's), and a topology's
+abstract devices."""
 
 from __future__ import annotations
 
@@ -6,31 +7,33 @@ import dataclasses
 import os
 from typing import Any
 
+from dpo_jax.flops import peak_tflops
+
 GIB = 2**30
 
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
     name: str
-    hbm_bytes: int  # per device (a v4 chip shows two devices, one per TensorCore: half the chip's HBM each)
+    hbm_bytes: int  # per device
     peak_tflops: float  # dense bf16, per device
+    hbm_bytes_per_second: float
 
 
-# By `device.device_kind`, exactly (v5p's kind is "TPU v5", a prefix of v5e's "TPU v5 lite").
-CHIPS: dict[str, Chip] = {
-    "TPU v4": Chip("v4 (one TensorCore)", 16 * GIB, 137.5),
-    "TPU v5 lite": Chip("v5e", 16 * GIB, 197.0),
-    "TPU v5": Chip("v5p", 95 * GIB, 459.0),
-    "TPU v6 lite": Chip("v6e", 32 * GIB, 918.0),
-}
+# By `device.device_kind`, exactly (v5p's kind is "TPU v5", a prefix of v5e's "TPU v5 lite"). Not v4: its
+# topologies show a device per TensorCore, its VMs one per chip (megacore), so no one figure per device holds.
+HBM: dict[str, tuple[str, int, float]] = {  # name, bytes, bytes per second
+    "TPU v5 lite": ("v5e", 16 * GIB, 819e9), "TPU v5": ("v5p", 95 * GIB, 2765e9),
+    "TPU v6 lite": ("v6e", 32 * GIB, 1640e9)}
 
 
 def chip_of(device: Any) -> Chip:
     kind = device.device_kind
-    if kind not in CHIPS:
-        raise ValueError(f"no HBM / peak figures for device kind {kind!r}; known: {', '.join(CHIPS)} "
+    if kind not in HBM:
+        raise ValueError(f"no HBM figures for device kind {kind!r}; known: {', '.join(HBM)} "
                          "(dpo_jax/plan/chips.py)")
-    return CHIPS[kind]
+    name, hbm, bandwidth = HBM[kind]
+    return Chip(name, hbm, peak_tflops(kind), bandwidth)
 
 
 # Accelerator types (gcloud's names) -> the compiler's topology names: chips per slice -> the standard shape
@@ -56,8 +59,9 @@ def topology_name(name: str) -> str:
 
 
 def topology_devices(topology: str, num_slices: int = 1) -> list[Any]:
-    """The abstract devices of a TPU slice (`v5e:4x4`, `v5p:4x4x4`, or `v5p-128`, ...) times `num_slices`, from libtpu's compiler
-    (the `tpu` extra). No TPU is needed, and nothing can run on them: they are for lowering and compiling."""
+    """The abstract devices of a TPU slice (`v5e:4x4`, `v5p:4x4x4`, or `v5p-128`, ...) times `num_slices`, from
+    libtpu's compiler (the `tpu` extra). No TPU is needed, and nothing can run on them: they are for lowering and
+    compiling."""
     try:
         from jax.experimental import topologies
     except ImportError as e:  # pragma: no cover - jax without the module

@@ -9,7 +9,7 @@ from typing import Any
 import ml_collections
 
 from dpo_jax.data.layout import get_layout
-from dpo_jax.plan.run_plan import estimated_costs, plan_programs
+from dpo_jax.plan.run_plan import estimated_seconds, plan_programs
 from dpo_jax.sharding import data_parallel_size, make_mesh
 
 REMAT_POLICIES = ("none", "dots", "full")  # most memory, least recompute first
@@ -57,7 +57,7 @@ def fit(c: ml_collections.ConfigDict, devices: list[Any], policies: tuple[str, .
                 break
     best, best_seconds = None, float("inf")
     for remat, m in fitting:
-        seconds = estimated_costs(with_settings(c, remat, m), devices)["train_step"][1]
+        seconds = estimated_seconds(with_settings(c, remat, m), devices)["train_step"]
         next(t for t in tried if (t["remat_policy"], t["micro_batches"]) == (remat, m))["estimated_step_seconds"] = \
             seconds
         if seconds < best_seconds:

@@ -7,11 +7,14 @@ largest length, else `data.max_length` (pairs layout) or 2 x max_length rounded 
 responses: shared_prompt, packed); packed batches of one pair per row (or the token budget's rows); the whole row
 scored. A run's real shapes are these or smaller.
 
-Time is the TPU compiler's own estimate (`optimal_seconds`), not a measurement. Because the compiler counts a loop
-body once, the estimate compiles small variants of each program (`estimate`: 1 and 2 unscanned layers, one and two
-log-prob chunk lengths, one micro-batch) and extrapolates to the model's depth, chunk count and micro-batches; the
-FLOPs so obtained are reported beside flops.py's count as a check. (Unrolling the loops instead would let the
-compiler keep every chunk's logits alive at once: the variants then no longer fit.)"""
+Time is an estimate, not a measurement: the roofline of the TPU compiler's own cost analysis (its FLOPs at the bf16
+peak, or its bytes accessed at the HBM bandwidth, whichever is longer). Because the compiler counts a loop body
+once, the counts come from small variants of each program (`estimate`: 1 and 2 unscanned layers, one and two
+log-prob chunk lengths, one micro-batch) extrapolated to the model's depth, chunk count and micro-batches; the
+FLOPs so obtained are reported beside flops.py's count as a check. The compiler's `optimal_seconds` is reported
+too, per program as compiled, but not used: in the libtpu tested it is negative for 1B-parameter variants. (Unrolling
+the loops instead would let the compiler keep every chunk's logits alive at once: the variants then no longer fit.)
+"""
 
 from __future__ import annotations
 
@@ -44,15 +47,22 @@ class _NoTokenizer:
     pad_token_id, eos_token_id = 0, 0
 
 
-def planned_model(c: ml_collections.ConfigDict) -> ModelConfig:
-    """The run's ModelConfig without reading weights: a preset's, an HF directory's config.json (a directory with
-    only config.json will do), a dpo_jax checkpoint's config, or a random init's (vocabulary from the tokenizer)."""
-    m = copy.deepcopy(c.model)
+def section_model(section: ml_collections.ConfigDict, data: ml_collections.ConfigDict
+                  ) -> tuple[ModelConfig, ml_collections.ConfigDict]:
+    """A model section's ModelConfig without reading weights: a preset's, an HF directory's config.json (a
+    directory with only config.json will do), a dpo_jax checkpoint's config, or a random init's (vocabulary from the
+    tokenizer); and the section as read (a preset's source is `random`)."""
+    m = copy.deepcopy(section)
     if m.get("preset"):
         m.source = "random"
-    vocab = len(load_tokenizer(c.data, tokenizer_dir(m))) if m.source == "random" and not m.get("preset") else 0
-    config, load = model_loader(m, vocab)
-    return for_mode(m, c.train.mode, config, load, _NoTokenizer())[0]
+    vocab = len(load_tokenizer(data, tokenizer_dir(m))) if m.source == "random" and not m.get("preset") else 0
+    return model_loader(m, vocab)[0], m
+
+
+def planned_model(c: ml_collections.ConfigDict) -> ModelConfig:
+    """The train run's ModelConfig (its mode's head) without reading weights (`section_model`)."""
+    config, m = section_model(c.model, c.data)
+    return for_mode(m, c.train.mode, config, lambda: None, _NoTokenizer())[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,12 +163,12 @@ def _variant_costs(c, model, mesh, dp, chunk, parts) -> dict[tuple[int, int], di
 
 def estimate(c: ml_collections.ConfigDict, model: ModelConfig, mesh: jax.sharding.Mesh, dp: int
              ) -> dict[str, tuple[float, float]]:
-    """{program: (compiler FLOPs, compiler seconds)} per device and step. The compiler counts a loop body once, so
+    """{program: (FLOPs, bytes accessed)} per device and step, the compiler's. It counts a loop body once, so
     three variants of one micro-batch are compiled — (1 layer, chunk C), (2 layers, C), (1 layer, 2C), layers
     unscanned — and the step's FLOPs are F(1, C) + (L - 1)·[F(2, C) - F(1, C)] + (K - 1)·[F(1, 2C) - F(1, C)],
     times the parts (the micro-batches, or more when a variant at that size does not fit the chip: the batch is
     halved until it does; K: log-prob chunks of C positions per row; the optimizer update is then counted once per
-    part: a small overcount). Seconds: those FLOPs at the 2-layer variant's estimated rate."""
+    part: a small overcount). Bytes accessed alike."""
     shape = planned_shape(c, dp)
     chunk = min(c.train.logprob_chunk_size, shape.seq_len)
     chunks = -(-shape.seq_len // chunk)
@@ -175,22 +185,28 @@ def estimate(c: ml_collections.ConfigDict, model: ModelConfig, mesh: jax.shardin
                 raise RuntimeError(f"no estimate: even the smallest batch variant does not fit ({e})") from None
             m *= 2
 
-    def flops(name: str) -> float:
-        base = costs[1, chunk][name][0]
-        per_layer = costs[2, chunk][name][0] - base
-        per_chunk = costs[1, 2 * chunk][name][0] - base if chunks > 1 else 0.0
+    def total(name: str, i: int) -> float:
+        base = costs[1, chunk][name][i]
+        per_layer = costs[2, chunk][name][i] - base
+        per_chunk = costs[1, 2 * chunk][name][i] - base if chunks > 1 else 0.0
         return m * (base + (model.num_layers - 1) * per_layer + (chunks - 1) * per_chunk)
 
-    # the compiler's seconds do not add up across variants (differences can be negative): the step's time is the
-    # 2-layer variant's at that variant's FLOP rate
-    return {name: (flops(name), costs[2, chunk][name][1] * flops(name) / costs[2, chunk][name][0])
-            for name in costs[1, chunk]}
+    return {name: (total(name, 0), total(name, 1)) for name in costs[1, chunk]}
 
 
-def estimated_costs(c: ml_collections.ConfigDict, devices: list[Any]) -> dict[str, tuple[float, float]]:
-    """`estimate` of a config on `devices`, on its own (no full compile): what `--fit` ranks candidates by."""
+def roofline_seconds(flops: float, bytes_accessed: float, chip: Chip) -> float:
+    """A step's time per device from the compiler's counts: compute at the bf16 peak or HBM traffic at the chip's
+    bandwidth, whichever is longer (collectives overlapped; no other inefficiency: a lower bound)."""
+    return max(flops / (chip.peak_tflops * 1e12), bytes_accessed / chip.hbm_bytes_per_second)
+
+
+def estimated_seconds(c: ml_collections.ConfigDict, devices: list[Any]) -> dict[str, float]:
+    """The estimated step seconds of each program of a config on `devices`, without the full compile: what `--fit`
+    ranks candidates by."""
     mesh = make_mesh(c.mesh, devices)
-    return estimate(c, planned_model(c), mesh, data_parallel_size(mesh, c.mesh.rules))
+    chip = chip_of(devices[0])
+    return {name: roofline_seconds(flops, bytes_accessed, chip) for name, (flops, bytes_accessed) in
+            estimate(c, planned_model(c), mesh, data_parallel_size(mesh, c.mesh.rules)).items()}
 
 
 @dataclasses.dataclass
@@ -247,9 +263,9 @@ def plan_programs(c: ml_collections.ConfigDict, devices: list[Any], with_estimat
         plans[name] = ProgramPlan(name, compiled, resident[name], chip.hbm_bytes, flops,
                                   tokens=shape.rows * shape.seq_len)
     if with_estimate and all(not p.compiled.error for p in plans.values()):
-        for name, (flops, seconds) in estimate(c, model, mesh, dp).items():
+        for name, (flops, bytes_accessed) in estimate(c, model, mesh, dp).items():
             plans[name].estimated_flops = flops * len(devices)
-            plans[name].estimated_step_seconds = seconds
+            plans[name].estimated_step_seconds = roofline_seconds(flops, bytes_accessed, chip)
     info = {"devices": len(devices), "chip": chip.name, "device_kind": devices[0].device_kind,
             "hbm_bytes": chip.hbm_bytes, "peak_tflops_per_device": chip.peak_tflops,
             "mesh": dict(mesh.shape), "model": {"family": model.family, "layers": model.num_layers,

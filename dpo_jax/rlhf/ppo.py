@@ -234,8 +234,9 @@ class PPOEngine(NamedTuple):
 
 
 def build_ppo_engine(c: PPOConfig, optimizer_config: Any, policy_params: Any, value_params: Any, mesh: Mesh,
-                     rules: Any) -> PPOEngine:
-    """Shardings from both models' logical axes, the state created sharded (params donated), the jitted step."""
+                     rules: Any, abstract_state: bool = False) -> PPOEngine:
+    """Shardings from both models' logical axes, the state created sharded (params donated), the jitted step.
+    abstract_state: the params are jax.ShapeDtypeStructs and so is the state (`dpo-jax plan`: nothing allocated)."""
     from dpo_jax.train.state import create_state, make_optimizer
 
     optimizer, schedule = make_optimizer(optimizer_config)
@@ -256,7 +257,12 @@ def build_ppo_engine(c: PPOConfig, optimizer_config: Any, policy_params: Any, va
                                    trained=lambda p: c.trainable(p)[1])
         return PPOState(*train_state, jax.device_put(jnp.asarray(kl_coef, jnp.float32), replicated))
 
-    state = init_state(policy_params, value_params, c.kl_coef)
+    if abstract_state:
+        train_state = create_state(lambda p: p, optimizer, shardings_for, abstract_params,
+                                   trained=lambda p: c.trainable(p)[1], abstract=True)
+        state = PPOState(*train_state, jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated))
+    else:
+        state = init_state(policy_params, value_params, c.kl_coef)
     s_shardings = jax.tree.map(lambda x: x.sharding, state)
     rows = sharding.batch_sharding(mesh, rules, 2)
 
