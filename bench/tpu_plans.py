@@ -34,6 +34,7 @@ ROWS = {
     "llama3.2-1b-2k-v6e8": ("llama3.2-1b", False, 2048, "v6e-8", 1, False, []),
     "qwen3-8b-lora-2k-v5e16": ("qwen3-8b", True, 2048, "v5e-16", 1, False, []),
     "mistral-7b-lora-8k-v6e8": ("mistral-7b", True, 8192, "v6e-8", 1, False, ["--config.train.micro_batches=8"]),
+    "qwen3-0.6b-1k-v5p8": ("qwen3-0.6b", False, 1024, "v5p-8", 1, False, []),
     "gptj-6b-2k-v5e16": ("gptj-6b", False, 2048, "v5e-16", 1, False, []),
     "pythia-2.8b-2k-v5e16": ("pythia-2.8b", False, 2048, "v5e-16", 1, False, []),
     # the kernel's effect at long context: one packed row of 32k tokens per data-parallel shard

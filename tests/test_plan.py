@@ -152,7 +152,8 @@ def test_presets_are_the_models_they_name(name, tmp_path):
     """Each preset reads through the family table; a directory holding only its config.json plans the same model."""
     config = preset_config(name)
     expected = {"llama3.2-1b": 1.24e9, "llama3-8b": 8.03e9, "llama3-70b": 70.6e9, "qwen3-8b": 8.19e9,
-                "mistral-7b": 7.24e9, "gptj-6b": 6.05e9, "pythia-2.8b": 2.78e9}[name]  # the models' published sizes
+                "qwen3-0.6b": 0.60e9, "mistral-7b": 7.24e9, "gptj-6b": 6.05e9,
+                "pythia-2.8b": 2.78e9}[name]  # the models' published sizes
     params = jax.eval_shape(lambda: __import__("dpo_jax.models.decoder", fromlist=["x"]).init_params(
         config, jax.random.key(0)))
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))

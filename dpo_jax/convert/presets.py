@@ -24,6 +24,11 @@ HF_PRESETS: dict[str, dict] = {
                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, intermediate_size=12288,
                      max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0, hidden_act="silu",
                      tie_word_embeddings=False),
+    # the model of the peers' published TPU DPO figure (MaxText's DPO example on Tunix, v5p-8): the comparison row
+    "qwen3-0.6b": dict(model_type="qwen3", vocab_size=151936, hidden_size=1024, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, intermediate_size=3072,
+                       max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0, hidden_act="silu",
+                       tie_word_embeddings=True),
     "mistral-7b": dict(model_type="mistral", vocab_size=32000, hidden_size=4096, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
                        max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=4096,
