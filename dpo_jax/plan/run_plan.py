@@ -194,19 +194,28 @@ def estimate(c: ml_collections.ConfigDict, model: ModelConfig, mesh: jax.shardin
     return {name: (total(name, 0), total(name, 1)) for name in costs[1, chunk]}
 
 
-def roofline_seconds(flops: float, bytes_accessed: float, chip: Chip) -> float:
+def roofline_seconds(flops: float, bytes_accessed: float, model_flops: float, chip: Chip) -> float:
     """A step's time per device from the compiler's counts: compute at the bf16 peak or HBM traffic at the chip's
-    bandwidth, whichever is longer (collectives overlapped; no other inefficiency: a lower bound)."""
-    return max(flops / (chip.peak_tflops * 1e12), bytes_accessed / chip.hbm_bytes_per_second)
+    bandwidth, whichever is longer (collectives overlapped; no other inefficiency: a lower bound). The compute is
+    at least the model's own FLOPs (`model_flops`, per device): without remat the compiler's count came out below
+    them (0.69-0.76x on Llama shapes: backward matmuls it does not count, likely those fused with collectives)."""
+    return max(max(flops, model_flops) / (chip.peak_tflops * 1e12), bytes_accessed / chip.hbm_bytes_per_second)
+
+
+def _model_flops(c: ml_collections.ConfigDict, model: ModelConfig, shape: BatchShape) -> dict[str, float]:
+    """flops.py's FLOPs per step (all devices) of each program: the train step, forward-only passes a third."""
+    train = train_step_flops(model, shape.rows, shape.seq_len)
+    return {"train_step": train, "eval_step": train / 3, "reference_step": train / 3}
 
 
 def estimated_seconds(c: ml_collections.ConfigDict, devices: list[Any]) -> dict[str, float]:
     """The estimated step seconds of each program of a config on `devices`, without the full compile: what `--fit`
     ranks candidates by."""
     mesh = make_mesh(c.mesh, devices)
-    chip = chip_of(devices[0])
-    return {name: roofline_seconds(flops, bytes_accessed, chip) for name, (flops, bytes_accessed) in
-            estimate(c, planned_model(c), mesh, data_parallel_size(mesh, c.mesh.rules)).items()}
+    chip, model, dp = chip_of(devices[0]), planned_model(c), data_parallel_size(mesh, c.mesh.rules)
+    ours = _model_flops(c, model, planned_shape(c, dp))
+    return {name: roofline_seconds(flops, bytes_accessed, ours[name] / len(devices), chip)
+            for name, (flops, bytes_accessed) in estimate(c, model, mesh, dp).items()}
 
 
 @dataclasses.dataclass
@@ -217,6 +226,7 @@ class ProgramPlan:
     hbm_bytes: int
     model_flops: float  # per step, all devices (flops.py)
     estimated_flops: float = 0.0  # per step, all devices (the compiler's, loop-free variants extrapolated)
+    estimated_bytes: float = 0.0  # bytes accessed per step, all devices, likewise
     estimated_step_seconds: float = 0.0
     tokens: int = 0
 
@@ -235,6 +245,7 @@ class ProgramPlan:
             "fits": self.fits, "hbm_bytes": self.hbm_bytes, "resident_bytes": self.resident_bytes,
             "total_bytes": self.total_bytes, **compiled,
             "model_flops": self.model_flops, "estimated_flops": self.estimated_flops,
+            "estimated_bytes": self.estimated_bytes,
             "estimated_step_seconds": seconds,
             "tokens_per_second": self.tokens / seconds if seconds else 0.0,
             "estimated_mfu": self.model_flops / (seconds * devices * chip.peak_tflops * 1e12) if seconds else 0.0,
@@ -254,18 +265,19 @@ def plan_programs(c: ml_collections.ConfigDict, devices: list[Any], with_estimat
         engine = planned_engine(c, model, mesh)
     programs = programs_of(c, engine, planned_batch(c, shape))
     resident = _resident_bytes(c, engine)
-    model_flops = train_step_flops(model, shape.rows, shape.seq_len)
+    model_flops = _model_flops(c, model, shape)
     plans = {}
     for name, (jitted, args) in programs.items():
-        flops = model_flops if name == "train_step" else model_flops / 3  # forward only
         with compiling_for("tpu"):
             compiled = compile_program(jitted, *args)
-        plans[name] = ProgramPlan(name, compiled, resident[name], chip.hbm_bytes, flops,
+        plans[name] = ProgramPlan(name, compiled, resident[name], chip.hbm_bytes, model_flops[name],
                                   tokens=shape.rows * shape.seq_len)
     if with_estimate and all(not p.compiled.error for p in plans.values()):
         for name, (flops, bytes_accessed) in estimate(c, model, mesh, dp).items():
             plans[name].estimated_flops = flops * len(devices)
-            plans[name].estimated_step_seconds = roofline_seconds(flops, bytes_accessed, chip)
+            plans[name].estimated_bytes = bytes_accessed * len(devices)
+            plans[name].estimated_step_seconds = roofline_seconds(flops, bytes_accessed,
+                                                                  plans[name].model_flops / len(devices), chip)
     info = {"devices": len(devices), "chip": chip.name, "device_kind": devices[0].device_kind,
             "hbm_bytes": chip.hbm_bytes, "peak_tflops_per_device": chip.peak_tflops,
             "mesh": dict(mesh.shape), "model": {"family": model.family, "layers": model.num_layers,
