@@ -158,12 +158,8 @@ def data_parallel_size(mesh: Mesh, rules: Any) -> int:
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh, rules: Any) -> dict[str, jax.Array]:
     """Host-local numpy batch -> global jax.Arrays sharded over the batch axes (multi-host: blocks in process
     order, via jax.make_array_from_process_local_data)."""
-    out = {}
-    for k, v in local.items():
-        sharding = batch_sharding(mesh, rules, v.ndim)
-        global_shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
-        out[k] = jax.make_array_from_process_local_data(sharding, v, global_shape)
-    return out
+    shapes = abstract_global_batch(local, mesh, rules)
+    return {k: jax.make_array_from_process_local_data(shapes[k].sharding, v, shapes[k].shape) for k, v in local.items()}
 
 
 def on_mesh(fn: Any, mesh: Mesh) -> Any:

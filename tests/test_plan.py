@@ -2,7 +2,6 @@
 figures are the compiled executable's, grow with the batch, a run that cannot fit says so, `--fit` returns settings
 that fit, the programs are those `train` builds, and the shape presets are the models they name."""
 
-import copy
 import dataclasses
 import json
 import os
@@ -17,6 +16,7 @@ from dpo_jax.compile_target import compiling_for
 from dpo_jax.config import load_config_file
 from dpo_jax.convert.hf import read_hf_config
 from dpo_jax.convert.presets import HF_PRESETS, preset_config
+from dpo_jax.models.decoder import init_params
 from dpo_jax.plan.chips import topology_devices
 from dpo_jax.plan.fit import fit
 from dpo_jax.plan.programs import collectives_of
@@ -79,16 +79,17 @@ def test_a_run_that_cannot_fit_is_reported_as_not_fitting(devices):
 
 def test_fit_returns_settings_that_fit_and_are_the_fastest_tried(devices):
     c = tiny(**{"train.global_batch_pairs": 8, "train.mode": "sft"})
-    found = fit(c, devices, policies=("dots", "full"))  # two of the three: the suite's time
+    found, (chosen_plans, chosen_info) = fit(c, devices, policies=("dots", "full"))  # two of three: the suite's time
     assert found["overrides"] == [f"--config.model.remat_policy={found['remat_policy']}",
                                   f"--config.train.micro_batches={found['micro_batches']}"]
     timed = [t for t in found["tried"] if "estimated_step_seconds" in t]
     assert timed and all(t["fits"] for t in timed)
     assert found["estimated_step_seconds"] == min(t["estimated_step_seconds"] for t in timed)
-    chosen = copy.deepcopy(c)
-    chosen.model.remat_policy, chosen.train.micro_batches = found["remat_policy"], found["micro_batches"]
-    plans, _ = plan_programs(chosen, devices, with_estimate=False)
-    assert all(p.fits for p in plans.values())
+    # the plan handed back is the chosen settings' own, compiled, fitting and estimated
+    assert (chosen_info["model"]["remat_policy"], chosen_info["micro_batches"]) == (found["remat_policy"],
+                                                                                  found["micro_batches"])
+    assert all(p.fits for p in chosen_plans.values())
+    assert chosen_plans["train_step"].estimated_step_seconds == found["estimated_step_seconds"]
 
 
 def test_plan_builds_the_programs_train_builds(tmp_path):
@@ -154,8 +155,7 @@ def test_presets_are_the_models_they_name(name, tmp_path):
     expected = {"llama3.2-1b": 1.24e9, "llama3-8b": 8.03e9, "llama3-70b": 70.6e9, "qwen3-8b": 8.19e9,
                 "qwen3-0.6b": 0.60e9, "mistral-7b": 7.24e9, "gptj-6b": 6.05e9,
                 "pythia-2.8b": 2.78e9}[name]  # the models' published sizes
-    params = jax.eval_shape(lambda: __import__("dpo_jax.models.decoder", fromlist=["x"]).init_params(
-        config, jax.random.key(0)))
+    params = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     assert abs(count - expected) / expected < 0.02, count
     (tmp_path / "config.json").write_text(json.dumps(HF_PRESETS[name]))

@@ -21,7 +21,10 @@ import ml_collections
 from absl import flags
 
 from dpo_jax.commands.train import default_config  # noqa: F401 — plan takes train's config schema
-from dpo_jax.plan.chips import GIB, topology_devices
+from dpo_jax.plan.chips import GIB, chip_of, topology_devices
+from dpo_jax.plan.fit import fit as search
+from dpo_jax.plan.ppo_plan import is_ppo_config, plan_ppo
+from dpo_jax.plan.run_plan import plan_programs
 
 FLAG_NAMES = ("topology", "num_slices", "fit", "out")
 
@@ -87,10 +90,6 @@ def report(plan: dict) -> str:
 
 def make_plan(c: ml_collections.ConfigDict, topology: str, num_slices: int = 1, fit: bool = False) -> dict:
     """The plan of a train config (or of a `dpo-jax ppo` config: its four programs, memory only) as JSON-ready."""
-    from dpo_jax.plan.fit import fit as search, with_settings
-    from dpo_jax.plan.ppo_plan import is_ppo_config, plan_ppo
-    from dpo_jax.plan.run_plan import plan_programs
-
     devices = topology_devices(topology, num_slices)
     found = None
     if is_ppo_config(c):
@@ -100,22 +99,15 @@ def make_plan(c: ml_collections.ConfigDict, topology: str, num_slices: int = 1, 
         plans, info = plan_ppo(c, devices)
         model = c.policy
     else:
+        chosen = None
         if fit:
-            found = search(c, devices)
-            if found["overrides"]:
-                c = with_settings(c, found["remat_policy"], found["micro_batches"])
-        plans, info = plan_programs(c, devices)
+            found, chosen = search(c, devices)  # the chosen candidate's plans: compiled and estimated already
+        plans, info = chosen or plan_programs(c, devices)
         model = c.model
-    programs = {name: p.to_json(info["devices"], _chip(devices)) for name, p in plans.items()}
+    programs = {name: p.to_json(info["devices"], chip_of(devices[0])) for name, p in plans.items()}
     return {"topology": topology, "num_slices": num_slices,
             "model_name": model.get("preset") or model.path or model.family, "run": info, "programs": programs,
             "fits": all(p["fits"] for p in programs.values()), "fit": found}
-
-
-def _chip(devices):
-    from dpo_jax.plan.chips import chip_of
-
-    return chip_of(devices[0])
 
 
 def main(c: ml_collections.ConfigDict) -> None:

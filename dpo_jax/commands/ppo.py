@@ -21,7 +21,7 @@ from dpo_jax.models import lora
 from dpo_jax.models.generate import SamplingConfig
 from dpo_jax.models.reward import RewardScorer, as_reward_model
 from dpo_jax.parsing import load_callable
-from dpo_jax.rlhf.ppo import PPOConfig, Rollouts, build_ppo_engine
+from dpo_jax.rlhf.ppo import PPOConfig, Rollouts, build_ppo_engine, lora_value_config
 from dpo_jax.train.compile_ahead import CompileAhead
 from dpo_jax.train.model_source import default_model_config, model_with_head, pad_id, tokenizer_dir, with_adapters
 from dpo_jax.train.run_dir import RunDirectory
@@ -92,8 +92,7 @@ def main(c: ml_collections.ConfigDict) -> dict[str, float]:
         value_config, value_params = reward[0], reward[1]()
         if policy.lora_rank:  # the value model trains adapters like the policy's (and its head) over a frozen base
             merged = lora.merged(value_params, value_config)  # a LoRA reward model's own adapters folded in
-            value_config = lora.base_config(value_config).replace(
-                lora_rank=policy.lora_rank, lora_alpha=policy.lora_alpha, lora_targets=policy.lora_targets)
+            value_config = lora_value_config(policy, value_config)
             value_params = with_adapters(value_config, lambda: merged, t.seed + 2)()
     else:
         value_config, value_params = as_reward_model(policy, policy_params, pad, jax.random.key(t.seed + 1))

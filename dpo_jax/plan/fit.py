@@ -9,7 +9,7 @@ from typing import Any
 import ml_collections
 
 from dpo_jax.data.layout import get_layout
-from dpo_jax.plan.run_plan import estimated_seconds, plan_programs
+from dpo_jax.plan.run_plan import add_estimate, plan_programs
 from dpo_jax.sharding import data_parallel_size, make_mesh
 
 REMAT_POLICIES = ("none", "dots", "full")  # most memory, least recompute first
@@ -41,28 +41,27 @@ def overrides(remat: str, micro_batches: int) -> list[str]:
 
 
 def fit(c: ml_collections.ConfigDict, devices: list[Any], policies: tuple[str, ...] = REMAT_POLICIES
-        ) -> dict[str, Any]:
-    """{"overrides": [...] or [] when nothing fits, "remat_policy", "micro_batches", "tried": [...]}: per remat
-    policy the fewest micro-batches that fit, then the fastest of those by the compiler's estimate."""
+        ) -> tuple[dict[str, Any], tuple | None]:
+    """({"overrides": [...] or [] when nothing fits, "remat_policy", "micro_batches", "tried": [...]}, the chosen
+    candidate's (plans, info) with estimates, or None): per remat policy the fewest micro-batches that fit, then the
+    fastest of those by the estimate. Each candidate is compiled once; only the fitting ones get estimates."""
     dp = data_parallel_size(make_mesh(c.mesh, devices), c.mesh.rules)
-    tried, fitting = [], []
+    tried, best, best_seconds = [], None, float("inf")
     for remat in policies:
         for m in micro_batch_choices(c, dp):
-            plans, _ = plan_programs(with_settings(c, remat, m), devices, with_estimate=False)
+            candidate = with_settings(c, remat, m)
+            plans, info = plan_programs(candidate, devices, with_estimate=False)
             fits = all(p.fits for p in plans.values())
             tried.append({"remat_policy": remat, "micro_batches": m, "fits": fits,
                           "total_bytes": max(p.total_bytes for p in plans.values())})
-            if fits:
-                fitting.append((remat, m))
-                break
-    best, best_seconds = None, float("inf")
-    for remat, m in fitting:
-        seconds = estimated_seconds(with_settings(c, remat, m), devices)["train_step"]
-        next(t for t in tried if (t["remat_policy"], t["micro_batches"]) == (remat, m))["estimated_step_seconds"] = \
-            seconds
-        if seconds < best_seconds:
-            best, best_seconds = (remat, m), seconds
+            if not fits:
+                continue
+            add_estimate(plans, candidate, devices)
+            tried[-1]["estimated_step_seconds"] = seconds = plans["train_step"].estimated_step_seconds
+            if seconds < best_seconds:
+                best, best_seconds = (remat, m, (plans, info)), seconds
+            break
     if best is None:
-        return {"overrides": [], "tried": tried}
-    return {"overrides": overrides(*best), "remat_policy": best[0], "micro_batches": best[1],
-            "estimated_step_seconds": best_seconds, "tried": tried}
+        return {"overrides": [], "tried": tried}, None
+    return {"overrides": overrides(*best[:2]), "remat_policy": best[0], "micro_batches": best[1],
+            "estimated_step_seconds": best_seconds, "tried": tried}, best[2]

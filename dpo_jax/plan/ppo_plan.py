@@ -6,6 +6,7 @@ analysis, and the train-run variants do not carry over)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -14,25 +15,23 @@ import ml_collections
 
 from dpo_jax.compile_target import compiling_for
 from dpo_jax.flops import train_step_flops
-from dpo_jax.models import lora
 from dpo_jax.models.decoder import init_params, logical_axes
 from dpo_jax.models.generate import SamplingConfig, _generate_jit
 from dpo_jax.models.reward import make_scorer, reward_model_config
 from dpo_jax.plan.chips import chip_of
 from dpo_jax.plan.programs import compile_program, per_device_bytes
 from dpo_jax.plan.run_plan import ProgramPlan, section_model
-from dpo_jax.rlhf.ppo import PPOConfig, build_ppo_engine
-from dpo_jax.sharding import batch_sharding, make_mesh, param_shardings
+from dpo_jax.rlhf.ppo import PPOConfig, build_ppo_engine, lora_value_config
+from dpo_jax.sharding import abstract, batch_sharding, make_mesh, param_shardings
 
 
 def is_ppo_config(c: ml_collections.ConfigDict) -> bool:
     return "ppo" in c and "policy" in c
 
 
-def _abstract(config, mesh, rules, seed: int = 0) -> Any:
-    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(seed)))
-    shardings = param_shardings(logical_axes(config), shapes, mesh, rules)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+def _abstract(config, mesh, rules) -> Any:
+    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    return abstract(shapes, param_shardings(logical_axes(config), shapes, mesh, rules))
 
 
 def _as_score_model(config):
@@ -48,8 +47,7 @@ def plan_ppo(c: ml_collections.ConfigDict, devices: list[Any]) -> tuple[dict[str
     reward = _as_score_model(section_model(c.reward.model, c.data)[0]) if c.reward.kind == "model" else None
     value = reward if c.value_init == "reward" and reward is not None else _as_score_model(policy)
     if policy.lora_rank:  # as commands/ppo.py: the value model trains the policy's adapters over a frozen base
-        value = lora.base_config(value).replace(lora_rank=policy.lora_rank, lora_alpha=policy.lora_alpha,
-                                                lora_targets=policy.lora_targets)
+        value = lora_value_config(policy, value)
     p = c.ppo
     sampling = SamplingConfig(max_new_tokens=p.max_new_tokens, temperature=p.temperature, eos_id=0, pad_id=0)
     config = PPOConfig(model=policy, value_model=value, sampling=sampling, epochs=p.epochs, minibatches=p.minibatches,
@@ -70,16 +68,17 @@ def plan_ppo(c: ml_collections.ConfigDict, devices: list[Any]) -> tuple[dict[str
     params = engine.state.params
     reference = None if config.base_reference else params["policy"]  # π_ref: a copy of π_SFT's shape
     static = SamplingConfig(max_new_tokens=new, temperature=1.0, eos_id=0, pad_id=0)
-    programs = {
-        "generate": (_generate_jit, (params["policy"], ids, ids, keys, temperatures), dict(config=policy, s=static)),
-        "rollout_stats": (engine.rollout_stats, (params, reference, full, full, new), {}),
-        "ppo_update": (engine.train_step, (engine.state, engine.abstract_rollout(b, prompt)), {}),
+    programs = {  # name: (lower, abstract arguments)
+        "generate": (functools.partial(_generate_jit.lower, config=policy, s=static),
+                     (params["policy"], ids, ids, keys, temperatures)),
+        "rollout_stats": (engine.rollout_stats.lower, (params, reference, full, full, new)),
+        "ppo_update": (engine.train_step.lower, (engine.state, engine.abstract_rollout(b, prompt))),
     }
     reward_params = None
     if reward is not None:
         reward_params = _abstract(reward, mesh, rules)
         scorer = make_scorer(reward, mesh, rules, jax.tree.map(lambda x: x.sharding, reward_params))
-        programs["reward_score"] = (scorer, (reward_params, full, full), {})
+        programs["reward_score"] = (scorer.lower, (reward_params, full, full))
 
     state_bytes = per_device_bytes(engine.state)
     reference_bytes = per_device_bytes(reference) if reference is not None else 0
@@ -93,9 +92,9 @@ def plan_ppo(c: ml_collections.ConfigDict, devices: list[Any]) -> tuple[dict[str
                    "ppo_update": p.epochs * (3 * forward + train_step_flops(value, b, prompt + new)),
                    "reward_score": 0.0 if reward is None else train_step_flops(reward, b, prompt + new) / 3}
     plans = {}
-    for name, (jitted, args, static_args) in programs.items():
+    for name, (lower, args) in programs.items():
         with compiling_for("tpu"):
-            compiled = compile_program(_with(jitted, static_args), *args)
+            compiled = compile_program(lower, *args)
         plans[name] = ProgramPlan(name, compiled, everything - arguments[name], chip.hbm_bytes, model_flops[name],
                                   tokens=tokens)
     info = {"devices": len(devices), "chip": chip.name, "device_kind": devices[0].device_kind,
@@ -108,12 +107,3 @@ def plan_ppo(c: ml_collections.ConfigDict, devices: list[Any]) -> tuple[dict[str
             "layout": "rollouts", "mode": "ppo"}
     return plans, info
 
-
-class _with:
-    """A jitted function with its static keyword arguments bound, for `compile_program` (which calls .lower)."""
-
-    def __init__(self, jitted, static_args):
-        self.jitted, self.static_args = jitted, static_args
-
-    def lower(self, *args):
-        return self.jitted.lower(*args, **self.static_args)

@@ -12,6 +12,7 @@ import re
 import time
 from typing import Any, Callable
 
+import jax
 import numpy as np
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -57,7 +58,7 @@ def collectives_of(hlo_text: str) -> dict[str, dict[str, int]]:
         shapes, kind = match.group(1), match.group(2)
         size = sum(_dtype_bytes(dtype) * math.prod(int(d) for d in dims.split(",") if d)
                    for dtype, dims in _SHAPE.findall(shapes))
-        if match.group(3):  # an async start's result holds the operand too: count the larger half
+        if match.group(3):  # an async start's result holds the operand and the result: count half
             size //= 2
         entry = out.setdefault(kind, {"count": 0, "bytes": 0})
         entry["count"] += 1
@@ -69,12 +70,13 @@ def is_out_of_memory(message: str) -> bool:
     return any(marker.lower() in message.lower() for marker in _OUT_OF_MEMORY)
 
 
-def compile_program(jitted: Callable, *abstract_args: Any) -> Compiled:
-    """Lowers and compiles `jitted` on abstract arguments (jax.ShapeDtypeStruct with shardings). An out-of-memory
-    compile is a result (error set), not an exception; any other compiler error propagates."""
+def compile_program(lower: Callable, *abstract_args: Any) -> Compiled:
+    """Lowers (`lower`: a jitted function's `.lower`, static arguments bound) and compiles on abstract arguments
+    (jax.ShapeDtypeStruct with shardings). An out-of-memory compile is a result (error set), not an exception; any
+    other compiler error propagates."""
     start = time.perf_counter()
     try:
-        executable = jitted.lower(*abstract_args).compile()
+        executable = lower(*abstract_args).compile()
     except Exception as e:  # noqa: BLE001 — only out-of-memory is a plan's answer; the rest is re-raised
         if not is_out_of_memory(str(e)):
             raise
@@ -91,8 +93,8 @@ def compile_program(jitted: Callable, *abstract_args: Any) -> Compiled:
         compiler_flops=float(cost.get("flops", 0.0)), compiler_bytes=float(cost.get("bytes accessed", 0.0)),
         compiler_seconds=float(cost.get("optimal_seconds", 0.0)),
         collectives=collectives_of(executable.as_text()), compile_seconds=seconds)
-    # the runtime allocates the temporaries as one block beside arguments and outputs: that sum is what must fit;
-    # the compiler's own liveness peak can be lower, never higher
+    # the runtime allocates the temporaries as one block beside arguments and outputs: that sum is what must fit
+    # (the compiler's own liveness peak was lower where seen; it is used when higher)
     allocated = result.argument_bytes + result.output_bytes - result.alias_bytes + result.temp_bytes
     result.peak_bytes = max(int(getattr(memory, "peak_memory_in_bytes", 0) or 0), allocated)
     return result
@@ -102,9 +104,9 @@ class VariantOutOfMemory(RuntimeError):
     """An estimate variant did not fit the chip (run_plan.estimate then compiles it on a smaller batch)."""
 
 
-def loop_free_cost(jitted: Callable, *abstract_args: Any) -> tuple[float, float]:
+def loop_free_cost(lower: Callable, *abstract_args: Any) -> tuple[float, float]:
     """(compiler FLOPs, compiler bytes accessed) per device of an estimate variant (see run_plan.estimate)."""
-    compiled = compile_program(jitted, *abstract_args)
+    compiled = compile_program(lower, *abstract_args)
     if compiled.error:
         raise VariantOutOfMemory(compiled.error)
     return compiled.compiler_flops, compiled.compiler_bytes
@@ -112,8 +114,6 @@ def loop_free_cost(jitted: Callable, *abstract_args: Any) -> tuple[float, float]
 
 def per_device_bytes(tree: Any) -> int:
     """Bytes one device holds of an abstract tree (each leaf's shard; replicated leaves whole)."""
-    import jax
-
     total = 0
     for leaf in jax.tree.leaves(tree):
         shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape

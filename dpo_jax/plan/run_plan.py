@@ -87,7 +87,7 @@ def planned_shape(c: ml_collections.ConfigDict, dp: int) -> BatchShape:
         pairs = c.train.global_batch_pairs
         rows = layout.rows(pairs)
     else:
-        multiple = max(dp * m, m)
+        multiple = dp * m  # the loader's rows_multiple on one process
         rows = -(-c.train.global_batch_tokens // seq_len) if c.train.global_batch_tokens else c.train.global_batch_pairs
         rows = -(-rows // multiple) * multiple
         pairs = rows * layout.max_pairs_per_row
@@ -149,14 +149,14 @@ def _variant(c: ml_collections.ConfigDict, chunk: int, parts: int) -> ml_collect
     return variant
 
 
-def _variant_costs(c, model, mesh, dp, chunk, parts) -> dict[tuple[int, int], dict[str, tuple[float, float]]]:
+def _variant_costs(c, model, mesh, dp, chunk, parts, chunks) -> dict[tuple[int, int], dict[str, tuple[float, float]]]:
     costs = {}
     with compiling_for("tpu"):
-        for layers, size in ((1, chunk), (2, chunk), (1, 2 * chunk)):
+        for layers, size in ((1, chunk), (2, chunk)) + (((1, 2 * chunk),) if chunks > 1 else ()):
             variant = _variant(c, size, parts)
             engine = planned_engine(variant, model.replace(num_layers=layers, scan_layers=False), mesh)
             batch = planned_batch(variant, planned_shape(variant, dp))
-            costs[layers, size] = {name: loop_free_cost(jitted, *args)
+            costs[layers, size] = {name: loop_free_cost(jitted.lower, *args)
                                    for name, (jitted, args) in programs_of(variant, engine, batch).items()}
     return costs
 
@@ -164,8 +164,8 @@ def _variant_costs(c, model, mesh, dp, chunk, parts) -> dict[tuple[int, int], di
 def estimate(c: ml_collections.ConfigDict, model: ModelConfig, mesh: jax.sharding.Mesh, dp: int
              ) -> dict[str, tuple[float, float]]:
     """{program: (FLOPs, bytes accessed)} per device and step, the compiler's. It counts a loop body once, so
-    three variants of one micro-batch are compiled — (1 layer, chunk C), (2 layers, C), (1 layer, 2C), layers
-    unscanned — and the step's FLOPs are F(1, C) + (L - 1)·[F(2, C) - F(1, C)] + (K - 1)·[F(1, 2C) - F(1, C)],
+    three variants of one micro-batch are compiled — (1 layer, chunk C), (2 layers, C), (1 layer, 2C; only when a
+    row has more than one chunk), layers unscanned — and the step's FLOPs are F(1, C) + (L - 1)·[F(2, C) - F(1, C)] + (K - 1)·[F(1, 2C) - F(1, C)],
     times the parts (the micro-batches, or more when a variant at that size does not fit the chip: the batch is
     halved until it does; K: log-prob chunks of C positions per row; the optimizer update is then counted once per
     part: a small overcount). Bytes accessed alike."""
@@ -175,7 +175,7 @@ def estimate(c: ml_collections.ConfigDict, model: ModelConfig, mesh: jax.shardin
     m = c.train.micro_batches
     while True:  # unscanned layers keep more alive than the scanned run: a variant may need a smaller batch
         try:
-            costs = _variant_costs(c, model, mesh, dp, chunk, m)
+            costs = _variant_costs(c, model, mesh, dp, chunk, m, chunks)
             break
         except VariantOutOfMemory as e:
             try:
@@ -206,16 +206,6 @@ def _model_flops(c: ml_collections.ConfigDict, model: ModelConfig, shape: BatchS
     """flops.py's FLOPs per step (all devices) of each program: the train step, forward-only passes a third."""
     train = train_step_flops(model, shape.rows, shape.seq_len)
     return {"train_step": train, "eval_step": train / 3, "reference_step": train / 3}
-
-
-def estimated_seconds(c: ml_collections.ConfigDict, devices: list[Any]) -> dict[str, float]:
-    """The estimated step seconds of each program of a config on `devices`, without the full compile: what `--fit`
-    ranks candidates by."""
-    mesh = make_mesh(c.mesh, devices)
-    chip, model, dp = chip_of(devices[0]), planned_model(c), data_parallel_size(mesh, c.mesh.rules)
-    ours = _model_flops(c, model, planned_shape(c, dp))
-    return {name: roofline_seconds(flops, bytes_accessed, ours[name] / len(devices), chip)
-            for name, (flops, bytes_accessed) in estimate(c, model, mesh, dp).items()}
 
 
 @dataclasses.dataclass
@@ -255,7 +245,7 @@ class ProgramPlan:
 def plan_programs(c: ml_collections.ConfigDict, devices: list[Any], with_estimate: bool = True
                   ) -> tuple[dict[str, ProgramPlan], dict[str, Any]]:
     """Every program of the run compiled on `devices` (abstract TPU devices, or real ones), with the loop-free time
-    estimate unless with_estimate is False (what `--fit`'s memory probes skip). Returns (plans, the run's shapes)."""
+    estimate unless with_estimate is False (`--fit`'s memory probes: `add_estimate` later, if they fit). Returns (plans, the run's shapes)."""
     chip = chip_of(devices[0])
     model = planned_model(c)
     mesh = make_mesh(c.mesh, devices)
@@ -269,15 +259,11 @@ def plan_programs(c: ml_collections.ConfigDict, devices: list[Any], with_estimat
     plans = {}
     for name, (jitted, args) in programs.items():
         with compiling_for("tpu"):
-            compiled = compile_program(jitted, *args)
+            compiled = compile_program(jitted.lower, *args)
         plans[name] = ProgramPlan(name, compiled, resident[name], chip.hbm_bytes, model_flops[name],
                                   tokens=shape.rows * shape.seq_len)
-    if with_estimate and all(not p.compiled.error for p in plans.values()):
-        for name, (flops, bytes_accessed) in estimate(c, model, mesh, dp).items():
-            plans[name].estimated_flops = flops * len(devices)
-            plans[name].estimated_bytes = bytes_accessed * len(devices)
-            plans[name].estimated_step_seconds = roofline_seconds(flops, bytes_accessed,
-                                                                  plans[name].model_flops / len(devices), chip)
+    if with_estimate:
+        add_estimate(plans, c, devices)
     info = {"devices": len(devices), "chip": chip.name, "device_kind": devices[0].device_kind,
             "hbm_bytes": chip.hbm_bytes, "peak_tflops_per_device": chip.peak_tflops,
             "mesh": dict(mesh.shape), "model": {"family": model.family, "layers": model.num_layers,
@@ -289,6 +275,20 @@ def plan_programs(c: ml_collections.ConfigDict, devices: list[Any], with_estimat
             "batch": dataclasses.asdict(shape), "micro_batches": c.train.micro_batches,
             "layout": c.data.layout, "mode": c.train.mode}
     return plans, info
+
+
+def add_estimate(plans: dict[str, ProgramPlan], c: ml_collections.ConfigDict, devices: list[Any]) -> None:
+    """Fills the plans' estimates (`estimate`, `roofline_seconds`) when every program compiled; `--fit` adds them to
+    its memory probes' plans only for the candidates that fit."""
+    if any(p.compiled.error for p in plans.values()):
+        return
+    mesh = make_mesh(c.mesh, devices)
+    chip = chip_of(devices[0])
+    for name, (flops, bytes_accessed) in estimate(c, planned_model(c), mesh,
+                                                  data_parallel_size(mesh, c.mesh.rules)).items():
+        plan = plans[name]
+        plan.estimated_flops, plan.estimated_bytes = flops * len(devices), bytes_accessed * len(devices)
+        plan.estimated_step_seconds = roofline_seconds(flops, bytes_accessed, plan.model_flops / len(devices), chip)
 
 
 def parameter_count(engine: Engine) -> int:

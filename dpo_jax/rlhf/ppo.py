@@ -86,6 +86,13 @@ class PPOConfig:
                 "value": lora.combine(frozen["value"], trained["value"], self.value_model)}
 
 
+def lora_value_config(policy: ModelConfig, value: ModelConfig) -> ModelConfig:
+    """A LoRA policy's value model: `value`'s base with the policy's rank, alpha and targets (its adapters and score
+    head train over the frozen base)."""
+    return lora.base_config(value).replace(lora_rank=policy.lora_rank, lora_alpha=policy.lora_alpha,
+                                           lora_targets=policy.lora_targets)
+
+
 class PPOState(NamedTuple):
     step: jax.Array
     params: Any  # {"policy": ..., "value": ...}

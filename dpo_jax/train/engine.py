@@ -183,8 +183,7 @@ def build_engine(
                                                               mesh)
     state = create_state(init_params, optimizer, shardings_for, *init_args,
                          trained=lambda params: lora.trainable(params, model)[1], abstract=abstract_state)
-    s_shardings = shardings_for(jax.eval_shape(lambda: state)) if not abstract_state else \
-        jax.tree.map(lambda x: x.sharding, state)
+    s_shardings = jax.tree.map(lambda x: x.sharding, state)  # born with (or, abstract, given) its shardings
     train_step, eval_step = make_steps(sc, optimizer, schedule, mesh, rules, s_shardings)
     reference_step = make_reference_step(sc, mesh, rules, p_shardings)
     score = make_scorer(model, mesh, rules, p_shardings) if model.head == "score" else None

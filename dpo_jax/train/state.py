@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from dpo_jax import sharding
+
 OPTIMIZERS = ("rmsprop", "adamw", "adam", "sgd")
 SCHEDULES = ("constant", "cosine", "linear")
 
@@ -95,6 +97,5 @@ def create_state(
     init = _state_init(init_params, optimizer, trained)
     shapes = jax.eval_shape(init, *args)
     if abstract:
-        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
-                            shardings_for(shapes))
+        return sharding.abstract(shapes, shardings_for(shapes))
     return jax.jit(init, out_shardings=shardings_for(shapes), donate_argnums=tuple(range(len(args))))(*args)
