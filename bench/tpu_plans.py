@@ -37,6 +37,9 @@ ROWS = {
     "qwen3-0.6b-1k-v5p8": ("qwen3-0.6b", False, 1024, "v5p-8", 1, False, []),
     "gptj-6b-2k-v5e16": ("gptj-6b", False, 2048, "v5e-16", 1, False, []),
     "pythia-2.8b-2k-v5e16": ("pythia-2.8b", False, 2048, "v5e-16", 1, False, []),
+    "llama3-8b-lora-2k-v5e16": ("llama3-8b", True, 2048, "v5e-16", 1, False, []),
+    "gptj-6b-lora-2k-v5e16": ("gptj-6b", True, 2048, "v5e-16", 1, False, []),
+    "llama3.2-1b-lora-8k-v6e8": ("llama3.2-1b", True, 8192, "v6e-8", 1, False, []),
     # the kernel's effect at long context: one packed row of 8k or 32k tokens per data-parallel shard
     "llama3-8b-8k-packed-v5p64-kernel": ("llama3-8b", False, 8192, "v5p-64", 1, False,
                                          ["--config.data.layout=packed", "--config.data.seq_buckets=(8192,)",

@@ -205,11 +205,14 @@ def test_reference_parameters_are_freed_after_the_pass():
 def test_invalid_layouts_are_refused_before_compiling():
     with pytest.raises(ValueError, match="mesh .* has 6 devices but there are 8"):
         H.engine(H.config(mesh=(2, 3, 1)))
-    with pytest.raises(ValueError, match="global_batch_pairs = 6: its 12 rows do not divide over the data-parallel"):
+    with pytest.raises(ValueError, match="global_batch_pairs = 6 does not divide over the data-parallel size 8"):
         H.engine(H.config(mesh=(8, 1, 1), pairs=6))
+    # 4 pairs make 8 rows, one a device, but the pairs' own fields (ids, masks, reference log-probs) do not split
+    with pytest.raises(ValueError, match="global_batch_pairs = 4 does not divide over the data-parallel size 8"):
+        H.engine(H.config(mesh=(8, 1, 1), pairs=4))
     with pytest.raises(ValueError, match=r"dimension 1 \(kv_heads\) of size 2 is not divisible by mesh axes tensor"):
         H.engine(H.config(mesh=(2, 1, 4)))
-    with pytest.raises(ValueError, match="micro-batch has 4 rows, not divisible by the data-parallel size 8"):
+    with pytest.raises(ValueError, match="micro-batch has 2 pairs, not divisible by the data-parallel size 8"):
         H.engine(H.config(mesh=(8, 1, 1), pairs=8, micro=4))
     c = H.config(mesh=(8, 1, 1))
     c.dpo.loss_type = "dpo"

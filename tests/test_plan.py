@@ -78,16 +78,22 @@ def test_a_run_that_cannot_fit_is_reported_as_not_fitting(devices):
 
 
 def test_fit_returns_settings_that_fit_and_are_the_fastest_tried(devices):
-    c = tiny(**{"train.global_batch_pairs": 8, "train.mode": "sft"})
+    """Two pairs on four chips do not split over four data-parallel devices: --fit goes to a tensor-parallel size
+    of 2, where they do."""
+    c = tiny(**{"train.global_batch_pairs": 2, "train.mode": "sft"})
+    c.mesh.rules = tuple((name, None if name == "vocab" else axes) for name, axes in c.mesh.rules)  # 471 tokens
     found, (chosen_plans, chosen_info) = fit(c, devices, policies=("dots", "full"))  # two of three: the suite's time
-    assert found["overrides"] == [f"--config.model.remat_policy={found['remat_policy']}",
+    assert found["tried"][0] == {"tensor": 1, "fits": False,
+                                 "error": "the batch does not split over 4 data-parallel devices"}
+    assert found["overrides"] == ["--config.mesh.tensor=2", f"--config.model.remat_policy={found['remat_policy']}",
                                   f"--config.train.micro_batches={found['micro_batches']}"]
     timed = [t for t in found["tried"] if "estimated_step_seconds" in t]
-    assert timed and all(t["fits"] for t in timed)
+    assert timed and all(t["fits"] and t["tensor"] == 2 for t in timed)
     assert found["estimated_step_seconds"] == min(t["estimated_step_seconds"] for t in timed)
     # the plan handed back is the chosen settings' own, compiled, fitting and estimated
     assert (chosen_info["model"]["remat_policy"], chosen_info["micro_batches"]) == (found["remat_policy"],
                                                                                   found["micro_batches"])
+    assert chosen_info["mesh"]["tensor"] == 2
     assert all(p.fits for p in chosen_plans.values())
     assert chosen_plans["train_step"].estimated_step_seconds == found["estimated_step_seconds"]
 
@@ -177,14 +183,22 @@ def test_accelerator_types_name_their_slices():
 
 def test_a_ppo_config_plans_its_four_programs(devices):
     """A `dpo-jax ppo` config: generation, the reward model's scoring pass, the reference/value pass and the update
-    are compiled (memory and fits; no time estimate), with what else the run holds counted beside each."""
+    are compiled, with what else the run holds counted beside each, and estimated: the compiler's FLOPs of the
+    loop-free variants, scaled by layers, decode steps and epochs x minibatches, come out at flops.py's count."""
     from dpo_jax.plan.ppo_plan import plan_ppo
 
     c = load_config_file(TINY + ":ppo")
     c.reward.kind, c.reward.model.source, c.value_init = "model", "random", "reward"  # a reward model of tiny's shape
+    c.ppo.epochs, c.ppo.minibatches = 2, 2
     plans, info = plan_ppo(c, devices)
     assert set(plans) == {"generate", "reward_score", "rollout_stats", "ppo_update"} and info["mode"] == "ppo"
-    assert all(p.fits and p.compiled.argument_bytes > 0 and p.estimated_step_seconds == 0 for p in plans.values())
+    assert all(p.fits and p.compiled.argument_bytes > 0 for p in plans.values())
     # the update's arguments are the whole state; while generating, the value model and optimizer state are held
     assert plans["generate"].resident_bytes > 0 and plans["ppo_update"].compiled.argument_bytes > \
         plans["generate"].compiled.argument_bytes
+    for name, plan in plans.items():  # a missed trip count would be off by the layers, tokens or updates (2-16x)
+        assert 0.8 < plan.estimated_flops / plan.model_flops < 1.25, name
+        assert plan.estimated_step_seconds > 0
+    assert info["estimated_iteration_seconds"] == pytest.approx(sum(p.estimated_step_seconds for p in plans.values()))
+
+

@@ -1,12 +1,12 @@
 """`dpo-jax plan`: a run compiled for a TPU topology before paying for it — memory against HBM, fits or not, the
-compiler's step-time estimate, collectives; `--fit` finds the fastest remat / micro-batch settings that fit.
+compiler's step-time estimate, collectives; `--fit` finds the fastest remat / micro-batch / tensor-parallel settings that fit.
 
     pip install -e ".[tpu]"   # libtpu: the TPU compiler, no TPU needed
     dpo-jax plan --config configs/dpo_hh.py --config.model.preset=llama3-8b --topology v5e:4x4 [--num_slices 2]
         [--fit] [--out plan.json]
 
 Takes any `train` config (the same overrides), or a `ppo` config (generation, scoring, the reference/value pass
-and the update: memory, fits, collectives; no time estimate). Nothing is read but the config (and an HF
+and the update, each estimated per PPO iteration, and their sum). Nothing is read but the config (and an HF
 config.json, or the tokenizer of a random-init model), nothing runs, nothing is allocated. Times, tokens/s and MFU
 (marked *) are estimates from the TPU compiler's cost analysis, not measurements.
 """
@@ -35,7 +35,7 @@ def define_flags() -> None:
         return
     flags.DEFINE_string("topology", None, "TPU slice, e.g. v5e:4x4, v5p:4x4x4, v6e:2x4")
     flags.DEFINE_integer("num_slices", 1, "slices (multi-slice over DCN: set config.mesh.dcn_* too)")
-    flags.DEFINE_bool("fit", False, "search remat policy and micro-batches for the fastest plan that fits")
+    flags.DEFINE_bool("fit", False, "search remat policy, micro-batches and the tensor-parallel size for the fastest plan that fits")
     flags.DEFINE_string("out", "", "write the plan as JSON here")
 
 
@@ -65,7 +65,7 @@ def report(plan: dict) -> str:
             estimate = (f"{p['estimated_step_seconds']:>10.3f}{p['tokens_per_second']:>12,.0f}"
                         f"{100 * p['estimated_mfu']:>6.1f}%{p['model_flops'] / 1e15:>13.2f} / "
                         f"{p['estimated_flops'] / 1e15:<6.2f}")
-        else:  # no estimate (a PPO program, or a plan that does not fit)
+        else:  # no estimate (a plan that does not fit)
             estimate = f"{'-':>10}{'-':>12}{'-':>7}{p['model_flops'] / 1e15:>13.2f} / {'-':<6}"
         lines.append(
             f"{name:<15}{fits:<6}{_gib(p['argument_bytes']):>21}{_gib(p['output_bytes']):>7}"
@@ -84,12 +84,20 @@ def report(plan: dict) -> str:
         fit = plan["fit"]
         lines.append("--fit: " + (" ".join(fit["overrides"]) if fit["overrides"] else
                                   "nothing tried fits; use more chips, LoRA or a shorter max_length"))
+        for tried in fit["tried"]:
+            settings = ", ".join(f"{k} {tried[k]}" for k in ("tensor", "remat_policy", "micro_batches") if k in tried)
+            outcome = tried.get("error") or (f"{tried['total_bytes'] / GIB:.1f} GiB, "
+                                             + ("fits" if tried["fits"] else "does not fit"))
+            lines.append(f"  tried {settings}: {outcome}")
+    if info.get("estimated_iteration_seconds"):
+        lines.append(f"PPO iteration*: {info['estimated_iteration_seconds']:.3f} s (generation decodes every "
+                     "max_new_tokens: an upper bound)")
     lines.append("fits: " + ("yes" if plan["fits"] else "NO"))
     return "\n".join(lines)
 
 
 def make_plan(c: ml_collections.ConfigDict, topology: str, num_slices: int = 1, fit: bool = False) -> dict:
-    """The plan of a train config (or of a `dpo-jax ppo` config: its four programs, memory only) as JSON-ready."""
+    """The plan of a train config (or of a `dpo-jax ppo` config: its four programs) as JSON-ready."""
     devices = topology_devices(topology, num_slices)
     found = None
     if is_ppo_config(c):

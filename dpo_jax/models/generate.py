@@ -85,48 +85,60 @@ def _choose(raw: Array, row_keys: Array, step: Array, temperature: Array, s: Sam
     return token, jnp.take_along_axis(model_logp, token[:, None], -1)[:, 0], jnp.where(greedy, 0.0, sampling_lp)
 
 
-def _generate(params, prompt_ids, prompt_mask, row_keys, temperature, config: ModelConfig, s: SamplingConfig
-              ) -> Samples:
+def _prefill(params, prompt_ids, prompt_mask, config: ModelConfig, s: SamplingConfig) -> tuple:
+    """The prompts through the model into a cache of P + max_new_tokens slots: the decode loop's first carry
+    (step, cache, key validity, last logits, next positions, samples so far, done, None)."""
     b, p = prompt_ids.shape
     n = s.max_new_tokens
-    model = Decoder(config)
     key_valid = jnp.zeros((b, p + n), jnp.int32).at[:, :p].set(prompt_mask.astype(jnp.int32))
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
-    hidden, cache = model.apply({"params": params}, prompt_ids, positions=positions, attention_mask=key_valid,
-                                cache=init_cache(config, b, p + n), cache_index=0)
+    hidden, cache = Decoder(config).apply({"params": params}, prompt_ids, positions=positions,
+                                          attention_mask=key_valid, cache=init_cache(config, b, p + n), cache_index=0)
     last_logits = logits(params, config, hidden[:, -1:])[:, 0]
     next_pos = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)
-
-    def cond(carry):
-        i, *_, done, _ = carry
-        return (i < n) & ~jnp.all(done)
-
-    def body(carry):
-        i, cache, key_valid, raw, pos, out, done, _ = carry
-        token, lp, slp = _choose(raw, row_keys, i, temperature, s)
-        live = ~done
-        token = jnp.where(live, token, s.pad_id)
-        out = Samples(
-            out.tokens.at[:, i].set(token),
-            out.logps.at[:, i].set(jnp.where(live, lp, 0.0)),
-            out.sampling_logps.at[:, i].set(jnp.where(live, slp, 0.0)),
-            out.mask.at[:, i].set(live.astype(jnp.int32)),
-            out.lengths + live.astype(jnp.int32),
-        )
-        if s.eos_id is not None:
-            done = done | (token == s.eos_id)
-        key_valid = key_valid.at[:, p + i].set(1)
-        hidden, cache = model.apply({"params": params}, token[:, None], positions=pos[:, None],
-                                    attention_mask=key_valid, cache=cache, cache_index=p + i)
-        return i + 1, cache, key_valid, logits(params, config, hidden)[:, 0], pos + 1, out, done, None
-
     empty = Samples(jnp.full((b, n), s.pad_id, jnp.int32), jnp.zeros((b, n)), jnp.zeros((b, n)),
                     jnp.zeros((b, n), jnp.int32), jnp.zeros((b,), jnp.int32))
-    carry = (jnp.asarray(0), cache, key_valid, last_logits, next_pos, empty, jnp.zeros((b,), bool), None)
-    return jax.lax.while_loop(cond, body, carry)[5]
+    return jnp.asarray(0), cache, key_valid, last_logits, next_pos, empty, jnp.zeros((b,), bool), None
+
+
+def _decode_step(carry: tuple, params, row_keys, temperature, prompt_length: int, config: ModelConfig,
+                 s: SamplingConfig) -> tuple:
+    """One token for every row: choose it from the last logits, record it, feed it through the cached model."""
+    i, cache, key_valid, raw, pos, out, done, _ = carry
+    token, lp, slp = _choose(raw, row_keys, i, temperature, s)
+    live = ~done
+    token = jnp.where(live, token, s.pad_id)
+    out = Samples(
+        out.tokens.at[:, i].set(token),
+        out.logps.at[:, i].set(jnp.where(live, lp, 0.0)),
+        out.sampling_logps.at[:, i].set(jnp.where(live, slp, 0.0)),
+        out.mask.at[:, i].set(live.astype(jnp.int32)),
+        out.lengths + live.astype(jnp.int32),
+    )
+    if s.eos_id is not None:
+        done = done | (token == s.eos_id)
+    key_valid = key_valid.at[:, prompt_length + i].set(1)
+    hidden, cache = Decoder(config).apply({"params": params}, token[:, None], positions=pos[:, None],
+                                          attention_mask=key_valid, cache=cache, cache_index=prompt_length + i)
+    return i + 1, cache, key_valid, logits(params, config, hidden)[:, 0], pos + 1, out, done, None
+
+
+def _generate(params, prompt_ids, prompt_mask, row_keys, temperature, config: ModelConfig, s: SamplingConfig
+              ) -> Samples:
+    def cond(carry):
+        i, *_, done, _ = carry
+        return (i < s.max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        return _decode_step(carry, params, row_keys, temperature, prompt_ids.shape[1], config, s)
+
+    return jax.lax.while_loop(cond, body, _prefill(params, prompt_ids, prompt_mask, config, s))[5]
 
 
 _generate_jit = jax.jit(_generate, static_argnames=("config", "s"))
+# the loop's two parts on their own: `dpo-jax plan` counts a decode step's cost once and multiplies it
+prefill_jit = jax.jit(_prefill, static_argnames=("config", "s"))
+decode_step_jit = jax.jit(_decode_step, static_argnames=("prompt_length", "config", "s"))
 
 
 def generate(

@@ -25,7 +25,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dpo_jax import sharding
-from dpo_jax.logprobs import token_logprobs
+from dpo_jax.logprobs import DEFAULT_CHUNK_SIZE, token_logprobs
 from dpo_jax.models import lora
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.decoder import Decoder, logical_axes, unembedding
@@ -55,6 +55,7 @@ class PPOConfig:
     horizon: float = 10000.0  # its horizon, in episodes
     whiten_rewards: bool = False
     seed: int = 0  # generation keys and minibatch shuffles
+    logprob_chunk_size: int = DEFAULT_CHUNK_SIZE  # response positions per unembedding chunk
 
     def __post_init__(self):
         if self.model.head != "lm" or self.value_model.head != "score":
@@ -105,14 +106,14 @@ ROLLOUT_KEYS = {"input_ids": 2, "attention_mask": 2, "response_mask": 2, "old_lo
 
 
 def response_logps(params: dict, model: ModelConfig, ids: jax.Array, mask: jax.Array, length: int,
-                   temperature: float) -> jax.Array:
+                   temperature: float, chunk_size: int = DEFAULT_CHUNK_SIZE) -> jax.Array:
     """log π_T(y_t | x, y_<t) of the last `length` positions [B, length] float32 (left-padded prompt + response).
     The unembedding runs on those positions only (the score window of logprobs.py), never on the prompt."""
     hidden = Decoder(model).apply({"params": params}, ids, attention_mask=mask)
     kernel, bias = unembedding(params, model)
     b, t = ids.shape
     lp = token_logprobs(hidden, kernel / temperature, ids, bias=None if bias is None else bias / temperature,
-                        window=(jnp.full((b,), t - length, jnp.int32), length))
+                        window=(jnp.full((b,), t - length, jnp.int32), length), chunk_size=chunk_size)
     return lp[:, -length:]
 
 
@@ -125,7 +126,7 @@ def response_values(params: dict, model: ModelConfig, ids: jax.Array, mask: jax.
 def _losses(params, mb, c: PPOConfig):
     length = mb["response_mask"].shape[1]
     lp = response_logps(params["policy"], c.model, mb["input_ids"], mb["attention_mask"], length,
-                        c.sampling.temperature)
+                        c.sampling.temperature, c.logprob_chunk_size)
     v = response_values(params["value"], c.value_model, mb["input_ids"], mb["attention_mask"], length)
     m = mb["response_mask"].astype(jnp.float32)
     pg, stats = ppo_math.policy_loss(lp, mb["old_logps"], mb["advantages"], m, c.clip)
@@ -276,7 +277,7 @@ def build_ppo_engine(c: PPOConfig, optimizer_config: Any, policy_params: Any, va
     def stats(params, ref_params, ids, mask, length):
         ref, ref_model = (lora.base_params(params["policy"]), lora.base_config(c.model)) if c.base_reference \
             else (ref_params, c.model)
-        return (response_logps(ref, ref_model, ids, mask, length, c.sampling.temperature),
+        return (response_logps(ref, ref_model, ids, mask, length, c.sampling.temperature, c.logprob_chunk_size),
                 response_values(params["value"], c.value_model, ids, mask, length))
 
     ref_shardings = None if c.base_reference else p_shardings["policy"]

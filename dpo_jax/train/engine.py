@@ -135,22 +135,22 @@ class Engine(NamedTuple):
 
 
 def check_batch_layout(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rows_per_pair: int) -> None:
-    """The global batch must split into data-parallel shards, hosts and micro-batches evenly."""
+    """The global batch must split into data-parallel shards, hosts and micro-batches evenly: its pairs, not
+    just its rows."""
     b, m = c.train.global_batch_pairs, c.train.micro_batches
     dp = sharding.data_parallel_size(mesh, c.mesh.rules)
     if rows_per_pair == 0:  # packed rows: the loader plans a row count that divides (loader.rows_multiple)
         return
-    if (rows_per_pair * b) % dp:
-        raise ValueError(f"config.train.global_batch_pairs = {b}: its {rows_per_pair * b} rows do not divide over "
-                         f"the data-parallel size {dp} (mesh data x fsdp); use a multiple of "
-                         f"{dp // rows_per_pair or 1} pairs")
+    if b % dp:  # per-pair fields (example ids, masks, margins, reference log-probs) shard over it like rows
+        raise ValueError(f"config.train.global_batch_pairs = {b} does not divide over the data-parallel size {dp} "
+                         f"(mesh data x fsdp; each pair's fields are sharded like its rows); use a multiple of {dp} "
+                         "pairs, or a larger config.mesh.tensor")
     per_host = b // jax.process_count()
     if b % jax.process_count() or per_host % m:
         raise ValueError(f"config.train.global_batch_pairs = {b} must divide by processes ({jax.process_count()}) "
                          f"x micro_batches ({m})")
-    if (rows_per_pair * b // m) % dp:
-        raise ValueError(f"each micro-batch has {rows_per_pair * b // m} rows, not divisible by the data-parallel "
-                         f"size {dp}; "
+    if (b // m) % dp:
+        raise ValueError(f"each micro-batch has {b // m} pairs, not divisible by the data-parallel size {dp}; "
                          "lower config.train.micro_batches or the mesh's data x fsdp")
 
 
