@@ -7,7 +7,7 @@ full fine-tuning and LoRA DPO, sequence lengths and topologies.
 Each row is `dpo-jax plan --config configs/dpo_hh.py[:lora] --config.model.preset=P --config.data.layout=pairs
 --config.data.max_length=T ... --topology X [--fit]` (64 pairs a step: the paper's batch, two rows of T tokens per
 pair; bf16 compute; the reference precomputed, or with LoRA the base with adapters off). Results are appended to
---out as they finish (a row already there is skipped), so the matrix can be run a few rows at a time.
+--out as they finish (a row already there is skipped), so the matrix can be run a few rows at a time (or by two processes at once: each reloads the file before writing).
 """
 
 from __future__ import annotations
@@ -114,9 +114,11 @@ def main() -> None:
             plan = json.load(open(plan_file))
         plan["command"] = " ".join(cmd[2:])
         plan["wall_seconds"] = seconds
+        results = json.load(open(args.out)) if os.path.exists(args.out) else {}  # another run may have added rows
         results[row] = plan
-        with open(args.out, "w") as f:
+        with open(args.out + ".tmp", "w") as f:
             json.dump(results, f, indent=1)
+        os.replace(args.out + ".tmp", args.out)
         train = plan["programs"]["train_step"]
         print(f"{row}: fits {plan['fits']}, {train['total_bytes'] / 2**30:.1f} GiB/chip, "
               f"{train['estimated_step_seconds']:.2f} s/step*, MFU* {100 * train['estimated_mfu']:.0f} %, "
