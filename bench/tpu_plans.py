@@ -60,7 +60,26 @@ ROWS = {
 }
 
 
+# PPO (configs/ppo_tldr.py: the paper's TL;DR baseline, 64 prompts of up to 512 tokens, 53 new tokens, 4 epochs):
+# name: (policy and reward-model preset, topology, extra overrides)
+PPO_ROWS = {
+    "gptj-6b-ppo-tldr-v5p64": ("gptj-6b", "v5p-64", []),
+    "llama3-8b-lora-ppo-tldr-v5e16": ("llama3-8b", "v5e-16", ["--config.policy.lora.rank=16",
+                                                             "--config.policy.param_dtype=bfloat16"]),
+}
+
+
+def ppo_command(row: str, out: str) -> list[str]:
+    preset, topology, extra = PPO_ROWS[row]
+    return [sys.executable, "-m", "dpo_jax.main", "plan", "--config", "configs/ppo_tldr.py",
+            f"--config.policy.preset={preset}", "--config.policy.source=random",
+            f"--config.reward.model.preset={preset}", "--config.reward.model.source=random", *extra,
+            "--topology", topology, "--out", out]
+
+
 def command(row: str, out: str) -> list[str]:
+    if row in PPO_ROWS:
+        return ppo_command(row, out)
     preset, lora, tokens, topology, slices, fit, extra = ROWS[row]
     args = [sys.executable, "-m", "dpo_jax.main", "plan", "--config", "configs/dpo_hh.py" + (":lora" if lora else ""),
             f"--config.model.preset={preset}", "--config.data.layout=pairs", f"--config.data.max_length={tokens}",
@@ -70,12 +89,30 @@ def command(row: str, out: str) -> list[str]:
     return args + (["--fit"] if fit else [])
 
 
+def floor_at_model_flops(plan: dict) -> dict:
+    """A row planned before the roofline's compute term was floored at flops.py's FLOPs (commit 03a4815): its
+    step time was max(compiler FLOPs / peak, bytes / bandwidth), so max(that, model FLOPs / peak) is exactly what the
+    current plan gives; tokens/s and MFU follow. Idempotent on newer rows."""
+    peak = plan["run"]["devices"] * plan["run"]["peak_tflops_per_device"] * 1e12
+    for program in plan["programs"].values():
+        seconds = program["estimated_step_seconds"]
+        if not seconds:
+            continue
+        floored = max(seconds, program["model_flops"] / peak)
+        program["tokens_per_second"] *= seconds / floored
+        program["estimated_step_seconds"] = floored
+        program["estimated_mfu"] = program["model_flops"] / (floored * peak)
+    return plan
+
+
 def table(results: dict) -> str:
     """The docs table: one line per planned row."""
     lines = ["| row | topology | fits | GiB/chip (of HBM) | step s* | tokens/s* | MFU* | FLOPs compiler / ours | "
              "`--fit` | plan took |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row, plan in results.items():
-        train = plan["programs"]["train_step"]
+        if row in PPO_ROWS:
+            continue
+        train = floor_at_model_flops(plan)["programs"]["train_step"]
         fit = " ".join(o.replace("--config.", "") for o in plan["fit"]["overrides"]) if plan.get("fit") else ""
         slices = f" × {plan['num_slices']}" if plan["num_slices"] > 1 else ""
         ratio = train["estimated_flops"] / train["model_flops"] if train["model_flops"] else 0.0
@@ -88,15 +125,32 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def ppo_table(results: dict) -> str:
+    """The PPO rows: each program of an iteration, then the iteration."""
+    lines = ["| row | topology | fits | program | GiB/chip (of HBM) | s* | MFU* | FLOPs compiler / ours |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row, plan in results.items():
+        if row not in PPO_ROWS:
+            continue
+        for name, p in plan["programs"].items():
+            ratio = p["estimated_flops"] / p["model_flops"] if p["model_flops"] else 0.0
+            lines.append(f"| {row} | {plan['topology']} ({plan['run']['devices']} chips) | "
+                         f"{'yes' if p['fits'] else '**no**'} | {name} | {p['total_bytes'] / 2**30:.1f} "
+                         f"({p['hbm_bytes'] / 2**30:.0f}) | {p['estimated_step_seconds']:.2f} | "
+                         f"{100 * p['estimated_mfu']:.0f} % | {ratio:.2f} |")
+        lines.append(f"| {row} | | | **iteration** | | {plan['run']['estimated_iteration_seconds']:.2f} | | |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--rows", default=",".join([*ROWS, *PPO_ROWS]))
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "bench", "tpu_plans.json"))
     parser.add_argument("--table", action="store_true", help="print the docs table of --out and stop")
     args = parser.parse_args()
     results = json.load(open(args.out)) if os.path.exists(args.out) else {}
     if args.table:
-        print(table(results))
+        print(table(results) + "\n\n" + ppo_table(results))
         return
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     for row in args.rows.split(","):
@@ -119,6 +173,10 @@ def main() -> None:
         with open(args.out + ".tmp", "w") as f:
             json.dump(results, f, indent=1)
         os.replace(args.out + ".tmp", args.out)
+        if row in PPO_ROWS:
+            print(f"{row}: fits {plan['fits']}, iteration {plan['run']['estimated_iteration_seconds']:.2f} s*, "
+                  f"{seconds:.0f} s", flush=True)
+            continue
         train = plan["programs"]["train_step"]
         print(f"{row}: fits {plan['fits']}, {train['total_bytes'] / 2**30:.1f} GiB/chip, "
               f"{train['estimated_step_seconds']:.2f} s/step*, MFU* {100 * train['estimated_mfu']:.0f} %, "

@@ -104,10 +104,7 @@ def _programs(c: ml_collections.ConfigDict, models: Models, mesh, variant: bool)
     reference = None if config.base_reference else params["policy"]  # π_ref: a copy of π_SFT's shape
     static = SamplingConfig(max_new_tokens=new, temperature=1.0, eos_id=0, pad_id=0)
     update_rows = b // p.minibatches if variant else b
-    programs = {
-        "rollout_stats": (engine.rollout_stats.lower, (params, reference, full, full, new)),
-        "ppo_update": (engine.train_step.lower, (engine.state, engine.abstract_rollout(update_rows, prompt))),
-    }
+    programs = {}  # in an iteration's order
     if variant:
         programs["prefill"] = (functools.partial(prefill_jit.lower, config=models.policy, s=static),
                                (params["policy"], ids, ids))
@@ -123,6 +120,8 @@ def _programs(c: ml_collections.ConfigDict, models: Models, mesh, variant: bool)
         reward_params = _abstract(models.reward, mesh, rules)
         scorer = make_scorer(models.reward, mesh, rules, jax.tree.map(lambda x: x.sharding, reward_params))
         programs["reward_score"] = (scorer.lower, (reward_params, full, full))
+    programs["rollout_stats"] = (engine.rollout_stats.lower, (params, reference, full, full, new))
+    programs["ppo_update"] = (engine.train_step.lower, (engine.state, engine.abstract_rollout(update_rows, prompt)))
     held = {"state": per_device_bytes(engine.state), "policy": per_device_bytes(params["policy"]),
             "params": per_device_bytes(params),
             "reference": per_device_bytes(reference) if reference is not None else 0,
@@ -169,8 +168,8 @@ def estimate(c: ml_collections.ConfigDict, models: Models, mesh) -> dict[str, tu
         return a + (lp - 1) * (b - a) + (lv - 1) * (costs["C"][program][i] - a)
 
     new, p = c.ppo.max_new_tokens, c.ppo
-    out = {k: (total(k, 0), total(k, 1)) for k in costs["A"] if k not in ("prefill", "decode_step")}
-    out["generate"] = tuple(total("prefill", i) + new * total("decode_step", i) for i in (0, 1))
+    out = {"generate": tuple(total("prefill", i) + new * total("decode_step", i) for i in (0, 1))}
+    out.update({k: (total(k, 0), total(k, 1)) for k in costs["A"] if k not in ("prefill", "decode_step")})
     out["ppo_update"] = tuple(p.epochs * p.minibatches * x for x in out["ppo_update"])
     return out
 
