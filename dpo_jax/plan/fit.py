@@ -88,6 +88,9 @@ def fit(c: ml_collections.ConfigDict, devices: list[Any], policies: tuple[str, .
                 fits = all(p.fits for p in plans.values())
                 tried.append({"tensor": tensor, "remat_policy": remat, "micro_batches": m, "fits": fits,
                               "total_bytes": max(p.total_bytes for p in plans.values())})
+                errors = [p.compiled.error for p in plans.values() if p.compiled.error]
+                if errors:  # out of memory at compile time: the compiler's message, not a byte count
+                    tried[-1]["error"] = errors[0][:300]
                 if not fits:
                     continue
                 add_estimate(plans, candidate, devices)
