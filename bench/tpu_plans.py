@@ -166,7 +166,7 @@ def main() -> None:
                 print(f"{row}: failed ({done.returncode})\n{done.stderr[-2000:]}", flush=True)
                 continue
             plan = json.load(open(plan_file))
-        plan["command"] = " ".join(cmd[2:])
+        plan["command"] = " ".join(command(row, "plan.json")[2:])
         plan["wall_seconds"] = seconds
         results = json.load(open(args.out)) if os.path.exists(args.out) else {}  # another run may have added rows
         results[row] = plan

@@ -125,7 +125,8 @@ def test_cli_plan_prints_the_table_and_writes_json(tmp_path):
     out = tmp_path / "plan.json"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, "-m", "dpo_jax.main", "plan", "--config", TINY, "--topology", "v5e:2x2",
-                             "--out", str(out)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+                             "--config.model.scan_layers=True", "--out", str(out)], capture_output=True, text=True,
+                            env=env, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "train_step" in result.stdout and "fits: yes" in result.stdout
     plan = json.loads(out.read_text())
@@ -138,6 +139,9 @@ def test_cli_plan_prints_the_table_and_writes_json(tmp_path):
         # the compiler's FLOPs (loop-free variants, extrapolated) against flops.py's: remat recomputes some forward
         ratio = program["estimated_flops"] / program["model_flops"]
         assert 0.9 < ratio < (1.6 if name == "train_step" else 1.2), (name, ratio)
+        # the 1-layer variant counts what the scanned program counts (each loop body once): partitioned alike
+        assert all(2 / 3 < r < 3 / 2 for r in program["variant_agreement"].values()), (name, program)
+    assert "estimate unreliable" not in result.stdout
 
 
 def test_bad_topology_names_the_flag():

@@ -73,6 +73,10 @@ def report(plan: dict) -> str:
             f"{estimate}{p['compile_seconds']:>11.1f}")
         if p["error"]:
             lines.append(f"  does not fit: {p['error']}")
+        agreement = p.get("variant_agreement") or {}
+        if any(not 2 / 3 <= ratio <= 3 / 2 for ratio in agreement.values()):
+            lines.append(f"  estimate unreliable: its 1-layer variant counts {agreement['flops']:.2f}x the FLOPs and "
+                         f"{agreement['bytes']:.2f}x the bytes of the program itself (partitioned differently)")
     lines.append("")
     for name, p in plan["programs"].items():
         parts = [f"{kind} {v['count']} ({_gib(v['bytes'])} GiB)" for kind, v in sorted(p["collectives"].items())]

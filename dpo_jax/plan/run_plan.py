@@ -162,13 +162,15 @@ def _variant_costs(c, model, mesh, dp, chunk, parts, chunks) -> dict[tuple[int, 
 
 
 def estimate(c: ml_collections.ConfigDict, model: ModelConfig, mesh: jax.sharding.Mesh, dp: int
-             ) -> dict[str, tuple[float, float]]:
+             ) -> tuple[dict[str, tuple[float, float]], dict[str, tuple[float, float]] | None]:
     """{program: (FLOPs, bytes accessed)} per device and step, the compiler's. It counts a loop body once, so
     three variants of one micro-batch are compiled — (1 layer, chunk C), (2 layers, C), (1 layer, 2C; only when a
     row has more than one chunk), layers unscanned — and the step's FLOPs are F(1, C) + (L - 1)·[F(2, C) - F(1, C)] + (K - 1)·[F(1, 2C) - F(1, C)],
     times the parts (the micro-batches, or more when a variant at that size does not fit the chip: the batch is
     halved until it does; K: log-prob chunks of C positions per row; the optimizer update is then counted once per
-    part: a small overcount). Bytes accessed alike."""
+    part: a small overcount). Bytes accessed alike. Also returns the (1 layer, C) variant's own counts when it is
+    one micro-batch of the run (else None): what the scanned program counts too (every loop body once), so the two
+    should agree — `add_estimate` reports how well."""
     shape = planned_shape(c, dp)
     chunk = min(c.train.logprob_chunk_size, shape.seq_len)
     chunks = -(-shape.seq_len // chunk)
@@ -191,7 +193,8 @@ def estimate(c: ml_collections.ConfigDict, model: ModelConfig, mesh: jax.shardin
         per_chunk = costs[1, 2 * chunk][name][i] - base if chunks > 1 else 0.0
         return m * (base + (model.num_layers - 1) * per_layer + (chunks - 1) * per_chunk)
 
-    return {name: (total(name, 0), total(name, 1)) for name in costs[1, chunk]}
+    one_layer = costs[1, chunk] if m == c.train.micro_batches else None
+    return {name: (total(name, 0), total(name, 1)) for name in costs[1, chunk]}, one_layer
 
 
 def roofline_seconds(flops: float, bytes_accessed: float, model_flops: float, chip: Chip) -> float:
@@ -219,6 +222,9 @@ class ProgramPlan:
     estimated_bytes: float = 0.0  # bytes accessed per step, all devices, likewise
     estimated_step_seconds: float = 0.0
     tokens: int = 0
+    # the (1 layer, C) variant's counts / the scanned program's (both count each loop body once): near 1 when the
+    # variants are partitioned like the program; far from it, the estimate is not to be trusted
+    variant_agreement: dict[str, float] | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -236,7 +242,7 @@ class ProgramPlan:
             "total_bytes": self.total_bytes, **compiled,
             "model_flops": self.model_flops, "estimated_flops": self.estimated_flops,
             "estimated_bytes": self.estimated_bytes,
-            "estimated_step_seconds": seconds,
+            "estimated_step_seconds": seconds, "variant_agreement": self.variant_agreement,
             "tokens_per_second": self.tokens / seconds if seconds else 0.0,
             "estimated_mfu": self.model_flops / (seconds * devices * chip.peak_tflops * 1e12) if seconds else 0.0,
         }
@@ -284,9 +290,14 @@ def add_estimate(plans: dict[str, ProgramPlan], c: ml_collections.ConfigDict, de
         return
     mesh = make_mesh(c.mesh, devices)
     chip = chip_of(devices[0])
-    for name, (flops, bytes_accessed) in estimate(c, planned_model(c), mesh,
-                                                  data_parallel_size(mesh, c.mesh.rules)).items():
+    model = planned_model(c)
+    totals, one_layer = estimate(c, model, mesh, data_parallel_size(mesh, c.mesh.rules))
+    for name, (flops, bytes_accessed) in totals.items():
         plan = plans[name]
+        if one_layer is not None and model.scan_layers and plan.compiled.compiler_flops:
+            parts = 1 if name == "train_step" else c.train.micro_batches  # only the train step loops over them
+            plan.variant_agreement = {"flops": parts * one_layer[name][0] / plan.compiled.compiler_flops,
+                                      "bytes": parts * one_layer[name][1] / max(plan.compiled.compiler_bytes, 1.0)}
         plan.estimated_flops, plan.estimated_bytes = flops * len(devices), bytes_accessed * len(devices)
         plan.estimated_step_seconds = roofline_seconds(flops, bytes_accessed, plan.model_flops / len(devices), chip)
 
