@@ -162,15 +162,15 @@ def _variant_costs(c, model, mesh, dp, chunk, parts, chunks) -> dict[tuple[int, 
 
 
 def estimate(c: ml_collections.ConfigDict, model: ModelConfig, mesh: jax.sharding.Mesh, dp: int
-             ) -> tuple[dict[str, tuple[float, float]], dict[str, tuple[float, float]] | None]:
+             ) -> tuple[dict[str, tuple[float, float]], tuple[dict[str, tuple[float, float]], int]]:
     """{program: (FLOPs, bytes accessed)} per device and step, the compiler's. It counts a loop body once, so
     three variants of one micro-batch are compiled — (1 layer, chunk C), (2 layers, C), (1 layer, 2C; only when a
     row has more than one chunk), layers unscanned — and the step's FLOPs are F(1, C) + (L - 1)·[F(2, C) - F(1, C)] + (K - 1)·[F(1, 2C) - F(1, C)],
     times the parts (the micro-batches, or more when a variant at that size does not fit the chip: the batch is
     halved until it does; K: log-prob chunks of C positions per row; the optimizer update is then counted once per
-    part: a small overcount). Bytes accessed alike. Also returns the (1 layer, C) variant's own counts when it is
-    one micro-batch of the run (else None): what the scanned program counts too (every loop body once), so the two
-    should agree — `add_estimate` reports how well."""
+    part: a small overcount). Bytes accessed alike. Also returns the (1 layer, C) variant's own counts and the parts:
+    scaled to the program's batch, what the scanned program counts too (every loop body once), so the two should
+    agree — `add_estimate` reports how well."""
     shape = planned_shape(c, dp)
     chunk = min(c.train.logprob_chunk_size, shape.seq_len)
     chunks = -(-shape.seq_len // chunk)
@@ -193,8 +193,7 @@ def estimate(c: ml_collections.ConfigDict, model: ModelConfig, mesh: jax.shardin
         per_chunk = costs[1, 2 * chunk][name][i] - base if chunks > 1 else 0.0
         return m * (base + (model.num_layers - 1) * per_layer + (chunks - 1) * per_chunk)
 
-    one_layer = costs[1, chunk] if m == c.train.micro_batches else None
-    return {name: (total(name, 0), total(name, 1)) for name in costs[1, chunk]}, one_layer
+    return {name: (total(name, 0), total(name, 1)) for name in costs[1, chunk]}, (costs[1, chunk], m)
 
 
 def roofline_seconds(flops: float, bytes_accessed: float, model_flops: float, chip: Chip) -> float:
@@ -291,13 +290,15 @@ def add_estimate(plans: dict[str, ProgramPlan], c: ml_collections.ConfigDict, de
     mesh = make_mesh(c.mesh, devices)
     chip = chip_of(devices[0])
     model = planned_model(c)
-    totals, one_layer = estimate(c, model, mesh, data_parallel_size(mesh, c.mesh.rules))
+    totals, (one_layer, parts) = estimate(c, model, mesh, data_parallel_size(mesh, c.mesh.rules))
     for name, (flops, bytes_accessed) in totals.items():
         plan = plans[name]
-        if one_layer is not None and model.scan_layers and plan.compiled.compiler_flops:
-            parts = 1 if name == "train_step" else c.train.micro_batches  # only the train step loops over them
-            plan.variant_agreement = {"flops": parts * one_layer[name][0] / plan.compiled.compiler_flops,
-                                      "bytes": parts * one_layer[name][1] / max(plan.compiled.compiler_bytes, 1.0)}
+        if model.scan_layers and plan.compiled.compiler_flops:
+            # the program's batch over the variant's: the train step's loop body is one micro-batch, the other
+            # programs take the whole batch at once
+            scale = parts / c.train.micro_batches if name == "train_step" else parts
+            plan.variant_agreement = {"flops": scale * one_layer[name][0] / plan.compiled.compiler_flops,
+                                      "bytes": scale * one_layer[name][1] / max(plan.compiled.compiler_bytes, 1.0)}
         plan.estimated_flops, plan.estimated_bytes = flops * len(devices), bytes_accessed * len(devices)
         plan.estimated_step_seconds = roofline_seconds(flops, bytes_accessed, plan.model_flops / len(devices), chip)
 
