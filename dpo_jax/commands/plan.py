@@ -24,7 +24,7 @@ from dpo_jax.commands.train import default_config  # noqa: F401 — plan takes t
 from dpo_jax.plan.chips import GIB, chip_of, topology_devices
 from dpo_jax.plan.fit import fit as search
 from dpo_jax.plan.ppo_plan import is_ppo_config, plan_ppo
-from dpo_jax.plan.run_plan import plan_programs
+from dpo_jax.plan.estimate import plan_programs
 
 FLAG_NAMES = ("topology", "num_slices", "fit", "out")
 
@@ -73,10 +73,6 @@ def report(plan: dict) -> str:
             f"{estimate}{p['compile_seconds']:>11.1f}")
         if p["error"]:
             lines.append(f"  does not fit: {p['error']}")
-        agreement = p.get("variant_agreement") or {}
-        if any(not 2 / 3 <= ratio <= 3 / 2 for ratio in agreement.values()):
-            lines.append(f"  estimate unreliable: its 1-layer variant counts {agreement['flops']:.2f}x the FLOPs and "
-                         f"{agreement['bytes']:.2f}x the bytes of the program itself (partitioned differently)")
     lines.append("")
     for name, p in plan["programs"].items():
         parts = [f"{kind} {v['count']} ({_gib(v['bytes'])} GiB)" for kind, v in sorted(p["collectives"].items())]

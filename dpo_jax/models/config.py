@@ -62,6 +62,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     scan_layers: bool = False
+    scan_unroll: int = 1  # layers per scanned loop iteration (`dpo-jax plan` unrolls 2 to count one layer's cost)
     remat_policy: str = "none"
     attention_impl: str | None = None  # None: automatic (the Pallas kernel on TPU, else XLA's); "xla", "cudnn"
     #   (jax.nn.dot_product_attention's), or "pallas" (models/pair_attention.py; interpret mode off TPU)
@@ -85,6 +86,8 @@ class ModelConfig:
         for name, value, valid in checks:
             if value not in valid:
                 raise ValueError(f"ModelConfig.{name} = {value!r}; valid: {', '.join(valid)}")
+        if self.scan_unroll < 1:
+            raise ValueError(f"ModelConfig.scan_unroll = {self.scan_unroll} must be >= 1")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"ModelConfig: num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                              f"({self.num_kv_heads})")

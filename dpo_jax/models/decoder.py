@@ -342,6 +342,7 @@ class Decoder(nn.Module):
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
                 length=c.num_layers,
+                unroll=c.scan_unroll,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             x, new_cache = scanned(c, shared_segment, name="layers")(x, positions, mask, cache_index, cache)

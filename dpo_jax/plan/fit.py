@@ -12,7 +12,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from dpo_jax.data.layout import get_layout
-from dpo_jax.plan.run_plan import add_estimate, plan_programs
+from dpo_jax.plan.estimate import add_estimate, plan_programs
 from dpo_jax.sharding import data_parallel_size, make_mesh
 from dpo_jax.train.engine import check_batch_layout
 

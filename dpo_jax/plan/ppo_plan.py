@@ -28,9 +28,9 @@ from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.decoder import init_params, logical_axes
 from dpo_jax.models.generate import SamplingConfig, _generate_jit, decode_step_jit, prefill_jit
 from dpo_jax.models.reward import make_scorer, reward_model_config
-from dpo_jax.plan.chips import chip_of
+from dpo_jax.plan.chips import chip_of, roofline_seconds
 from dpo_jax.plan.programs import VariantOutOfMemory, compile_program, loop_free_cost, per_device_bytes
-from dpo_jax.plan.run_plan import ProgramPlan, roofline_seconds, section_model
+from dpo_jax.plan.run_plan import ProgramPlan, section_model
 from dpo_jax.rlhf.ppo import PPOConfig, build_ppo_engine, lora_value_config
 from dpo_jax.sharding import abstract, batch_sharding, make_mesh, param_shardings
 
@@ -201,6 +201,7 @@ def plan_ppo(c: ml_collections.ConfigDict, devices: list[Any], with_estimate: bo
         for name, (flops, bytes_accessed) in estimate(c, models, mesh).items():
             plan = plans[name]
             plan.estimated_flops, plan.estimated_bytes = flops * len(devices), bytes_accessed * len(devices)
+            plan.estimate_method = "variants"
             plan.estimated_step_seconds = roofline_seconds(flops, bytes_accessed, plan.model_flops / len(devices),
                                                            chip)
     policy = models.policy

@@ -7,13 +7,7 @@ largest length, else `data.max_length` (pairs layout) or 2 x max_length rounded 
 responses: shared_prompt, packed); packed batches of one pair per row (or the token budget's rows); the whole row
 scored. A run's real shapes are these or smaller.
 
-Time is an estimate, not a measurement: the roofline of the TPU compiler's own cost analysis (its FLOPs at the bf16
-peak, or its bytes accessed at the HBM bandwidth, whichever is longer). Because the compiler counts a loop body
-once, the counts come from small variants of each program (`estimate`: 1 and 2 unscanned layers, one and two
-log-prob chunk lengths, one micro-batch) extrapolated to the model's depth, chunk count and micro-batches; the
-FLOPs so obtained are reported beside flops.py's count as a check. The compiler's `optimal_seconds` is reported
-too, per program as compiled, but not used: in the libtpu tested it is negative for 1B-parameter variants. (Unrolling
-the loops instead would let the compiler keep every chunk's logits alive at once: the variants then no longer fit.)
+Time estimates are plan/estimate.py's, from these compiled programs.
 """
 
 from __future__ import annotations
@@ -35,7 +29,7 @@ from dpo_jax.flops import train_step_flops
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.decoder import init_params
 from dpo_jax.plan.chips import Chip, chip_of
-from dpo_jax.plan.programs import Compiled, VariantOutOfMemory, compile_program, loop_free_cost, per_device_bytes
+from dpo_jax.plan.programs import Compiled, compile_program, per_device_bytes
 from dpo_jax.sharding import data_parallel_size, make_mesh
 from dpo_jax.train.engine import Engine, build_engine
 from dpo_jax.train.model_source import for_mode, model_loader, tokenizer_dir
@@ -137,73 +131,6 @@ def _resident_bytes(c: ml_collections.ConfigDict, engine: Engine) -> dict[str, i
     return {"train_step": reference, "eval_step": optimizer + reference, "reference_step": optimizer}
 
 
-def _variant(c: ml_collections.ConfigDict, chunk: int, parts: int) -> ml_collections.ConfigDict:
-    """The config of 1/parts of the batch run as a whole batch, its log-prob chunks `chunk` long."""
-    variant = copy.deepcopy(c)
-    variant.train.micro_batches = 1
-    variant.train.global_batch_pairs = c.train.global_batch_pairs // parts
-    variant.train.global_batch_tokens = c.train.global_batch_tokens // parts
-    variant.train.logprob_chunk_size = chunk
-    if variant.train.global_batch_pairs * parts != c.train.global_batch_pairs or not variant.train.global_batch_pairs:
-        raise ValueError(f"the batch of {c.train.global_batch_pairs} pairs does not split into {parts} parts")
-    return variant
-
-
-def _variant_costs(c, model, mesh, dp, chunk, parts, chunks) -> dict[tuple[int, int], dict[str, tuple[float, float]]]:
-    costs = {}
-    with compiling_for("tpu"):
-        for layers, size in ((1, chunk), (2, chunk)) + (((1, 2 * chunk),) if chunks > 1 else ()):
-            variant = _variant(c, size, parts)
-            engine = planned_engine(variant, model.replace(num_layers=layers, scan_layers=False), mesh)
-            batch = planned_batch(variant, planned_shape(variant, dp))
-            costs[layers, size] = {name: loop_free_cost(jitted.lower, *args)
-                                   for name, (jitted, args) in programs_of(variant, engine, batch).items()}
-    return costs
-
-
-def estimate(c: ml_collections.ConfigDict, model: ModelConfig, mesh: jax.sharding.Mesh, dp: int
-             ) -> tuple[dict[str, tuple[float, float]], tuple[dict[str, tuple[float, float]], int]]:
-    """{program: (FLOPs, bytes accessed)} per device and step, the compiler's. It counts a loop body once, so
-    three variants of one micro-batch are compiled — (1 layer, chunk C), (2 layers, C), (1 layer, 2C; only when a
-    row has more than one chunk), layers unscanned — and the step's FLOPs are F(1, C) + (L - 1)·[F(2, C) - F(1, C)] + (K - 1)·[F(1, 2C) - F(1, C)],
-    times the parts (the micro-batches, or more when a variant at that size does not fit the chip: the batch is
-    halved until it does; K: log-prob chunks of C positions per row; the optimizer update is then counted once per
-    part: a small overcount). Bytes accessed alike. Also returns the (1 layer, C) variant's own counts and the parts:
-    scaled to the program's batch, what the scanned program counts too (every loop body once), so the two should
-    agree — `add_estimate` reports how well."""
-    shape = planned_shape(c, dp)
-    chunk = min(c.train.logprob_chunk_size, shape.seq_len)
-    chunks = -(-shape.seq_len // chunk)
-    m = c.train.micro_batches
-    while True:  # unscanned layers keep more alive than the scanned run: a variant may need a smaller batch
-        try:
-            costs = _variant_costs(c, model, mesh, dp, chunk, m, chunks)
-            break
-        except VariantOutOfMemory as e:
-            try:
-                _variant(c, chunk, 2 * m)
-                check_rows(c, dp, 2 * m)
-            except ValueError:
-                raise RuntimeError(f"no estimate: even the smallest batch variant does not fit ({e})") from None
-            m *= 2
-
-    def total(name: str, i: int) -> float:
-        base = costs[1, chunk][name][i]
-        per_layer = costs[2, chunk][name][i] - base
-        per_chunk = costs[1, 2 * chunk][name][i] - base if chunks > 1 else 0.0
-        return m * (base + (model.num_layers - 1) * per_layer + (chunks - 1) * per_chunk)
-
-    return {name: (total(name, 0), total(name, 1)) for name in costs[1, chunk]}, (costs[1, chunk], m)
-
-
-def roofline_seconds(flops: float, bytes_accessed: float, model_flops: float, chip: Chip) -> float:
-    """A step's time per device from the compiler's counts: compute at the bf16 peak or HBM traffic at the chip's
-    bandwidth, whichever is longer (collectives overlapped; no other inefficiency: a lower bound). The compute is
-    at least the model's own FLOPs (`model_flops`, per device): without remat the compiler's count came out below
-    them (0.69-0.76x on Llama shapes: backward matmuls it does not count, likely those fused with collectives)."""
-    return max(max(flops, model_flops) / (chip.peak_tflops * 1e12), bytes_accessed / chip.hbm_bytes_per_second)
-
-
 def _model_flops(c: ml_collections.ConfigDict, model: ModelConfig, shape: BatchShape) -> dict[str, float]:
     """flops.py's FLOPs per step (all devices) of each program: the train step, forward-only passes a third."""
     train = train_step_flops(model, shape.rows, shape.seq_len)
@@ -221,9 +148,7 @@ class ProgramPlan:
     estimated_bytes: float = 0.0  # bytes accessed per step, all devices, likewise
     estimated_step_seconds: float = 0.0
     tokens: int = 0
-    # the (1 layer, C) variant's counts / the scanned program's (both count each loop body once): near 1 when the
-    # variants are partitioned like the program; far from it, the estimate is not to be trusted
-    variant_agreement: dict[str, float] | None = None
+    estimate_method: str = ""  # "scanned" or "variants" (plan/estimate.py)
 
     @property
     def total_bytes(self) -> int:
@@ -241,16 +166,15 @@ class ProgramPlan:
             "total_bytes": self.total_bytes, **compiled,
             "model_flops": self.model_flops, "estimated_flops": self.estimated_flops,
             "estimated_bytes": self.estimated_bytes,
-            "estimated_step_seconds": seconds, "variant_agreement": self.variant_agreement,
+            "estimated_step_seconds": seconds, "estimate_method": self.estimate_method,
             "tokens_per_second": self.tokens / seconds if seconds else 0.0,
             "estimated_mfu": self.model_flops / (seconds * devices * chip.peak_tflops * 1e12) if seconds else 0.0,
         }
 
 
-def plan_programs(c: ml_collections.ConfigDict, devices: list[Any], with_estimate: bool = True
-                  ) -> tuple[dict[str, ProgramPlan], dict[str, Any]]:
-    """Every program of the run compiled on `devices` (abstract TPU devices, or real ones), with the loop-free time
-    estimate unless with_estimate is False (`--fit`'s memory probes: `add_estimate` later, if they fit). Returns (plans, the run's shapes)."""
+def compile_programs(c: ml_collections.ConfigDict, devices: list[Any]) -> tuple[dict[str, ProgramPlan], dict[str, Any]]:
+    """Every program of the run compiled on `devices` (abstract TPU devices, or real ones): memory and the
+    compiler's counts, no time estimate yet (plan/estimate.py). Returns (plans, the run's shapes)."""
     chip = chip_of(devices[0])
     model = planned_model(c)
     mesh = make_mesh(c.mesh, devices)
@@ -267,8 +191,6 @@ def plan_programs(c: ml_collections.ConfigDict, devices: list[Any], with_estimat
             compiled = compile_program(jitted.lower, *args)
         plans[name] = ProgramPlan(name, compiled, resident[name], chip.hbm_bytes, model_flops[name],
                                   tokens=shape.rows * shape.seq_len)
-    if with_estimate:
-        add_estimate(plans, c, devices)
     info = {"devices": len(devices), "chip": chip.name, "device_kind": devices[0].device_kind,
             "hbm_bytes": chip.hbm_bytes, "peak_tflops_per_device": chip.peak_tflops,
             "mesh": dict(mesh.shape), "model": {"family": model.family, "layers": model.num_layers,
@@ -280,27 +202,6 @@ def plan_programs(c: ml_collections.ConfigDict, devices: list[Any], with_estimat
             "batch": dataclasses.asdict(shape), "micro_batches": c.train.micro_batches,
             "layout": c.data.layout, "mode": c.train.mode}
     return plans, info
-
-
-def add_estimate(plans: dict[str, ProgramPlan], c: ml_collections.ConfigDict, devices: list[Any]) -> None:
-    """Fills the plans' estimates (`estimate`, `roofline_seconds`) when every program compiled; `--fit` adds them to
-    its memory probes' plans only for the candidates that fit."""
-    if any(p.compiled.error for p in plans.values()):
-        return
-    mesh = make_mesh(c.mesh, devices)
-    chip = chip_of(devices[0])
-    model = planned_model(c)
-    totals, (one_layer, parts) = estimate(c, model, mesh, data_parallel_size(mesh, c.mesh.rules))
-    for name, (flops, bytes_accessed) in totals.items():
-        plan = plans[name]
-        if model.scan_layers and plan.compiled.compiler_flops:
-            # the program's batch over the variant's: the train step's loop body is one micro-batch, the other
-            # programs take the whole batch at once
-            scale = parts / c.train.micro_batches if name == "train_step" else parts
-            plan.variant_agreement = {"flops": scale * one_layer[name][0] / plan.compiled.compiler_flops,
-                                      "bytes": scale * one_layer[name][1] / max(plan.compiled.compiler_bytes, 1.0)}
-        plan.estimated_flops, plan.estimated_bytes = flops * len(devices), bytes_accessed * len(devices)
-        plan.estimated_step_seconds = roofline_seconds(flops, bytes_accessed, plan.model_flops / len(devices), chip)
 
 
 def parameter_count(engine: Engine) -> int:

@@ -1,0 +1,148 @@
+"""A train run's step time, estimated from the TPU compiler's own counts — never measured.
+
+The roofline of the compiler's cost analysis: its FLOPs (at least flops.py's) at the bf16 peak, or its bytes
+accessed at the HBM bandwidth, whichever is longer; collectives are not in it. The compiler counts a loop body
+once, and a step has up to three loops: the scanned layers, the log-prob chunks, the micro-batches. So:
+
+- **scanned** (the default for a scanned model with an even layer count): the program itself, F1; the same
+  program with its layer scan unrolled by 2 (two layers per loop body), F2; and, when a row has several log-prob
+  chunks, the program with chunks twice as long, FW. A step is m·[F1 + (L − 1)·(F2 − F1) + (K − 1)·(FW − F1)] for
+  the train step (m micro-batches: its loop body is one; the optimizer update is then counted m times, a small
+  overcount) and the same with m = 1 for the forward-only passes.
+- **variants** (unscanned models, odd layer counts, or when an unrolled copy does not fit): small unscanned
+  variants — (1 layer, C), (2 layers, C), (1 layer, 2C) — of one micro-batch, halved until they fit, extrapolated
+  alike. The compiler may partition such a small model differently from the run's.
+
+Every program compiled for its counts has the TPU compiler's windowed matmul loops turned off
+(`programs.COUNTING_OPTIONS`): they are loops too, counted once per matmul, and on a pod mesh they are everywhere.
+
+The compiler's `optimal_seconds` is reported per program but not used: in the libtpu tested it is negative for
+1B-parameter programs.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import ml_collections
+
+from dpo_jax.compile_target import compiling_for
+from dpo_jax.models.config import ModelConfig
+from dpo_jax.plan.chips import chip_of, roofline_seconds
+from dpo_jax.plan.programs import VariantOutOfMemory, loop_free_cost
+from dpo_jax.plan.run_plan import ProgramPlan, check_rows, compile_programs, planned_batch, planned_engine, \
+    planned_model, planned_shape, programs_of
+from dpo_jax.sharding import data_parallel_size, make_mesh
+
+Counts = dict[str, tuple[float, float]]  # program -> (FLOPs, bytes accessed) per device
+
+
+def plan_programs(c: ml_collections.ConfigDict, devices: list[Any], with_estimate: bool = True
+                  ) -> tuple[dict[str, ProgramPlan], dict[str, Any]]:
+    """Every program of the run compiled on `devices`, with the time estimate unless with_estimate is False
+    (`--fit`'s memory probes: `add_estimate` later, for the candidates that fit)."""
+    plans, info = compile_programs(c, devices)
+    if with_estimate:
+        add_estimate(plans, c, devices)
+    return plans, info
+
+
+def add_estimate(plans: dict[str, ProgramPlan], c: ml_collections.ConfigDict, devices: list[Any]) -> None:
+    """Fills the plans' estimates when every program compiled (the module docstring)."""
+    if any(p.compiled.error for p in plans.values()):
+        return
+    mesh = make_mesh(c.mesh, devices)
+    chip = chip_of(devices[0])
+    model = planned_model(c)
+    dp = data_parallel_size(mesh, c.mesh.rules)
+    method = "scanned" if model.scan_layers and model.num_layers % 2 == 0 else "variants"
+    if method == "scanned":
+        try:
+            totals = scanned_estimate(c, model, mesh, dp)
+        except VariantOutOfMemory:  # two layers unrolled keep more alive: fall back
+            method = "variants"
+    if method == "variants":
+        totals = variant_estimate(c, model, mesh, dp)
+    for name, (flops, bytes_accessed) in totals.items():
+        plan = plans[name]
+        plan.estimate_method = method
+        plan.estimated_flops, plan.estimated_bytes = flops * len(devices), bytes_accessed * len(devices)
+        plan.estimated_step_seconds = roofline_seconds(flops, bytes_accessed, plan.model_flops / len(devices), chip)
+
+
+def _chunking(c: ml_collections.ConfigDict, dp: int) -> tuple[int, int]:
+    """(C, K): log-prob chunk length and chunks per row."""
+    seq_len = planned_shape(c, dp).seq_len
+    chunk = min(c.train.logprob_chunk_size, seq_len)
+    return chunk, -(-seq_len // chunk)
+
+
+def _counts(c: ml_collections.ConfigDict, model: ModelConfig, mesh, dp: int) -> Counts:
+    with compiling_for("tpu"):
+        engine = planned_engine(c, model, mesh)
+        batch = planned_batch(c, planned_shape(c, dp))
+        return {name: loop_free_cost(jitted.lower, *args)
+                for name, (jitted, args) in programs_of(c, engine, batch).items()}
+
+
+def scanned_estimate(c: ml_collections.ConfigDict, model: ModelConfig, mesh, dp: int) -> Counts:
+    """{program: (FLOPs, bytes)} per device and step from the scanned program and its unrolled / wide-chunk
+    copies (the module docstring). VariantOutOfMemory when one does not fit."""
+    chunk, chunks = _chunking(c, dp)
+    program_counts = _counts(c, model, mesh, dp)
+    unrolled = _counts(c, model.replace(scan_unroll=2), mesh, dp)
+    wide = None
+    if chunks > 1:
+        wide_config = copy.deepcopy(c)
+        wide_config.train.logprob_chunk_size = 2 * chunk
+        wide = _counts(wide_config, model, mesh, dp)
+
+    def total(name: str, i: int) -> float:
+        base = program_counts[name][i]
+        per_layer = unrolled[name][i] - base
+        per_chunk = wide[name][i] - base if wide is not None else 0.0
+        loops = c.train.micro_batches if name == "train_step" else 1
+        return loops * (base + (model.num_layers - 1) * per_layer + (chunks - 1) * per_chunk)
+
+    return {name: (total(name, 0), total(name, 1)) for name in program_counts}
+
+
+def _variant(c: ml_collections.ConfigDict, chunk: int, parts: int) -> ml_collections.ConfigDict:
+    """The config of 1/parts of the batch run as a whole batch, its log-prob chunks `chunk` long."""
+    variant = copy.deepcopy(c)
+    variant.train.micro_batches = 1
+    variant.train.global_batch_pairs = c.train.global_batch_pairs // parts
+    variant.train.global_batch_tokens = c.train.global_batch_tokens // parts
+    variant.train.logprob_chunk_size = chunk
+    if variant.train.global_batch_pairs * parts != c.train.global_batch_pairs or not variant.train.global_batch_pairs:
+        raise ValueError(f"the batch of {c.train.global_batch_pairs} pairs does not split into {parts} parts")
+    return variant
+
+
+def variant_estimate(c: ml_collections.ConfigDict, model: ModelConfig, mesh, dp: int) -> Counts:
+    """{program: (FLOPs, bytes)} per device and step from unscanned variants of one micro-batch — or of a smaller
+    part of the batch, halved until a variant fits the chip."""
+    chunk, chunks = _chunking(c, dp)
+    parts = c.train.micro_batches
+    while True:  # unscanned layers keep more alive than the scanned run: a variant may need a smaller batch
+        try:
+            costs = {(layers, size): _counts(_variant(c, size, parts), model.replace(num_layers=layers,
+                                                                                   scan_layers=False), mesh, dp)
+                     for layers, size in ((1, chunk), (2, chunk)) + (((1, 2 * chunk),) if chunks > 1 else ())}
+            break
+        except VariantOutOfMemory as e:
+            try:
+                _variant(c, chunk, 2 * parts)
+                check_rows(c, dp, 2 * parts)
+            except ValueError:
+                raise RuntimeError(f"no estimate: even the smallest batch variant does not fit ({e})") from None
+            parts *= 2
+
+    def total(name: str, i: int) -> float:
+        base = costs[1, chunk][name][i]
+        per_layer = costs[2, chunk][name][i] - base
+        per_chunk = costs[1, 2 * chunk][name][i] - base if chunks > 1 else 0.0
+        return parts * (base + (model.num_layers - 1) * per_layer + (chunks - 1) * per_chunk)
+
+    return {name: (total(name, 0), total(name, 1)) for name in costs[1, chunk]}
