@@ -7,7 +7,8 @@ full fine-tuning and LoRA DPO, sequence lengths and topologies.
 Each row is `dpo-jax plan --config configs/dpo_hh.py[:lora] --config.model.preset=P --config.data.layout=pairs
 --config.data.max_length=T ... --topology X [--fit]` (64 pairs a step: the paper's batch, two rows of T tokens per
 pair; bf16 compute; the reference precomputed, or with LoRA the base with adapters off). Results are appended to
---out as they finish (a row already there is skipped), so the matrix can be run a few rows at a time (or by two processes at once: each reloads the file before writing).
+--out as they finish (a row already there is skipped), so the matrix can be run a few rows at a time (or by two
+processes at once: each reloads the file before writing).
 """
 
 from __future__ import annotations
@@ -21,6 +22,15 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+def _packed_row(tokens: int, impl: str) -> tuple:
+    """Llama-3-8B on a v5p-64, one packed row of `tokens` per data-parallel shard (32 shards), attention by our
+    kernel or by XLA."""
+    return ("llama3-8b", False, tokens, "v5p-64", 1, False,
+            ["--config.data.layout=packed", f"--config.data.seq_buckets=({tokens},)",
+             f"--config.train.global_batch_tokens={32 * tokens}",
+             f"--config.model.attention_impl={'pallas' if impl == 'kernel' else 'xla'}"])
+
 
 # name: (preset, lora, tokens per sequence, topology, slices, fit, extra overrides)
 ROWS = {
@@ -42,22 +52,8 @@ ROWS = {
     "gptj-6b-lora-2k-v5e16": ("gptj-6b", True, 2048, "v5e-16", 1, False, []),
     "llama3.2-1b-lora-8k-v6e8": ("llama3.2-1b", True, 8192, "v6e-8", 1, False, []),
     # the kernel's effect at long context: one packed row of 8k or 32k tokens per data-parallel shard
-    "llama3-8b-8k-packed-v5p64-kernel": ("llama3-8b", False, 8192, "v5p-64", 1, False,
-                                         ["--config.data.layout=packed", "--config.data.seq_buckets=(8192,)",
-                                          "--config.train.global_batch_tokens=262144",
-                                          "--config.model.attention_impl=pallas"]),
-    "llama3-8b-8k-packed-v5p64-xla": ("llama3-8b", False, 8192, "v5p-64", 1, False,
-                                      ["--config.data.layout=packed", "--config.data.seq_buckets=(8192,)",
-                                       "--config.train.global_batch_tokens=262144",
-                                       "--config.model.attention_impl=xla"]),
-    "llama3-8b-32k-packed-v5p64-kernel": ("llama3-8b", False, 32768, "v5p-64", 1, False,
-                                          ["--config.data.layout=packed", "--config.data.seq_buckets=(32768,)",
-                                           "--config.train.global_batch_tokens=1048576",
-                                           "--config.model.attention_impl=pallas"]),
-    "llama3-8b-32k-packed-v5p64-xla": ("llama3-8b", False, 32768, "v5p-64", 1, False,
-                                       ["--config.data.layout=packed", "--config.data.seq_buckets=(32768,)",
-                                        "--config.train.global_batch_tokens=1048576",
-                                        "--config.model.attention_impl=xla"]),
+    **{f"llama3-8b-{tokens // 1024}k-packed-v5p64-{impl}": _packed_row(tokens, impl)
+       for tokens in (8192, 32768) for impl in ("kernel", "xla")},
 }
 
 

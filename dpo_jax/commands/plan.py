@@ -1,5 +1,6 @@
 """`dpo-jax plan`: a run compiled for a TPU topology before paying for it — memory against HBM, fits or not, the
-compiler's step-time estimate, collectives; `--fit` finds the fastest remat / micro-batch / tensor-parallel settings that fit.
+compiler's step-time estimate, collectives; `--fit` finds the fastest remat / micro-batch / tensor-parallel
+settings that fit.
 
     pip install -e ".[tpu]"   # libtpu: the TPU compiler, no TPU needed
     dpo-jax plan --config configs/dpo_hh.py --config.model.preset=llama3-8b --topology v5e:4x4 [--num_slices 2]
@@ -35,7 +36,8 @@ def define_flags() -> None:
         return
     flags.DEFINE_string("topology", None, "TPU slice, e.g. v5e:4x4, v5p:4x4x4, v6e:2x4")
     flags.DEFINE_integer("num_slices", 1, "slices (multi-slice over DCN: set config.mesh.dcn_* too)")
-    flags.DEFINE_bool("fit", False, "search remat policy, micro-batches and the tensor-parallel size for the fastest plan that fits")
+    flags.DEFINE_bool("fit", False, "search remat policy, micro-batches and the tensor-parallel size for the "
+                      "fastest plan that fits")
     flags.DEFINE_string("out", "", "write the plan as JSON here")
 
 

@@ -84,6 +84,6 @@ def topology_devices(topology: str, num_slices: int = 1) -> list[Any]:
 def roofline_seconds(flops: float, bytes_accessed: float, model_flops: float, chip: Chip) -> float:
     """A step's time per device from the compiler's counts: compute at the bf16 peak or HBM traffic at the chip's
     bandwidth, whichever is longer (collectives not counted). The compute is at least the model's own FLOPs
-    (`model_flops`, per device): without remat the compiler's count came out below them (0.69-0.76x on Llama
-    shapes: backward matmuls it does not count, likely those fused with collectives)."""
+    (`model_flops`, per device): a guard for counts below them (before windowed matmul loops were turned off for
+    counting, programs.COUNTING_OPTIONS, they were 0.69-0.76x on Llama shapes)."""
     return max(max(flops, model_flops) / (chip.peak_tflops * 1e12), bytes_accessed / chip.hbm_bytes_per_second)

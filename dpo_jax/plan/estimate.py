@@ -30,9 +30,11 @@ import ml_collections
 from dpo_jax.compile_target import compiling_for
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.plan.chips import chip_of, roofline_seconds
-from dpo_jax.plan.programs import VariantOutOfMemory, loop_free_cost
-from dpo_jax.plan.run_plan import ProgramPlan, check_rows, compile_programs, planned_batch, planned_engine, \
-    planned_model, planned_shape, programs_of
+from dpo_jax.plan.programs import CountingOutOfMemory, loop_free_cost
+from dpo_jax.data.layout import get_layout
+from dpo_jax.plan.run_plan import ProgramPlan, compile_programs, planned_batch, planned_engine, planned_model, \
+    planned_shape, programs_of
+from dpo_jax.train.engine import check_batch_layout
 from dpo_jax.sharding import data_parallel_size, make_mesh
 
 Counts = dict[str, tuple[float, float]]  # program -> (FLOPs, bytes accessed) per device
@@ -60,7 +62,7 @@ def add_estimate(plans: dict[str, ProgramPlan], c: ml_collections.ConfigDict, de
     if method == "scanned":
         try:
             totals = scanned_estimate(c, model, mesh, dp)
-        except VariantOutOfMemory:  # two layers unrolled keep more alive: fall back
+        except CountingOutOfMemory:  # two layers unrolled keep more alive: fall back
             method = "variants"
     if method == "variants":
         totals = variant_estimate(c, model, mesh, dp)
@@ -88,7 +90,7 @@ def _counts(c: ml_collections.ConfigDict, model: ModelConfig, mesh, dp: int) -> 
 
 def scanned_estimate(c: ml_collections.ConfigDict, model: ModelConfig, mesh, dp: int) -> Counts:
     """{program: (FLOPs, bytes)} per device and step from the scanned program and its unrolled / wide-chunk
-    copies (the module docstring). VariantOutOfMemory when one does not fit."""
+    copies (the module docstring). CountingOutOfMemory when one does not fit."""
     chunk, chunks = _chunking(c, dp)
     program_counts = _counts(c, model, mesh, dp)
     unrolled = _counts(c, model.replace(scan_unroll=2), mesh, dp)
@@ -131,10 +133,10 @@ def variant_estimate(c: ml_collections.ConfigDict, model: ModelConfig, mesh, dp:
                                                                                    scan_layers=False), mesh, dp)
                      for layers, size in ((1, chunk), (2, chunk)) + (((1, 2 * chunk),) if chunks > 1 else ())}
             break
-        except VariantOutOfMemory as e:
-            try:
-                _variant(c, chunk, 2 * parts)
-                check_rows(c, dp, 2 * parts)
+        except CountingOutOfMemory as e:
+            try:  # half as much again must still split over the data-parallel devices (the engine's check)
+                check_batch_layout(_variant(c, chunk, 2 * parts), mesh,
+                                   get_layout(c.data.layout, c.data.max_pairs_per_row).rows_per_pair)
             except ValueError:
                 raise RuntimeError(f"no estimate: even the smallest batch variant does not fit ({e})") from None
             parts *= 2

@@ -29,7 +29,7 @@ from dpo_jax.models.decoder import init_params, logical_axes
 from dpo_jax.models.generate import SamplingConfig, _generate_jit, decode_step_jit, prefill_jit
 from dpo_jax.models.reward import make_scorer, reward_model_config
 from dpo_jax.plan.chips import chip_of, roofline_seconds
-from dpo_jax.plan.programs import VariantOutOfMemory, compile_program, loop_free_cost, per_device_bytes
+from dpo_jax.plan.programs import CountingOutOfMemory, compile_program, loop_free_cost, per_device_bytes
 from dpo_jax.plan.run_plan import ProgramPlan, section_model
 from dpo_jax.rlhf.ppo import PPOConfig, build_ppo_engine, lora_value_config
 from dpo_jax.sharding import abstract, batch_sharding, make_mesh, param_shardings
@@ -154,7 +154,7 @@ def estimate(c: ml_collections.ConfigDict, models: Models, mesh) -> dict[str, tu
         with compiling_for("tpu"):
             try:
                 costs[name] = {k: loop_free_cost(lower, *args) for k, (lower, args) in programs.items()}
-            except VariantOutOfMemory as e:
+            except CountingOutOfMemory as e:
                 raise RuntimeError(f"no PPO estimate: a one-layer variant does not fit ({e})") from None
     lp, lv = models.policy.num_layers, models.value.num_layers
     lr = models.reward.num_layers if models.reward is not None else 1

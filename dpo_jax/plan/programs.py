@@ -108,7 +108,7 @@ def compile_program(lower: Callable, *abstract_args: Any, options: dict[str, Any
     return result
 
 
-class VariantOutOfMemory(RuntimeError):
+class CountingOutOfMemory(RuntimeError):
     """A program compiled for its counts did not fit the chip (plan/estimate.py then falls back, or halves the
     batch)."""
 
@@ -118,7 +118,7 @@ def loop_free_cost(lower: Callable, *abstract_args: Any) -> tuple[float, float]:
     windowed matmul loops off (COUNTING_OPTIONS)."""
     compiled = compile_program(lower, *abstract_args, options=COUNTING_OPTIONS)
     if compiled.error:
-        raise VariantOutOfMemory(compiled.error)
+        raise CountingOutOfMemory(compiled.error)
     return compiled.compiler_flops, compiled.compiler_bytes
 
 

@@ -88,14 +88,6 @@ def planned_shape(c: ml_collections.ConfigDict, dp: int) -> BatchShape:
     return BatchShape(pairs, rows, seq_len)
 
 
-def check_rows(c: ml_collections.ConfigDict, dp: int, parts: int) -> None:
-    """ValueError unless 1/parts of the batch still splits over the data-parallel size."""
-    layout = get_layout(c.data.layout, c.data.max_pairs_per_row)
-    rows = planned_shape(c, dp).rows
-    if rows % parts or (rows // parts) % dp:
-        raise ValueError(f"{rows} rows do not split into {parts} parts of a multiple of {dp} ({layout.name})")
-
-
 def planned_batch(c: ml_collections.ConfigDict, shape: BatchShape) -> dict[str, np.ndarray]:
     """A host batch of the shape's fields, dtypes and sizes (all padding), from the loader's own batch builder."""
     layout = get_layout(c.data.layout, c.data.max_pairs_per_row)
@@ -131,7 +123,7 @@ def _resident_bytes(c: ml_collections.ConfigDict, engine: Engine) -> dict[str, i
     return {"train_step": reference, "eval_step": optimizer + reference, "reference_step": optimizer}
 
 
-def _model_flops(c: ml_collections.ConfigDict, model: ModelConfig, shape: BatchShape) -> dict[str, float]:
+def _model_flops(model: ModelConfig, shape: BatchShape) -> dict[str, float]:
     """flops.py's FLOPs per step (all devices) of each program: the train step, forward-only passes a third."""
     train = train_step_flops(model, shape.rows, shape.seq_len)
     return {"train_step": train, "eval_step": train / 3, "reference_step": train / 3}
@@ -144,7 +136,7 @@ class ProgramPlan:
     resident_bytes: int
     hbm_bytes: int
     model_flops: float  # per step, all devices (flops.py)
-    estimated_flops: float = 0.0  # per step, all devices (the compiler's, loop-free variants extrapolated)
+    estimated_flops: float = 0.0  # per step, all devices (the compiler's, counted past its loops: estimate.py)
     estimated_bytes: float = 0.0  # bytes accessed per step, all devices, likewise
     estimated_step_seconds: float = 0.0
     tokens: int = 0
@@ -184,7 +176,7 @@ def compile_programs(c: ml_collections.ConfigDict, devices: list[Any]) -> tuple[
         engine = planned_engine(c, model, mesh)
     programs = programs_of(c, engine, planned_batch(c, shape))
     resident = _resident_bytes(c, engine)
-    model_flops = _model_flops(c, model, shape)
+    model_flops = _model_flops(model, shape)
     plans = {}
     for name, (jitted, args) in programs.items():
         with compiling_for("tpu"):
