@@ -144,7 +144,8 @@ def test_cli_plan_prints_the_table_and_writes_json(tmp_path):
 
 def test_the_scanned_estimate_agrees_with_the_variants_and_flops_py(devices):
     """Two ways past the compiler's once-per-loop-body count — the scanned program with its layer scan unrolled by 2
-    (and chunks twice as long), and unscanned 1-/2-layer variants — agree on FLOPs, and with flops.py."""
+    (and chunks twice as long), and unscanned 1-/2-layer variants — agree on FLOPs and collective bytes, and with
+    flops.py and the gradients' all-reduce."""
     from dpo_jax.flops import train_step_flops
     from dpo_jax.plan.estimate import scanned_estimate, variant_estimate
     from dpo_jax.sharding import data_parallel_size
@@ -160,6 +161,12 @@ def test_the_scanned_estimate_agrees_with_the_variants_and_flops_py(devices):
         assert scanned[name][0] == pytest.approx(variants[name][0], rel=0.03), name
         ratio = scanned[name][0] * len(devices) / ours
         assert 0.9 < ratio < (1.6 if name == "train_step" else 1.2), (name, ratio)
+        assert scanned[name][2] == pytest.approx(variants[name][2], rel=0.05), name  # collective bytes alike
+    # data-parallel over 4 chips: the step's collectives are the float32 gradients' ring all-reduce, 2 * 3/4 of them
+    params = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+    gradient_bytes = 4 * sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    assert dict(mesh.shape)["data"] == 4 and model.param_dtype == "float32"
+    assert 1.0 < scanned["train_step"][2] / (2 * 3 / 4 * gradient_bytes) < 1.2
 
 
 def test_windowed_matmul_loops_are_off_when_counting():
@@ -186,12 +193,20 @@ def test_bad_topology_names_the_flag():
 
 
 def test_collectives_are_counted_with_their_bytes():
-    text = ("  %all-gather.1 = bf16[512,8,128]{2,1,0} all-gather(%p), replica_groups={{0,1}}\n"
-            "  %ar = (f32[4]{0}, f32[2,2]{1,0}) all-reduce(%a, %b), to_apply=%add\n"
-            "  %rs-start = (f32[8]{0}, f32[4]{0}) reduce-scatter-start(%c)\n  %x = f32[4]{0} add(%a, %b)\n")
-    assert collectives_of(text) == {"all-gather": {"count": 1, "bytes": 512 * 8 * 128 * 2},
-                                    "all-reduce": {"count": 1, "bytes": 32},
-                                    "reduce-scatter": {"count": 1, "bytes": 24}}
+    """Bytes: each op's result (an async start's: the second of its tuple); traffic: what a device receives with
+    ring algorithms over its group, the group read from each of the three forms the compiler writes."""
+    text = ("  %all-gather.1 = bf16[512,8,128]{2,1,0} all-gather(%p), replica_groups={{0,1,2,3}}\n"
+            "  %ar = (f32[4]{0}, f32[2,2]{1,0}) all-reduce(%a, %b), replica_groups=[2,4]<=[8], to_apply=%add\n"
+            "  %rs-start = (f32[8]{0}, f32[4]{0}) reduce-scatter-start(%c), replica_groups=mesh['axis_0'=2,"
+            "'axis_1'=4] {'axis_0'}, dimensions={0}\n"
+            "  %cp = (f32[6]{0}, f32[6]{0}, u32[], u32[]) collective-permute-start(%d), source_target_pairs={{0,1}}\n"
+            "  %x = f32[4]{0} add(%a, %b)\n")
+    gathered = 512 * 8 * 128 * 2
+    assert collectives_of(text) == {
+        "all-gather": {"count": 1, "bytes": gathered, "traffic_bytes": gathered * 3 / 4},
+        "all-reduce": {"count": 1, "bytes": 32, "traffic_bytes": 2 * 32 * 3 / 4},
+        "reduce-scatter": {"count": 1, "bytes": 16, "traffic_bytes": 16 * 1},
+        "collective-permute": {"count": 1, "bytes": 24, "traffic_bytes": 24}}
 
 
 @pytest.mark.parametrize("name", sorted(HF_PRESETS))

@@ -59,16 +59,17 @@ def report(plan: dict) -> str:
         + " ".join(f"{k}={v}" for k, v in info["mesh"].items()),
         "",
         f"{'program':<15}{'fits':<6}{'GiB per device: args':>21}{'out':>7}{'temp':>7}{'peak':>7}{'+other':>8}"
-        f"{'step s*':>10}{'tokens/s*':>12}{'MFU*':>7}{'PFLOP ours/compiler*':>22}{'compile s':>11}",
+        f"{'step s*':>10}{'ICI s*':>8}{'tokens/s*':>12}{'MFU*':>7}{'PFLOP ours/compiler*':>22}{'compile s':>11}",
     ]
     for name, p in plan["programs"].items():
         fits = "yes" if p["fits"] else "NO"
         if p["estimated_step_seconds"]:
-            estimate = (f"{p['estimated_step_seconds']:>10.3f}{p['tokens_per_second']:>12,.0f}"
+            estimate = (f"{p['estimated_step_seconds']:>10.3f}{p.get('estimated_collective_seconds', 0.0):>8.3f}"
+                        f"{p['tokens_per_second']:>12,.0f}"
                         f"{100 * p['estimated_mfu']:>6.1f}%{p['model_flops'] / 1e15:>13.2f} / "
                         f"{p['estimated_flops'] / 1e15:<6.2f}")
         else:  # no estimate (a plan that does not fit)
-            estimate = f"{'-':>10}{'-':>12}{'-':>7}{p['model_flops'] / 1e15:>13.2f} / {'-':<6}"
+            estimate = f"{'-':>10}{'-':>8}{'-':>12}{'-':>7}{p['model_flops'] / 1e15:>13.2f} / {'-':<6}"
         lines.append(
             f"{name:<15}{fits:<6}{_gib(p['argument_bytes']):>21}{_gib(p['output_bytes']):>7}"
             f"{_gib(p['temp_bytes']):>7}{_gib(p['peak_bytes']):>7}{_gib(p['resident_bytes']):>8}"
@@ -79,8 +80,9 @@ def report(plan: dict) -> str:
     for name, p in plan["programs"].items():
         parts = [f"{kind} {v['count']} ({_gib(v['bytes'])} GiB)" for kind, v in sorted(p["collectives"].items())]
         lines.append(f"collectives in {name} (a loop body's once): {', '.join(parts) or 'none'}")
-    lines.append("* estimates, not measurements: the roofline (bf16 peak, HBM bandwidth) of the TPU compiler's FLOPs "
-                 "and bytes, loop bodies scaled by their trip counts; +other: what else the run holds meanwhile "
+    lines.append("* estimates, not measurements: the roofline (bf16 peak, HBM bandwidth, ICI bandwidth) of the TPU "
+                 "compiler's FLOPs, bytes and collective bytes, loop bodies scaled by their trip counts; ICI s: the "
+                 "collective term alone (within a slice); +other: what else the run holds meanwhile "
                  "(optimizer state, a resident reference)")
     if plan.get("fit"):
         fit = plan["fit"]

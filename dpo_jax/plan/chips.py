@@ -18,13 +18,14 @@ class Chip:
     hbm_bytes: int  # per device
     peak_tflops: float  # dense bf16, per device
     hbm_bytes_per_second: float
+    ici_bytes_per_second: float  # what one chip can receive over all its ICI links: half the bidirectional figure
 
 
 # By `device.device_kind`, exactly (v5p's kind is "TPU v5", a prefix of v5e's "TPU v5 lite"). Not v4: its
 # topologies show a device per TensorCore, its VMs one per chip (megacore), so no one figure per device holds.
-HBM: dict[str, tuple[str, int, float]] = {  # name, bytes, bytes per second
-    "TPU v5 lite": ("v5e", 16 * GIB, 819e9), "TPU v5": ("v5p", 95 * GIB, 2765e9),
-    "TPU v6 lite": ("v6e", 32 * GIB, 1640e9)}
+HBM: dict[str, tuple[str, int, float, float]] = {  # name, HBM bytes, HBM and bidirectional ICI bytes per second
+    "TPU v5 lite": ("v5e", 16 * GIB, 819e9, 400e9), "TPU v5": ("v5p", 95 * GIB, 2765e9, 1200e9),
+    "TPU v6 lite": ("v6e", 32 * GIB, 1640e9, 800e9)}
 
 
 def chip_of(device: Any) -> Chip:
@@ -32,8 +33,8 @@ def chip_of(device: Any) -> Chip:
     if kind not in HBM:
         raise ValueError(f"no HBM figures for device kind {kind!r}; known: {', '.join(HBM)} "
                          "(dpo_jax/plan/chips.py)")
-    name, hbm, bandwidth = HBM[kind]
-    return Chip(name, hbm, peak_tflops(kind), bandwidth)
+    name, hbm, bandwidth, ici = HBM[kind]
+    return Chip(name, hbm, peak_tflops(kind), bandwidth, ici / 2)
 
 
 # Accelerator types (gcloud's names) -> the compiler's topology names: chips per slice -> the standard shape
@@ -81,9 +82,17 @@ def topology_devices(topology: str, num_slices: int = 1) -> list[Any]:
     return list(description.devices)
 
 
-def roofline_seconds(flops: float, bytes_accessed: float, model_flops: float, chip: Chip) -> float:
-    """A step's time per device from the compiler's counts: compute at the bf16 peak or HBM traffic at the chip's
-    bandwidth, whichever is longer (collectives not counted). The compute is at least the model's own FLOPs
+def roofline_seconds(flops: float, bytes_accessed: float, model_flops: float, chip: Chip,
+                     collective_bytes: float = 0.0) -> float:
+    """A step's time per device from the compiler's counts: compute at the bf16 peak, HBM traffic at the chip's
+    bandwidth or collective traffic (bytes received, programs.traffic_bytes) at its ICI bandwidth, whichever is
+    longest — each overlapping the others, so a floor. The compute is at least the model's own FLOPs
     (`model_flops`, per device): a guard for counts below them (before windowed matmul loops were turned off for
     counting, programs.COUNTING_OPTIONS, they were 0.69-0.76x on Llama shapes)."""
-    return max(max(flops, model_flops) / (chip.peak_tflops * 1e12), bytes_accessed / chip.hbm_bytes_per_second)
+    return max(max(flops, model_flops) / (chip.peak_tflops * 1e12), bytes_accessed / chip.hbm_bytes_per_second,
+               collective_seconds(collective_bytes, chip))
+
+
+def collective_seconds(collective_bytes: float, chip: Chip) -> float:
+    """Collective traffic per device over the chip's ICI ingress (every collective taken as within one slice)."""
+    return collective_bytes / chip.ici_bytes_per_second

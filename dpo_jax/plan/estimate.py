@@ -1,8 +1,8 @@
 """A train run's step time, estimated from the TPU compiler's own counts — never measured.
 
-The roofline of the compiler's cost analysis: its FLOPs (at least flops.py's) at the bf16 peak, or its bytes
-accessed at the HBM bandwidth, whichever is longer; collectives are not in it. The compiler counts a loop body
-once, and a step has up to three loops: the scanned layers, the log-prob chunks, the micro-batches. So:
+The roofline of the compiler's counts: its FLOPs (at least flops.py's) at the bf16 peak, its bytes accessed at
+the HBM bandwidth, or the bytes its collectives bring each chip at the ICI bandwidth, whichever is longest
+(chips.roofline_seconds). The compiler counts a loop body once, and a step has up to three loops: the scanned layers, the log-prob chunks, the micro-batches. So:
 
 - **scanned** (the default for a scanned model with an even layer count): the program itself, F1; the same
   program with its layer scan unrolled by 2 (two layers per loop body), F2; and, when a row has several log-prob
@@ -29,7 +29,7 @@ import ml_collections
 
 from dpo_jax.compile_target import compiling_for
 from dpo_jax.models.config import ModelConfig
-from dpo_jax.plan.chips import chip_of, roofline_seconds
+from dpo_jax.plan.chips import chip_of
 from dpo_jax.plan.programs import CountingOutOfMemory, loop_free_cost
 from dpo_jax.data.layout import get_layout
 from dpo_jax.plan.run_plan import ProgramPlan, compile_programs, planned_batch, planned_engine, planned_model, \
@@ -37,7 +37,7 @@ from dpo_jax.plan.run_plan import ProgramPlan, compile_programs, planned_batch, 
 from dpo_jax.train.engine import check_batch_layout
 from dpo_jax.sharding import data_parallel_size, make_mesh
 
-Counts = dict[str, tuple[float, float]]  # program -> (FLOPs, bytes accessed) per device
+Counts = dict[str, tuple[float, float, float]]  # program -> (FLOPs, bytes accessed, collective bytes) per device
 
 
 def plan_programs(c: ml_collections.ConfigDict, devices: list[Any], with_estimate: bool = True
@@ -66,11 +66,8 @@ def add_estimate(plans: dict[str, ProgramPlan], c: ml_collections.ConfigDict, de
             method = "variants"
     if method == "variants":
         totals = variant_estimate(c, model, mesh, dp)
-    for name, (flops, bytes_accessed) in totals.items():
-        plan = plans[name]
-        plan.estimate_method = method
-        plan.estimated_flops, plan.estimated_bytes = flops * len(devices), bytes_accessed * len(devices)
-        plan.estimated_step_seconds = roofline_seconds(flops, bytes_accessed, plan.model_flops / len(devices), chip)
+    for name, counts in totals.items():
+        plans[name].set_estimate(method, counts, len(devices), chip)
 
 
 def _chunking(c: ml_collections.ConfigDict, dp: int) -> tuple[int, int]:
@@ -89,8 +86,8 @@ def _counts(c: ml_collections.ConfigDict, model: ModelConfig, mesh, dp: int) -> 
 
 
 def scanned_estimate(c: ml_collections.ConfigDict, model: ModelConfig, mesh, dp: int) -> Counts:
-    """{program: (FLOPs, bytes)} per device and step from the scanned program and its unrolled / wide-chunk
-    copies (the module docstring). CountingOutOfMemory when one does not fit."""
+    """{program: (FLOPs, bytes, collective bytes)} per device and step from the scanned program and its unrolled /
+    wide-chunk copies (the module docstring). CountingOutOfMemory when one does not fit."""
     chunk, chunks = _chunking(c, dp)
     program_counts = _counts(c, model, mesh, dp)
     unrolled = _counts(c, model.replace(scan_unroll=2), mesh, dp)
@@ -107,7 +104,7 @@ def scanned_estimate(c: ml_collections.ConfigDict, model: ModelConfig, mesh, dp:
         loops = c.train.micro_batches if name == "train_step" else 1
         return loops * (base + (model.num_layers - 1) * per_layer + (chunks - 1) * per_chunk)
 
-    return {name: (total(name, 0), total(name, 1)) for name in program_counts}
+    return {name: tuple(total(name, i) for i in range(3)) for name in program_counts}
 
 
 def _variant(c: ml_collections.ConfigDict, chunk: int, parts: int) -> ml_collections.ConfigDict:
@@ -123,7 +120,7 @@ def _variant(c: ml_collections.ConfigDict, chunk: int, parts: int) -> ml_collect
 
 
 def variant_estimate(c: ml_collections.ConfigDict, model: ModelConfig, mesh, dp: int) -> Counts:
-    """{program: (FLOPs, bytes)} per device and step from unscanned variants of one micro-batch — or of a smaller
+    """{program: (FLOPs, bytes, collective bytes)} per device and step from unscanned variants of one micro-batch — or of a smaller
     part of the batch, halved until a variant fits the chip."""
     chunk, chunks = _chunking(c, dp)
     parts = c.train.micro_batches
@@ -147,4 +144,4 @@ def variant_estimate(c: ml_collections.ConfigDict, model: ModelConfig, mesh, dp:
         per_chunk = costs[1, 2 * chunk][name][i] - base if chunks > 1 else 0.0
         return parts * (base + (model.num_layers - 1) * per_layer + (chunks - 1) * per_chunk)
 
-    return {name: (total(name, 0), total(name, 1)) for name in costs[1, chunk]}
+    return {name: tuple(total(name, i) for i in range(3)) for name in costs[1, chunk]}

@@ -28,7 +28,7 @@ from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.decoder import init_params, logical_axes
 from dpo_jax.models.generate import SamplingConfig, _generate_jit, decode_step_jit, prefill_jit
 from dpo_jax.models.reward import make_scorer, reward_model_config
-from dpo_jax.plan.chips import chip_of, roofline_seconds
+from dpo_jax.plan.chips import chip_of
 from dpo_jax.plan.programs import CountingOutOfMemory, compile_program, loop_free_cost, per_device_bytes
 from dpo_jax.plan.run_plan import ProgramPlan, section_model
 from dpo_jax.rlhf.ppo import PPOConfig, build_ppo_engine, lora_value_config
@@ -143,8 +143,9 @@ def _decode_carry(policy: ModelConfig, static: SamplingConfig, params, ids, mesh
     return jax.tree_util.tree_map_with_path(place, shapes)
 
 
-def estimate(c: ml_collections.ConfigDict, models: Models, mesh) -> dict[str, tuple[float, float]]:
-    """{program: (FLOPs, bytes accessed)} per device and PPO iteration, the compiler's (see the module docstring)."""
+def estimate(c: ml_collections.ConfigDict, models: Models, mesh) -> dict[str, tuple[float, float, float]]:
+    """{program: (FLOPs, bytes accessed, collective bytes)} per device and PPO iteration, the compiler's (the module
+    docstring)."""
     variants = {"A": (1, 1, 1), "B": (2, 1, 2), "C": (1, 2, 1)}
     costs = {}
     for name, layers in variants.items():
@@ -168,8 +169,8 @@ def estimate(c: ml_collections.ConfigDict, models: Models, mesh) -> dict[str, tu
         return a + (lp - 1) * (b - a) + (lv - 1) * (costs["C"][program][i] - a)
 
     new, p = c.ppo.max_new_tokens, c.ppo
-    out = {"generate": tuple(total("prefill", i) + new * total("decode_step", i) for i in (0, 1))}
-    out.update({k: (total(k, 0), total(k, 1)) for k in costs["A"] if k not in ("prefill", "decode_step")})
+    out = {"generate": tuple(total("prefill", i) + new * total("decode_step", i) for i in range(3))}
+    out.update({k: tuple(total(k, i) for i in range(3)) for k in costs["A"] if k not in ("prefill", "decode_step")})
     out["ppo_update"] = tuple(p.epochs * p.minibatches * x for x in out["ppo_update"])
     return out
 
@@ -198,12 +199,8 @@ def plan_ppo(c: ml_collections.ConfigDict, devices: list[Any], with_estimate: bo
         plans[name] = ProgramPlan(name, compiled, everything - arguments[name], chip.hbm_bytes, model_flops[name],
                                   tokens=tokens.get(name, b * t * (p.epochs if name == "ppo_update" else 1)))
     if with_estimate and not any(plan.compiled.error for plan in plans.values()):
-        for name, (flops, bytes_accessed) in estimate(c, models, mesh).items():
-            plan = plans[name]
-            plan.estimated_flops, plan.estimated_bytes = flops * len(devices), bytes_accessed * len(devices)
-            plan.estimate_method = "variants"
-            plan.estimated_step_seconds = roofline_seconds(flops, bytes_accessed, plan.model_flops / len(devices),
-                                                           chip)
+        for name, counts in estimate(c, models, mesh).items():
+            plans[name].set_estimate("variants", counts, len(devices), chip)
     policy = models.policy
     info = {"devices": len(devices), "chip": chip.name, "device_kind": devices[0].device_kind,
             "hbm_bytes": chip.hbm_bytes, "peak_tflops_per_device": chip.peak_tflops, "mesh": dict(mesh.shape),

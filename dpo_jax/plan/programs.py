@@ -1,8 +1,8 @@
 """One jitted program compiled for a plan: its per-device memory, the compiler's cost estimate, its collectives.
 
 The TPU compiler's cost analysis counts a `while` loop's body once (a scanned 32-layer model reports one layer's
-FLOPs), so estimates of time are not read from the full program: run_plan.estimate compiles small variants
-(`loop_free_cost`) and scales them."""
+FLOPs), so estimates of time are not read from the full program: plan/estimate.py compiles copies of it for their
+counts (`loop_free_cost`) and scales them."""
 
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ class Compiled:
     compiler_bytes: float = 0.0  # bytes accessed, per device, likewise
     compiler_seconds: float = 0.0  # the compiler's `optimal_seconds`, likewise (negative for large programs in the
     #   libtpu tested: reported, not used)
-    collectives: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # kind -> count, bytes
+    collectives: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # kind -> count, bytes,
+    #   traffic_bytes (collectives_of)
     compile_seconds: float = 0.0
     error: str = ""  # the compiler refused: out of memory (does not fit), or another reason
 
@@ -47,23 +48,65 @@ def _dtype_bytes(name: str) -> int:
     return max(int(bits.group(1)) // 8, 1) if bits else 4
 
 
-def collectives_of(hlo_text: str) -> dict[str, dict[str, int]]:
-    """{kind: {count, bytes}} of the collectives in a compiled module's text (bytes: each op's result, summed; an
-    async pair counted at its start). A loop body's collectives are counted once, as written."""
-    out: dict[str, dict[str, int]] = {}
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}")
+_IOTA_GROUPS = re.compile(r"replica_groups=\[(\d+),(\d+)\]<=")
+_LISTED_GROUPS = re.compile(r"replica_groups=\{\{([\d,]*)\}")
+
+
+def group_size(line: str) -> int:
+    """Devices in each of a collective's groups, from its replica_groups (the three forms the compiler writes);
+    0 when not written (a collective-permute, or every device)."""
+    mesh = _MESH_GROUPS.search(line)
+    if mesh:
+        sizes = dict(re.findall(r"'(\w+)'=(\d+)", mesh.group(1)))
+        return math.prod(int(sizes[name]) for name in re.findall(r"'(\w+)'", mesh.group(2)) if name in sizes)
+    iota = _IOTA_GROUPS.search(line)
+    if iota:
+        return int(iota.group(2))
+    listed = _LISTED_GROUPS.search(line)
+    return len(listed.group(1).split(",")) if listed else 0
+
+
+def traffic_bytes(kind: str, result_bytes: int, group: int) -> float:
+    """Bytes one device receives for a collective with bandwidth-optimal (ring) algorithms over `group` devices:
+    an all-gather or all-to-all receives all but its own share of the result, a reduce-scatter all but its own of
+    the operand (group results), an all-reduce is both, a permute its result."""
+    share = (group - 1) / group if group > 1 else (1.0 if group == 0 else 0.0)
+    if kind == "all-gather" or kind == "all-to-all":
+        return result_bytes * share
+    if kind == "reduce-scatter":
+        return result_bytes * (group - 1 if group else 1)
+    if kind == "all-reduce":
+        return 2 * result_bytes * share
+    return float(result_bytes)  # collective-permute
+
+
+def _shape_bytes(dtype: str, dims: str) -> int:
+    return _dtype_bytes(dtype) * math.prod(int(d) for d in dims.split(",") if d)
+
+
+def collectives_of(hlo_text: str) -> dict[str, dict[str, float]]:
+    """{kind: {count, bytes, traffic_bytes}} of the collectives in a compiled module's text, per device: bytes are
+    each op's result, summed; traffic_bytes what the device receives (`traffic_bytes`). An async start counts its
+    result (the second of its tuple; an all-reduce-start's tuple is all results). A loop body's collectives are
+    counted once, as written."""
+    out: dict[str, dict[str, float]] = {}
     for line in hlo_text.splitlines():
         match = _COLLECTIVE.search(line)
         if match is None:
             continue
         shapes, kind = match.group(1), match.group(2)
-        size = sum(_dtype_bytes(dtype) * math.prod(int(d) for d in dims.split(",") if d)
-                   for dtype, dims in _SHAPE.findall(shapes))
-        if match.group(3):  # an async start's result holds the operand and the result: count half
-            size //= 2
-        entry = out.setdefault(kind, {"count": 0, "bytes": 0})
+        sizes = [_shape_bytes(dtype, dims) for dtype, dims in _SHAPE.findall(shapes)]
+        size = sizes[1] if match.group(3) and kind != "all-reduce" and len(sizes) > 1 else sum(sizes)
+        entry = out.setdefault(kind, {"count": 0, "bytes": 0, "traffic_bytes": 0.0})
         entry["count"] += 1
         entry["bytes"] += size
+        entry["traffic_bytes"] += traffic_bytes(kind, size, group_size(line))
     return out
+
+
+def collective_traffic(collectives: dict[str, dict[str, float]]) -> float:
+    return sum(entry["traffic_bytes"] for entry in collectives.values())
 
 
 def is_out_of_memory(message: str) -> bool:
@@ -113,13 +156,13 @@ class CountingOutOfMemory(RuntimeError):
     batch)."""
 
 
-def loop_free_cost(lower: Callable, *abstract_args: Any) -> tuple[float, float]:
-    """(compiler FLOPs, compiler bytes accessed) per device of a program compiled for its counts (plan/estimate.py),
-    windowed matmul loops off (COUNTING_OPTIONS)."""
+def loop_free_cost(lower: Callable, *abstract_args: Any) -> tuple[float, float, float]:
+    """(compiler FLOPs, compiler bytes accessed, collective bytes received) per device of a program compiled for
+    its counts (plan/estimate.py), windowed matmul loops off (COUNTING_OPTIONS)."""
     compiled = compile_program(lower, *abstract_args, options=COUNTING_OPTIONS)
     if compiled.error:
         raise CountingOutOfMemory(compiled.error)
-    return compiled.compiler_flops, compiled.compiler_bytes
+    return compiled.compiler_flops, compiled.compiler_bytes, collective_traffic(compiled.collectives)
 
 
 def per_device_bytes(tree: Any) -> int:

@@ -28,7 +28,7 @@ from dpo_jax.data.tokenizers import load_tokenizer
 from dpo_jax.flops import train_step_flops
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.decoder import init_params
-from dpo_jax.plan.chips import Chip, chip_of
+from dpo_jax.plan.chips import Chip, chip_of, collective_seconds, roofline_seconds
 from dpo_jax.plan.programs import Compiled, compile_program, per_device_bytes
 from dpo_jax.sharding import data_parallel_size, make_mesh
 from dpo_jax.train.engine import Engine, build_engine
@@ -138,6 +138,8 @@ class ProgramPlan:
     model_flops: float  # per step, all devices (flops.py)
     estimated_flops: float = 0.0  # per step, all devices (the compiler's, counted past its loops: estimate.py)
     estimated_bytes: float = 0.0  # bytes accessed per step, all devices, likewise
+    estimated_collective_bytes: float = 0.0  # bytes the collectives bring, per step, all devices, likewise
+    collective_seconds: float = 0.0  # the roofline's collective term (chips.collective_seconds)
     estimated_step_seconds: float = 0.0
     tokens: int = 0
     estimate_method: str = ""  # "scanned" or "variants" (plan/estimate.py)
@@ -150,6 +152,17 @@ class ProgramPlan:
     def fits(self) -> bool:
         return not self.compiled.error and self.total_bytes <= self.hbm_bytes
 
+    def set_estimate(self, method: str, counts: tuple[float, float, float], devices: int, chip: Chip) -> None:
+        """The estimate from the compiler's per-device counts per step (FLOPs, bytes accessed, collective bytes
+        received), counted past its loops by `method` (plan/estimate.py)."""
+        flops, bytes_accessed, collective_bytes = counts
+        self.estimate_method = method
+        self.estimated_flops, self.estimated_bytes = flops * devices, bytes_accessed * devices
+        self.estimated_collective_bytes = collective_bytes * devices
+        self.collective_seconds = collective_seconds(collective_bytes, chip)
+        self.estimated_step_seconds = roofline_seconds(flops, bytes_accessed, self.model_flops / devices, chip,
+                                                       collective_bytes)
+
     def to_json(self, devices: int, chip: Chip) -> dict[str, Any]:
         seconds = self.estimated_step_seconds
         compiled = dataclasses.asdict(self.compiled)
@@ -157,7 +170,8 @@ class ProgramPlan:
             "fits": self.fits, "hbm_bytes": self.hbm_bytes, "resident_bytes": self.resident_bytes,
             "total_bytes": self.total_bytes, **compiled,
             "model_flops": self.model_flops, "estimated_flops": self.estimated_flops,
-            "estimated_bytes": self.estimated_bytes,
+            "estimated_bytes": self.estimated_bytes, "estimated_collective_bytes": self.estimated_collective_bytes,
+            "estimated_collective_seconds": self.collective_seconds,
             "estimated_step_seconds": seconds, "estimate_method": self.estimate_method,
             "tokens_per_second": self.tokens / seconds if seconds else 0.0,
             "estimated_mfu": self.model_flops / (seconds * devices * chip.peak_tflops * 1e12) if seconds else 0.0,
