@@ -51,10 +51,10 @@ def test_stretches_and_shares_are_printed_as_they_are():
     assert share_text(0.0004) == "< 0.1 %" and share_text(0.0) == "0.0 %"
 
 
-def _run(family, seed, kl, reward, prompts=4):
+def _run(family, seed, kl, reward, prompts=4, setting=""):
     """A run whose every prompt scores its point's mean (no prompt noise)."""
     return Run(family, seed, np.repeat(np.asarray(reward, float)[:, None], prompts, 1),
-               np.repeat(np.asarray(kl, float)[:, None], prompts, 1))
+               np.repeat(np.asarray(kl, float)[:, None], prompts, 1), setting=setting)
 
 
 def test_envelope_gaps_name_every_stretch_in_either_sides_favour():
@@ -87,9 +87,20 @@ def test_a_gap_within_the_seeds_noise_is_level():
     assert "level on 100.0 %" in describe_gap(got, ("A", "B"))
 
 
+def test_the_bootstrap_keeps_every_setting_in_each_envelope():
+    # A's envelope is two settings' runs (a small and a large β, one seed each): redrawing seeds within a setting
+    # changes nothing, where redrawing runs across settings would drop one and widen the interval
+    a = [_run("A", 0, [1, 2], [0.6, 0.7], setting="beta1"), _run("A", 0, [3, 4], [0.8, 0.9], setting="beta0.1")]
+    b = [_run("B", 0, [1, 4], [0.5, 0.5])]
+    got = envelope_gap(a, b, samples=200)
+    np.testing.assert_allclose(got.low, got.gap)
+    np.testing.assert_allclose(got.high, got.gap)
+
+
 def test_runs_are_grouped_from_per_point_records():
-    points = [{"family": "DPO", "seed": s, "step": step, "rewards": [step, 1.0], "kls": [0.1, 0.2]}
-              for s in (0, 1) for step in (1, 2)]
+    points = [{"family": "DPO", "method": "dpo_beta0p1", "seed": s, "step": step, "rewards": [step, 1.0],
+               "kls": [0.1, 0.2]} for s in (0, 1) for step in (1, 2)]
     runs = runs_from_points(points)
-    assert [(r.family, r.seed, r.rewards.shape) for r in runs] == [("DPO", 0, (2, 2)), ("DPO", 1, (2, 2))]
+    assert [(r.family, r.setting, r.seed, r.rewards.shape) for r in runs] == [
+        ("DPO", "dpo_beta0p1", 0, (2, 2)), ("DPO", "dpo_beta0p1", 1, (2, 2))]
     np.testing.assert_array_equal(runs[1].rewards[:, 0], [1, 2])

@@ -1,33 +1,89 @@
-"""The frontier's families, upper envelopes and the matched-KL comparison written into results.md."""
+"""The sentiment report on hand-made points: families, the stored per-prompt outcomes, the final-point table's
+intervals and the matched-KL comparison written into results.md."""
 
+import csv
+
+import ml_collections
 import numpy as np
+import pytest
 
-from dpo_jax.experiments.sentiment_report import compare_envelopes, envelope, family
+from dpo_jax.evaluation.intervals import difference_interval
+from dpo_jax.experiments import sentiment_config
+from dpo_jax.experiments.sentiment_points import family, make_point, read_points, write_points
+from dpo_jax.experiments.sentiment_report import final_lines, write_results
+
+PROMPTS = 32
 
 
-def _points(name, pairs):
-    return [{"method": name, "kl": k, "reward": r} for k, r in pairs]
+def _point(method, seed, step, reward, kl, noise=0.0, rm=True):
+    rng = np.random.default_rng(hash((method, seed, step)) % 2**32)
+    vader = reward + noise * rng.standard_normal(PROMPTS)
+    return make_point(method, seed, step, vader, np.full(PROMPTS, kl), vader * 2 if rm else None)
 
 
-def test_families_put_cdpo_and_ipo_with_dpo_and_ppo_gt_apart_from_ppo():
+def test_families_keep_cdpo_and_ipo_out_of_dpo_and_ppo_gt_apart_from_ppo():
     assert [family(m) for m in ("dpo_beta0p1", "cdpo_beta0p1", "ipo_beta0p1", "ppo_beta1", "ppo_gt_beta1",
                                 "best_of_n", "unlikelihood_alpha1", "preferred_ft", "sft")] == [
-        "DPO", "DPO", "DPO", "PPO", "PPO-GT", "Best-of-N", "Unlikelihood", "Preferred-FT", "π_SFT"]
+        "DPO", "cDPO", "IPO", "PPO", "PPO-GT", "Best-of-N", "Unlikelihood", "Preferred-FT", "π_SFT"]
 
 
-def test_envelope_is_the_running_best_reward_by_kl():
-    kl, best = envelope(_points("dpo", [(3.0, 0.2), (1.0, 0.5), (2.0, 0.4), (4.0, 0.7)]))
-    np.testing.assert_array_equal(kl, [1.0, 2.0, 3.0, 4.0])
-    np.testing.assert_array_equal(best, [0.5, 0.5, 0.5, 0.7])  # a worse point at higher KL never lowers it
+def test_points_round_trip_with_their_per_prompt_outcomes(tmp_path):
+    points = [_point("sft", 0, 0, 0.1, 0.0, noise=0.3), _point("dpo_beta0p1", 1, 30, 0.5, 2.0, noise=0.3),
+              _point("preferred_ft", 0, 30, 0.2, 1.0, rm=False)]
+    write_points(str(tmp_path), points)
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["family", "method", "seed", "step", "vader", "kl", "rm_score"]
+    assert [(r["family"], r["seed"], r["step"]) for r in rows] == [("π_SFT", "0", "0"), ("DPO", "1", "30"),
+                                                                   ("Preferred-FT", "0", "30")]
+    assert rows[2]["rm_score"] == "" and float(rows[1]["vader"]) == pytest.approx(points[1]["reward"], abs=1e-6)
+    back = read_points(str(tmp_path))
+    for a, b in zip(points, back):
+        np.testing.assert_allclose(b["outcomes"]["vader"], a["outcomes"]["vader"], rtol=1e-6)
+        assert (b["method"], b["seed"], b["step"]) == (a["method"], a["seed"], a["step"])
+    # the report's intervals can be recomputed from what was stored
+    got = difference_interval(back[1]["rewards"][None], back[0]["rewards"][None])
+    assert got.estimate == pytest.approx(points[1]["reward"] - points[0]["reward"], abs=1e-5)
+    with pytest.raises(ValueError, match="different numbers of prompts"):
+        write_points(str(tmp_path), [points[0], make_point("dpo_x", 0, 1, [0.1], [0.0])])
 
 
-def test_matched_kl_comparison_says_where_each_envelope_is_above():
-    dpo = _points("dpo", [(1.0, 0.3), (2.0, 0.5), (4.0, 0.6)])
-    ppo = _points("ppo", [(1.0, 0.4), (3.0, 0.45), (5.0, 0.9)])
-    text = compare_envelopes(dpo, ppo, ("DPO", "PPO"))
-    # shared range 1-4: PPO above on [1, 2) (0.4 vs 0.3), DPO above on [2, 4] (0.5-0.6 vs 0.4-0.45): two thirds
-    assert text.startswith("On the KL range both cover (1.00–4.00 nats), DPO's envelope lies above PPO's on 67 %")
-    assert "largest gap in DPO's favour is +0.150 reward at KL 4.00" in text
-    assert "in PPO's favour +0.100 at KL 1" in text
-    assert "cover no common KL range" in compare_envelopes(dpo, _points("p", [(9.0, 1.0)]), ("DPO", "P"))
-    assert "nowhere above" in compare_envelopes(_points("a", [(1.0, 1.0)] * 2 + [(3.0, 1.0)]), ppo, ("A", "PPO"))
+def test_final_points_average_seeds_and_say_ahead_only_outside_the_interval():
+    sft = _point("sft", 0, 0, 0.0, 0.0, noise=0.2)
+    points = [sft] + [_point("dpo_beta0p1", s, step, 0.4, 3.0, noise=0.2) for s in (0, 1) for step in (10, 20)]
+    points += [_point("preferred_ft", 0, 20, 0.0, 1.0, noise=0.2)]
+    lines = "\n".join(final_lines(points, sft))
+    dpo_row = next(line for line in lines.splitlines() if line.startswith("| dpo_beta0p1 |"))
+    assert "| DPO | 2 | 20 |" in dpo_row and dpo_row.split("|")[7].strip() == "ahead"
+    pft_row = next(line for line in lines.splitlines() if line.startswith("| preferred_ft |"))
+    assert pft_row.split("|")[7].strip() == "level"  # the same mean as π_SFT, prompt noise only
+
+
+def _config(tmp_path):
+    c = sentiment_config.default_config()
+    c.out_dir = str(tmp_path)
+    c.methods = ml_collections.ConfigDict({"dpo_beta0p1": sentiment_config.method("dpo", beta=0.1),
+                                           "cdpo_beta0p1": sentiment_config.method("dpo", beta=0.1,
+                                                                                   label_smoothing=0.2)})
+    return c
+
+
+def test_results_md_compares_envelopes_with_intervals_and_names_the_other_sides_stretch(tmp_path):
+    # on the common KL range 1-3: DPO 0.5, then 0.8 at KL 3; PPO 0.2, then 0.9 from KL 2.5 (ahead there); cDPO far
+    # above everywhere but not part of DPO's envelope
+    sft = _point("sft", 0, 0, 0.0, 0.0)
+    points = [sft]
+    for seed in (0, 1):
+        points += [_point("dpo_beta0p1", seed, 10, 0.5, 1.0), _point("dpo_beta0p1", seed, 20, 0.5, 2.0),
+                   _point("dpo_beta0p1", seed, 30, 0.8, 3.0), _point("ppo_beta0p1", seed, 10, 0.2, 1.0),
+                   _point("ppo_beta0p1", seed, 20, 0.9, 2.5), _point("ppo_beta0p1", seed, 30, 0.9, 5.0)]
+    points += [_point("cdpo_beta0p1", 0, 10, 2.0, 1.0), _point("cdpo_beta0p1", 0, 30, 2.0, 5.0)]
+    write_results(_config(tmp_path), points, 0.45)
+    text = (tmp_path / "results.md").read_text()
+    line = next(x for x in text.splitlines() if x.startswith("- On the KL range") and "PPO's" in x)
+    assert "ahead of PPO's on 74.6 %" in line and "behind on 25.4 %" in line  # 150 and 51 of 201 grid KLs
+    assert "Stretches with PPO ahead: KL 2.50–3.00" in line
+    cdpo = next(x for x in text.splitlines() if x.startswith("- On the KL range") and "cDPO's" in x)
+    assert "behind on 100.0 %" in cdpo  # cDPO's points did not lift DPO's envelope
+    assert "DPO 2, PPO 2, cDPO 1" in text
+    assert (tmp_path / "frontier.png").stat().st_size > 0 and (tmp_path / "overoptimization.png").stat().st_size > 0

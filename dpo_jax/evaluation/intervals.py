@@ -85,12 +85,15 @@ def upper_envelope(kl: np.ndarray, reward: np.ndarray, grid: np.ndarray) -> np.n
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One training run's evaluation points: per point, per-prompt rewards and KLs ([points, prompts])."""
+    """One training run's evaluation points: per point, per-prompt rewards and KLs ([points, prompts]). `setting`
+    names its hyperparameters (e.g. a β): the bootstrap redraws seeds within each setting, so every setting stays
+    in each replicate's envelope."""
 
     family: str
     seed: int
     rewards: np.ndarray
     kls: np.ndarray
+    setting: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +113,7 @@ class EnvelopeGap:
 def envelope_gap(a: Sequence[Run], b: Sequence[Run], points: int = 201, samples: int = 1000, seed: int = 0,
                  level: float = LEVEL) -> EnvelopeGap | None:
     """a's envelope minus b's on a grid over the KL range both cover, each grid point with its bootstrap interval
-    (seeds of each side and the shared prompts redrawn); None when the ranges do not overlap."""
+    (each setting's seeds redrawn on each side, and the shared prompts); None when the ranges do not overlap."""
     def envelope_of(runs: Sequence[Run], prompts: np.ndarray | slice, grid: np.ndarray) -> np.ndarray:
         kl = np.concatenate([r.kls[:, prompts].mean(axis=1) for r in runs])
         reward = np.concatenate([r.rewards[:, prompts].mean(axis=1) for r in runs])
@@ -128,14 +131,22 @@ def envelope_gap(a: Sequence[Run], b: Sequence[Run], points: int = 201, samples:
     prompts = a[0].rewards.shape[1]
     if any(r.rewards.shape[1] != prompts or r.kls.shape != r.rewards.shape for r in (*a, *b)):
         raise ValueError("every run must be scored on the same prompts ([points, prompts] rewards and KLs)")
+    settings_a, settings_b = _by_setting(a), _by_setting(b)
     replicates = np.empty((samples, points))
     for k in range(samples):
         drawn = rng.integers(0, prompts, prompts)
-        runs_a = [a[i] for i in rng.integers(0, len(a), len(a))]
-        runs_b = [b[i] for i in rng.integers(0, len(b), len(b))]
+        runs_a = [runs[i] for runs in settings_a for i in rng.integers(0, len(runs), len(runs))]
+        runs_b = [runs[i] for runs in settings_b for i in rng.integers(0, len(runs), len(runs))]
         replicates[k] = envelope_of(runs_a, drawn, grid) - envelope_of(runs_b, drawn, grid)
     low, high = _percentiles(replicates, level)
     return EnvelopeGap(grid, gap, low, high)
+
+
+def _by_setting(runs: Sequence[Run]) -> list[list[Run]]:
+    grouped: dict[str, list[Run]] = {}
+    for run in runs:
+        grouped.setdefault(run.setting, []).append(run)
+    return list(grouped.values())
 
 
 def stretches(grid: np.ndarray, mask: np.ndarray) -> list[tuple[float, float]]:
@@ -180,9 +191,11 @@ def describe_gap(result: EnvelopeGap | None, names: tuple[str, str]) -> str:
 
 
 def runs_from_points(points: Sequence[dict[str, Any]]) -> list[Run]:
-    """Runs from per-point records {"family", "seed", "rewards": [prompts], "kls": [prompts]} in step order."""
-    grouped: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    """Runs from per-point records {"family", "method", "seed", "rewards": [prompts], "kls": [prompts]} in step
+    order (a run: one method, one seed; its setting: the method)."""
+    grouped: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     for p in points:
-        grouped.setdefault((p["family"], int(p["seed"])), []).append(p)
+        grouped.setdefault((p["family"], p.get("method", ""), int(p["seed"])), []).append(p)
     return [Run(family, seed, np.asarray([p["rewards"] for p in group], float),
-                np.asarray([p["kls"] for p in group], float)) for (family, seed), group in grouped.items()]
+                np.asarray([p["kls"] for p in group], float), setting=method)
+            for (family, method, seed), group in grouped.items()]

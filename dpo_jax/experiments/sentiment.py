@@ -41,6 +41,7 @@ from dpo_jax.data.pipeline import default_cache_dir
 from dpo_jax.experiments import sentiment_corpus as corpus
 from dpo_jax.experiments import sentiment_ppo, sentiment_rlhf, sentiment_winrate
 from dpo_jax.experiments.sentiment_config import method
+from dpo_jax.experiments.sentiment_points import make_point
 from dpo_jax.experiments.sentiment_report import write_results
 from dpo_jax.fingerprint import fingerprint
 from dpo_jax.logprobs import token_logprobs
@@ -48,6 +49,7 @@ from dpo_jax.metrics import MetricWriter
 from dpo_jax.models.config import ModelConfig, shaped_config
 from dpo_jax.models.decoder import Decoder, init_params, unembedding
 from dpo_jax.models.generate import SamplingConfig, generate
+from dpo_jax.rlhf import best_of_n as bon
 from dpo_jax.train.engine import build_engine, default_engine_config
 from dpo_jax.train.reference_source import NO_REFERENCE, ReferenceTables
 from dpo_jax.train.trainer import Trainer
@@ -176,9 +178,9 @@ class Stages:
             return out, mask, rows, lengths
         return out, mask
 
-    def _sample(self, params, prompts, mask, seed: int, max_new: int, temperature: float):
+    def _sample(self, params, prompts, mask, key: jax.Array, max_new: int, temperature: float):
         s = SamplingConfig(max_new_tokens=max_new, temperature=temperature, eos_id=self.eos, pad_id=self.pad)
-        out = generate(params, self.model_config(), prompts, mask, jax.random.key(seed), s)
+        out = generate(params, self.model_config(), prompts, mask, key, s)
         texts = [self.tokenizer.decode(list(prompts[i][mask[i] == 1]) + list(np.asarray(out.tokens[i])[
             np.asarray(out.mask[i]) == 1]), skip_special_tokens=True) for i in range(len(prompts))]
         return out, texts
@@ -193,8 +195,8 @@ class Stages:
         prompts, mask = self.prefixes(self.train_ids, p.prefixes, self.c.seed + 1)
         k = p.samples_per_prefix
         rep_prompts, rep_mask = np.repeat(prompts, k, 0), np.repeat(mask, k, 0)
-        out, texts = self._sample(self.sft_params, rep_prompts, rep_mask, self.c.seed + 2, p.max_new_tokens,
-                                  p.temperature)
+        out, texts = self._sample(self.sft_params, rep_prompts, rep_mask, jax.random.key(self.c.seed + 2),
+                                  p.max_new_tokens, p.temperature)
         rewards = self.reward(texts).reshape(-1, k)
         tokens, gen_mask = np.asarray(out.tokens).reshape(-1, k, p.max_new_tokens), np.asarray(out.mask).reshape(
             -1, k, p.max_new_tokens)
@@ -259,10 +261,8 @@ class Stages:
         rm = self.reward_model = sentiment_rlhf.RewardModelStage(self, key)
         summary = rm.on_test_sentences()
         points, more = sentiment_rlhf.best_of_n(self, rm, *self.test_prefixes())
-        self.over_optimization = []
         if self.c.train.steps >= 1 and self.c.ppo.betas:
-            ppo_points, self.over_optimization = sentiment_ppo.run_ppo(self, rm, *self.test_prefixes())
-            points += ppo_points
+            points += sentiment_ppo.run_ppo(self, rm, *self.test_prefixes())
         return points, {**summary, **more}
 
     def test_prefixes(self) -> tuple[np.ndarray, np.ndarray]:
@@ -270,27 +270,55 @@ class Stages:
         return self.prefixes(self.test_ids, self.c.eval.prefixes, self.c.seed + 4)
 
     # 6: methods with evaluation
-    def evaluate(self, params, ref_params, prompts, mask) -> tuple[float, float, list[str]]:
-        """(mean VADER reward, mean sequence KL(π‖π_ref) over samples, texts) on the fixed test prefixes.
-        Samples come from π at temperature 1: the KL estimate Σ_t log π − log π_ref is unbiased only for those."""
-        out, texts = self._sample(params, prompts, mask, self.c.seed + 3, self.c.eval.max_new_tokens, 1.0)
+    def evaluate(self, params, ref_params, prompts, mask, seed: int = 0) -> tuple[np.ndarray, np.ndarray,
+                                                                                  np.ndarray | None, list[str]]:
+        """Per prompt: VADER reward, sequence KL(π‖π_ref) of the sample, the reward model's score of it (None
+        without one); and the texts. Samples come from π at temperature 1 (the KL estimate Σ_t log π − log π_ref
+        is unbiased only for those), with keys that depend on the run's training seed."""
+        sampling = SamplingConfig(max_new_tokens=self.c.eval.max_new_tokens, temperature=1.0, eos_id=self.eos,
+                                  pad_id=self.pad)
+        out = jax.tree.map(lambda x: x[:, 0], bon.sample_n(params, self.model_config(), prompts, mask, 1,
+                                                           self.eval_key(seed), sampling, batch_rows=len(prompts)))
+        texts = self.tokenizer.batch_decode([list(prompts[i][mask[i] == 1]) + list(np.asarray(out.tokens[i])[
+            np.asarray(out.mask[i]) == 1]) for i in range(len(prompts))], skip_special_tokens=True)
         full = jnp.concatenate([jnp.asarray(prompts), out.tokens], 1)
         full_mask = jnp.concatenate([jnp.asarray(mask), out.mask], 1)
         model = self.model_config()
         hidden = Decoder(model).apply({"params": ref_params}, full, attention_mask=full_mask)
         kernel, bias = unembedding(ref_params, model)
         ref_lp = token_logprobs(hidden, kernel, full, bias=bias)[:, prompts.shape[1]:]
-        kl = jnp.sum((out.logps - ref_lp) * out.mask, axis=1)
-        self.eval_rows = (np.asarray(full), np.asarray(full_mask))  # for scoring the same samples (sentiment_ppo)
-        return float(self.reward(texts).mean()), float(jnp.mean(kl)), texts
+        kl = np.asarray(jnp.sum((out.logps - ref_lp) * out.mask, axis=1), np.float64)
+        rm = getattr(self, "reward_model", None)
+        rm_score = None if rm is None else rm.score(np.asarray(full), np.asarray(full_mask))
+        return self.reward(texts), kl, rm_score, texts
+
+    def eval_key(self, seed: int) -> jax.Array:
+        """The evaluation samples' key for a training seed: prompt i's sample is drawn with fold_in(fold_in(key,
+        i), 0) (rlhf/best_of_n.py), so π_SFT's evaluation at seed 0 is Best-of-N's first sample of each prompt."""
+        return jax.random.fold_in(jax.random.key(self.c.seed + 3), seed)
+
+    def point(self, method: str, seed: int, step: int, params, prompts, mask) -> tuple[dict[str, Any], list[str]]:
+        """A policy's evaluation point on the test prefixes (sentiment_points.make_point), and its texts."""
+        vader, kl, rm_score, texts = self.evaluate(params, self.sft_params, prompts, mask, seed)
+        return make_point(method, seed, step, vader, kl, rm_score), texts
+
+    def seeds_of(self, m: ml_collections.ConfigDict | None = None) -> tuple[int, ...]:
+        """A method's training seeds: its own `seeds`, or the experiment's."""
+        seeds = tuple(m.seeds) if m is not None and m.get("seeds") else tuple(self.c.seeds)
+        if not seeds:
+            raise ValueError("config.seeds: at least one training seed")
+        return seeds
 
     def methods(self) -> list[dict[str, Any]]:
+        """π_SFT's point (Best-of-N's N = 1 when the RLHF stage ran: the very same samples), then every method at
+        every one of its seeds, evaluated every `eval.every` steps."""
         t = self.c.train
         test_prompts, test_mask = self.test_prefixes()
-        sft_reward, sft_kl, sft_texts = self.evaluate(self.sft_params, self.sft_params, test_prompts, test_mask)
-        self.log(f"π_SFT on test prefixes: reward {sft_reward:+.3f}, KL {sft_kl:.4f}")
-        points = [{"method": "sft", "step": 0, "reward": sft_reward, "kl": sft_kl}]
-        samples = [{"method": "sft", "step": 0, "text": x} for x in sft_texts[:8]]
+        sft, sft_texts = getattr(self, "sft_point", None) or self.point("sft", 0, 0, self.sft_params, test_prompts,
+                                                                         test_mask)
+        self.log(f"π_SFT on test prefixes: reward {sft['reward']:+.3f}, KL {sft['kl']:.4f}")
+        points = [sft]
+        samples = [{"method": "sft", "seed": 0, "step": 0, "text": x} for x in sft_texts[:8]]
         methods = self.c.methods.items() if t.steps >= 1 else ()
         if t.steps < 1:
             self.log(f"train.steps = {t.steps}: no method is trained; only π_SFT is evaluated")
@@ -301,33 +329,35 @@ class Stages:
             table = reference.precompute(ref_engine.state.params, ref_engine.reference_logps,
                                          self.pair_loader().one_pass, path)[0]
         for name, m in methods:
-            engine = self.engine_for(name, m, t.learning_rate, t.batch_pairs, self.sft_params)
+            for seed in self.seeds_of(m):
+                engine = self.engine_for(name, m, t.learning_rate, t.batch_pairs, self.sft_params)
 
-            def evaluate(step: int, state: Any, name: str = name) -> None:
-                reward, kl, texts = self.evaluate(state.params, self.sft_params, test_prompts, test_mask)
-                points.append({"method": name, "step": step, "reward": reward, "kl": kl})
-                samples.extend({"method": name, "step": step, "text": x} for x in texts[:8])
+                def evaluate(step: int, state: Any, name: str = name, seed: int = seed) -> None:
+                    point, texts = self.point(name, seed, step, state.params, test_prompts, test_mask)
+                    points.append(point)
+                    samples.extend({"method": name, "seed": seed, "step": step, "text": x} for x in texts[:8])
 
-            t0 = time.perf_counter()
-            trainer = Trainer(engine, steps=t.steps, writer=MetricWriter(None), name=name,
-                              reference=ReferenceTables({"train": table}) if engine.config.needs_reference
-                              else NO_REFERENCE, eval_every=self.c.eval.every, evaluate=evaluate)
-            self.final_policy(name, trainer.fit(engine.state, self.pair_loader())[0].params)
-            self.log(f"{name}: reward {points[-1]['reward']:+.3f}, KL {points[-1]['kl']:.3f} after {t.steps} steps "
-                     f"({time.perf_counter() - t0:.0f} s)")
+                t0 = time.perf_counter()
+                trainer = Trainer(engine, steps=t.steps, writer=MetricWriter(None), name=f"{name} seed {seed}",
+                                  reference=ReferenceTables({"train": table}) if engine.config.needs_reference
+                                  else NO_REFERENCE, eval_every=self.c.eval.every, evaluate=evaluate)
+                final = trainer.fit(engine.state, self.pair_loader(seed))[0].params
+                self.final_policy(name, seed, final)
+                self.log(f"{name} seed {seed}: reward {points[-1]['reward']:+.3f}, KL {points[-1]['kl']:.3f} after "
+                         f"{t.steps} steps ({time.perf_counter() - t0:.0f} s)")
         with open(os.path.join(self.c.out_dir, "samples.jsonl"), "w") as f:
             f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
         return points
 
-    def final_policy(self, name: str, params: Any) -> None:
-        """A method's trained policy, for the win-rate and generalization evaluation (stage 7)."""
-        if self.winrates is not None:
+    def final_policy(self, name: str, seed: int, params: Any) -> None:
+        """A method's trained policy, for the win-rate and generalization evaluation (stage 7): its first seed's."""
+        if self.winrates is not None and seed == self.c.seeds[0]:
             self.winrates.add(name, params)
 
-    def pair_loader(self) -> PreferenceLoader:
-        """The preference pairs in training order (the same for every method)."""
+    def pair_loader(self, seed: int = 0) -> PreferenceLoader:
+        """The preference pairs in a training seed's order (the same for every method at that seed)."""
         return PreferenceLoader(self.pair_source, global_batch_pairs=self.c.train.batch_pairs,
-                                seq_len=self._seq_len(), seed=self.c.seed, prefetch=0, pad_id=self.pad)
+                                seq_len=self._seq_len(), seed=self.c.seed + 1000 * seed, prefetch=0, pad_id=self.pad)
 
     def _seq_len(self) -> int:
         return self.c.pairs.max_prefix + max(self.c.pairs.max_new_tokens, 1)
@@ -340,7 +370,7 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
     stages.sft()
     stages.pairs()
     stages.winrates = sentiment_winrate.WinRates(stages) if c.winrate.prefixes > 0 else None
-    stages.final_policy("sft", stages.sft_params)
+    stages.final_policy("sft", c.seeds[0], stages.sft_params)
     rlhf_points, reward_model = stages.rlhf()
     points = stages.methods()
     points[1:1] = rlhf_points  # after π_SFT: Best-of-N samples it, PPO starts from it
@@ -348,12 +378,12 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
     if stages.winrates is not None:
         rm_scores = getattr(getattr(stages, "reward_model", None), "test_scores", None)
         more = stages.winrates.write(c.out_dir, stages.winrates.validation(rm_scores),
-                                     {p["method"]: p["kl"] for p in points})
-    write_results(c, points, stages.vader_human_r, reward_model, getattr(stages, "over_optimization", None), more)
-    final = {p["method"]: p for p in points}
-    stages.log("summary (final point per method: mean reward on held-out prefixes, KL to π_SFT):")
-    for name, p in final.items():
-        print(f"    {name:<24} reward {p['reward']:+.3f}   KL {p['kl']:7.3f}", flush=True)
+                                     {p["method"]: p["kl"] for p in points if p["seed"] == c.seeds[0]})
+    write_results(c, points, stages.vader_human_r, reward_model, more)
+    final = {(p["method"], p["seed"]): p for p in points}
+    stages.log("summary (final point per method and seed: mean reward on held-out prefixes, KL to π_SFT):")
+    for (name, seed), p in final.items():
+        print(f"    {name:<24} seed {seed}  reward {p['reward']:+.3f}   KL {p['kl']:7.3f}", flush=True)
     stages.log(f"done in {time.perf_counter() - start:.0f} s: {c.out_dir}/results.md, frontier.png, results.csv")
     return {"points": points, "vader_human_r": stages.vader_human_r, "reward_model": reward_model}
 

@@ -14,7 +14,10 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.out_dir = "runs/sentiment"
     c.cache_dir = ""  # empty: $DPO_JAX_CACHE or ~/.cache/dpo_jax
-    c.seed = 0
+    c.seed = 0  # the data's: the corpus split, π_SFT, the pairs, the reward model
+    # training seeds (the order of a method's batches, PPO's prompts and rollouts, the evaluation samples); a method
+    # may name its own (`seeds` in its entry)
+    c.seeds = (0, 1)
     c.vocab_size = 2048
     c.max_sentence_tokens = 40
     c.model = ml_collections.ConfigDict(PRESETS["gpt2-sentiment"])  # family and shape of π_SFT
@@ -39,16 +42,17 @@ def default_config() -> ml_collections.ConfigDict:
     c.methods = ml_collections.ConfigDict({
         "dpo_beta0p05": method("dpo", beta=0.05), "dpo_beta0p1": method("dpo", beta=0.1),
         "dpo_beta1": method("dpo", beta=1.0), "dpo_beta5": method("dpo", beta=5.0),
-        "cdpo_beta0p1": method("dpo", beta=0.1, label_smoothing=0.2),
-        "ipo_beta0p1": method("dpo", loss_type="ipo", beta=0.1),
-        "unlikelihood_alpha0p1": method("unlikelihood", unlikelihood_alpha=0.1),
-        "unlikelihood_alpha1": method("unlikelihood", unlikelihood_alpha=1.0),
-        "preferred_ft": method("sft"),
+        "cdpo_beta0p1": method("dpo", seeds=(0,), beta=0.1, label_smoothing=0.2),
+        "ipo_beta0p1": method("dpo", seeds=(0,), loss_type="ipo", beta=0.1),
+        "unlikelihood_alpha0p1": method("unlikelihood", seeds=(0,), unlikelihood_alpha=0.1),
+        "unlikelihood_alpha1": method("unlikelihood", seeds=(0,), unlikelihood_alpha=1.0),
+        "preferred_ft": method("sft", seeds=(0,)),
     })
     return c
 
 
-def method(mode: str, **dpo: Any) -> ml_collections.ConfigDict:
-    """A compared method: train.mode (dpo, sft = Preferred-FT, unlikelihood) and the `dpo` config fields it sets
-    (loss_type, beta, label_smoothing, unlikelihood_alpha, loss_kwargs ...; unset ones keep their defaults)."""
-    return ml_collections.ConfigDict({"mode": mode, "dpo": dpo})
+def method(mode: str, seeds: tuple[int, ...] = (), **dpo: Any) -> ml_collections.ConfigDict:
+    """A compared method: train.mode (dpo, sft = Preferred-FT, unlikelihood), its training seeds (empty: the
+    experiment's `seeds`) and the `dpo` config fields it sets (loss_type, beta, label_smoothing,
+    unlikelihood_alpha, loss_kwargs ...; unset ones keep their defaults)."""
+    return ml_collections.ConfigDict({"mode": mode, "seeds": tuple(seeds), "dpo": dpo})

@@ -5,7 +5,8 @@ train prefixes, evaluated like every method.
 Budget, the same as every trained method's: `train.steps` optimizer updates of `train.batch_pairs` sequences at
 `train.learning_rate` — `train.steps / ppo.epochs` PPO iterations of `train.batch_pairs` sampled prompts, each
 updated for `ppo.epochs` epochs in one minibatch (PPO also samples its own rollouts, which DPO does not). All runs
-share one compiled PPO step: β lives in the state.
+share one compiled PPO step: β lives in the state, a training seed in the rollouts' generation keys and prompt
+order (the step's minibatch shuffle is the engine's: with one minibatch it only reorders a batch).
 """
 
 from __future__ import annotations
@@ -29,9 +30,8 @@ def _host(tree: Any) -> Any:
     return jax.tree.map(lambda x: np.array(x), tree)  # fresh host copies: the engine donates what it is given
 
 
-def run_ppo(st: Any, rm: Any, test_prompts: np.ndarray, test_mask: np.ndarray
-            ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(frontier points, over-optimization series) of every PPO and PPO-GT setting."""
+def run_ppo(st: Any, rm: Any, test_prompts: np.ndarray, test_mask: np.ndarray) -> list[dict[str, Any]]:
+    """The evaluation points of every PPO and PPO-GT setting at every training seed."""
     c, t = st.c.ppo, st.c.train
     iterations = max(t.steps // c.epochs, 1)
     sampling = SamplingConfig(max_new_tokens=st.c.eval.max_new_tokens, temperature=1.0, eos_id=st.eos,
@@ -50,26 +50,26 @@ def run_ppo(st: Any, rm: Any, test_prompts: np.ndarray, test_mask: np.ndarray
 
     scorers = {"ppo": lambda rows, row_mask, texts: rm.score(rows, row_mask),
                "ppo_gt": lambda rows, row_mask, texts: st.reward(texts)}
-    points, series = [], []
+    points = []
+    first = True
     for family, score in scorers.items():
-        for i, beta in enumerate(c.betas):
+        for beta in c.betas:
             name = f"{family}_beta{f'{beta:g}'.replace('.', 'p')}"
-            state = engine.state if (family, i) == ("ppo", 0) else engine.init_state(
-                _host(st.sft_params), _host(rm.params), float(beta))
+            for seed in st.seeds_of():
+                state = engine.state if first else engine.init_state(_host(st.sft_params), _host(rm.params),
+                                                                     float(beta))
+                first = False
 
-            def evaluate(step: int, state: Any, name: str = name, beta: float = beta) -> None:
-                reward, kl, _ = st.evaluate(state.params["policy"], st.sft_params, test_prompts, test_mask)
-                rm_score = float(np.mean(rm.score(*st.eval_rows)))
-                points.append({"method": name, "step": step * c.epochs, "reward": reward, "kl": kl})
-                series.append({"method": name, "beta": beta, "step": step * c.epochs, "reward": reward,
-                               "rm_score": rm_score, "kl": kl})
+                def evaluate(step: int, state: Any, name: str = name, seed: int = seed) -> None:
+                    points.append(st.point(name, seed, step * c.epochs, state.params["policy"], test_prompts,
+                                           test_mask)[0])
 
-            t0 = time.perf_counter()
-            trainer = Trainer(engine, steps=iterations, writer=MetricWriter(None), name=name,
-                              eval_every=max(c.eval_every, 1), evaluate=evaluate,
-                              rollout=Rollouts(engine, reference, score, decode))
-            final, _ = trainer.fit(state, PromptLoader(prompts, mask, t.batch_pairs, st.c.seed))
-            st.final_policy(name, final.params["policy"])
-            st.log(f"{name}: reward {points[-1]['reward']:+.3f}, KL {points[-1]['kl']:.3f} after {iterations} PPO "
-                   f"iterations x {c.epochs} epochs ({time.perf_counter() - t0:.0f} s)")
-    return points, series
+                t0 = time.perf_counter()
+                trainer = Trainer(engine, steps=iterations, writer=MetricWriter(None), name=f"{name} seed {seed}",
+                                  eval_every=max(c.eval_every, 1), evaluate=evaluate,
+                                  rollout=Rollouts(engine, reference, score, decode, seed=st.c.seed + 1000 * seed))
+                final, _ = trainer.fit(state, PromptLoader(prompts, mask, t.batch_pairs, st.c.seed + 1000 * seed))
+                st.final_policy(name, seed, final.params["policy"])
+                st.log(f"{name} seed {seed}: reward {points[-1]['reward']:+.3f}, KL {points[-1]['kl']:.3f} after "
+                       f"{iterations} PPO iterations x {c.epochs} epochs ({time.perf_counter() - t0:.0f} s)")
+    return points

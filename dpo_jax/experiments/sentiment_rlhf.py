@@ -18,6 +18,7 @@ import numpy as np
 from dpo_jax import sharding
 from dpo_jax.convert import native
 from dpo_jax.experiments.sentiment_config import method
+from dpo_jax.experiments.sentiment_points import make_point
 from dpo_jax.metrics import MetricWriter
 from dpo_jax.models.generate import SamplingConfig
 from dpo_jax.models.reward import RewardScorer, as_reward_model
@@ -73,19 +74,19 @@ class RewardModelStage:
 def best_of_n(st: Any, rm: RewardModelStage, prompts: np.ndarray, mask: np.ndarray
               ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Best-of-N points for every N in config.best_of_n.ns from one pass of max(ns) π_SFT samples per held-out
-    prefix (temperature 1, as every method's evaluation), and the reward model's held-out accuracy on them."""
+    prefix (temperature 1, as every method's evaluation), and the reward model's held-out accuracy on them. The
+    first sample of each prefix is π_SFT's own evaluation (`st.sft_point`): N = 1 is π_SFT, on the same samples."""
     c = st.c
     ns = sorted(set(int(n) for n in c.best_of_n.ns))
     n = ns[-1]
     t0 = time.perf_counter()
     sampling = SamplingConfig(max_new_tokens=c.eval.max_new_tokens, temperature=1.0, eos_id=st.eos, pad_id=st.pad)
-    samples = bon.sample_n(st.sft_params, st.model_config(), prompts, mask, n, jax.random.key(c.seed + 6), sampling,
+    samples = bon.sample_n(st.sft_params, st.model_config(), prompts, mask, n, st.eval_key(0), sampling,
                            batch_rows=2048)
     ids, row_mask = bon.completion_rows(prompts, mask, samples)
     scores = rm.score(ids, row_mask).reshape(len(prompts), n)
     texts = st.tokenizer.batch_decode([row[m == 1] for row, m in zip(ids, row_mask)], skip_special_tokens=True)
     truth = st.reward(texts).reshape(len(prompts), n)
-    table = bon.sweep(scores, ns, truth)
     k = min(n, c.pairs.samples_per_prefix)  # held-out pairs drawn as the training pairs were: all pairs of k
     agree, count = 0, 0
     for a in range(k):
@@ -97,6 +98,11 @@ def best_of_n(st: Any, rm: RewardModelStage, prompts: np.ndarray, mask: np.ndarr
                "rm_vader_r_samples": _pearson(scores, truth)}
     st.log(f"best-of-N: {len(prompts)} prefixes x {n} π_SFT samples scored ({time.perf_counter() - t0:.0f} s); "
            f"reward model held-out accuracy {summary['rm_heldout_accuracy']:.3f} on {count} pairs")
-    points = [{"method": "best_of_n", "step": row["n"], "reward": row["reward"], "kl": row["kl"],
-               "rm_score": row["score"]} for row in table]
+    points = []
+    for k in ns:
+        pick = bon.best_indices(scores, k)[:, None]
+        points.append(make_point("best_of_n", 0, k, np.take_along_axis(truth, pick, 1)[:, 0],
+                                 np.full(len(prompts), bon.best_of_n_kl(k)), np.take_along_axis(scores, pick, 1)[:, 0]))
+    st.sft_point = (make_point("sft", 0, 0, truth[:, 0], np.zeros(len(prompts)), scores[:, 0]),
+                    [texts[i * n] for i in range(len(prompts))])
     return points, summary

@@ -29,7 +29,8 @@ from dpo_jax.evaluation import winrate
 from dpo_jax.evaluation.judges import ScoreJudge, pair_agreement
 from dpo_jax.evaluation.sampling import check_temperatures, decode_completions
 from dpo_jax.experiments import sentiment_corpus as corpus
-from dpo_jax.experiments.sentiment_report import COLORS, family
+from dpo_jax.experiments.sentiment_points import family
+from dpo_jax.experiments.sentiment_report import COLORS
 from dpo_jax.models.generate import SamplingConfig, generate_chunks
 
 CHUNK = 1024  # rows per generate call

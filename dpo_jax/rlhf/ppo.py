@@ -293,18 +293,20 @@ class Rollouts:
     ref_params: π_ref's parameters (None for a LoRA policy: its base is the reference).
     score(ids, mask, texts) -> [B] float32: a reward model's scoring pass on (prompt + response) rows, or a host
     reward of the decoded texts (PPO-GT); `missing_eos_penalty` is subtracted from responses without EOS.
-    ready(): waited for once, after the first rollout (e.g. a train/compile_ahead.py `CompileAhead.wait`)."""
+    ready(): waited for once, after the first rollout (e.g. a train/compile_ahead.py `CompileAhead.wait`).
+    seed: the generation keys' seed (None: the engine config's), so runs with other seeds share one engine."""
 
     def __init__(self, engine: PPOEngine, ref_params: Any, score: Callable[..., np.ndarray], decode: Callable,
-                 missing_eos_penalty: float = 0.0, ready: Callable[[], None] | None = None):
+                 missing_eos_penalty: float = 0.0, ready: Callable[[], None] | None = None, seed: int | None = None):
         self.engine, self.ref_params, self.score, self.decode = engine, ref_params, score, decode
         self.missing_eos_penalty, self.ready = missing_eos_penalty, ready
+        self.seed = engine.config.seed if seed is None else seed
 
     def __call__(self, local: dict, state: PPOState) -> dict:
         c = self.engine.config
         step = int(jax.device_get(state.step))
         ids, mask = local["prompt_ids"], local["prompt_mask"]
-        keys = sample_keys(jax.random.fold_in(jax.random.key(c.seed), step), len(ids), 1)
+        keys = sample_keys(jax.random.fold_in(jax.random.key(self.seed), step), len(ids), 1)
         samples = generate(state.params["policy"], c.model, ids, mask, keys, c.sampling)
         full = jnp.concatenate([jnp.asarray(ids), samples.tokens], 1)
         full_mask = jnp.concatenate([jnp.asarray(mask), samples.mask], 1)
