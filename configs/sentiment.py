@@ -25,7 +25,6 @@ def full_config() -> ml_collections.ConfigDict:
     — with a longer-trained π_SFT, twice the pairs and longer runs, at the default model size (a CPU job)."""
     c = default_config()
     c.out_dir = "runs/sentiment_full"
-    c.seeds = (0, 1, 2)  # every family
     c.sft.steps = 1000
     c.pairs.prefixes = 1024
     c.eval.prefixes, c.eval.every = 256, 40
