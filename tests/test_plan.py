@@ -169,6 +169,20 @@ def test_the_scanned_estimate_agrees_with_the_variants_and_flops_py(devices):
     assert 1.0 < scanned["train_step"][2] / (2 * 3 / 4 * gradient_bytes) < 1.2
 
 
+def test_a_count_outside_what_remat_explains_fails_the_flops_check():
+    """The scanned estimate falls back to the variants when its count is off flops.py's by more than remat (and the
+    kernel's recomputation) explain — as on two v5p-64 slices, where the two-layer copy counted 2.14x."""
+    from dpo_jax.plan.estimate import beyond_flops_check
+    from dpo_jax.plan.programs import Compiled
+    from dpo_jax.plan.run_plan import ProgramPlan
+
+    plans = {name: ProgramPlan(name, Compiled(), 0, 2**34, model_flops=4.0e12)
+             for name in ("train_step", "reference_step")}
+    assert beyond_flops_check({"train_step": (1.27e12, 0, 0), "reference_step": (1.0e12, 0, 0)}, plans, 4) == []
+    assert beyond_flops_check({"train_step": (2.14e12, 0, 0), "reference_step": (1.3e12, 0, 0)}, plans, 4) == [
+        "train_step: 2.14", "reference_step: 1.30"]
+
+
 def test_windowed_matmul_loops_are_off_when_counting():
     """FSDP over a v5p-64: the compiler windows the weights' all-gather into one loop per matmul, each counted once;
     compiled for its counts (COUNTING_OPTIONS) the program has no such loop. (Llama-3.2-1B's shape cut to 2 layers:
