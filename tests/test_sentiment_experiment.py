@@ -70,6 +70,30 @@ def test_outputs_are_written(result):
     assert "## DPO against the others at matched KL" in text and "Pearson r" in text
 
 
+def test_the_equal_terms_table_counts_what_each_run_used(result):
+    c, _ = result
+    with open(os.path.join(c.out_dir, "budget.csv")) as f:
+        runs = {(r["method"], int(r["seed"])): {k: float(v) for k, v in r.items() if k not in ("family", "method")}
+                for r in csv.DictReader(f)}
+    labelled = c.pairs.prefixes * c.pairs.samples_per_prefix  # every prefix's samples, scored by VADER once
+    iterations, batch = c.train.steps // c.ppo.epochs, c.train.batch_pairs
+    assert set(runs) == {("dpo_beta0p1", 0), ("dpo_beta0p1", 1), ("preferred_ft", 0), ("ppo_beta0p1", 0),
+                         ("ppo_gt_beta0p1", 0)}
+    want = {"updates": c.train.steps, "sequences": c.train.steps * 2 * batch, "ground_truth_labels": labelled,
+            "reward_model_queries": 0, "samples_generated": labelled}
+    for key, value in want.items():
+        assert runs["dpo_beta0p1", 1][key] == value, key
+    ppo = {"updates": iterations * c.ppo.epochs, "sequences": iterations * batch * c.ppo.epochs}
+    assert runs["ppo_beta0p1", 0] | ppo == runs["ppo_beta0p1", 0] and runs["ppo_gt_beta0p1", 0] | ppo == \
+        runs["ppo_gt_beta0p1", 0]
+    assert (runs["ppo_beta0p1", 0]["reward_model_queries"], runs["ppo_beta0p1", 0]["ground_truth_labels"]) == (
+        iterations * batch, labelled)  # its reward: the model trained on the pairs
+    assert (runs["ppo_gt_beta0p1", 0]["reward_model_queries"], runs["ppo_gt_beta0p1", 0]["ground_truth_labels"],
+            runs["ppo_gt_beta0p1", 0]["samples_generated"]) == (0, iterations * batch, iterations * batch)
+    assert all(r["seconds"] > 0 for r in runs.values())
+    assert "## Equal terms: what each run used" in open(os.path.join(c.out_dir, "results.md")).read()
+
+
 def test_a_method_runs_at_each_of_its_seeds_on_the_same_prompts(result):
     c, r = result
     dpo = [p for p in r["points"] if p["method"] == "dpo_beta0p1"]

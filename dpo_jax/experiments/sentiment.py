@@ -40,6 +40,7 @@ from dpo_jax.data.loader import PreferenceLoader
 from dpo_jax.data.pipeline import default_cache_dir
 from dpo_jax.experiments import sentiment_corpus as corpus
 from dpo_jax.experiments import sentiment_ppo, sentiment_rlhf, sentiment_winrate
+from dpo_jax.experiments.sentiment_budget import Usage, write_budget
 from dpo_jax.experiments.sentiment_config import method
 from dpo_jax.experiments.sentiment_points import make_point
 from dpo_jax.experiments.sentiment_report import write_results
@@ -71,6 +72,7 @@ class Stages:
 
         self.vader = SentimentIntensityAnalyzer()
         self.winrates: sentiment_winrate.WinRates | None = None
+        self.usages: list[Usage] = []  # every training run's counts (sentiment_budget.py)
 
     def log(self, message: str) -> None:
         print(f"[sentiment] {message}", flush=True)
@@ -187,7 +189,7 @@ class Stages:
 
     def pairs(self) -> None:
         p = self.c.pairs
-        path = os.path.join(self.cache, "pairs-" + _key(self.sft_key, p.to_dict()) + ".npz")
+        path = os.path.join(self.cache, "pairs-" + _key(self.sft_key, p.to_dict(), "samples-counted") + ".npz")
         if os.path.isfile(path):
             self._load_pairs(path)
             self.log(f"pairs: {len(self.pair_source)} (cached: {path})")
@@ -198,6 +200,7 @@ class Stages:
         out, texts = self._sample(self.sft_params, rep_prompts, rep_mask, jax.random.key(self.c.seed + 2),
                                   p.max_new_tokens, p.temperature)
         rewards = self.reward(texts).reshape(-1, k)
+        self.pair_samples = len(texts)  # VADER-labelled samples behind the pairs (the equal-terms table)
         tokens, gen_mask = np.asarray(out.tokens).reshape(-1, k, p.max_new_tokens), np.asarray(out.mask).reshape(
             -1, k, p.max_new_tokens)
         source, records = [], []
@@ -233,6 +236,7 @@ class Stages:
                 arrays[f"{side}_{field}"] = np.concatenate(rows)
                 arrays[f"{side}_lengths"] = np.asarray([len(x) for x in rows])
         arrays["records"] = np.asarray(json.dumps(records))
+        arrays["samples_scored"] = np.asarray(self.pair_samples)
         tmp = path + ".tmp.npz"
         np.savez(tmp, **arrays)
         os.replace(tmp, path)
@@ -247,6 +251,7 @@ class Stages:
                 for i, row in enumerate(source):
                     row[f"{side}_{field}"] = data[f"{side}_{field}"][offsets[i]:offsets[i + 1]]
         self.pair_source = source
+        self.pair_samples = int(data["samples_scored"])
         records = json.loads(str(data["records"]))
         with open(os.path.join(self.c.out_dir, "pairs.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
@@ -330,7 +335,8 @@ class Stages:
                                          self.pair_loader().one_pass, path)[0]
         for name, m in methods:
             for seed in self.seeds_of(m):
-                engine = self.engine_for(name, m, t.learning_rate, t.batch_pairs, self.sft_params)
+                usage = Usage(name, seed, ground_truth_labels=self.pair_samples, samples_generated=self.pair_samples)
+                engine = usage.count_steps(self.engine_for(name, m, t.learning_rate, t.batch_pairs, self.sft_params))
 
                 def evaluate(step: int, state: Any, name: str = name, seed: int = seed) -> None:
                     point, texts = self.point(name, seed, step, state.params, test_prompts, test_mask)
@@ -342,6 +348,7 @@ class Stages:
                                   reference=ReferenceTables({"train": table}) if engine.config.needs_reference
                                   else NO_REFERENCE, eval_every=self.c.eval.every, evaluate=evaluate)
                 final = trainer.fit(engine.state, self.pair_loader(seed))[0].params
+                self.usages.append(usage.done())
                 self.final_policy(name, seed, final)
                 self.log(f"{name} seed {seed}: reward {points[-1]['reward']:+.3f}, KL {points[-1]['kl']:.3f} after "
                          f"{t.steps} steps ({time.perf_counter() - t0:.0f} s)")
@@ -374,10 +381,10 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
     rlhf_points, reward_model = stages.rlhf()
     points = stages.methods()
     points[1:1] = rlhf_points  # after π_SFT: Best-of-N samples it, PPO starts from it
-    more = []
+    more = write_budget(c.out_dir, stages.usages)
     if stages.winrates is not None:
         rm_scores = getattr(getattr(stages, "reward_model", None), "test_scores", None)
-        more = stages.winrates.write(c.out_dir, stages.winrates.validation(rm_scores),
+        more += stages.winrates.write(c.out_dir, stages.winrates.validation(rm_scores),
                                      {p["method"]: p["kl"] for p in points if p["seed"] == c.seeds[0]})
     write_results(c, points, stages.vader_human_r, reward_model, more)
     final = {(p["method"], p["seed"]): p for p in points}

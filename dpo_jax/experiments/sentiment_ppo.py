@@ -19,6 +19,7 @@ import numpy as np
 
 from dpo_jax import sharding
 from dpo_jax.data.prompts import PromptLoader
+from dpo_jax.experiments.sentiment_budget import Usage
 from dpo_jax.metrics import MetricWriter
 from dpo_jax.models.generate import SamplingConfig
 from dpo_jax.rlhf.ppo import PPOConfig, Rollouts, build_ppo_engine
@@ -59,16 +60,22 @@ def run_ppo(st: Any, rm: Any, test_prompts: np.ndarray, test_mask: np.ndarray) -
                 state = engine.state if first else engine.init_state(_host(st.sft_params), _host(rm.params),
                                                                      float(beta))
                 first = False
+                # PPO learns from the reward model, trained on the pairs: it is charged their labels and samples
+                pairs = st.pair_samples if family == "ppo" else 0
+                usage = Usage(name, seed, ground_truth_labels=pairs, samples_generated=pairs)
+                counted = usage.count_steps(engine, c.epochs * config.minibatches, passes=c.epochs)
 
                 def evaluate(step: int, state: Any, name: str = name, seed: int = seed) -> None:
                     points.append(st.point(name, seed, step * c.epochs, state.params["policy"], test_prompts,
                                            test_mask)[0])
 
                 t0 = time.perf_counter()
-                trainer = Trainer(engine, steps=iterations, writer=MetricWriter(None), name=f"{name} seed {seed}",
-                                  eval_every=max(c.eval_every, 1), evaluate=evaluate,
-                                  rollout=Rollouts(engine, reference, score, decode, seed=st.c.seed + 1000 * seed))
+                rollouts = Rollouts(counted, reference, usage.count_scores(score, ground_truth=family == "ppo_gt"),
+                                    decode, seed=st.c.seed + 1000 * seed)
+                trainer = Trainer(counted, steps=iterations, writer=MetricWriter(None), name=f"{name} seed {seed}",
+                                  eval_every=max(c.eval_every, 1), evaluate=evaluate, rollout=rollouts)
                 final, _ = trainer.fit(state, PromptLoader(prompts, mask, t.batch_pairs, st.c.seed + 1000 * seed))
+                st.usages.append(usage.done())
                 st.final_policy(name, seed, final.params["policy"])
                 st.log(f"{name} seed {seed}: reward {points[-1]['reward']:+.3f}, KL {points[-1]['kl']:.3f} after "
                        f"{iterations} PPO iterations x {c.epochs} epochs ({time.perf_counter() - t0:.0f} s)")
