@@ -102,11 +102,16 @@ def floor_at_model_flops(plan: dict) -> dict:
     return plan
 
 
-def _estimated(program: dict) -> bool:
+def _estimated(program: dict, collectives: bool = True) -> bool:
     """Estimated the current way: past the compiler's loops with windowed matmul loops off (commit 0af9fde), with
-    the collective term (an older row shows memory and fits only until planned again)."""
+    the collective term unless `collectives` is False (an older row shows memory and fits only until planned
+    again)."""
     return bool(program.get("estimate_method") and program["estimated_step_seconds"]
-                and "estimated_collective_seconds" in program)
+                and (not collectives or "estimated_collective_seconds" in program))
+
+
+def _dagger(program: dict) -> str:
+    return "" if _estimated(program) else "†"
 
 
 def table(results: dict) -> str:
@@ -123,6 +128,9 @@ def table(results: dict) -> str:
         if _estimated(train):
             timing = (f"{train['estimated_step_seconds']:.2f} | {train['estimated_collective_seconds']:.2f} | "
                       f"{train['tokens_per_second']:,.0f} | {100 * train['estimated_mfu']:.0f} % | {ratio:.2f}")
+        elif _estimated(train, collectives=False):  # planned before the collective term: compute and HBM only
+            timing = (f"{train['estimated_step_seconds']:.2f}† | – | {train['tokens_per_second']:,.0f}† | "
+                      f"{100 * train['estimated_mfu']:.0f} %† | {ratio:.2f}")
         else:  # not estimated (does not fit), or planned before the current estimate: memory and fits only
             timing = "– | – | – | – | –"
         lines.append(
@@ -140,16 +148,17 @@ def ppo_table(results: dict) -> str:
     for row, plan in results.items():
         if row not in PPO_ROWS:
             continue
-        if not all(_estimated(p) for p in plan["programs"].values()):
+        if not all(_estimated(p, collectives=False) for p in plan["programs"].values()):
             continue  # planned before the current estimate
         for name, p in plan["programs"].items():
             ratio = p["estimated_flops"] / p["model_flops"] if p["model_flops"] else 0.0
+            ici = f"{p['estimated_collective_seconds']:.2f}" if _estimated(p) else "–"
             lines.append(f"| {row} | {plan['topology']} ({plan['run']['devices']} chips) | "
                          f"{'yes' if p['fits'] else '**no**'} | {name} | {p['total_bytes'] / 2**30:.1f} "
-                         f"({p['hbm_bytes'] / 2**30:.0f}) | {p['estimated_step_seconds']:.2f} | "
-                         f"{p['estimated_collective_seconds']:.2f} | "
+                         f"({p['hbm_bytes'] / 2**30:.0f}) | {p['estimated_step_seconds']:.2f}{_dagger(p)} | {ici} | "
                          f"{100 * p['estimated_mfu']:.0f} % | {ratio:.2f} |")
-        lines.append(f"| {row} | | | **iteration** | | {plan['run']['estimated_iteration_seconds']:.2f} | | | |")
+        dagger = "" if all(_estimated(p) for p in plan["programs"].values()) else "†"
+        lines.append(f"| {row} | | | **iteration** | | {plan['run']['estimated_iteration_seconds']:.2f}{dagger} | | | |")
     return "\n".join(lines)
 
 
