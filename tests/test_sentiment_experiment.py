@@ -68,6 +68,7 @@ def test_outputs_are_written(result):
     assert os.path.getsize(os.path.join(c.out_dir, "overoptimization.png")) > 0
     text = open(os.path.join(c.out_dir, "results.md")).read()
     assert "## DPO against the others at matched KL" in text and "Pearson r" in text
+    assert "## Time per stage" in text and "| π_SFT |" in text
 
 
 def test_the_equal_terms_table_counts_what_each_run_used(result):

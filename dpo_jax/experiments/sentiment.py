@@ -24,6 +24,7 @@ Stages (each cached under the cache directory, keyed by what it depends on):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -35,6 +36,7 @@ import ml_collections
 import numpy as np
 
 from dpo_jax import reference
+from dpo_jax.compile_clock import CompileClock
 from dpo_jax.convert import native
 from dpo_jax.data.loader import PreferenceLoader
 from dpo_jax.data.pipeline import default_cache_dir
@@ -42,7 +44,7 @@ from dpo_jax.experiments import sentiment_corpus as corpus
 from dpo_jax.experiments import sentiment_ppo, sentiment_rlhf, sentiment_winrate
 from dpo_jax.experiments.sentiment_budget import Usage, write_budget
 from dpo_jax.experiments.sentiment_config import method
-from dpo_jax.experiments.sentiment_points import make_point
+from dpo_jax.experiments.sentiment_points import load_pairs, make_point, save_pairs
 from dpo_jax.experiments.sentiment_report import write_results
 from dpo_jax.fingerprint import fingerprint
 from dpo_jax.logprobs import token_logprobs
@@ -73,9 +75,25 @@ class Stages:
         self.vader = SentimentIntensityAnalyzer()
         self.winrates: sentiment_winrate.WinRates | None = None
         self.usages: list[Usage] = []  # every training run's counts (sentiment_budget.py)
+        self.timings: dict[str, tuple[float, float]] = {}  # stage -> (wall, compile) seconds
 
     def log(self, message: str) -> None:
         print(f"[sentiment] {message}", flush=True)
+
+    @contextlib.contextmanager
+    def timed(self, stage: str):
+        """A stage's wall and compile seconds, logged and kept for results.md."""
+        with CompileClock() as clock:
+            yield
+        self.timings[stage] = (clock.seconds, clock.compile_seconds)
+        self.log(f"stage {stage}: {clock.seconds:.0f} s, of which compiling {clock.compile_seconds:.0f} s")
+
+    def timing_lines(self) -> list[str]:
+        lines = ["", "## Time per stage", "", "Wall-clock seconds of each stage and the part JAX spent compiling (its "
+                 "own compile events; a stage loaded from the cache is fast).", "",
+                 "| stage | seconds | compiling |", "|---|---|---|"]
+        return lines + [f"| {stage} | {wall:.0f} | {compiling:.0f} |" for stage, (wall, compiling)
+                        in self.timings.items()]
 
     def reward(self, texts: list[str]) -> np.ndarray:
         return np.asarray([self.vader.polarity_scores(t)["compound"] for t in texts], np.float32)
@@ -191,7 +209,9 @@ class Stages:
         p = self.c.pairs
         path = os.path.join(self.cache, "pairs-" + _key(self.sft_key, p.to_dict(), "samples-counted") + ".npz")
         if os.path.isfile(path):
-            self._load_pairs(path)
+            self.pair_source, records, self.pair_samples = load_pairs(path)
+            with open(os.path.join(self.c.out_dir, "pairs.jsonl"), "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
             self.log(f"pairs: {len(self.pair_source)} (cached: {path})")
             return
         prompts, mask = self.prefixes(self.train_ids, p.prefixes, self.c.seed + 1)
@@ -223,38 +243,10 @@ class Stages:
         self.pair_source = source
         with open(os.path.join(self.c.out_dir, "pairs.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
-        self._save_pairs(path, records)
+        save_pairs(path, source, records, self.pair_samples)
         self.sft_train_reward = float(rewards.mean())
         self.log(f"pairs: {len(source)} from {len(prompts)} prefixes x {k} samples (mean π_SFT reward "
                  f"{self.sft_train_reward:+.3f}); written to {self.c.out_dir}/pairs.jsonl")
-
-    def _save_pairs(self, path: str, records: list[dict]) -> None:
-        arrays = {}
-        for side in ("chosen", "rejected"):
-            for field in ("input_ids", "loss_mask"):
-                rows = [r[f"{side}_{field}"] for r in self.pair_source]
-                arrays[f"{side}_{field}"] = np.concatenate(rows)
-                arrays[f"{side}_lengths"] = np.asarray([len(x) for x in rows])
-        arrays["records"] = np.asarray(json.dumps(records))
-        arrays["samples_scored"] = np.asarray(self.pair_samples)
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-
-    def _load_pairs(self, path: str) -> None:
-        with np.load(path) as f:
-            data = {k: f[k] for k in f.files}
-        source = [{"example_id": i} for i in range(len(data["chosen_lengths"]))]
-        for side in ("chosen", "rejected"):
-            offsets = np.concatenate([[0], np.cumsum(data[f"{side}_lengths"])])
-            for field in ("input_ids", "loss_mask"):
-                for i, row in enumerate(source):
-                    row[f"{side}_{field}"] = data[f"{side}_{field}"][offsets[i]:offsets[i + 1]]
-        self.pair_source = source
-        self.pair_samples = int(data["samples_scored"])
-        records = json.loads(str(data["records"]))
-        with open(os.path.join(self.c.out_dir, "pairs.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
 
     # 5: the RLHF baselines (sentiment_rlhf.py)
     def rlhf(self) -> tuple[list[dict[str, Any]], dict[str, float]]:
@@ -373,19 +365,26 @@ class Stages:
 def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
     start = time.perf_counter()
     stages = Stages(c)
-    stages.data()
-    stages.sft()
-    stages.pairs()
+    with stages.timed("corpus and tokenizer"):
+        stages.data()
+    with stages.timed("π_SFT"):
+        stages.sft()
+    with stages.timed("pairs"):
+        stages.pairs()
     stages.winrates = sentiment_winrate.WinRates(stages) if c.winrate.prefixes > 0 else None
     stages.final_policy("sft", c.seeds[0], stages.sft_params)
-    rlhf_points, reward_model = stages.rlhf()
-    points = stages.methods()
+    with stages.timed("reward model, Best-of-N, PPO"):
+        rlhf_points, reward_model = stages.rlhf()
+    with stages.timed("methods"):
+        points = stages.methods()
     points[1:1] = rlhf_points  # after π_SFT: Best-of-N samples it, PPO starts from it
     more = write_budget(c.out_dir, stages.usages)
     if stages.winrates is not None:
-        rm_scores = getattr(getattr(stages, "reward_model", None), "test_scores", None)
-        more += stages.winrates.write(c.out_dir, stages.winrates.validation(rm_scores),
-                                     {p["method"]: p["kl"] for p in points if p["seed"] == c.seeds[0]})
+        with stages.timed("win rates, generalization, judges"):
+            rm_scores = getattr(getattr(stages, "reward_model", None), "test_scores", None)
+            more += stages.winrates.write(c.out_dir, stages.winrates.validation(rm_scores),
+                                          {p["method"]: p["kl"] for p in points if p["seed"] == c.seeds[0]})
+    more += stages.timing_lines()
     write_results(c, points, stages.vader_human_r, reward_model, more)
     final = {(p["method"], p["seed"]): p for p in points}
     stages.log("summary (final point per method and seed: mean reward on held-out prefixes, KL to π_SFT):")
