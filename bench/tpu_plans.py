@@ -126,7 +126,8 @@ def table(results: dict) -> str:
         slices = f" × {plan['num_slices']}" if plan["num_slices"] > 1 else ""
         ratio = train["estimated_flops"] / train["model_flops"] if train["model_flops"] else 0.0
         if _estimated(train):
-            timing = (f"{train['estimated_step_seconds']:.2f} | {train['estimated_collective_seconds']:.2f} | "
+            ici = train["estimated_collective_seconds"]  # negative: an extrapolation that failed (PERFORMANCE.md)
+            timing = (f"{train['estimated_step_seconds']:.2f} | {f'{ici:.2f}' if ici >= 0 else '?'} | "
                       f"{train['tokens_per_second']:,.0f} | {100 * train['estimated_mfu']:.0f} % | {ratio:.2f}")
         elif _estimated(train, collectives=False):  # planned before the collective term: compute and HBM only
             timing = (f"{train['estimated_step_seconds']:.2f}† | – | {train['tokens_per_second']:,.0f}† | "
