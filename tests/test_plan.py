@@ -172,7 +172,7 @@ def test_the_scanned_estimate_agrees_with_the_variants_and_flops_py(devices):
 def test_a_count_outside_what_remat_explains_fails_the_flops_check():
     """The scanned estimate falls back to the variants when its count is off flops.py's by more than remat (and the
     kernel's recomputation) explain — as on two v5p-64 slices, where the two-layer copy counted 2.14x."""
-    from dpo_jax.plan.estimate import beyond_flops_check
+    from dpo_jax.plan.estimate import beyond_flops_check, negative_counts
     from dpo_jax.plan.programs import Compiled
     from dpo_jax.plan.run_plan import ProgramPlan
 
@@ -181,6 +181,9 @@ def test_a_count_outside_what_remat_explains_fails_the_flops_check():
     assert beyond_flops_check({"train_step": (1.27e12, 0, 0), "reference_step": (1.0e12, 0, 0)}, plans, 4) == []
     assert beyond_flops_check({"train_step": (2.14e12, 0, 0), "reference_step": (1.3e12, 0, 0)}, plans, 4) == [
         "train_step: 2.14", "reference_step: 1.30"]
+    # an extrapolation below zero (a counted copy moved fewer bytes than the program) is refused too
+    assert negative_counts({"train_step": (1.27e12, 5.0, -3.0), "reference_step": (1.0e12, 5.0, 2.0)}) == [
+        "train_step"]
 
 
 def test_windowed_matmul_loops_are_off_when_counting():
