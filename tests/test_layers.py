@@ -18,7 +18,8 @@ FLOORS = (
     ("train",),
     ("data", "convert", "flops", "reference"),
     ("models", "losses", "logprobs"),
-    ("config", "parsing", "sharding", "summaries", "metrics", "fingerprint", "distributed", "compile_target"),
+    ("config", "parsing", "sharding", "summaries", "metrics", "fingerprint", "distributed", "compile_target",
+     "compile_clock"),
 )
 
 
