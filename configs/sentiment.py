@@ -1,18 +1,16 @@
 """dpo-jax experiment sentiment --config configs/sentiment.py[:full]
 
-Expected (default; measured 11 min 53 s on 2 CPU cores from an empty cache, with fetching the corpus archive from the
-package index — two runs, identical results): VADER vs human ratings r = 0.450 on the test split; π_SFT's mean
-reward on held-out prefixes +0.160; DPO β = 0.1 at +0.574 (KL 9.4 nats), β = 1 at +0.297 (KL 1.2), Preferred-FT
-+0.247; PPO β = 0.05 +0.567 (KL 10.1), PPO-GT β = 0.05 +0.491 (KL 5.8); win rate against the human continuation
-(VADER) at temperature 0 / 1: π_SFT 40 % / 48 %, DPO β = 0.05 98 % / 80 %, PPO β = 0.05 79 % / 81 %, PPO-GT
-β = 0.05 83 % / 75 %;
-runs/sentiment/{results.md, results.csv, frontier.png, winrate.png, winrate.md, winrate.csv,
-generalization.csv, overoptimization.png, samples.jsonl, pairs.jsonl} (docs/sentiment/ has a copy).
+The DPO paper's controlled-sentiment experiment (§6.1, Fig. 2) in miniature; dpo_jax/experiments/sentiment.py has
+the stages. Default: DPO at β ∈ {0.05, 0.1, 1}, PPO and PPO-GT by the adaptive KL controller at target KL ∈ {3, 9},
+two training seeds each; Unlikelihood (α = 1), Preferred-FT and Best-of-N at one; 80 updates per run at equal
+ground-truth budgets (1,280 VADER labels behind DPO's pairs and PPO-GT's rollouts alike); learning rates as
+configured (the default job does not sweep them; `:full` does, on validation prefixes). Output in runs/sentiment:
+results.md, results.csv + outcomes.npz, budget.csv, frontier.png, winrate.png, winrate.md, winrate.csv,
+generalization.csv, overoptimization.png, samples.jsonl, pairs.jsonl (docs/sentiment/ has a copy of a real run;
+its results.md has the measured times per stage).
 
-The DPO paper's controlled-sentiment experiment (§6.1, Fig. 2) in miniature; see dpo_jax/experiments/sentiment.py
-for the stages. `:full` runs the paper's whole sweep — DPO, PPO and PPO-GT at β ∈ {0.05, 0.1, 0.25, 0.5, 1, 2, 5},
-Unlikelihood at α ∈ {0.1, 0.3, 1, 3}, cDPO, IPO, Preferred-FT and Best-of-N — with a longer-trained π_SFT, twice
-the pairs, 200-step runs and 256 win-rate prefixes, into runs/sentiment_full; results in docs/sentiment/full/.
+`:full`: every family at three seeds, the paper's four target KLs, five β, cDPO and IPO, every family's learning
+rate swept on validation prefixes, into runs/sentiment_full; results in docs/sentiment/full/.
 """
 
 import ml_collections
@@ -21,22 +19,26 @@ from dpo_jax.experiments.sentiment_config import default_config, method
 
 
 def full_config() -> ml_collections.ConfigDict:
-    """The paper's whole sweep — DPO, PPO and PPO-GT at 7 β, Unlikelihood at 4 α, cDPO, IPO, Preferred-FT, Best-of-N
-    — with a longer-trained π_SFT, twice the pairs and longer runs, at the default model size (a CPU job)."""
+    """Every family at three seeds — DPO at 5 β, PPO and PPO-GT at the paper's target KLs {3, 6, 9, 12}, cDPO,
+    IPO, Unlikelihood at 2 α, Preferred-FT, Best-of-N — with every family's learning rate chosen on validation
+    prefixes, a longer-trained π_SFT and longer runs at equal ground-truth budgets (480 prefixes x 4 samples =
+    1,920 VADER labels = PPO-GT's 30 iterations x 64 rollouts), at the default model size (a CPU job)."""
     c = default_config()
     c.out_dir = "runs/sentiment_full"
+    c.seeds = (0, 1, 2)
     c.sft.steps = 1000
-    c.pairs.prefixes = 1024
+    c.pairs.prefixes = 480
     c.eval.prefixes, c.eval.every = 256, 40
-    c.train.steps = c.reward_model.steps = 200
+    c.train.steps = c.reward_model.steps = 120
     c.winrate.prefixes = 256
-    betas = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
-    c.ppo.betas, c.ppo.eval_every = betas, 10  # PPO and PPO-GT at the same 7 β: 50 iterations x 4 epochs each
+    c.ppo.targets = (3.0, 6.0, 9.0, 12.0)
+    c.sweep.learning_rates = (1e-4, 3e-4, 1e-3)
+    c.sweep.families = ("DPO", "PPO", "PPO-GT", "cDPO", "IPO", "Unlikelihood", "Preferred-FT")
     methods = {}
-    for beta in betas:
-        methods[f"dpo_beta{str(beta).replace('.', 'p')}"] = method("dpo", beta=beta)
-    for alpha in (0.1, 0.3, 1.0, 3.0):
-        methods[f"unlikelihood_alpha{str(alpha).replace('.', 'p')}"] = method("unlikelihood", unlikelihood_alpha=alpha)
+    for beta in (0.05, 0.1, 0.5, 1.0, 5.0):
+        methods[f"dpo_beta{beta:g}".replace('.', 'p')] = method("dpo", beta=beta)
+    for alpha in (0.1, 1.0):
+        methods[f"unlikelihood_alpha{alpha:g}".replace('.', 'p')] = method("unlikelihood", unlikelihood_alpha=alpha)
     methods["cdpo_beta0p1"] = method("dpo", beta=0.1, label_smoothing=0.2)
     methods["ipo_beta0p1"] = method("dpo", loss_type="ipo", beta=0.1)
     methods["preferred_ft"] = method("sft")

@@ -24,3 +24,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_configure(config):
+    """The slowest tests are listed at the end of every run (CI's log too), so the suite's time can be watched."""
+    if not config.option.durations:
+        config.option.durations = 25

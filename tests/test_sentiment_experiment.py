@@ -25,7 +25,8 @@ def result(tmp_path_factory):
     c.pairs.prefixes, c.eval.prefixes, c.eval.every = 256, 128, 40
     c.train.steps = 80
     c.reward_model.steps, c.best_of_n.ns = 240, (1, 2, 4, 16)  # ~8 epochs of these ~1,000 pairs
-    c.ppo.betas = (0.1,)  # PPO and PPO-GT at one β: 20 iterations x 4 epochs each
+    c.ppo.targets, c.ppo.rollouts = (3.0,), 32  # PPO and PPO-GT at one target KL: 20 iterations x 4 epochs each
+    c.sweep.learning_rates, c.sweep.families = (1e-4, 3e-4), ("DPO",)  # DPO's rate chosen on validation prefixes
     c.seeds = (0,)
     c.methods = {k: v for k, v in c.methods.items() if k in ("dpo_beta0p1", "preferred_ft")}
     c.methods.dpo_beta0p1.seeds = (0, 1)  # its own seeds: two runs
@@ -57,7 +58,7 @@ def test_outputs_are_written(result):
     with open(os.path.join(c.out_dir, "results.csv")) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(r["points"]) and {row["method"] for row in rows} == {
-        "sft", "best_of_n", "ppo_beta0p1", "ppo_gt_beta0p1", "dpo_beta0p1", "preferred_ft"}
+        "sft", "best_of_n", "ppo_kl3", "ppo_gt_kl3", "dpo_beta0p1", "preferred_ft"}
     assert {"seed", "step", "family", "rm_score", "vader", "kl"} <= set(rows[0])
     # every DPO and PPO point carries the reward model's score of its samples
     assert all(row["rm_score"] != "" for row in rows if row["family"] in ("DPO", "PPO", "PPO-GT"))
@@ -77,22 +78,45 @@ def test_the_equal_terms_table_counts_what_each_run_used(result):
         runs = {(r["method"], int(r["seed"])): {k: float(v) for k, v in r.items() if k not in ("family", "method")}
                 for r in csv.DictReader(f)}
     labelled = c.pairs.prefixes * c.pairs.samples_per_prefix  # every prefix's samples, scored by VADER once
-    iterations, batch = c.train.steps // c.ppo.epochs, c.train.batch_pairs
-    assert set(runs) == {("dpo_beta0p1", 0), ("dpo_beta0p1", 1), ("preferred_ft", 0), ("ppo_beta0p1", 0),
-                         ("ppo_gt_beta0p1", 0)}
+    iterations, batch, rollouts = c.train.steps // c.ppo.epochs, c.train.batch_pairs, c.ppo.rollouts
+    assert set(runs) == {("dpo_beta0p1", 0), ("dpo_beta0p1", 1), ("preferred_ft", 0), ("ppo_kl3", 0),
+                         ("ppo_gt_kl3", 0)}  # the sweep's runs are tuning, stated in their own table
     want = {"updates": c.train.steps, "sequences": c.train.steps * 2 * batch, "ground_truth_labels": labelled,
             "reward_model_queries": 0, "samples_generated": labelled}
     for key, value in want.items():
         assert runs["dpo_beta0p1", 1][key] == value, key
-    ppo = {"updates": iterations * c.ppo.epochs, "sequences": iterations * batch * c.ppo.epochs}
-    assert runs["ppo_beta0p1", 0] | ppo == runs["ppo_beta0p1", 0] and runs["ppo_gt_beta0p1", 0] | ppo == \
-        runs["ppo_gt_beta0p1", 0]
-    assert (runs["ppo_beta0p1", 0]["reward_model_queries"], runs["ppo_beta0p1", 0]["ground_truth_labels"]) == (
-        iterations * batch, labelled)  # its reward: the model trained on the pairs
-    assert (runs["ppo_gt_beta0p1", 0]["reward_model_queries"], runs["ppo_gt_beta0p1", 0]["ground_truth_labels"],
-            runs["ppo_gt_beta0p1", 0]["samples_generated"]) == (0, iterations * batch, iterations * batch)
+    ppo = {"updates": iterations * c.ppo.epochs, "sequences": iterations * rollouts * c.ppo.epochs,
+           "learning_rate": c.ppo.learning_rate}
+    assert runs["ppo_kl3", 0] | ppo == runs["ppo_kl3", 0] and runs["ppo_gt_kl3", 0] | ppo == runs["ppo_gt_kl3", 0]
+    assert (runs["ppo_kl3", 0]["reward_model_queries"], runs["ppo_kl3", 0]["ground_truth_labels"]) == (
+        iterations * rollouts, labelled)  # its reward: the model trained on the pairs
+    assert (runs["ppo_gt_kl3", 0]["reward_model_queries"], runs["ppo_gt_kl3", 0]["ground_truth_labels"],
+            runs["ppo_gt_kl3", 0]["samples_generated"]) == (0, iterations * rollouts, iterations * rollouts)
     assert all(r["seconds"] > 0 for r in runs.values())
     assert "## Equal terms: what each run used" in open(os.path.join(c.out_dir, "results.md")).read()
+
+
+def test_learning_rates_are_chosen_on_validation_prefixes_the_test_never_uses(result):
+    c, _ = result
+    stages = S.Stages(c.copy_and_resolve_references())
+    stages.data()
+    test, validation = (stages.prefixes(stages.test_ids, n, c.seed + 4, sources=True, skip=skip)[2]
+                        for n, skip in ((c.eval.prefixes, 0), (c.sweep.prefixes, c.eval.prefixes)))
+    assert len(validation) == c.sweep.prefixes and not set(test) & set(validation)  # other sentences
+    np.testing.assert_array_equal(stages.test_prefixes()[0], stages.prefixes(stages.test_ids, c.eval.prefixes,
+                                                                              c.seed + 4)[0])
+    with open(os.path.join(c.out_dir, "sweep.csv")) as f:
+        sweep = list(csv.DictReader(f))
+    assert [(r["family"], float(r["learning_rate"])) for r in sweep] == [("DPO", 1e-4), ("DPO", 3e-4)]
+    best = max(sweep, key=lambda r: float(r["objective"]))
+    assert [r["chosen"] for r in sweep] == [str(r is best) for r in sweep]
+    for r in sweep:
+        assert float(r["objective"]) == pytest.approx(float(r["reward"]) - c.sweep.beta * float(r["kl"]), abs=1e-6)
+    with open(os.path.join(c.out_dir, "budget.csv")) as f:
+        rates = {(b["method"], float(b["learning_rate"])) for b in csv.DictReader(f)}
+    # the choice is DPO's (both seeds); the other families keep their configured rates
+    assert {("dpo_beta0p1", float(best["learning_rate"])), ("preferred_ft", c.train.learning_rate)} <= rates
+    assert "## Learning rates, chosen on validation prefixes" in open(os.path.join(c.out_dir, "results.md")).read()
 
 
 def test_a_method_runs_at_each_of_its_seeds_on_the_same_prompts(result):
@@ -103,14 +127,16 @@ def test_a_method_runs_at_each_of_its_seeds_on_the_same_prompts(result):
     assert not np.allclose(first["outcomes"]["vader"], second["outcomes"]["vader"])
     assert [p["seed"] for p in r["points"] if p["method"] == "preferred_ft"] == [0, 0]
     text = open(os.path.join(c.out_dir, "results.md")).read()
-    assert "| dpo_beta0p1 | DPO | 2 | 80 |" in text
+    import re
+
+    assert re.search(r"\| dpo_beta0p1 \| DPO \| 2 \| [\d.e-]+ \| 80 \|", text)  # 2 runs, learning rate, updates
 
 
 def test_win_rates_generalization_and_judge_validation_are_reported(result):
     c, _ = result
     with open(os.path.join(c.out_dir, "winrate.csv")) as f:
         rows = list(csv.DictReader(f))
-    policies = ["sft", "ppo_beta0p1", "ppo_gt_beta0p1", "dpo_beta0p1", "preferred_ft"]  # in training order
+    policies = ["sft", "ppo_kl3", "ppo_gt_kl3", "dpo_beta0p1", "preferred_ft"]  # in training order
     assert [(r["method"], float(r["temperature"])) for r in rows] == [
         (m, t) for m in policies for t in (0.0, 0.25, 0.5, 0.75, 1.0)]
     assert all(int(r["valid"]) == 64 and int(r["invalid"]) == 0 for r in rows)  # VADER always answers
@@ -159,8 +185,8 @@ def test_ppo_gt_is_evaluated_on_the_shared_schedule_and_moves_away_from_the_sft_
     run-to-run noise — +0.03 on one CPU, none on another (issue 34) — so no reward gain is asserted here; that PPO
     raises a reward it is given is tests/test_ppo.py's and tests/test_ppo_runs.py's toy tasks, far from π_SFT."""
     _, r = result
-    gt = [p for p in r["points"] if p["method"] == "ppo_gt_beta0p1"]
-    assert [p["step"] for p in gt] == [32, 64, 80]  # optimizer steps: iterations 8, 16, 20 x 4 epochs
+    gt = [p for p in r["points"] if p["method"] == "ppo_gt_kl3"]
+    assert [p["step"] for p in gt] == [40, 80]  # optimizer updates, as every family's: iterations 10, 20 x 4 epochs
     assert gt[-1]["kl"] > 0.3
 
 
@@ -174,9 +200,10 @@ def test_rerunning_a_method_reuses_every_cached_stage(result, capsys):
     c, first = result
     again = c.copy_and_resolve_references()
     again.methods = {"dpo_beta0p1": c.methods["dpo_beta0p1"]}
+    again.ppo.targets, again.winrate.prefixes = (), 0  # only what this test reads
     r = S.run(again)
     out = capsys.readouterr().out
-    assert "π_SFT: cached" in out and "pairs: " in out and "(cached:" in out
+    assert "π_SFT: cached" in out and "pairs: " in out and "(cached:" in out and "learning-rate sweep: cached" in out
     want = [p for p in first["points"] if p["method"] == "dpo_beta0p1"]
     got = [p for p in r["points"] if p["method"] == "dpo_beta0p1"]
     flat = lambda ps: [x for p in ps for x in (p["step"], p["reward"], p["kl"])]  # noqa: E731
@@ -217,7 +244,8 @@ def test_zero_training_steps_evaluates_only_the_sft_policy(result, capsys):
 def test_methods_are_named_entries_whose_unknown_fields_name_the_method(result):
     c, _ = result
     m = sentiment_config.default_config().methods
-    assert (m.cdpo_beta0p1.mode, m.cdpo_beta0p1.dpo.beta, m.cdpo_beta0p1.dpo.label_smoothing) == ("dpo", 0.1, 0.2)
+    cdpo = sentiment_config.method("dpo", beta=0.1, label_smoothing=0.2)
+    assert (cdpo.mode, cdpo.dpo.beta, cdpo.dpo.label_smoothing, cdpo.seeds) == ("dpo", 0.1, 0.2, ())
     assert m.unlikelihood_alpha1.to_dict() == {"mode": "unlikelihood", "seeds": (0,),
                                                "dpo": {"unlikelihood_alpha": 1.0}}
     stages = S.Stages(c.copy_and_resolve_references())

@@ -21,10 +21,11 @@ def _point(method, seed, step, reward, kl, noise=0.0, rm=True):
     return make_point(method, seed, step, vader, np.full(PROMPTS, kl), vader * 2 if rm else None)
 
 
-def test_families_keep_cdpo_and_ipo_out_of_dpo_and_ppo_gt_apart_from_ppo():
-    assert [family(m) for m in ("dpo_beta0p1", "cdpo_beta0p1", "ipo_beta0p1", "ppo_beta1", "ppo_gt_beta1",
-                                "best_of_n", "unlikelihood_alpha1", "preferred_ft", "sft")] == [
-        "DPO", "cDPO", "IPO", "PPO", "PPO-GT", "Best-of-N", "Unlikelihood", "Preferred-FT", "π_SFT"]
+def test_families_keep_cdpo_ipo_and_fixed_coefficient_ppo_out_of_the_paper_s_families():
+    assert [family(m) for m in ("dpo_beta0p1", "cdpo_beta0p1", "ipo_beta0p1", "ppo_kl3", "ppo_gt_kl3", "ppo_beta1",
+                                "ppo_gt_beta1", "best_of_n", "unlikelihood_alpha1", "preferred_ft", "sft")] == [
+        "DPO", "cDPO", "IPO", "PPO", "PPO-GT", "PPO (fixed β)", "PPO-GT (fixed β)", "Best-of-N", "Unlikelihood",
+        "Preferred-FT", "π_SFT"]
 
 
 def test_points_round_trip_with_their_per_prompt_outcomes(tmp_path):
@@ -75,8 +76,8 @@ def test_results_md_compares_envelopes_with_intervals_and_names_the_other_sides_
     points = [sft]
     for seed in (0, 1):
         points += [_point("dpo_beta0p1", seed, 10, 0.5, 1.0), _point("dpo_beta0p1", seed, 20, 0.5, 2.0),
-                   _point("dpo_beta0p1", seed, 30, 0.8, 3.0), _point("ppo_beta0p1", seed, 10, 0.2, 1.0),
-                   _point("ppo_beta0p1", seed, 20, 0.9, 2.5), _point("ppo_beta0p1", seed, 30, 0.9, 5.0)]
+                   _point("dpo_beta0p1", seed, 30, 0.8, 3.0), _point("ppo_kl3", seed, 10, 0.2, 1.0),
+                   _point("ppo_kl3", seed, 20, 0.9, 2.5), _point("ppo_kl3", seed, 30, 0.9, 5.0)]
     points += [_point("cdpo_beta0p1", 0, 10, 2.0, 1.0), _point("cdpo_beta0p1", 0, 30, 2.0, 5.0)]
     write_results(_config(tmp_path), points, 0.45)
     text = (tmp_path / "results.md").read_text()
@@ -87,3 +88,21 @@ def test_results_md_compares_envelopes_with_intervals_and_names_the_other_sides_
     assert "behind on 100.0 %" in cdpo  # cDPO's points did not lift DPO's envelope
     assert "DPO 2, PPO 2, cDPO 1" in text
     assert (tmp_path / "frontier.png").stat().st_size > 0 and (tmp_path / "overoptimization.png").stat().st_size > 0
+
+
+def test_over_optimization_is_in_standardized_units(tmp_path):
+    """Gains over π_SFT divided by π_SFT's per-prompt standard deviations: VADER by VADER's, the reward model's
+    score (PPO) and DPO's implicit reward β·KL by the reward model's."""
+    rng = np.random.default_rng(0)
+    vader, rm = rng.normal(0.1, 0.5, PROMPTS), rng.normal(-1.0, 2.0, PROMPTS)
+    sft = make_point("sft", 0, 0, vader, np.zeros(PROMPTS), rm)
+    ppo = make_point("ppo_kl3", 0, 40, vader + 0.25, np.full(PROMPTS, 3.0), rm + 4.0)
+    dpo = make_point("dpo_beta0p1", 0, 40, vader + 0.5, np.full(PROMPTS, 6.0), rm)
+    write_results(_config(tmp_path), [sft, ppo, dpo], 0.45)
+    rows = {line.split("|")[1].strip(): line.split("|") for line in (tmp_path / "results.md").read_text().splitlines()
+            if line.startswith("| ppo_kl3 | 40 |") or line.startswith("| dpo_beta0p1 | 40 |")}
+    vader_sd, rm_sd = vader.std(), rm.std()
+    assert float(rows["ppo_kl3"][3]) == pytest.approx(4.0 / rm_sd, abs=0.01)
+    assert float(rows["ppo_kl3"][4]) == pytest.approx(0.25 / vader_sd, abs=0.01)
+    assert float(rows["dpo_beta0p1"][3]) == pytest.approx(0.1 * 6.0 / rm_sd, abs=0.01)
+    assert float(rows["dpo_beta0p1"][4]) == pytest.approx(0.5 / vader_sd, abs=0.01)

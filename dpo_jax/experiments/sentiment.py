@@ -41,10 +41,11 @@ from dpo_jax.convert import native
 from dpo_jax.data.loader import PreferenceLoader
 from dpo_jax.data.pipeline import default_cache_dir
 from dpo_jax.experiments import sentiment_corpus as corpus
-from dpo_jax.experiments import sentiment_ppo, sentiment_rlhf, sentiment_winrate
+from dpo_jax.experiments import sentiment_ppo, sentiment_rlhf, sentiment_sweep, sentiment_winrate
 from dpo_jax.experiments.sentiment_budget import Usage, write_budget
 from dpo_jax.experiments.sentiment_config import method
-from dpo_jax.experiments.sentiment_points import load_pairs, make_point, save_pairs
+from dpo_jax.experiments.sentiment_pairs import load_pairs, ranked_pairs, save_pairs
+from dpo_jax.experiments.sentiment_points import family, make_point
 from dpo_jax.experiments.sentiment_report import write_results
 from dpo_jax.fingerprint import fingerprint
 from dpo_jax.logprobs import token_logprobs
@@ -76,6 +77,9 @@ class Stages:
         self.winrates: sentiment_winrate.WinRates | None = None
         self.usages: list[Usage] = []  # every training run's counts (sentiment_budget.py)
         self.timings: dict[str, tuple[float, float]] = {}  # stage -> (wall, compile) seconds
+        self.learning_rates: dict[str, float] = {}  # family -> the sweep's choice (sentiment_sweep.py)
+        self.engines: dict[tuple[str, float], tuple[Any, Any]] = {}  # (method, rate) -> (engine, initial state)
+        self.ppo_runs: sentiment_ppo.PPORuns | None = None  # PPO's engines, shared by the sweep and the runs
 
     def log(self, message: str) -> None:
         print(f"[sentiment] {message}", flush=True)
@@ -160,93 +164,49 @@ class Stages:
             return
         engine = self.engine_for("sft", method("sft"), s.learning_rate, s.batch, None)
         trainer = Trainer(engine, steps=s.steps, writer=MetricWriter(None), name="π_SFT", log_every=200)
-        state, _ = trainer.fit(engine.state, self._sentence_batches())
+        batches = corpus.sentence_batches(self.train_ids, s.batch, self.c.max_sentence_tokens, self.eos, self.pad,
+                                          self.c.seed)
+        state, _ = trainer.fit(engine.state, batches)
         self.sft_params = jax.device_get(state.params)
         native.save_model(path, model, self.sft_params)
 
-    def _sentence_batches(self):
-        """π_SFT's batches: `sft.batch` train sentences drawn with replacement, each + EOS as the scored response
-        of a pair whose two rows are the same sentence (SFT reads the chosen rows only)."""
-        b, t = self.c.sft.batch, self.c.max_sentence_tokens
-        rng = np.random.default_rng(self.c.seed)
-        while True:
-            index = rng.integers(0, len(self.train_ids), b)
-            ids = np.full((2 * b, t), self.pad, np.int32)
-            mask = np.zeros_like(ids)
-            for r, i in enumerate(index):
-                seq = self.train_ids[i] + [self.eos]
-                ids[r, :len(seq)], ids[b + r, :len(seq)] = seq, seq
-                mask[r, 1:len(seq)] = 1
-            yield {"input_ids": ids, "loss_mask": mask, "attention_mask": (ids != self.pad).astype(np.int32) |
-                   (np.arange(t) == 0), "example_id": index.astype(np.int32), "example_mask": np.ones(b, np.int32)}
-
     # 4: preference pairs
-    def prefixes(self, ids: list[list[int]], n: int, seed: int, sources: bool = False) -> tuple[np.ndarray, ...]:
-        """(prompts, mask) [n, max_prefix] left-padded: 2-8-token prefixes of n random sentences longer than
-        max_prefix; with `sources`, also each row's sentence index and prefix length."""
+    def prefixes(self, ids: list[list[int]], n: int, seed: int, sources: bool = False, skip: int = 0
+                 ) -> tuple[np.ndarray, ...]:
+        """(prompts, mask) of n sentences' prefixes (sentiment_corpus.draw_prefixes), after the first `skip` of
+        the draw; with `sources`, also each row's sentence index and prefix length."""
         p = self.c.pairs
-        rng = np.random.default_rng(seed)
-        rng_rows = rng.permutation(len(ids))
-        chosen = [ids[i] for i in rng_rows if len(ids[i]) > p.max_prefix][:n]
-        lengths = rng.integers(p.min_prefix, p.max_prefix + 1, len(chosen))
-        out = np.full((len(chosen), p.max_prefix), self.pad, np.int32)
-        mask = np.zeros_like(out)
-        for r, (seq, k) in enumerate(zip(chosen, lengths)):
-            out[r, p.max_prefix - k:], mask[r, p.max_prefix - k:] = seq[:k], 1
-        if sources:
-            rows = [i for i in rng_rows if len(ids[i]) > p.max_prefix][:n]
-            return out, mask, rows, lengths
-        return out, mask
-
-    def _sample(self, params, prompts, mask, key: jax.Array, max_new: int, temperature: float):
-        s = SamplingConfig(max_new_tokens=max_new, temperature=temperature, eos_id=self.eos, pad_id=self.pad)
-        out = generate(params, self.model_config(), prompts, mask, key, s)
-        texts = [self.tokenizer.decode(list(prompts[i][mask[i] == 1]) + list(np.asarray(out.tokens[i])[
-            np.asarray(out.mask[i]) == 1]), skip_special_tokens=True) for i in range(len(prompts))]
-        return out, texts
+        out = corpus.draw_prefixes(ids, n, seed, p.min_prefix, p.max_prefix, self.pad, skip)
+        return out if sources else out[:2]
 
     def pairs(self) -> None:
         p = self.c.pairs
         path = os.path.join(self.cache, "pairs-" + _key(self.sft_key, p.to_dict(), "samples-counted") + ".npz")
         if os.path.isfile(path):
             self.pair_source, records, self.pair_samples = load_pairs(path)
-            with open(os.path.join(self.c.out_dir, "pairs.jsonl"), "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in records)
             self.log(f"pairs: {len(self.pair_source)} (cached: {path})")
-            return
-        prompts, mask = self.prefixes(self.train_ids, p.prefixes, self.c.seed + 1)
-        k = p.samples_per_prefix
-        rep_prompts, rep_mask = np.repeat(prompts, k, 0), np.repeat(mask, k, 0)
-        out, texts = self._sample(self.sft_params, rep_prompts, rep_mask, jax.random.key(self.c.seed + 2),
-                                  p.max_new_tokens, p.temperature)
-        rewards = self.reward(texts).reshape(-1, k)
-        self.pair_samples = len(texts)  # VADER-labelled samples behind the pairs (the equal-terms table)
-        tokens, gen_mask = np.asarray(out.tokens).reshape(-1, k, p.max_new_tokens), np.asarray(out.mask).reshape(
-            -1, k, p.max_new_tokens)
-        source, records = [], []
-        for i in range(len(prompts)):
-            prefix = list(prompts[i][mask[i] == 1])
-            for a in range(k):
-                for b in range(a + 1, k):
-                    if rewards[i, a] == rewards[i, b]:
-                        continue
-                    w, l_ = (a, b) if rewards[i, a] > rewards[i, b] else (b, a)
-                    row = {"example_id": len(source)}
-                    for side, j in (("chosen", w), ("rejected", l_)):
-                        resp = list(tokens[i, j][gen_mask[i, j] == 1])
-                        row[f"{side}_input_ids"] = np.asarray(prefix + resp, np.int32)
-                        row[f"{side}_loss_mask"] = np.asarray([0] * len(prefix) + [1] * len(resp), np.int32)
-                    source.append(row)
-                    records.append({"prompt": self.tokenizer.decode(prefix), "chosen": texts[i * k + w],
-                                    "rejected": texts[i * k + l_], "reward_chosen": float(rewards[i, w]),
-                                    "reward_rejected": float(rewards[i, l_])})
-        self.pair_source = source
+        else:
+            prompts, mask = self.prefixes(self.train_ids, p.prefixes, self.c.seed + 1)
+            k = p.samples_per_prefix
+            rep_prompts, rep_mask = np.repeat(prompts, k, 0), np.repeat(mask, k, 0)
+            sampling = SamplingConfig(max_new_tokens=p.max_new_tokens, temperature=p.temperature, eos_id=self.eos,
+                                      pad_id=self.pad)
+            out = generate(self.sft_params, self.model_config(), rep_prompts, rep_mask,
+                           jax.random.key(self.c.seed + 2), sampling)
+            texts = self.tokenizer.batch_decode([list(rep_prompts[i][rep_mask[i] == 1]) + list(np.asarray(
+                out.tokens[i])[np.asarray(out.mask[i]) == 1]) for i in range(len(rep_prompts))],
+                skip_special_tokens=True)
+            rewards = self.reward(texts).reshape(-1, k)
+            self.pair_samples = len(texts)  # VADER-labelled samples behind the pairs (the equal-terms table)
+            shape = (-1, k, p.max_new_tokens)
+            self.pair_source, records = ranked_pairs(prompts, mask, np.asarray(out.tokens).reshape(shape),
+                                                     np.asarray(out.mask).reshape(shape), rewards, texts,
+                                                     self.tokenizer.decode)
+            save_pairs(path, self.pair_source, records, self.pair_samples)
+            self.log(f"pairs: {len(self.pair_source)} from {len(prompts)} prefixes x {k} samples (mean π_SFT "
+                     f"reward {float(rewards.mean()):+.3f})")
         with open(os.path.join(self.c.out_dir, "pairs.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
-        save_pairs(path, source, records, self.pair_samples)
-        self.sft_train_reward = float(rewards.mean())
-        self.log(f"pairs: {len(source)} from {len(prompts)} prefixes x {k} samples (mean π_SFT reward "
-                 f"{self.sft_train_reward:+.3f}); written to {self.c.out_dir}/pairs.jsonl")
 
     # 5: the RLHF baselines (sentiment_rlhf.py)
     def rlhf(self) -> tuple[list[dict[str, Any]], dict[str, float]]:
@@ -258,13 +218,23 @@ class Stages:
         rm = self.reward_model = sentiment_rlhf.RewardModelStage(self, key)
         summary = rm.on_test_sentences()
         points, more = sentiment_rlhf.best_of_n(self, rm, *self.test_prefixes())
-        if self.c.train.steps >= 1 and self.c.ppo.betas:
-            points += sentiment_ppo.run_ppo(self, rm, *self.test_prefixes())
         return points, {**summary, **more}
+
+    def ppo(self) -> list[dict[str, Any]]:
+        """PPO's and PPO-GT's points (sentiment_ppo.py); none without a reward model or training steps."""
+        if self.c.train.steps < 1 or not getattr(self, "reward_model", None) or not (
+                self.c.ppo.targets or self.c.ppo.betas):
+            return []
+        return sentiment_ppo.run_ppo(self, self.reward_model, *self.test_prefixes())
 
     def test_prefixes(self) -> tuple[np.ndarray, np.ndarray]:
         """The held-out prefixes every method (and Best-of-N) is evaluated on."""
         return self.prefixes(self.test_ids, self.c.eval.prefixes, self.c.seed + 4)
+
+    def validation_prefixes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Prefixes of other held-out sentences, for choices (learning rates, β): the sentences after the test
+        prefixes' in the same draw, so the two sets never share one."""
+        return self.prefixes(self.test_ids, self.c.sweep.prefixes, self.c.seed + 4, skip=self.c.eval.prefixes)
 
     # 6: methods with evaluation
     def evaluate(self, params, ref_params, prompts, mask, seed: int = 0) -> tuple[np.ndarray, np.ndarray,
@@ -319,28 +289,15 @@ class Stages:
         methods = self.c.methods.items() if t.steps >= 1 else ()
         if t.steps < 1:
             self.log(f"train.steps = {t.steps}: no method is trained; only π_SFT is evaluated")
-        if methods:  # π_SFT's log-probs of every pair, shared by all methods (no pass when nothing trains)
-            ref_engine = self.engine_for("reference", method("dpo"), t.learning_rate, t.batch_pairs, self.sft_params)
-            path = os.path.join(self.cache, "reference-" + _key(self.sft_key, self.c.pairs.to_dict(),
-                                                                t.batch_pairs) + ".npz")
-            table = reference.precompute(ref_engine.state.params, ref_engine.reference_logps,
-                                         self.pair_loader().one_pass, path)[0]
         for name, m in methods:
             for seed in self.seeds_of(m):
-                usage = Usage(name, seed, ground_truth_labels=self.pair_samples, samples_generated=self.pair_samples)
-                engine = usage.count_steps(self.engine_for(name, m, t.learning_rate, t.batch_pairs, self.sft_params))
-
-                def evaluate(step: int, state: Any, name: str = name, seed: int = seed) -> None:
-                    point, texts = self.point(name, seed, step, state.params, test_prompts, test_mask)
+                def evaluate(step: int, params: Any, name: str = name, seed: int = seed) -> None:
+                    point, texts = self.point(name, seed, step, params, test_prompts, test_mask)
                     points.append(point)
                     samples.extend({"method": name, "seed": seed, "step": step, "text": x} for x in texts[:8])
 
                 t0 = time.perf_counter()
-                trainer = Trainer(engine, steps=t.steps, writer=MetricWriter(None), name=f"{name} seed {seed}",
-                                  reference=ReferenceTables({"train": table}) if engine.config.needs_reference
-                                  else NO_REFERENCE, eval_every=self.c.eval.every, evaluate=evaluate)
-                final = trainer.fit(engine.state, self.pair_loader(seed))[0].params
-                self.usages.append(usage.done())
+                final = self.train_method(name, m, seed, evaluate)
                 self.final_policy(name, seed, final)
                 self.log(f"{name} seed {seed}: reward {points[-1]['reward']:+.3f}, KL {points[-1]['kl']:.3f} after "
                          f"{t.steps} steps ({time.perf_counter() - t0:.0f} s)")
@@ -348,10 +305,46 @@ class Stages:
             f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
         return points
 
+    def train_method(self, name: str, m: ml_collections.ConfigDict, seed: int, evaluate: Any = None,
+                     learning_rate: float | None = None) -> Any:
+        """Trains method `m` from π_SFT at a training seed and returns its policy; `evaluate(step, params)` every
+        `eval.every` steps; its usage counted in `usages` unless `learning_rate` is given (a sweep's run). Its
+        family's learning rate: `learning_rate`, else the sweep's choice, else `train.learning_rate`."""
+        t = self.c.train
+        swept = learning_rate is not None
+        learning_rate = learning_rate if swept else self.learning_rates.get(family(name), t.learning_rate)
+        usage = Usage(name, seed, learning_rate, ground_truth_labels=self.pair_samples,
+                      samples_generated=self.pair_samples)
+        if (name, learning_rate) not in self.engines:  # one compiled step per method and rate, for every seed
+            engine = self.engine_for(name, m, learning_rate, t.batch_pairs, self.sft_params)
+            self.engines[name, learning_rate] = engine, jax.tree.map(jnp.copy, engine.state)
+        engine, initial = self.engines[name, learning_rate]
+        engine = usage.count_steps(engine)
+        trainer = Trainer(engine, steps=t.steps, writer=MetricWriter(None), name=f"{name} seed {seed}",
+                          reference=ReferenceTables({"train": self.reference_table()})
+                          if engine.config.needs_reference else NO_REFERENCE,
+                          eval_every=self.c.eval.every if evaluate else 0,
+                          evaluate=(lambda step, state: evaluate(step, state.params)) if evaluate else None)
+        final = trainer.fit(jax.tree.map(jnp.copy, initial), self.pair_loader(seed))[0].params  # the step donates
+        if not swept:
+            self.usages.append(usage.done())
+        return final
+
+    def reference_table(self) -> Any:
+        """π_SFT's log-probs of every pair, computed once and shared by every method (and cached on disk)."""
+        if getattr(self, "_reference_table", None) is None:
+            t = self.c.train
+            ref_engine = self.engine_for("reference", method("dpo"), t.learning_rate, t.batch_pairs, self.sft_params)
+            path = os.path.join(self.cache, "reference-" + _key(self.sft_key, self.c.pairs.to_dict(),
+                                                                t.batch_pairs) + ".npz")
+            self._reference_table = reference.precompute(ref_engine.state.params, ref_engine.reference_logps,
+                                                         self.pair_loader().one_pass, path)[0]
+        return self._reference_table
+
     def final_policy(self, name: str, seed: int, params: Any) -> None:
-        """A method's trained policy, for the win-rate and generalization evaluation (stage 7): its first seed's."""
-        if self.winrates is not None and seed == self.c.seeds[0]:
-            self.winrates.add(name, params)
+        """A method's trained policy at a seed, for the win-rate and generalization evaluation (stage 7)."""
+        if self.winrates is not None:
+            self.winrates.add(name, params, seed)
 
     def pair_loader(self, seed: int = 0) -> PreferenceLoader:
         """The preference pairs in a training seed's order (the same for every method at that seed)."""
@@ -365,6 +358,8 @@ class Stages:
 def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
     start = time.perf_counter()
     stages = Stages(c)
+    if jax.config.jax_compilation_cache_dir is None:  # a re-run loads its compiled programs (none set already)
+        jax.config.update("jax_compilation_cache_dir", os.path.join(stages.cache, "xla"))
     with stages.timed("corpus and tokenizer"):
         stages.data()
     with stages.timed("π_SFT"):
@@ -373,12 +368,16 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
         stages.pairs()
     stages.winrates = sentiment_winrate.WinRates(stages) if c.winrate.prefixes > 0 else None
     stages.final_policy("sft", c.seeds[0], stages.sft_params)
-    with stages.timed("reward model, Best-of-N, PPO"):
+    with stages.timed("reward model, Best-of-N"):
         rlhf_points, reward_model = stages.rlhf()
+    with stages.timed("learning-rate sweep"):
+        sweep_lines = sentiment_sweep.sweep(stages)
+    with stages.timed("PPO, PPO-GT"):
+        rlhf_points += stages.ppo()
     with stages.timed("methods"):
         points = stages.methods()
     points[1:1] = rlhf_points  # after π_SFT: Best-of-N samples it, PPO starts from it
-    more = write_budget(c.out_dir, stages.usages)
+    more = write_budget(c.out_dir, stages.usages) + sweep_lines
     if stages.winrates is not None:
         with stages.timed("win rates, generalization, judges"):
             rm_scores = getattr(getattr(stages, "reward_model", None), "test_scores", None)

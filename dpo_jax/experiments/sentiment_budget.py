@@ -20,14 +20,15 @@ import numpy as np
 
 from dpo_jax.experiments.sentiment_points import family
 
-FIELDS = ("family", "method", "seed", "updates", "sequences", "ground_truth_labels", "reward_model_queries",
-          "samples_generated", "seconds")
+FIELDS = ("family", "method", "seed", "learning_rate", "updates", "sequences", "ground_truth_labels",
+          "reward_model_queries", "samples_generated", "seconds")
 
 
 @dataclasses.dataclass
 class Usage:
     method: str
     seed: int
+    learning_rate: float = 0.0
     updates: int = 0  # optimizer updates
     sequences: int = 0  # sequences read by those updates, summed
     ground_truth_labels: int = 0  # VADER queries behind the training signal
@@ -67,7 +68,8 @@ class Usage:
         return self
 
     def row(self) -> dict[str, Any]:
-        return {"family": family(self.method), "method": self.method, "seed": self.seed, "updates": self.updates,
+        return {"family": family(self.method), "method": self.method, "seed": self.seed,
+                "learning_rate": self.learning_rate, "updates": self.updates,
                 "sequences": self.sequences, "ground_truth_labels": self.ground_truth_labels,
                 "reward_model_queries": self.reward_model_queries, "samples_generated": self.samples_generated,
                 "seconds": round(self.seconds, 1)}
@@ -88,8 +90,9 @@ def write_budget(out_dir: str, usages: list[Usage]) -> list[str]:
              "(a DPO update reads a pair's two responses). Ground-truth labels: VADER queries behind the training "
              "signal — the preference pairs' labelled samples for every pair-based method and for PPO through its "
              "reward model, the rollouts' rewards for PPO-GT. Samples: completions generated for training.", "",
-             "| method | family | runs | updates | sequences | ground-truth labels | reward-model queries | "
-             "samples generated | seconds per run |", "|---|---|---|---|---|---|---|---|---|"]
+             "| method | family | runs | learning rate | updates | sequences | ground-truth labels | "
+             "reward-model queries | samples generated | seconds per run |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for method in dict.fromkeys(r["method"] for r in rows):
         runs = [r for r in rows if r["method"] == method]
         first = runs[0]
@@ -97,6 +100,6 @@ def write_budget(out_dir: str, usages: list[Usage]) -> list[str]:
                             f"{min(r[k] for r in runs):,}–{max(r[k] for r in runs):,}"
                             for k in ("updates", "sequences", "ground_truth_labels", "reward_model_queries",
                                       "samples_generated"))
-        lines.append(f"| {method} | {first['family']} | {len(runs)} | {counts} | "
+        lines.append(f"| {method} | {first['family']} | {len(runs)} | {first['learning_rate']:g} | {counts} | "
                      f"{np.mean([r['seconds'] for r in runs]):.0f} |")
     return lines

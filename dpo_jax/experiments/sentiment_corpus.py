@@ -19,6 +19,8 @@ import sys
 import tarfile
 import tempfile
 
+import numpy as np
+
 SDIST = "vaderSentiment==3.3.2"
 SDIST_FILE = "vaderSentiment-3.3.2.tar.gz"
 SDIST_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
@@ -109,3 +111,38 @@ def split(snippets: list[Snippet], test_fraction: float = 0.1) -> tuple[list[Sni
         return int(hashlib.sha256(s.id.encode()).hexdigest()[:8], 16) / 16**8 < test_fraction
 
     return [s for s in snippets if not is_test(s)], [s for s in snippets if is_test(s)]
+
+
+def draw_prefixes(ids: list[list[int]], n: int, seed: int, min_prefix: int, max_prefix: int, pad: int,
+                  skip: int = 0) -> tuple[np.ndarray, np.ndarray, list[int], np.ndarray]:
+    """(prompts, mask [n, max_prefix] left-padded, sentence indices, prefix lengths): min-max-token prefixes of
+    n random sentences longer than max_prefix, after the first `skip` of the same draw (so sets drawn with other
+    skips share no sentence)."""
+    rng = np.random.default_rng(seed)
+    eligible = [i for i in rng.permutation(len(ids)) if len(ids[i]) > max_prefix]
+    if skip + n > len(eligible):
+        raise ValueError(f"{skip} + {n} prefixes asked of {len(eligible)} sentences longer than pairs.max_prefix: "
+                         "lower config.eval.prefixes, config.sweep.prefixes or config.winrate.prefixes")
+    rows = eligible[skip:skip + n]
+    lengths = rng.integers(min_prefix, max_prefix + 1, skip + len(rows))[skip:]
+    out = np.full((len(rows), max_prefix), pad, np.int32)
+    mask = np.zeros_like(out)
+    for r, (i, k) in enumerate(zip(rows, lengths)):
+        out[r, max_prefix - k:], mask[r, max_prefix - k:] = ids[i][:k], 1
+    return out, mask, rows, lengths
+
+
+def sentence_batches(ids: list[list[int]], batch: int, length: int, eos: int, pad: int, seed: int):
+    """π_SFT's batches: `batch` sentences drawn with replacement, each + EOS as the scored response of a pair whose
+    two rows are the same sentence (the sft mode reads the chosen rows only)."""
+    rng = np.random.default_rng(seed)
+    while True:
+        index = rng.integers(0, len(ids), batch)
+        rows = np.full((2 * batch, length), pad, np.int32)
+        mask = np.zeros_like(rows)
+        for r, i in enumerate(index):
+            seq = ids[i] + [eos]
+            rows[r, :len(seq)], rows[batch + r, :len(seq)] = seq, seq
+            mask[r, 1:len(seq)] = 1
+        yield {"input_ids": rows, "loss_mask": mask, "attention_mask": (rows != pad).astype(np.int32) |
+               (np.arange(length) == 0), "example_id": index.astype(np.int32), "example_mask": np.ones(batch, np.int32)}

@@ -1,5 +1,4 @@
-"""The sentiment experiment's stored data: its evaluation points, each with its per-prompt outcomes, and the
-preference pairs' cache file.
+"""The sentiment experiment's evaluation points, each with its per-prompt outcomes.
 
 A point is one policy evaluated on the held-out test prefixes: a method (its family and setting), a training seed,
 a step, and per prompt the VADER reward of the completion, the sequence KL(π‖π_SFT) estimate and the learned reward
@@ -11,16 +10,16 @@ evaluation/intervals.py).
 from __future__ import annotations
 
 import csv
-import json
 import os
 from typing import Any, Sequence
 
 import numpy as np
 
 # method-name prefix -> family, first match wins (cDPO and IPO are their own families: the paper's Figure 2 has
-# neither, so they stay out of DPO's envelope)
-FAMILIES = (("ppo_gt", "PPO-GT"), ("ppo", "PPO"), ("best_of_n", "Best-of-N"), ("cdpo", "cDPO"), ("ipo", "IPO"),
-            ("dpo", "DPO"), ("unlikelihood", "Unlikelihood"), ("preferred_ft", "Preferred-FT"), ("sft", "π_SFT"))
+# neither, so they stay out of DPO's envelope; so are PPO runs at a fixed coefficient, off the paper's protocol)
+FAMILIES = (("ppo_gt_beta", "PPO-GT (fixed β)"), ("ppo_beta", "PPO (fixed β)"), ("ppo_gt", "PPO-GT"), ("ppo", "PPO"),
+            ("best_of_n", "Best-of-N"), ("cdpo", "cDPO"), ("ipo", "IPO"), ("dpo", "DPO"),
+            ("unlikelihood", "Unlikelihood"), ("preferred_ft", "Preferred-FT"), ("sft", "π_SFT"))
 COLUMNS = ("family", "method", "seed", "step", "vader", "kl", "rm_score")
 
 
@@ -78,32 +77,3 @@ def read_points(out_dir: str) -> list[dict[str, Any]]:
         point.update(rewards=point["outcomes"]["vader"], kls=point["outcomes"]["kl"])
         points.append(point)
     return points
-
-
-def save_pairs(path: str, source: Sequence[dict[str, Any]], records: list[dict], samples_scored: int) -> None:
-    """The pairs stage's cache: every pair's token rows (concatenated per field, with lengths), the readable
-    records, and how many VADER-labelled samples they came from."""
-    arrays: dict[str, np.ndarray] = {}
-    for side in ("chosen", "rejected"):
-        for field in ("input_ids", "loss_mask"):
-            rows = [r[f"{side}_{field}"] for r in source]
-            arrays[f"{side}_{field}"] = np.concatenate(rows)
-            arrays[f"{side}_lengths"] = np.asarray([len(x) for x in rows])
-    arrays["records"] = np.asarray(json.dumps(records))
-    arrays["samples_scored"] = np.asarray(samples_scored)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-
-
-def load_pairs(path: str) -> tuple[list[dict[str, Any]], list[dict], int]:
-    """(pair rows, records, samples scored) from `save_pairs`' file."""
-    with np.load(path) as f:
-        data = {k: f[k] for k in f.files}
-    source: list[dict[str, Any]] = [{"example_id": i} for i in range(len(data["chosen_lengths"]))]
-    for side in ("chosen", "rejected"):
-        offsets = np.concatenate([[0], np.cumsum(data[f"{side}_lengths"])])
-        for field in ("input_ids", "loss_mask"):
-            for i, row in enumerate(source):
-                row[f"{side}_{field}"] = data[f"{side}_{field}"][offsets[i]:offsets[i + 1]]
-    return source, json.loads(str(data["records"])), int(data["samples_scored"])

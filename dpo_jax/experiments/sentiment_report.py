@@ -28,17 +28,20 @@ def write_results(c: ml_collections.ConfigDict, points: list[dict[str, Any]], va
     lines += final_lines(points, sft)
     lines += _rlhf_lines(c, points, sft, reward_model or {})
     lines += _matched_kl_lines(c, points)
+    series = over_optimization_series(c, points, sft) if not np.isnan(sft["rm_score"]) else {}
+    lines += over_optimization_lines(series, sft) if series else []
     lines += more or []
     lines += ["", "Every evaluated point is in results.csv, its per-prompt outcomes in outcomes.npz (same row order; "
               "`sentiment_points.read_points` reads both); frontier.png plots them by family."]
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     plot_frontier(points, os.path.join(out, "frontier.png"))
-    if any(p["family"] in ("PPO", "DPO") for p in points):
-        plot_over_optimization(c, points, os.path.join(out, "overoptimization.png"))
+    if series:
+        plot_over_optimization(series, points, os.path.join(out, "overoptimization.png"))
 
 
-COLORS = {"DPO": "tab:blue", "PPO": "tab:red", "PPO-GT": "tab:orange", "Best-of-N": "black", "cDPO": "tab:cyan",
+COLORS = {"DPO": "tab:blue", "PPO": "tab:red", "PPO-GT": "tab:orange", "PPO (fixed β)": "tab:pink",
+          "PPO-GT (fixed β)": "gold", "Best-of-N": "black", "cDPO": "tab:cyan",
           "IPO": "tab:brown", "Unlikelihood": "tab:green", "Preferred-FT": "tab:purple", "π_SFT": "black"}
 
 
@@ -61,7 +64,7 @@ def final_lines(points: list[dict[str, Any]], sft: dict[str, Any]) -> list[str]:
              "KL(π‖π_SFT) over the sampled tokens; the learned reward model's score of the same completions), "
              "averaged over its training seeds. Δ reward: against π_SFT on the same prefixes, with a 95 % interval "
              "(bootstrap over seeds and prompts); \"ahead\" only where it excludes 0.", "",
-             f"| method | family | seeds | steps | reward | Δ reward vs π_SFT [95 %] | verdict | KL | RM score |",
+             "| method | family | seeds | steps | reward | Δ reward vs π_SFT [95 %] | verdict | KL | RM score |",
              "|---|---|---|---|---|---|---|---|---|",
              f"| sft | π_SFT | 1 | 0 | {sft['reward']:+.3f} | — | — | {sft['kl']:.3f} | {_rm(sft['rm_score'])} |"]
     base = np.asarray(sft["outcomes"]["vader"])[None]
@@ -100,7 +103,7 @@ def plot_frontier(points: list[dict[str, Any]], path: str) -> None:
     by_family: dict[str, list[dict[str, Any]]] = {}
     for p in points:
         by_family.setdefault(p["family"], []).append(p)
-    markers = {"cDPO": "^", "IPO": "s", "PPO-GT": "v", "Best-of-N": "D"}
+    markers = {"cDPO": "^", "IPO": "s", "PPO-GT": "v", "Best-of-N": "D", "PPO (fixed β)": "x", "PPO-GT (fixed β)": "+"}
     for fam, pts in by_family.items():
         color = COLORS.get(fam, "gray")
         if fam == "π_SFT":
@@ -127,38 +130,75 @@ def _mean_by_step(points: list[dict[str, Any]], key: str) -> tuple[list[int], li
     return steps, [float(np.mean([p[key] for p in points if p["step"] == s])) for s in steps]
 
 
-def plot_over_optimization(c: ml_collections.ConfigDict, points: list[dict[str, Any]], path: str) -> None:
-    """Left: PPO against the learned reward model — its score of the policy's held-out samples and their VADER
-    reward over training. Right: DPO — its implicit reward β·(log π − log π_SFT) of the same kind of samples
-    (β times the KL estimate) and their VADER reward. Each line: a setting's mean over its seeds."""
+def _units(sft: dict[str, Any]) -> tuple[float, float]:
+    """π_SFT's per-prompt standard deviations of VADER and of the reward model's score: the standardized units."""
+    def sd(x: np.ndarray) -> float:  # NaN when undefined (no reward model; no spread)
+        return float(x.std()) if not np.isnan(x).any() and x.std() > 0 else float("nan")
+
+    return sd(np.asarray(sft["outcomes"]["vader"])), sd(np.asarray(sft["outcomes"]["rm_score"]))
+
+
+def over_optimization_series(c: ml_collections.ConfigDict, points: list[dict[str, Any]], sft: dict[str, Any]
+                             ) -> dict[str, dict[str, list[float]]]:
+    """Per PPO / PPO-GT / DPO setting, over training (means over seeds): the VADER gain over π_SFT and the gain
+    of the reward being optimized — PPO's learned reward-model score, DPO's implicit reward β·(log π − log π_SFT),
+    whose mean over π's samples is β·KL — all in standardized units: VADER in π_SFT's per-prompt VADER standard
+    deviations, the reward model's score and DPO's implicit reward in π_SFT's per-prompt reward-model standard
+    deviations (both are Bradley-Terry logits fit to the same pairs, so one unit serves both)."""
+    vader_sd, rm_sd = _units(sft)
+    betas = {name: m.dpo.beta for name, m in c.methods.items() if family(name) == "DPO" and "beta" in m.dpo}
+    out = {}
+    for name in dict.fromkeys(p["method"] for p in points if p["family"] in ("PPO", "PPO-GT", "DPO")):
+        pts = [p for p in points if p["method"] == name]
+        steps, vader = _mean_by_step(pts, "reward")
+        if pts[0]["family"] == "DPO":
+            optimized = [betas.get(name, float("nan")) * k / rm_sd for k in _mean_by_step(pts, "kl")[1]]
+        else:
+            optimized = [(r - sft["rm_score"]) / rm_sd for r in _mean_by_step(pts, "rm_score")[1]]
+        out[name] = {"steps": steps, "vader": [(v - sft["reward"]) / vader_sd for v in vader],
+                     "optimized": optimized}
+    return out
+
+
+def over_optimization_lines(series: dict[str, dict[str, list[float]]], sft: dict[str, Any]) -> list[str]:
+    vader_sd, rm_sd = _units(sft)
+    lines = ["", "## Over-optimization, in standardized units", "",
+             f"Gains over π_SFT at each setting's last evaluation (means over seeds): the reward the method "
+             f"optimizes — PPO's learned reward model (PPO-GT's too, for comparison), DPO's implicit reward β·KL — in "
+             f"π_SFT's per-prompt reward-model standard deviations ({rm_sd:.3f}; the implicit reward and the "
+             f"reward model are both Bradley-Terry logits on the same pairs), and the ground truth in π_SFT's "
+             f"per-prompt VADER standard deviations ({vader_sd:.3f}). A proxy gain far above the VADER gain is "
+             "over-optimization (overoptimization.png: over training).", "",
+             "| method | updates | optimized reward's gain (sd) | VADER gain (sd) |", "|---|---|---|---|"]
+    lines += [f"| {name} | {s['steps'][-1]} | {s['optimized'][-1]:+.2f} | {s['vader'][-1]:+.2f} |"
+              for name, s in series.items()]
+    return lines
+
+
+def plot_over_optimization(series: dict[str, dict[str, list[float]]], points: list[dict[str, Any]],
+                           path: str) -> None:
+    """Left: PPO and PPO-GT, the learned reward model's score (dashed) and VADER (solid) over training. Right:
+    DPO, its implicit reward (dashed) and VADER (solid). Standardized units (over_optimization_series)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    betas = {name: m.dpo.beta for name, m in c.methods.items() if family(name) == "DPO" and "beta" in m.dpo}
-    ppo = [p for p in points if p["family"] == "PPO"]
-    names = list(dict.fromkeys(p["method"] for p in ppo))
-    colors = plt.cm.viridis(np.linspace(0, 0.85, max(len(betas), len(names), 4)))
-    for i, name in enumerate(names):
-        pts = [p for p in ppo if p["method"] == name]
-        left.plot(*_mean_by_step(pts, "rm_score"), "--", color=colors[i], label=f"{name} RM")
-        left.plot(*_mean_by_step(pts, "reward"), "-o", color=colors[i], markersize=3, label=f"{name} VADER")
-    for i, (name, beta) in enumerate(betas.items()):
-        pts = [p for p in points if p["method"] == name]
-        if not pts:
-            continue
-        steps, kl = _mean_by_step(pts, "kl")
-        right.plot(steps, [beta * k for k in kl], "--", color=colors[i], label=f"{name} implicit")
-        right.plot(*_mean_by_step(pts, "reward"), "-o", color=colors[i], markersize=3, label=f"{name} VADER")
+    fams = {p["method"]: p["family"] for p in points}
+    colors = plt.cm.viridis(np.linspace(0, 0.85, max(len(series), 4)))
+    for i, (name, s) in enumerate(series.items()):
+        ax = right if fams[name] == "DPO" else left
+        ax.plot(s["steps"], s["optimized"], "--", color=colors[i],
+                label=f"{name} {'implicit' if ax is right else 'RM'}")
+        ax.plot(s["steps"], s["vader"], "-o", color=colors[i], markersize=3, label=f"{name} VADER")
     left.set_title("PPO: learned-RM score (dashed) vs VADER (solid)")
     right.set_title("DPO: implicit reward β·KL (dashed) vs VADER (solid)")
     for ax in (left, right):
-        ax.set_xlabel("optimizer steps")
+        ax.set_xlabel("optimizer updates")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
-    left.set_ylabel("mean reward of held-out samples")
+    left.set_ylabel("gain over π_SFT (π_SFT's per-prompt standard deviations)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -200,10 +240,15 @@ def _matched_kl_lines(c: ml_collections.ConfigDict, points: list[dict[str, Any]]
     t = c.train
     runs = {f: len({(p["method"], p["seed"]) for p in points if p["family"] == f}) for f in present}
     lines = ["", "## DPO against the others at matched KL", "",
-             f"Budget, the same for every trained family: {t.steps} optimizer steps of {t.batch_pairs} sequences (DPO "
-             f"and relatives: pairs) at learning rate {t.learning_rate:g}; PPO and PPO-GT run {t.steps // c.ppo.epochs}"
-             f" iterations of {t.batch_pairs} sampled prompts x {c.ppo.epochs} epochs, at the DPO family's β grid "
-             f"({', '.join(f'{b:g}' for b in c.ppo.betas)}) as their KL coefficient. Runs (settings × seeds): "
+             f"Budget: {t.steps} optimizer updates for every trained family — DPO and relatives of {t.batch_pairs} "
+             f"pairs ({2 * t.batch_pairs} sequences); PPO and PPO-GT of {c.ppo.rollouts // c.ppo.minibatches} "
+             f"sequences, {t.steps // (c.ppo.epochs * c.ppo.minibatches)} iterations of {c.ppo.rollouts} rollouts x "
+             f"{c.ppo.epochs} epochs x {c.ppo.minibatches} minibatch(es) (the equal-terms table counts every "
+             "label and sample); learning rates as chosen below. PPO and PPO-GT run the paper's "
+             f"protocol: the adaptive KL controller (from coefficient {c.ppo.init_kl_coef:g}, horizon "
+             f"{c.ppo.horizon:g} episodes) toward each target KL ({', '.join(f'{x:g}' for x in c.ppo.targets)})"
+             + (f", plus fixed coefficients {', '.join(f'{x:g}' for x in c.ppo.betas)}" if c.ppo.betas else "")
+             + ". Runs (settings × seeds): "
              + ", ".join(f"{f} {n}" for f, n in runs.items() if f != "π_SFT") + ". A family's envelope is over "
              "every evaluated point of its runs (frontier.png); DPO's holds plain DPO only (cDPO and IPO are their "
              "own families). Best-of-N's KL is the analytic bound, the others' a Monte-Carlo estimate. Gaps are "
@@ -214,6 +259,4 @@ def _matched_kl_lines(c: ml_collections.ConfigDict, points: list[dict[str, Any]]
         if other in present:
             lines.append("- " + intervals.describe_gap(intervals.envelope_gap(dpo, runs_of(points, other)),
                                                        ("DPO", other)))
-    lines += ["", "overoptimization.png: PPO's learned-reward-model score of its held-out samples against their VADER "
-              "reward over training, and DPO's implicit reward against VADER."]
     return lines

@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from dpo_jax.evaluation import winrate
+from dpo_jax.evaluation import intervals, winrate
 from dpo_jax.evaluation.judges import ScoreJudge, pair_agreement
 from dpo_jax.evaluation.sampling import check_temperatures, decode_completions
 from dpo_jax.experiments import sentiment_corpus as corpus
@@ -34,7 +34,7 @@ from dpo_jax.experiments.sentiment_report import COLORS
 from dpo_jax.models.generate import SamplingConfig, generate_chunks
 
 CHUNK = 1024  # rows per generate call
-GRIDS = (("DPO", "dpo_beta"), ("PPO", "ppo_beta"), ("PPO-GT", "ppo_gt_beta"))  # the families sharing one β grid
+COMPARED = ("DPO", "PPO", "PPO-GT")  # the families whose chosen settings the summary compares
 
 
 class WinRates:
@@ -42,31 +42,40 @@ class WinRates:
         self.st, w = st, st.c.winrate
         self.temps = check_temperatures(w.temperatures, "winrate.temperatures")
         self.judge = ScoreJudge("VADER", st.reward)
-        self.sets = {"movies": self._prefix_set(st.test_ids, w.prefixes, st.c.seed + 4)}
+        self.sets = {"movies": self._prefix_set(st.test_ids, w.prefixes, st.c.seed + 4),
+                     # other held-out sentences (after the test prefixes' in the same draw): where each family's
+                     # setting for the comparison is chosen
+                     "validation": self._prefix_set(st.test_ids, w.prefixes, st.c.seed + 4, skip=st.c.eval.prefixes)}
         self.snippets = {"movies": st.test_text}
         for d, domain in enumerate(w.domains):
             snippets = corpus.read_snippets(corpus.fetch_corpus(os.path.dirname(st.cache), domain))
             self.snippets[domain] = snippets
             self.sets[domain] = self._prefix_set([st.encode(s.text) for s in snippets], w.prefixes,
                                                  st.c.seed + 10 + d)
-        self.rows: list[dict[str, Any]] = []  # win rate per method and temperature (movies)
+        self.rows: list[dict[str, Any]] = []  # win rate per method and temperature (movies), first seed
         self.domain_rows: list[dict[str, Any]] = []  # reward and win rate per method and domain (temperature 1)
+        # per (method, seed, block): the per-prompt outcomes behind the intervals ("win": 1 / ½ / 0, "reward")
+        self.outcomes: dict[tuple[str, int, str, float], dict[str, np.ndarray]] = {}
+        self.first_seed: dict[str, int] = {}
         self.seconds = 0.0
 
-    def _prefix_set(self, ids: list[list[int]], n: int, seed: int) -> dict[str, Any]:
+    def _prefix_set(self, ids: list[list[int]], n: int, seed: int, skip: int = 0) -> dict[str, Any]:
         """Prefixes as the experiment draws them, with each sentence's human continuation as text."""
         st = self.st
-        prompts, mask, rows, lengths = st.prefixes(ids, n, seed, sources=True)
+        prompts, mask, rows, lengths = st.prefixes(ids, n, seed, sources=True, skip=skip)
         dec = st.tokenizer.decode
         return {"ids": prompts, "mask": mask, "prefix": [dec(ids[r][:k]) for r, k in zip(rows, lengths)],
                 "human": [dec(ids[r][k:]) for r, k in zip(rows, lengths)]}
 
-    def add(self, method: str, params: Any) -> None:
-        """Samples `params` on every prompt set and judges the completions."""
+    def add(self, method: str, params: Any, seed: int = 0) -> None:
+        """Samples a method's policy (trained at `seed`) on every prompt set and judges the completions; the
+        tables show each method's first seed, the comparisons' intervals use every seed added."""
         t0 = time.perf_counter()
         st = self.st
+        first = self.first_seed.setdefault(method, seed) == seed
         domains = self.st.c.winrate.domains
-        blocks = [("movies", t) for t in self.temps] + [(d, 1.0) for d in domains]
+        blocks = [("movies", t) for t in self.temps] + [("validation", t) for t in self.temps] + [
+            (d, 1.0) for d in domains]
         ids = np.concatenate([self.sets[d]["ids"] for d, _ in blocks])
         mask = np.concatenate([self.sets[d]["mask"] for d, _ in blocks])
         temps = np.concatenate([np.full(len(self.sets[d]["ids"]), t, np.float32) for d, t in blocks])
@@ -78,12 +87,15 @@ class WinRates:
         for domain, t in blocks:
             block = self.sets[domain]
             mine, offset = texts[offset:offset + len(block["ids"])], offset + len(block["ids"])
-            rate = winrate.win_rate(self.judge.compare(block["prefix"], mine, block["human"]))
-            if domain == "movies":
+            wins = self.judge.compare(block["prefix"], mine, block["human"])
+            rewards = self.judge.scores([p + x for p, x in zip(block["prefix"], mine)])
+            self.outcomes[(method, seed, domain, t)] = {"win": wins, "reward": rewards}
+            rate = winrate.win_rate(wins)
+            if domain == "movies" and first:
                 self.rows.append({"method": method, "temperature": t, **rate})
-            if t == 1.0:  # the generalization table: every domain at the evaluation temperature
-                reward = float(self.judge.scores([p + x for p, x in zip(block["prefix"], mine)]).mean())
-                self.domain_rows.append({"method": method, "domain": domain, "reward": reward, **rate})
+            if t == 1.0 and domain != "validation" and first:  # generalization: every domain at temperature 1
+                self.domain_rows.append({"method": method, "domain": domain, "reward": float(rewards.mean()),
+                                         **rate})
         self.seconds += time.perf_counter() - t0
 
     def validation(self, rm_test_scores: np.ndarray | None) -> list[dict[str, Any]]:
@@ -118,7 +130,7 @@ class WinRates:
                  for d, s in self.sets.items()}
         lines = ["", "## Win rate vs sampling temperature (the paper's Figure 2, right)", "",
                  f"Each final policy completes {len(self.sets['movies']['ids'])} held-out movie-review prefixes at "
-                 "each temperature (winrate.png plots each family's setting with the best mean win rate).", "",
+                 "each temperature (winrate.png plots each family's setting chosen on validation prefixes, below).", "",
                  winrate.markdown_table(self.rows, baseline=baseline, judge="VADER"), "",
                  "## Generalization to new input distributions (§6.3)", "",
                  f"The same policies (trained on movie reviews only) on {len(self.sets['movies']['ids'])} prefixes per "
@@ -139,48 +151,55 @@ class WinRates:
         lines += ["", f"Sampling and judging for these sections took {self.seconds:.0f} s."]
         return lines
 
-    def _best(self, prefix: str) -> str | None:
-        """The setting of a β grid (methods named prefix + β) with the best mean win rate over temperatures."""
-        names = [m for m in dict.fromkeys(r["method"] for r in self.rows) if m.startswith(prefix)]
-        mean = {m: np.mean([r["win_rate"] for r in self.rows if r["method"] == m]) for m in names}
+    def _best(self, fam: str) -> str | None:
+        """A family's setting for the comparison: the best mean win rate over temperatures and seeds on the
+        validation prefixes (never on the prefixes it is reported on)."""
+        names = [m for m in self.first_seed if family(m) == fam]
+        mean = {m: np.mean([o["win"] for (m2, _, d, _), o in self.outcomes.items() if m2 == m and d == "validation"])
+                for m in names}
         return max(names, key=mean.get) if names else None
 
+    def _per_seed(self, method: str, domain: str, t: float, key: str) -> np.ndarray:
+        """[seeds, prompts] outcomes of a method on a block."""
+        return np.stack([o[key] for (m, _, d, t2), o in self.outcomes.items() if (m, d, t2) == (method, domain, t)])
+
     def _summary(self, domains: list[str], kl: dict[str, float]) -> list[str]:
-        """What the tables show, derived from them: DPO's best β against PPO's and PPO-GT's (the same β grid)."""
-        best = {f: self._best(prefix) for f, prefix in GRIDS}
+        """DPO's chosen setting against PPO's and PPO-GT's: win-rate differences per temperature and reward
+        differences per new domain, each with its 95 % interval over seeds and prompts (paired by prompt)."""
+        best = {f: self._best(f) for f in COMPARED}
         if not best["DPO"]:
             return []
-        at = {(r["method"], r["temperature"]): r["win_rate"] for r in self.rows}
-        lines = ["", "As measured, comparing each family's best β of the same grid (chosen by mean win rate over "
-                 "the temperatures): " + ", ".join(f"{f} {m} (KL {kl.get(m, float('nan')):.1f})" for f, m in
-                                                   best.items() if m) + ". Win rates do not hold KL fixed; the "
-                 "frontier above does."]
+        seeds = {f: len(self._per_seed(m, "movies", self.temps[0], "win")) for f, m in best.items() if m}
+        lines = ["", "Each family's setting chosen on validation prefixes (other held-out sentences) by mean win rate "
+                 "over the temperatures: " + ", ".join(f"{f} {m} (KL {kl.get(m, float('nan')):.1f}, {seeds[f]} "
+                                                       f"seed(s))" for f, m in best.items() if m) +
+                 ". Differences below are DPO's minus the other's on the test prefixes, with 95 % bootstrap intervals "
+                 "over seeds and prompts (paired by prompt): \"ahead\" only where the interval excludes 0. Win rates "
+                 "do not hold KL fixed; the frontier above does."]
         for f in ("PPO", "PPO-GT"):
             if best[f]:
-                ahead = [t for t in self.temps if at[(best["DPO"], t)] > at[(best[f], t)]]
-                gaps = [at[(best["DPO"], t)] - at[(best[f], t)] for t in self.temps]
-                lines.append(f"- DPO's win rate is above {f}'s at {len(ahead)} of {len(self.temps)} temperatures "
-                             f"(difference {100 * min(gaps):+.1f} to {100 * max(gaps):+.1f} points).")
+                diffs = [(t, intervals.difference_interval(self._per_seed(best["DPO"], "movies", t, "win"),
+                                                           self._per_seed(best[f], "movies", t, "win")))
+                         for t in self.temps]
+                ahead = sum(d.verdict == "ahead" for _, d in diffs)
+                behind = sum(d.verdict == "behind" for _, d in diffs)
+                lines.append(f"- Win rate, DPO − {f}: ahead at {ahead}, behind at {behind}, level at "
+                             f"{len(diffs) - ahead - behind} of {len(diffs)} temperatures (" + "; ".join(
+                                 f"T {t:g}: {100 * d.estimate:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}] points"
+                                 for t, d in diffs) + ").")
         new = [d for d in domains if d != "movies"]
-        by = {(r["method"], r["domain"]): r for r in self.domain_rows}
         for f in ("PPO", "PPO-GT"):
             if best[f] and new:
-                pairs = [(d, by[(best["DPO"], d)]["reward"], by[(best[f], d)]["reward"]) for d in new]
-                ahead = sum(a > b for _, a, b in pairs)
-                detail = ", ".join(f"{d} {a:+.3f} vs {b:+.3f}" for d, a, b in pairs)
-                lines.append(f"- On the new domains (temperature 1), DPO's mean reward is above {f}'s on {ahead} of "
-                             f"{len(new)} ({detail}).")
+                diffs = [(d, intervals.difference_interval(self._per_seed(best["DPO"], d, 1.0, "reward"),
+                                                           self._per_seed(best[f], d, 1.0, "reward"))) for d in new]
+                lines.append(f"- New domains (temperature 1), mean reward DPO − {f}: " + "; ".join(
+                    f"{d} {g.text()} ({g.verdict})" for d, g in diffs) + ".")
         return lines
 
     def _plot(self, path: str) -> None:
-        best = {}
-        for m in dict.fromkeys(r["method"] for r in self.rows):
-            mean = np.mean([r["win_rate"] for r in self.rows if r["method"] == m])
-            f = family(m)
-            if f not in best or mean > best[f][1]:
-                best[f] = (m, mean)
-        keep = {m for m, _ in best.values()}
+        keep = {self._best(f) for f in dict.fromkeys(family(m) for m in self.first_seed)}
         rows = [r for r in self.rows if r["method"] in keep]
-        winrate.plot(rows, path, title="win rate vs the human continuation (VADER); best setting per family",
+        winrate.plot(rows, path,
+                     title="win rate vs the human continuation (VADER); each family's setting chosen on validation",
                      colours={m: COLORS.get(family(m)) for m in keep},
                      labels={m: f"{family(m)} ({m})" for m in keep})

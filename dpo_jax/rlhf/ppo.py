@@ -51,7 +51,8 @@ class PPOConfig:
     gamma: float = 1.0
     lam: float = 0.95
     kl_coef: float = 0.05  # the initial coefficient; fixed unless target_kl > 0
-    target_kl: float = 0.0  # > 0: Ziegler's adaptive controller toward this KL (nats per sequence)
+    target_kl: float = 0.0  # > 0: Ziegler's adaptive controller toward this KL (nats per sequence); both are only
+    # the initial state's (`init_state` sets others: runs at other coefficients or targets share one compile)
     horizon: float = 10000.0  # its horizon, in episodes
     whiten_rewards: bool = False
     seed: int = 0  # generation keys and minibatch shuffles
@@ -99,6 +100,7 @@ class PPOState(NamedTuple):
     params: Any  # {"policy": ..., "value": ...}
     opt_state: Any  # one optimizer over both (TRL's policy-and-value wrapper); LoRA: over their trained parts
     kl_coef: jax.Array
+    target_kl: jax.Array  # > 0: the adaptive controller's target KL; 0: kl_coef stays fixed
 
 
 ROLLOUT_KEYS = {"input_ids": 2, "attention_mask": 2, "response_mask": 2, "old_logps": 2, "ref_logps": 2,
@@ -174,8 +176,8 @@ def make_ppo_step(c: PPOConfig, optimizer: optax.GradientTransformation, schedul
         params = c.combine(frozen, trained)
         sequence_kl = jnp.sum(kl, axis=1)
         mean_kl = jnp.mean(sequence_kl)
-        kl_coef = ppo_math.adaptive_kl_coef(state.kl_coef, mean_kl, c.target_kl, c.horizon, b) \
-            if c.target_kl > 0 else state.kl_coef
+        adapted = ppo_math.adaptive_kl_coef(state.kl_coef, mean_kl, jnp.maximum(state.target_kl, 1e-6), c.horizon, b)
+        kl_coef = jnp.where(state.target_kl > 0, adapted, state.kl_coef)
         one = jnp.ones((), jnp.float32)
         eos = jnp.any((batch["input_ids"][:, -m.shape[1]:] == c.sampling.eos_id) & (m > 0), axis=1) \
             if c.sampling.eos_id is not None else jnp.zeros((b,), bool)
@@ -188,7 +190,7 @@ def make_ppo_step(c: PPOConfig, optimizer: optax.GradientTransformation, schedul
                    "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
                    "num_tokens": jnp.sum(batch["attention_mask"]).astype(jnp.float32)}
         metrics = {k: Mean(jax.lax.stop_gradient(v).astype(jnp.float32), one) for k, v in values.items()}
-        return PPOState(state.step + 1, params, opt_state, kl_coef), metrics
+        return PPOState(state.step + 1, params, opt_state, kl_coef, state.target_kl), metrics
 
     return jax.jit(sharding.on_mesh(train_step, mesh), in_shardings=(state_shardings, batch_shardings),
                    out_shardings=(state_shardings, replicated), donate_argnums=(0,))
@@ -206,7 +208,8 @@ class PPOEngine(NamedTuple):
     state: PPOState
     train_step: Callable
     rollout_stats: Callable  # (params, ref_params, ids, mask, length) -> (ref logps, values); LoRA: ref_params None
-    init_state: Callable  # (policy params, value params, kl_coef) -> a fresh sharded PPOState (params donated)
+    init_state: Callable  # (policy params, value params, kl_coef, target_kl=config's) -> a fresh sharded PPOState
+    # (params donated)
 
     @property
     def model(self) -> ModelConfig:
@@ -256,19 +259,22 @@ def build_ppo_engine(c: PPOConfig, optimizer_config: Any, policy_params: Any, va
     def shardings_for(abstract):
         return sharding.state_shardings(abstract, p_shardings, abstract_params, mesh)
 
-    def init_state(policy: Any, value: Any, kl_coef: float) -> PPOState:
+    def init_state(policy: Any, value: Any, kl_coef: float, target_kl: float | None = None) -> PPOState:
         shared = {id(x) for x in jax.tree.leaves(policy)}  # a value model made from the policy shares its body
         value = jax.tree.map(lambda x: jnp.copy(x) if id(x) in shared else x, value)
         # placed first: donating across a resharding is not supported
         params = jax.device_put({"policy": policy, "value": value}, p_shardings)
         train_state = create_state(lambda p: p, optimizer, shardings_for, params,
                                    trained=lambda p: c.trainable(p)[1])
-        return PPOState(*train_state, jax.device_put(jnp.asarray(kl_coef, jnp.float32), replicated))
+        target = c.target_kl if target_kl is None else target_kl
+        return PPOState(*train_state, *(jax.device_put(jnp.asarray(x, jnp.float32), replicated)
+                                        for x in (kl_coef, target)))
 
     if abstract_state:
         train_state = create_state(lambda p: p, optimizer, shardings_for, abstract_params,
                                    trained=lambda p: c.trainable(p)[1], abstract=True)
-        state = PPOState(*train_state, jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated))
+        scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
+        state = PPOState(*train_state, scalar, scalar)
     else:
         state = init_state(policy_params, value_params, c.kl_coef)
     s_shardings = jax.tree.map(lambda x: x.sharding, state)
