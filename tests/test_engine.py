@@ -132,6 +132,32 @@ def test_sft_and_unlikelihood_modes(mode):
         assert history[-1]["logps/rejected"] < history[0]["logps/rejected"] + 1.0
 
 
+def test_lm_mode_is_sft_on_both_rows():
+    """"lm" on pairs (a, b) is SFT on the pairs (a, a) and (b, b): the same per-token loss and gradient, half the
+    rows (the sentiment experiment's π_SFT trains this way)."""
+    from dpo_jax.train.modes import denominator
+    from dpo_jax.train.step import StepConfig, loss_sum_and_metrics
+
+    params = init_params(H.MODEL, jax.random.key(3))
+    rng = np.random.default_rng(1)
+    a, b = (rng.integers(0, H.MODEL.vocab_size, (3, 8)).astype(np.int32) for _ in range(2))
+    mask = np.ones_like(a)
+    mask[:, :3] = 0  # a 3-token prompt
+    mask[1, 6:] = 0  # a shorter response
+
+    def objective(mode, rows, masks, pairs):
+        batch = jax.tree.map(jnp.asarray, {"input_ids": rows, "loss_mask": masks, "attention_mask": np.ones_like(rows),
+                                           "example_mask": np.ones(pairs, np.int32)})
+        c = StepConfig(H.MODEL, mode=mode)
+        return jax.value_and_grad(lambda p: loss_sum_and_metrics(p, batch, c)[0] / denominator(batch, c))(params)
+
+    lm, lm_grad = objective("lm", np.concatenate([a, b]), np.concatenate([mask, mask]), 3)
+    sft, sft_grad = objective("sft", np.concatenate([a, b, a, b]), np.concatenate([mask] * 4), 6)
+    assert float(lm) == pytest.approx(float(sft), rel=1e-6)
+    for x, y in zip(jax.tree.leaves(lm_grad), jax.tree.leaves(sft_grad)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+
+
 def test_unlikelihood_never_penalises_the_unscorable_first_token():
     """An explicit empty prompt without BOS puts loss_mask 1 at column 0, which has no prediction (log-prob 0):
     it must not count — before the fix it added −α·log(1 − 1 + 1e-6) ≈ 13.8·α per example."""

@@ -3,7 +3,7 @@
 Stages (each cached under the cache directory, keyed by what it depends on):
  1. corpus   — 10,605 movie-review sentences with human ratings (sentiment_corpus.py), deterministic split;
  2. tokenizer — a byte-level BPE trained on the train sentences;
- 3. π_SFT    — a small GPT-2-shaped Decoder trained with the project's SFT mode on the train sentences;
+ 3. π_SFT    — a small GPT-2-shaped Decoder trained on the train sentences (the `lm` mode: every row a sentence);
  4. pairs    — 2-8-token prefixes of train sentences, K completions each from π_SFT, scored by VADER's compound
                 score (the ground-truth reward); all K·(K-1)/2 pairs ordered by reward, ties dropped;
  5. RLHF     — a Bradley-Terry reward model from π_SFT on the same pairs (held-out pair accuracy, correlation with
@@ -155,14 +155,14 @@ class Stages:
         s = self.c.sft
         model = self.model_config()
         key = _key(self.c.vocab_size, self.c.max_sentence_tokens, model.to_json(), s.to_dict(), self.c.seed,
-                   len(self.train_ids))
+                   len(self.train_ids), "lm")
         path = os.path.join(self.cache, "sft-" + key)
         self.sft_key = key
         if os.path.isdir(path):
             self.sft_params = native.load_model(path)[1]
             self.log(f"π_SFT: cached ({path})")
             return
-        engine = self.engine_for("sft", method("sft"), s.learning_rate, s.batch, None)
+        engine = self.engine_for("sft", method("lm"), s.learning_rate, s.batch // 2, None)  # two sentences a pair
         trainer = Trainer(engine, steps=s.steps, writer=MetricWriter(None), name="π_SFT", log_every=200)
         batches = corpus.sentence_batches(self.train_ids, s.batch, self.c.max_sentence_tokens, self.eos, self.pad,
                                           self.c.seed)

@@ -30,12 +30,12 @@ def default_config() -> ml_collections.ConfigDict:
     # the RLHF baseline's reward model: π_SFT's body + a score head, Bradley-Terry on the same pairs and batches
     c.reward_model = ml_collections.ConfigDict(dict(steps=120, learning_rate=3e-4))
     # Best-of-N from π_SFT ranked by that reward model, on the held-out prefixes; one pass of max(ns) samples each
-    c.best_of_n = ml_collections.ConfigDict(dict(ns=(1, 2, 4, 16, 64)))
+    c.best_of_n = ml_collections.ConfigDict(dict(ns=(1, 2, 4, 16)))
     # PPO (learned reward model) and PPO-GT (VADER) as the paper runs them: the adaptive KL controller toward each
     # target KL (nats per sequence), from init_kl_coef; `betas`: fixed-coefficient runs as well (an option). Each
     # run has the methods' budget, `train.steps` updates of `rollouts` sequences (sentiment_ppo.py)
     c.ppo = ml_collections.ConfigDict(dict(targets=(3.0, 9.0), betas=(), rollouts=64, epochs=4, minibatches=1,
-                                           learning_rate=3e-4, init_kl_coef=0.2, horizon=160.0))
+                                           learning_rate=3e-4, init_kl_coef=0.1, horizon=64.0))
     # learning rates chosen on validation prefixes (disjoint from the test prefixes): each family of `families`
     # trained at its representative setting with every rate of `learning_rates`, the best by validation
     # reward − beta · KL (the objective every family optimizes) used for all its runs; empty: the configured rates

@@ -133,16 +133,19 @@ def draw_prefixes(ids: list[list[int]], n: int, seed: int, min_prefix: int, max_
 
 
 def sentence_batches(ids: list[list[int]], batch: int, length: int, eos: int, pad: int, seed: int):
-    """π_SFT's batches: `batch` sentences drawn with replacement, each + EOS as the scored response of a pair whose
-    two rows are the same sentence (the sft mode reads the chosen rows only)."""
+    """π_SFT's batches for the `lm` mode: `batch` sentences drawn with replacement, each + EOS a scored row, two
+    sentences to a "pair" (batch // 2 pairs; every row is trained on)."""
+    if batch % 2:
+        raise ValueError(f"config.sft.batch ({batch}) must be even: π_SFT trains two sentences per pair of rows")
     rng = np.random.default_rng(seed)
     while True:
         index = rng.integers(0, len(ids), batch)
-        rows = np.full((2 * batch, length), pad, np.int32)
+        rows = np.full((batch, length), pad, np.int32)
         mask = np.zeros_like(rows)
         for r, i in enumerate(index):
             seq = ids[i] + [eos]
-            rows[r, :len(seq)], rows[batch + r, :len(seq)] = seq, seq
+            rows[r, :len(seq)] = seq
             mask[r, 1:len(seq)] = 1
         yield {"input_ids": rows, "loss_mask": mask, "attention_mask": (rows != pad).astype(np.int32) |
-               (np.arange(length) == 0), "example_id": index.astype(np.int32), "example_mask": np.ones(batch, np.int32)}
+               (np.arange(length) == 0), "example_id": index[:batch // 2].astype(np.int32),
+               "example_mask": np.ones(batch // 2, np.int32)}

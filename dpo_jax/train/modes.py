@@ -35,6 +35,7 @@ class Mode:
     per_token: bool  # the loss is a mean over real chosen tokens (SFT), else over real examples
     uses_reference: Callable[["StepConfig"], bool]  # whether the step reads reference log-probs
     validate: Callable[["StepConfig"], None]  # raises ValueError naming the config key
+    both_rows: bool = False  # per_token over both rows' tokens (language modelling), not the chosen rows' only
 
 
 _REGISTRY: dict[str, Mode] = {}
@@ -42,9 +43,11 @@ _REGISTRY: dict[str, Mode] = {}
 
 def register_mode(name: str, *, head: str = "lm", batch_keys: Mapping[str, int] | None = None,
                   per_token: bool = False, uses_reference: Callable[["StepConfig"], bool] = lambda c: False,
-                  validate: Callable[["StepConfig"], None] = lambda c: None) -> Callable[[LossFn], LossFn]:
+                  validate: Callable[["StepConfig"], None] = lambda c: None, both_rows: bool = False
+                  ) -> Callable[[LossFn], LossFn]:
     def wrap(fn: LossFn) -> LossFn:
-        _REGISTRY[name] = Mode(name, fn, head, dict(batch_keys or {}), per_token, uses_reference, validate)
+        _REGISTRY[name] = Mode(name, fn, head, dict(batch_keys or {}), per_token, uses_reference, validate,
+                               both_rows)
         return fn
     return wrap
 
@@ -61,10 +64,13 @@ def get_mode(name: str) -> Mode:
 
 
 def denominator(batch: dict[str, jax.Array], c: StepConfig) -> jax.Array:
-    """What the summed loss is divided by: real examples, or real chosen tokens for a per-token mode."""
-    if get_mode(c.mode).per_token:
-        chosen_mask, _ = response_masks(batch, c)
-        return jnp.maximum(jnp.sum(chosen_mask * batch["example_mask"][:, None]), 1.0)
+    """What the summed loss is divided by: real examples, or real chosen (both_rows: all) tokens for a per-token
+    mode."""
+    mode = get_mode(c.mode)
+    if mode.per_token:
+        chosen_mask, rejected_mask = response_masks(batch, c)
+        scored = chosen_mask + rejected_mask if mode.both_rows else chosen_mask
+        return jnp.maximum(jnp.sum(scored * batch["example_mask"][:, None]), 1.0)
     return jnp.maximum(jnp.sum(batch["example_mask"]).astype(jnp.float32), 1.0)
 
 
@@ -107,6 +113,19 @@ def _sft(params: Any, batch: dict[str, jax.Array], c: StepConfig, rng: jax.Array
     nll, count = losses.nll_loss(lp.chosen_tokens, lp.chosen_mask * mask[:, None])
     total = jnp.sum(nll)
     return total, {**_logps_metrics(lp, mask), "loss": Mean(jax.lax.stop_gradient(total), jnp.sum(count))}
+
+
+@register_mode("lm", per_token=True, both_rows=True)
+def _lm(params: Any, batch: dict[str, jax.Array], c: StepConfig, rng: jax.Array | None):
+    """Language modelling on unpaired text, two texts to a "pair": the negative log-likelihood of both rows' scored
+    tokens, per token. SFT on plain text without SFT's idle second row (the sentiment experiment's π_SFT)."""
+    lp = pair_logprobs(params, batch, c, rng)
+    mask = batch["example_mask"].astype(jnp.float32)[:, None]
+    (nll_c, count_c), (nll_r, count_r) = (losses.nll_loss(lp.chosen_tokens, lp.chosen_mask * mask),
+                                          losses.nll_loss(lp.rejected_tokens, lp.rejected_mask * mask))
+    total = jnp.sum(nll_c) + jnp.sum(nll_r)
+    return total, {**_logps_metrics(lp, mask[:, 0]),
+                   "loss": Mean(jax.lax.stop_gradient(total), jnp.sum(count_c) + jnp.sum(count_r))}
 
 
 @register_mode("unlikelihood")
