@@ -1,8 +1,8 @@
 """dpo-jax experiment sentiment --config configs/sentiment.py[:full]
 
 The DPO paper's controlled-sentiment experiment (§6.1, Fig. 2) in miniature; dpo_jax/experiments/sentiment.py has
-the stages. Default: DPO at β ∈ {0.05, 0.1, 1}, PPO and PPO-GT by the adaptive KL controller at target KL ∈ {3, 9},
-two training seeds each; Unlikelihood (α = 1), Preferred-FT and Best-of-N at one; 80 updates per run at equal
+the stages. Default: DPO at β ∈ {0.05, 1}, PPO and PPO-GT by the adaptive KL controller at target KL ∈ {3, 9}, two
+training seeds each (four runs per family); Preferred-FT and Best-of-N at one; 80 updates per run at equal
 ground-truth budgets (1,280 VADER labels behind DPO's pairs and PPO-GT's rollouts alike); learning rates as
 configured (the default job does not sweep them; `:full` does, on validation prefixes). Output in runs/sentiment:
 results.md, results.csv + outcomes.npz, budget.csv, frontier.png, winrate.png, winrate.md, winrate.csv,
@@ -31,6 +31,7 @@ def full_config() -> ml_collections.ConfigDict:
     c.eval.prefixes, c.eval.every = 256, 40
     c.train.steps = c.reward_model.steps = 120
     c.winrate.prefixes = 256
+    c.best_of_n.ns = (1, 2, 4, 16, 64)
     c.ppo.targets = (3.0, 6.0, 9.0, 12.0)
     c.sweep.learning_rates = (1e-4, 3e-4, 1e-3)
     c.sweep.families = ("DPO", "PPO", "PPO-GT", "cDPO", "IPO", "Unlikelihood", "Preferred-FT")
