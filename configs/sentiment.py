@@ -2,7 +2,7 @@
 
 The DPO paper's controlled-sentiment experiment (§6.1, Fig. 2) in miniature; dpo_jax/experiments/sentiment.py has
 the stages. Default: DPO at β ∈ {0.05, 1}, PPO and PPO-GT by the adaptive KL controller at target KL ∈ {3, 9}, two
-training seeds each (four runs per family); Preferred-FT and Best-of-N at one; 80 updates per run at equal
+training seeds each (four runs per family), and Best-of-N; 80 updates per run at equal
 ground-truth budgets (1,280 VADER labels behind DPO's pairs and PPO-GT's rollouts alike); learning rates as
 configured (the default job does not sweep them; `:full` does, on validation prefixes). Output in runs/sentiment:
 results.md, results.csv + outcomes.npz, budget.csv, frontier.png, winrate.png, winrate.md, winrate.csv,

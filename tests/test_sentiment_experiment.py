@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -28,8 +29,8 @@ def result(tmp_path_factory):
     c.ppo.targets, c.ppo.rollouts = (3.0,), 32  # PPO and PPO-GT at one target KL: 20 iterations x 4 epochs each
     c.sweep.learning_rates, c.sweep.families = (1e-4, 3e-4), ("DPO",)  # DPO's rate chosen on validation prefixes
     c.seeds = (0,)
-    c.methods = {k: v for k, v in c.methods.items() if k in ("dpo_beta0p1", "preferred_ft")}
-    c.methods.dpo_beta0p1.seeds = (0, 1)  # its own seeds: two runs
+    c.methods = ml_collections.ConfigDict({"dpo_beta0p1": sentiment_config.method("dpo", seeds=(0, 1), beta=0.1),
+                                           "preferred_ft": sentiment_config.method("sft")})  # DPO: its own seeds
     c.winrate.prefixes, c.winrate.validation_pairs = 64, 1000
     return c, S.run(c)
 
@@ -246,8 +247,9 @@ def test_methods_are_named_entries_whose_unknown_fields_name_the_method(result):
     m = sentiment_config.default_config().methods
     cdpo = sentiment_config.method("dpo", beta=0.1, label_smoothing=0.2)
     assert (cdpo.mode, cdpo.dpo.beta, cdpo.dpo.label_smoothing, cdpo.seeds) == ("dpo", 0.1, 0.2, ())
-    assert m.unlikelihood_alpha1.to_dict() == {"mode": "unlikelihood", "seeds": (0,),
-                                               "dpo": {"unlikelihood_alpha": 1.0}}
+    assert m.dpo_beta1.to_dict() == {"mode": "dpo", "seeds": (), "dpo": {"beta": 1.0}}
+    assert sentiment_config.method("unlikelihood", seeds=(0,), unlikelihood_alpha=1.0).to_dict() == {
+        "mode": "unlikelihood", "seeds": (0,), "dpo": {"unlikelihood_alpha": 1.0}}
     stages = S.Stages(c.copy_and_resolve_references())
     stages.data()
     with pytest.raises(ValueError, match=r"config.methods.typo.dpo: unknown key\(s\) \['bta'\]; valid: beta, "):

@@ -175,11 +175,12 @@ def generate(
 def generate_chunks(params: dict, config: ModelConfig, prompt_ids, prompt_mask, keys: Array, sampling: SamplingConfig,
                     temperature=None, batch_rows: int = 1024) -> Samples:
     """`generate` over many rows [R, P] (one key per row; temperature None, a scalar or [R]) in chunks of
-    `batch_rows`; the last chunk wraps around to the same shape, so one compile serves the pass. numpy fields [R]."""
+    at most `batch_rows`, as few as that allows, of equal size (1,664 rows: two of 832, not two of 1,024); the last
+    chunk wraps around to the same shape, so one compile serves the pass. numpy fields [R]."""
     ids, mask = np.asarray(prompt_ids), np.asarray(prompt_mask)
     r = len(ids)
     temps = None if temperature is None else np.broadcast_to(np.asarray(temperature, np.float32), (r,))
-    rows = min(batch_rows, r)
+    rows = -(-r // -(-r // batch_rows))  # ceil(r / number of chunks)
     chunks = []
     for start in range(0, r, rows):
         take = np.arange(start, start + rows) % r
