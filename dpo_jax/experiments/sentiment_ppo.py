@@ -39,15 +39,21 @@ class Setting(NamedTuple):
     target_kl: float  # 0: the coefficient stays fixed
 
 
+def _tag(x: float) -> str:
+    return f"{x:g}".replace(".", "p")
+
+
+def target_setting(ppo: Any, fam: str, target: float) -> Setting:
+    """A family's run toward a target KL, from `ppo.init_kl_coef` (e.g. ppo_gt_kl6)."""
+    return Setting(f"{fam}_kl{_tag(target)}", fam, float(ppo.init_kl_coef), float(target))
+
+
 def settings(ppo: Any, families: tuple[str, ...] = ("ppo", "ppo_gt")) -> list[Setting]:
     """Every configured setting of each family: the targets, then the fixed coefficients."""
-    def tag(x: float) -> str:
-        return f"{x:g}".replace(".", "p")
-
     out = []
     for fam in families:
-        out += [Setting(f"{fam}_kl{tag(t)}", fam, float(ppo.init_kl_coef), float(t)) for t in ppo.targets]
-        out += [Setting(f"{fam}_beta{tag(b)}", fam, float(b), 0.0) for b in ppo.betas]
+        out += [target_setting(ppo, fam, t) for t in ppo.targets]
+        out += [Setting(f"{fam}_beta{_tag(b)}", fam, float(b), 0.0) for b in ppo.betas]
     return out
 
 

@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from dpo_jax.experiments.sentiment_points import family
-from dpo_jax.experiments.sentiment_ppo import PPORuns, Setting
+from dpo_jax.experiments.sentiment_ppo import PPORuns, Setting, target_setting
 from dpo_jax.fingerprint import fingerprint
 
 PPO_FAMILIES = {"PPO": "ppo", "PPO-GT": "ppo_gt"}
@@ -30,9 +30,8 @@ def _setting_of(st: Any, fam: str) -> tuple[str, Any]:
     """A family's representative: (method name, method config), or (name, Setting) for PPO and PPO-GT."""
     s = st.c.sweep
     if fam in PPO_FAMILIES:
-        tag = f"{s.target_kl:g}".replace(".", "p")
-        return f"{PPO_FAMILIES[fam]}_kl{tag}", Setting(f"{PPO_FAMILIES[fam]}_kl{tag}", PPO_FAMILIES[fam],
-                                                        float(st.c.ppo.init_kl_coef), float(s.target_kl))
+        setting = target_setting(st.c.ppo, PPO_FAMILIES[fam], s.target_kl)
+        return setting.name, setting
     names = [s.dpo_method] if fam == "DPO" else []
     names += [n for n in st.c.methods if family(n) == fam]
     name = next((n for n in names if n in st.c.methods), None)
