@@ -20,13 +20,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-
-import jax  # noqa: E402
-
-jax.config.update("jax_default_matmul_precision", "highest")
+# Through the environment, not jax.config: the CLI subprocesses then compile the very programs this process does
+# (the precision is part of the program), so they load them from the shared cache instead of compiling again.
+os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
 
 
 def pytest_configure(config):
     """The slowest tests are listed at the end of every run (CI's log too), so the suite's time can be watched."""
-    if not config.option.durations:
+    if config.option.durations is None:  # --durations=0 (every test) is kept
         config.option.durations = 25
