@@ -32,7 +32,7 @@ setup(
         # torch is pinned: an unpinned torch pulls a multi-GB CUDA build. Tests only; runtime never imports it (nor
         # peft: the LoRA adapter round trip is tested against it). jax[tpu]: the plan and kernel tests compile for a
         # TPU topology.
-        "test": ["pytest>=8.0", "torch==2.13.0", "transformers>=4.45", "peft==0.21.2", "jax[tpu]"],
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=4.45", "peft==0.21.2", "jax[tpu]"],
         # the TPU compiler (libtpu, at the installed jax's version): what `dpo-jax plan` compiles with, no TPU needed;
         # on a TPU VM, what runs
         "tpu": ["jax[tpu]"],

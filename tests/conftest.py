@@ -5,6 +5,10 @@ The cache: many tests compile the same small programs again — a run and its SI
 subprocesses, every fixture that rebuilds an engine — so each compiled executable is kept in a temporary directory
 (removed at exit) that this process and every subprocess it starts share (they inherit the environment). On
 tests/test_runs.py alone it cuts 318 s to 209 s. It caches only the compiler's output, never a result.
+
+The README runs the suite on two pytest-xdist workers, a file per worker (`-n 2 --dist loadfile`: a module's fixtures,
+such as the sentiment experiment's, are built once). Compiling is mostly one thread, so a second worker keeps the
+second core busy: 2,166 s → 1,764 s on this suite (docs/PERFORMANCE.md, "The test suite's time").
 """
 
 import atexit
@@ -20,8 +24,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-# Through the environment, not jax.config: the CLI subprocesses then compile the very programs this process does
-# (the precision is part of the program), so they load them from the shared cache instead of compiling again.
+# Through the environment, not jax.config: the CLI subprocesses then compile the very programs this process does (the
+# precision is part of the program), so they can load this process's from the shared cache.
 os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
 
 

@@ -83,6 +83,8 @@ def test_ppo_raises_a_toy_reward_and_the_kl_grows_with_it():
     state, _ = trainer.fit(e.state, _Prompts())
     first, last = trainer.history[0], trainer.history[-1]
     assert first["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # iteration 1 samples from π = π_ref
+    # not a gain inside noise: over six seeds of initialization and prompts the score went from 0.07-0.09 to
+    # 0.62-0.80 (the optimum, all 7s, is 1.0); the margin is a third of the smallest gain measured
     assert last["objective/scores"] > first["objective/scores"] + 0.2, (first, last)
     assert last["objective/kl"] > 0.5
     assert {"policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/ratio",

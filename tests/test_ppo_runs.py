@@ -52,6 +52,8 @@ def test_ppo_learns_the_tiny_reward(tmp_path, cache):
     rows = _lines(tmp_path / "run")
     first, last = rows[:4], rows[-4:]
     mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+    # over train.seed 0-3 the last four iterations' score rose +0.31 to +0.49 and the KL +4.7 to +7.8 nats: the
+    # margins are a third and a tenth of the smallest gains, not run-to-run noise
     assert mean(last, "objective/scores") > mean(first, "objective/scores") + 0.1
     assert mean(last, "objective/kl") > mean(first, "objective/kl") + 0.5
 
