@@ -8,7 +8,7 @@ tests/test_runs.py alone it cuts 318 s to 209 s. It caches only the compiler's o
 
 The README runs the suite on two pytest-xdist workers, a file per worker (`-n 2 --dist loadfile`: a module's fixtures,
 such as the sentiment experiment's, are built once). Compiling is mostly one thread, so a second worker keeps the
-second core busy: 2,166 s → 1,764 s on this suite (docs/PERFORMANCE.md, "The test suite's time").
+second core busy: 2,166 s → 1,764-1,967 s on this suite (docs/PERFORMANCE.md, "The test suite's time").
 """
 
 import atexit
