@@ -8,7 +8,8 @@ tests/test_runs.py alone it cuts 318 s to 209 s. It caches only the compiler's o
 
 The README runs the suite on two pytest-xdist workers, a file per worker (`-n 2 --dist loadfile`: a module's fixtures,
 such as the sentiment experiment's, are built once). Compiling is mostly one thread, so a second worker keeps the
-second core busy: 2,166 s → 1,764-1,967 s on this suite (docs/PERFORMANCE.md, "The test suite's time").
+second core busy: 2,166 s → 1,764-1,967 s on this suite, 1,732 s with level 0 below (docs/PERFORMANCE.md, "The
+test suite's time").
 """
 
 import atexit
@@ -16,7 +17,12 @@ import os
 import shutil
 import tempfile
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# XLA's CPU backend at optimization level 0: most tests compile small programs and run them for a few steps, and
+# compiling is most of their time (tests/test_engine.py and test_packed.py: 424 s → 328 s). The one test module that
+# mostly runs, the sentiment experiment's, runs it in a subprocess at the default level (π_SFT: 42 s there, 76 s here).
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8",
+                                    FAST_COMPILE]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="dpo_jax_tests_xla_cache_")

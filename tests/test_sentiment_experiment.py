@@ -2,6 +2,7 @@
 
 import csv
 import os
+import pickle
 import subprocess
 import sys
 
@@ -14,8 +15,27 @@ from dpo_jax.experiments import sentiment as S
 from dpo_jax.experiments import sentiment_config
 from dpo_jax.experiments.sentiment_points import read_points
 from dpo_jax.rlhf import best_of_n as bon
+from tests.conftest import FAST_COMPILE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_RUN = ("import pickle, sys; from dpo_jax.experiments import sentiment as S; "
+        "pickle.dump(S.run(pickle.load(open(sys.argv[1], 'rb'))), open(sys.argv[2], 'wb'))")
+
+
+def run_at_default_level(c: ml_collections.ConfigDict) -> tuple[dict, str]:
+    """S.run(c) in a subprocess compiled at XLA's default optimization level: its result and what it printed. The
+    suite compiles at level 0 (tests/conftest.py: quick to compile, slow to run), and this experiment mostly runs.
+    The subprocess shares the suite's compilation cache and the experiment's own cache directory."""
+    config, result = os.path.join(c.cache_dir, "config.pkl"), os.path.join(c.cache_dir, "result.pkl")
+    os.makedirs(c.cache_dir, exist_ok=True)
+    with open(config, "wb") as f:
+        pickle.dump(c, f)
+    env = {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"].replace(FAST_COMPILE, "")}
+    out = subprocess.run([sys.executable, "-c", _RUN, config, result], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=1500)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    with open(result, "rb") as f:
+        return pickle.load(f), out.stdout
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +55,7 @@ def result(tmp_path_factory):
     c.methods = ml_collections.ConfigDict({"dpo_beta0p1": sentiment_config.method("dpo", seeds=(0, 1), beta=0.1),
                                            "preferred_ft": sentiment_config.method("sft")})  # DPO: its own seeds
     c.winrate.prefixes, c.winrate.validation_pairs = 64, 1000
-    return c, S.run(c)
+    return c, run_at_default_level(c)[0]
 
 
 def test_dpo_raises_the_ground_truth_reward_above_the_sft_policy(result):
@@ -209,13 +229,12 @@ def test_experiment_command_needs_a_known_name():
     assert out.returncode == 2 and "name one of sentiment" in out.stderr
 
 
-def test_rerunning_a_method_reuses_every_cached_stage(result, capsys):
+def test_rerunning_a_method_reuses_every_cached_stage(result):
     c, first = result
     again = c.copy_and_resolve_references()
     again.methods = {"dpo_beta0p1": c.methods["dpo_beta0p1"]}
     again.ppo.targets, again.winrate.prefixes = (), 0  # only what this test reads
-    r = S.run(again)
-    out = capsys.readouterr().out
+    r, out = run_at_default_level(again)  # as the first run was: its numbers are compared
     assert "π_SFT: cached" in out and "pairs: " in out and "(cached:" in out and "learning-rate sweep: cached" in out
     want = [p for p in first["points"] if p["method"] == "dpo_beta0p1"]
     got = [p for p in r["points"] if p["method"] == "dpo_beta0p1"]
