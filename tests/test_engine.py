@@ -149,7 +149,8 @@ def test_lm_mode_is_sft_on_both_rows():
         batch = jax.tree.map(jnp.asarray, {"input_ids": rows, "loss_mask": masks, "attention_mask": np.ones_like(rows),
                                            "example_mask": np.ones(pairs, np.int32)})
         c = StepConfig(H.MODEL, mode=mode)
-        return jax.value_and_grad(lambda p: loss_sum_and_metrics(p, batch, c)[0] / denominator(batch, c))(params)
+        return jax.jit(jax.value_and_grad(lambda p: loss_sum_and_metrics(p, batch, c)[0] / denominator(batch, c)))(
+            params)
 
     lm, lm_grad = objective("lm", np.concatenate([a, b]), np.concatenate([mask, mask]), 3)
     sft, sft_grad = objective("sft", np.concatenate([a, b, a, b]), np.concatenate([mask] * 4), 6)
@@ -171,8 +172,8 @@ def test_unlikelihood_never_penalises_the_unscorable_first_token():
     batch = {"input_ids": ids, "loss_mask": np.ones_like(ids), "attention_mask": np.ones_like(ids),
              "example_mask": np.ones(2, np.int32)}
     c = StepConfig(H.MODEL, mode="unlikelihood", unlikelihood_alpha=1.0)
-    total, metrics = loss_sum_and_metrics(params, jax.tree.map(jnp.asarray, batch), c)
-    hidden = Decoder(H.MODEL).apply({"params": params}, ids)
+    total, metrics = jax.jit(loss_sum_and_metrics, static_argnums=2)(params, jax.tree.map(jnp.asarray, batch), c)
+    hidden = jax.jit(Decoder(H.MODEL).apply)({"params": params}, ids)
     lp = naive_sequence_logprobs(hidden, unembedding(params, H.MODEL)[0], ids, np.ones_like(ids)).token_logps
     chosen, rejected = np.asarray(lp[:2, 1:], np.float64), np.asarray(lp[2:, 1:], np.float64)
     want = -chosen.sum(1) - np.log1p(-np.exp(rejected)).sum(1)

@@ -42,21 +42,25 @@ def test_kv_cache_decode_equals_full_forward_at_every_step(name):
     full = np.concatenate([ids, np.random.default_rng(0).integers(1, 53, (3, 5))], axis=1)  # teacher-forced tokens
     full_mask = np.concatenate([mask, np.ones((3, 5), np.int32)], axis=1)
     model = Decoder(config)
-    want = logits(params, config, model.apply({"params": params}, jnp.asarray(full),
-                                              attention_mask=jnp.asarray(full_mask)))
+
+    @jax.jit  # one compile per input shape (full, prompt, one token) rather than an op-by-op run of each call
+    def forward(ids, positions, valid, cache, index):
+        hidden, cache = model.apply({"params": params}, ids, positions=positions, attention_mask=valid, cache=cache,
+                                    cache_index=index)
+        return logits(params, config, hidden), cache
+
+    want = jax.jit(lambda ids, mask: logits(params, config, model.apply({"params": params}, ids,
+                                                                         attention_mask=mask)))(full, full_mask)
     positions = np.maximum(np.cumsum(full_mask, 1) - 1, 0)
     cache, total = init_cache(config, 3, full.shape[1]), full.shape[1]
     key_valid = np.zeros((3, total), np.int32)
     key_valid[:, :6] = mask
-    hidden, cache = model.apply({"params": params}, jnp.asarray(ids), positions=jnp.asarray(positions[:, :6]),
-                                attention_mask=jnp.asarray(key_valid), cache=cache, cache_index=0)
-    got = [logits(params, config, hidden)]
+    step, cache = forward(ids, positions[:, :6], key_valid.copy(), cache, 0)  # copies: key_valid changes below
+    got = [step]
     for t in range(6, total):
         key_valid[:, t] = 1
-        hidden, cache = model.apply({"params": params}, jnp.asarray(full[:, t:t + 1]),
-                                    positions=jnp.asarray(positions[:, t:t + 1]), attention_mask=jnp.asarray(key_valid),
-                                    cache=cache, cache_index=t)
-        got.append(logits(params, config, hidden))
+        step, cache = forward(full[:, t:t + 1], positions[:, t:t + 1], key_valid.copy(), cache, t)
+        got.append(step)
     got = np.concatenate([np.asarray(g) for g in got], axis=1)
     real = full_mask.astype(bool)
     assert np.abs(got - np.asarray(want))[real].max() < 1e-5

@@ -13,7 +13,7 @@ from dpo_jax.models import lora
 from dpo_jax.models.config import shaped_config
 from dpo_jax.models.decoder import Decoder, init_params, logical_axes, logits
 from dpo_jax.train.engine import build_engine
-from dpo_jax.train.step import StepConfig, loss_sum_and_metrics, pair_logprobs
+from dpo_jax.train.step import StepConfig
 from tests import engine_helpers as H
 from tests.hf_models import hf_logits
 
@@ -78,11 +78,10 @@ def test_the_base_reference_equals_a_separately_held_base_model():
     params = _randomize_b(init_params(LLAMA, jax.random.key(3)))
     base_model, base = lora.base_config(LLAMA), lora.base_params(params)
     batch = {k: jnp.asarray(v) for k, v in H.local_batch(0, 4).items() if k != "example_id"}
-    ref = pair_logprobs(base, batch, StepConfig(base_model))
+    ref = H.plain_pair_logprobs(base, batch, StepConfig(base_model))
     explicit = {**batch, "ref_chosen_logps": ref.chosen_sums, "ref_rejected_logps": ref.rejected_sums}
-    (want, wm), gw = jax.value_and_grad(loss_sum_and_metrics, has_aux=True)(params, explicit, StepConfig(LLAMA))
-    (got, gm), gg = jax.value_and_grad(loss_sum_and_metrics, has_aux=True)(
-        params, batch, StepConfig(LLAMA, base_reference=True))
+    (want, wm), gw = H.loss_and_grads(params, explicit, StepConfig(LLAMA))
+    (got, gm), gg = H.loss_and_grads(params, batch, StepConfig(LLAMA, base_reference=True))
     np.testing.assert_allclose(got, want, rtol=1e-6)
     assert float(jnp.abs(got - 4 * np.log(2))) > 1e-3  # the adapters moved the policy off its reference
     np.testing.assert_allclose(gm["rewards/margins"].total, wm["rewards/margins"].total, rtol=1e-5, atol=1e-6)

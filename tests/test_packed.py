@@ -11,7 +11,7 @@ from dpo_jax.data.packing import (CHOSEN, PROMPT, REJECTED, fill_batches, first_
 from dpo_jax.data.layout import PAIRS, PackedPairs, scored_span
 from dpo_jax.logprobs import scored_mask
 from dpo_jax.models.decoder import SEGMENT_STRIDE, init_params
-from dpo_jax.train.step import StepConfig, loss_sum_and_metrics, pair_logprobs
+from dpo_jax.train.step import StepConfig
 from tests import engine_helpers as H
 from tests.test_shared_prompt import SLIDING, _pairs
 
@@ -85,10 +85,10 @@ def test_packed_pair_logprobs_equal_two_rows_per_pair(model, layout, groups):
         n = packed["input_ids"].shape[0]
         per_row = -(-int(scored_mask(packed["loss_mask"], packed["predecessor"]).sum(1).max()) // 8) * 8
         assert window <= n // groups * per_row and (groups > 1 or window < n * per_row)
-    got = pair_logprobs(params, jax.tree.map(jnp.asarray, packed), StepConfig(model, layout=layout,
+    got = H.plain_pair_logprobs(params, jax.tree.map(jnp.asarray, packed), StepConfig(model, layout=layout,
                                                                                score_window=window,
                                                                                score_groups=groups))
-    want = pair_logprobs(params, jax.tree.map(jnp.asarray, plain), StepConfig(model.replace(attention_query_block=0)))
+    want = H.plain_pair_logprobs(params, jax.tree.map(jnp.asarray, plain), StepConfig(model.replace(attention_query_block=0)))
     for field in ("chosen_sums", "rejected_sums", "chosen_counts", "rejected_counts"):
         g, w = _by_id(getattr(got, field), packed["example_id"]), _by_id(getattr(want, field), plain["example_id"])
         assert g.keys() == w.keys()
@@ -115,7 +115,7 @@ def test_packed_loss_metrics_and_gradient_equal_the_plain_layout(mode):
                  "ref_rejected_logps": np.asarray([ref_r.get(int(i), 0.0) for i in ids], np.float32)}
         c = StepConfig(model, mode=mode, layout=layout, score_window=positions)
         b = {k: jnp.asarray(v) for k, v in {**batch, **extra}.items() if k in c.batch_keys()}
-        (total, metrics), grads = jax.value_and_grad(loss_sum_and_metrics, has_aux=True)(params, b, c)
+        (total, metrics), grads = H.loss_and_grads(params, b, c)
         results.append((total, metrics, grads))
     (t0, m0, g0), (t1, m1, g1) = results
     np.testing.assert_allclose(t1, t0, rtol=1e-5, atol=1e-5)

@@ -9,7 +9,7 @@ from dpo_jax.data.layout import LAYOUTS, PAIRS, scored_span
 from dpo_jax.data.loader import PreferenceLoader
 from dpo_jax.data.packing import CHOSEN, PROMPT, REJECTED, pack_pair, packed_length
 from dpo_jax.models.decoder import init_params
-from dpo_jax.train.step import StepConfig, loss_sum_and_metrics, pair_logprobs
+from dpo_jax.train.step import StepConfig
 from tests import engine_helpers as H
 
 SHARED = LAYOUTS["shared_prompt"]
@@ -93,8 +93,8 @@ def test_both_layouts_give_the_same_pair_logprobs(params):
     plain, shared = _batches(_pairs(7), pairs=8)
     assert shared["input_ids"].shape == (8, 24) and plain["input_ids"].shape == (16, 16)
     assert shared["attention_mask"].sum() < plain["attention_mask"].sum()  # each prompt runs once
-    got = pair_logprobs(params, jax.tree.map(jnp.asarray, shared), StepConfig(H.MODEL, layout=SHARED))
-    want = pair_logprobs(params, jax.tree.map(jnp.asarray, plain), StepConfig(H.MODEL))
+    got = H.plain_pair_logprobs(params, jax.tree.map(jnp.asarray, shared), StepConfig(H.MODEL, layout=SHARED))
+    want = H.plain_pair_logprobs(params, jax.tree.map(jnp.asarray, plain), StepConfig(H.MODEL))
     for field in ("chosen_sums", "rejected_sums", "chosen_counts", "rejected_counts"):
         np.testing.assert_allclose(getattr(got, field), getattr(want, field), atol=2e-5, err_msg=field)
     assert float(jnp.sum(want.chosen_counts)) > 0 and float(jnp.abs(want.rejected_sums).sum()) > 1.0
@@ -114,7 +114,7 @@ def test_both_layouts_give_the_same_loss_and_gradient(params, mode):
                                   (shared, SHARED, windows[1])):
         c = StepConfig(H.MODEL, mode=mode, layout=layout, score_window=window)
         b = {k: jnp.asarray(v) for k, v in {**batch, **ref}.items() if k in c.batch_keys()}
-        (total, metrics), grads = jax.value_and_grad(loss_sum_and_metrics, has_aux=True)(params, b, c)
+        (total, metrics), grads = H.loss_and_grads(params, b, c)
         results.append((total, metrics, grads))
     t0, m0, g0 = results[0]
     for t1, m1, g1 in results[1:]:
@@ -168,9 +168,9 @@ def test_sliding_window_models_give_the_same_pair_logprobs_in_both_layouts(rows)
     params = init_params(SLIDING, jax.random.key(0))
     plain, shared = _batches(rows, pairs=len(rows) + (len(rows) > 1))
     assert shared["attention_mask"].sum(1).max() > SLIDING.sliding_window  # rows longer than the window
-    got = pair_logprobs(params, jax.tree.map(jnp.asarray, shared), StepConfig(SLIDING, layout=SHARED))
-    want = pair_logprobs(params, jax.tree.map(jnp.asarray, plain), StepConfig(SLIDING))
-    unwindowed = pair_logprobs(params, jax.tree.map(jnp.asarray, plain), StepConfig(H.MODEL))
+    got = H.plain_pair_logprobs(params, jax.tree.map(jnp.asarray, shared), StepConfig(SLIDING, layout=SHARED))
+    want = H.plain_pair_logprobs(params, jax.tree.map(jnp.asarray, plain), StepConfig(SLIDING))
+    unwindowed = H.plain_pair_logprobs(params, jax.tree.map(jnp.asarray, plain), StepConfig(H.MODEL))
     for field in ("chosen_sums", "rejected_sums", "chosen_counts", "rejected_counts"):
         np.testing.assert_allclose(getattr(got, field), getattr(want, field), atol=2e-5, err_msg=field)
     assert float(jnp.abs(want.chosen_sums - unwindowed.chosen_sums).max()) > 1e-4  # the window does bite
