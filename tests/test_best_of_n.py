@@ -67,6 +67,7 @@ def test_chunked_scoring_of_completions_equals_one_batch(policy):
     rows, row_mask = bon.completion_rows(ids, mask, samples)
     assert rows.shape == (9, 9)
 
+    @jax.jit
     def score(p, i, m):
         return sequence_scores(p, config, jnp.asarray(i), jnp.asarray(m))
 

@@ -17,17 +17,18 @@ def test_packed_sequences_equal_separate_forward_passes(position_embedding):
     config = CONFIG.replace(position_embedding=position_embedding, max_position_embeddings=32)
     params = init_params(config, jax.random.key(0))
     model = Decoder(config)
+    apply = jax.jit(model.apply)  # compiled, not op by op (the suite's time)
     a, b = np.arange(1, 8), np.arange(20, 25)  # lengths 7 and 5, packed into one row of 14 with 2 pad tokens
     packed = np.concatenate([a, b, [0, 0]])[None]
     segments = np.concatenate([np.ones(7), 2 * np.ones(5), [3, 3]])[None].astype(np.int32)
     positions = np.concatenate([np.arange(7), np.arange(5), [0, 1]])[None]
-    got = model.apply({"params": params}, jnp.asarray(packed), positions=jnp.asarray(positions),
+    got = apply({"params": params}, jnp.asarray(packed), positions=jnp.asarray(positions),
                       segment_ids=jnp.asarray(segments))
-    alone_a = model.apply({"params": params}, jnp.asarray(a[None]))
-    alone_b = model.apply({"params": params}, jnp.asarray(b[None]))
+    alone_a = apply({"params": params}, jnp.asarray(a[None]))
+    alone_b = apply({"params": params}, jnp.asarray(b[None]))
     np.testing.assert_allclose(np.asarray(got[0, :7]), np.asarray(alone_a[0]), atol=1e-5)
     np.testing.assert_allclose(np.asarray(got[0, 7:12]), np.asarray(alone_b[0]), atol=1e-5)
-    unpacked = model.apply({"params": params}, jnp.asarray(packed), positions=jnp.asarray(positions))
+    unpacked = apply({"params": params}, jnp.asarray(packed), positions=jnp.asarray(positions))
     assert np.abs(np.asarray(unpacked[0, 7:12]) - np.asarray(alone_b[0])).max() > 1e-3  # segments do matter
 
 

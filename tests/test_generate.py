@@ -1,5 +1,7 @@
 """KV-cache decoding and sampling agree with the full forward pass."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,6 +68,7 @@ def test_kv_cache_decode_equals_full_forward_at_every_step(name):
     assert np.abs(got - np.asarray(want))[real].max() < 1e-5
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def _forward_logps(params, config, prompt_ids, prompt_mask, samples):
     full = jnp.concatenate([jnp.asarray(prompt_ids), samples.tokens], 1)
     full_mask = jnp.concatenate([jnp.asarray(prompt_mask), samples.mask], 1)

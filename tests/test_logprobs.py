@@ -54,7 +54,7 @@ def test_chunked_gradients_match_naive(chunk_size):
     def objective(fn, **kw):
         def f(h, k, b):
             return jnp.sum(weights * fn(h, k, ids, mask, bias=b, **kw).sums)
-        return jax.value_and_grad(f, argnums=(0, 1, 2))(hidden, kernel, bias)
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(hidden, kernel, bias)
 
     v_chunk, g_chunk = objective(sequence_logprobs, chunk_size=chunk_size)
     v_naive, g_naive = objective(naive_sequence_logprobs)
@@ -85,7 +85,7 @@ def test_a_score_window_computes_only_its_positions_with_the_same_values_and_gra
         def f(h, k, b):
             out = sequence_logprobs(h, k, ids, mask, bias=b, chunk_size=4, predecessor=predecessor, **where)
             return jnp.sum(weights * out.sums), out
-        return jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(hidden, kernel, bias)
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(hidden, kernel, bias)
 
     # The same tokens as explicit positions (how packed rows gather theirs), -1 filling each row's spare slots.
     positions = np.full((4, 8), -1, np.int32)

@@ -1,5 +1,6 @@
 """HF parity: tiny random PyTorch models of every family -> our Decoder (same logits) -> HF again (same logits)."""
 
+import functools
 import gc
 import json
 import os
@@ -36,8 +37,12 @@ def _batch(seed=0, left=False):
 
 
 def _ours(config, params, ids, mask):
-    hidden = Decoder(config).apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
-    return np.asarray(logits(params, config, hidden))
+    return np.asarray(_logits(config, params, jnp.asarray(ids), jnp.asarray(mask)))
+
+
+@functools.partial(jax.jit, static_argnums=0)  # compiled, not op by op (the suite's time)
+def _logits(config, params, ids, mask):
+    return logits(params, config, Decoder(config).apply({"params": params}, ids, attention_mask=mask))
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +107,9 @@ def test_scanned_and_rematerialised_layers_compute_the_same(saved, remat):
     def loss(p, c):
         return jnp.sum(Decoder(c).apply({"params": p}, jnp.asarray(ids)) ** 2)
 
-    g_scan = jax.grad(loss)(scan_params, scan_config)["layers"]["mlp"]["down"]["kernel"]
-    g_flat = jax.grad(loss)(params, config)
+    grad = jax.jit(jax.grad(loss), static_argnums=1)  # compiled, not op by op (the suite's time)
+    g_scan = grad(scan_params, scan_config)["layers"]["mlp"]["down"]["kernel"]
+    g_flat = grad(params, config)
     np.testing.assert_allclose(np.asarray(g_scan[1]), np.asarray(g_flat["layers_1"]["mlp"]["down"]["kernel"]),
                                rtol=1e-4, atol=1e-5)
 
@@ -217,7 +223,7 @@ def test_every_parameter_has_logical_axes():
         config = ModelConfig(vocab_size=40, hidden_size=16, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=4,
                              intermediate_size=24, qk_norm=True, qkv_bias=True, scan_layers=scan)
         axes = logical_axes(config)
-        params = init_params(config, jax.random.key(0))
+        params = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))  # shapes are enough
         for spec, p in zip(jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)),
                            jax.tree.leaves(params)):
             assert len(spec) == p.ndim and set(spec) <= AXIS_NAMES, (spec, p.shape)

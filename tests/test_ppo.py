@@ -70,7 +70,7 @@ def test_rollout_logprobs_equal_a_forward_pass_at_the_same_temperature():
         out = generate(params, TOY, p["prompt_ids"], p["prompt_mask"], jax.random.key(2), s)
         ids = jnp.concatenate([jnp.asarray(p["prompt_ids"]), out.tokens], 1)
         mask = jnp.concatenate([jnp.asarray(p["prompt_mask"]), out.mask], 1)
-        got = response_logps(params, TOY, ids, mask, 5, t) * out.mask
+        got = jax.jit(response_logps, static_argnums=(1, 4, 5))(params, TOY, ids, mask, 5, t) * out.mask
         np.testing.assert_allclose(got, out.sampling_logps, atol=2e-5)
     assert float(jnp.abs(out.sampling_logps - out.logps).max()) > 1e-3  # the temperature does change them
 
