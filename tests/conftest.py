@@ -35,6 +35,12 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
 
 
+def xla_flags_with_devices(count: int) -> str:
+    """The suite's XLA flags (its optimization level above) with another fake device count: a subprocess's."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    return " ".join(flags + [f"--xla_force_host_platform_device_count={count}"])
+
+
 def pytest_configure(config):
     """The slowest tests are listed at the end of every run (CI's log too), so the suite's time can be watched."""
     if config.option.durations is None:  # --durations=0 (every test) is kept

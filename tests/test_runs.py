@@ -23,6 +23,7 @@ from dpo_jax.train import model_source
 from dpo_jax.train import run as train_run
 from dpo_jax.train.export import export
 from dpo_jax.train.trainer import RunError
+from tests.conftest import xla_flags_with_devices
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.py")
@@ -141,7 +142,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, c
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags_with_devices(2), "JAX_PLATFORMS": "cpu"}
     procs, logs = [], []
     for i in range(2):
         cli = _cli({**overrides, "distributed.mode": "explicit", "distributed.coordinator_address":
@@ -329,7 +330,7 @@ def test_mfu_counts_each_step_at_its_own_bucket_length(tmp_path, cache):
         "data.seq_buckets": "(16,24,32,40,48,56,64)", "data.layout": "shared_prompt", "train.global_batch_pairs": 2,
         "train.steps": 8,
         "train.log_every": 4, "train.peak_tflops_per_device": 1.0, "mesh.data": 1})
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}  # 2 pairs a step: one device
+    env = {**os.environ, "XLA_FLAGS": xla_flags_with_devices(1)}  # 2 pairs a step: one device
     out = subprocess.run(_cli(overrides), cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     c = _config("dpo", {**overrides, "data.seq_buckets": (16, 24, 32, 40, 48, 56, 64)})

@@ -232,12 +232,14 @@ def test_experiment_command_needs_a_known_name():
 def test_rerunning_a_method_reuses_every_cached_stage(result):
     c, first = result
     again = c.copy_and_resolve_references()
-    again.methods = {"dpo_beta0p1": c.methods["dpo_beta0p1"]}
+    # its second seed only: the sweep (keyed without the seeds a method names) is still the cached one
+    again.methods = {"dpo_beta0p1": sentiment_config.method("dpo", seeds=(1,), beta=0.1)}
     again.ppo.targets, again.winrate.prefixes = (), 0  # only what this test reads
     r, out = run_at_default_level(again)  # as the first run was: its numbers are compared
     assert "π_SFT: cached" in out and "pairs: " in out and "(cached:" in out and "learning-rate sweep: cached" in out
-    want = [p for p in first["points"] if p["method"] == "dpo_beta0p1"]
+    want = [p for p in first["points"] if p["method"] == "dpo_beta0p1" and p["seed"] == 1]
     got = [p for p in r["points"] if p["method"] == "dpo_beta0p1"]
+    assert [p["seed"] for p in got] == [1, 1]
     flat = lambda ps: [x for p in ps for x in (p["step"], p["reward"], p["kl"])]  # noqa: E731
     assert flat(got) == pytest.approx(flat(want), abs=1e-5)
     assert "summary (final point per method" in out
@@ -263,6 +265,7 @@ def test_zero_training_steps_evaluates_only_the_sft_policy(result):
     c, first = result
     again = c.copy_and_resolve_references()
     again.train.steps = again.reward_model.steps = 0
+    again.winrate.prefixes = 0  # not read here
     r, out = run_at_default_level(again)  # sampled as the first run was (level 0 in-process: 33 s against 11 s)
     assert [p["method"] for p in r["points"]] == ["sft"]
     # π_SFT sampled on its own draws what Best-of-N's first samples were (the same keys; the batch's shape differs,

@@ -41,6 +41,12 @@ def _setting_of(st: Any, fam: str) -> tuple[str, Any]:
     return name, st.c.methods[name]
 
 
+def _without_seeds(setting: dict[str, Any]) -> dict[str, Any]:
+    """A method's setting as the sweep's key sees it: the sweep trains at the first experiment seed whatever seeds
+    the method names, so naming another seed (or more) does not run the sweep again."""
+    return {k: v for k, v in setting.items() if k != "seeds"}
+
+
 def sweep(st: Any) -> list[str]:
     """Sets `st.learning_rates` from the sweep (nothing when `sweep.learning_rates` is empty) and returns
     results.md's lines; sweep.csv has every run."""
@@ -53,7 +59,7 @@ def sweep(st: Any) -> list[str]:
                 f"{st.c.ppo.learning_rate:g} for PPO and PPO-GT. configs/sentiment.py:full chooses every family's "
                 "on validation prefixes."]
     families = [f for f in s.families if f not in PPO_FAMILIES or getattr(st, "reward_model", None)]
-    swept = [(f, name, setting if isinstance(setting, Setting) else setting.to_dict())
+    swept = [(f, name, setting if isinstance(setting, Setting) else _without_seeds(setting.to_dict()))
              for f in families for name, setting in [_setting_of(st, f)]]
     ppo = {k: v for k, v in st.c.ppo.to_dict().items() if k not in ("targets", "betas")}  # the runs' other settings
     key = fingerprint([st.sft_key, st.c.pairs.to_dict(), st.c.train.to_dict(), ppo, s.to_dict(), st.c.eval.to_dict(),
