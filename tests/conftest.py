@@ -10,12 +10,20 @@ The README runs the suite on two pytest-xdist workers, a file per worker (`-n 2 
 such as the sentiment experiment's, are built once). Compiling is mostly one thread, so a second worker keeps the
 second core busy: 2,166 s → 1,764-1,967 s on this suite, 1,732 s with level 0 below (docs/PERFORMANCE.md, "The
 test suite's time").
+
+Compile what a test computes, never run a model or a loss op by op: outside jit each call compiles every primitive
+for its shapes (a tiny decoder's forward: hundreds of compiles, ~4 s per new input shape against ~1 s to compile
+it whole). The plain path is jitted — `engine_helpers.loss_and_grads` and `plain_pair_logprobs`, or a `jax.jit` in
+the test — and subprocesses keep the suite's flags (`xla_flags_with_devices`). That rule took the suite from
+1,713 s to 1,043 s.
 """
 
 import atexit
 import os
 import shutil
 import tempfile
+
+import pytest
 
 # XLA's CPU backend at optimization level 0: most tests compile small programs and run them for a few steps, and
 # compiling is most of their time (tests/test_engine.py and test_packed.py: 424 s → 328 s). The one test module that
@@ -45,3 +53,45 @@ def pytest_configure(config):
     """The slowest tests are listed at the end of every run (CI's log too), so the suite's time can be watched."""
     if config.option.durations is None:  # --durations=0 (every test) is kept
         config.option.durations = 25
+
+
+# The rule above, watched: each test's in-process XLA compiles (setup and call) are counted and the largest counts
+# listed at the end of every run, beside the slowest durations. A test near the top runs something op by op.
+_compiles = [0]
+_listening = [False]
+
+
+def _count_compile(event: str, duration: float, **_) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        _compiles[0] += 1
+
+
+def _counted(item):
+    if not _listening[0]:
+        import jax.monitoring
+
+        jax.monitoring.register_event_duration_secs_listener(_count_compile)
+        _listening[0] = True
+    before = _compiles[0]
+    yield
+    item.user_properties.append(("xla_compiles", _compiles[0] - before))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    yield from _counted(item)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    yield from _counted(item)
+
+
+def pytest_terminal_summary(terminalreporter):
+    counts = sorted(((sum(v for k, v in report.user_properties if k == "xla_compiles"), report.nodeid)
+                     for category in ("passed", "failed") for report in terminalreporter.stats.get(category, [])
+                     if report.when == "call"), reverse=True)
+    if counts:
+        terminalreporter.write_sep("=", "most XLA compiles per test (in-process, setup + call: tests/conftest.py)")
+        for count, nodeid in counts[:10]:
+            terminalreporter.write_line(f"{count:6d}  {nodeid}")
