@@ -1,6 +1,7 @@
 """LoRA: the adapters start at zero, only they train, and the reference is the same base with them off."""
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -21,6 +22,7 @@ LLAMA = H.MODEL.replace(lora_rank=4, lora_alpha=8.0, lora_targets=("q", "k", "v"
 GPT2 = shaped_config("gpt2", 64, 32, 2, 4, 64).replace(lora_rank=2, lora_targets=("q", "v", "fc_in", "fc_out"))
 
 
+@functools.partial(jax.jit, static_argnums=0)  # compiled, not op by op (tests/conftest.py)
 def _hidden(config, params, ids):
     return Decoder(config).apply({"params": params}, ids)
 
