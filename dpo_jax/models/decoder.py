@@ -9,7 +9,6 @@ Decoding uses an explicit KV cache (`init_cache`), passed in and returned, so sa
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -394,11 +393,8 @@ def init_cache(config: ModelConfig, batch: int, length: int, dtype: Any = None) 
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def init_params(config: ModelConfig, rng: Array) -> dict:
-    """Random parameters (unboxed) for a config: tests and from-scratch models like the sentiment experiment's.
-    Jitted: called outside jit, an init otherwise runs op by op, compiling each of its ~100 primitives (4-10 s for a
-    tiny model); inside a jit (create_state) it is traced as before, so both give the same values."""
+    """Random parameters (unboxed) for a config: tests and from-scratch models like the sentiment experiment's."""
     ids = jnp.zeros((1, 2), jnp.int32)
     return nn.meta.unbox(Decoder(config).init(rng, ids)["params"])
 
