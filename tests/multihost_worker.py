@@ -6,8 +6,7 @@ import os
 import sys
 
 process_id, port = int(sys.argv[1]), sys.argv[2]
-inherited = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]  # the suite's level
-os.environ["XLA_FLAGS"] = " ".join(inherited + ["--xla_force_host_platform_device_count=4"])
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")  # the test passes the suite's flags
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402

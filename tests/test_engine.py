@@ -18,6 +18,7 @@ from dpo_jax.data.loader import PreferenceLoader
 from dpo_jax.models.decoder import init_params
 from dpo_jax.train.engine import build_engine
 from tests import engine_helpers as H
+from tests.conftest import xla_flags_with_devices
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -276,7 +277,7 @@ TWO_PROCESS_MESHES = [(2, 4, 1), (2, 2, 2)]
 def two_process_results():
     """Both meshes' runs from one pair of processes (one start-up and distributed set-up: the suite's time)."""
     port = str(_free_port())
-    env = {**os.environ, "PYTHONPATH": REPO}
+    env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": xla_flags_with_devices(4)}
     meshes = ";".join(",".join(map(str, mesh)) for mesh in TWO_PROCESS_MESHES)
     procs = [subprocess.Popen([sys.executable, "tests/multihost_worker.py", str(i), port, meshes],
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

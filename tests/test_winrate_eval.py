@@ -118,15 +118,14 @@ def test_reward_model_and_endpoint_judges_through_eval(runs, tmp_path):
 
     # an independent path: one text at a time, left-padded (eval right-pads) to one width, no chunking, one device
     one = jax.jit(lambda p, ids, mask: sequence_scores(p, rm_config, ids, mask)[0])
-    texts = [[r["prompt"] + r[k] for r in records] for k in ("completion", "baseline")]
-    width = max(len(tok(t)["input_ids"]) for t in texts[0] + texts[1])
+    encoded = [[tok(r["prompt"] + r[k])["input_ids"] for r in records] for k in ("completion", "baseline")]
+    width = max(len(ids) for ids in encoded[0] + encoded[1])
 
-    def score(texts):
-        rows = [tok(t)["input_ids"] for t in texts]
+    def score(rows):
         return np.asarray([float(one(rm_params, jnp.asarray([[0] * (width - len(ids)) + ids]),
                                      jnp.asarray([[0] * (width - len(ids)) + [1] * len(ids)]))) for ids in rows])
 
-    a, b = score(texts[0]), score(texts[1])
+    a, b = score(encoded[0]), score(encoded[1])
     assert np.min(np.abs(a - b)) > 1e-4  # no near-ties that rounding could flip
     assert float(row["win_rate"]) == pytest.approx(win_rate(np.where(a > b, 1.0, 0.0))["win_rate"])
 
