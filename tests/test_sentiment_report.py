@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dpo_jax.evaluation.intervals import difference_interval
-from dpo_jax.experiments import sentiment_config
+from dpo_jax.experiments import sentiment_config, sentiment_rlhf, sentiment_sweep
 from dpo_jax.experiments.sentiment_points import family, make_point, read_points, write_points
 from dpo_jax.experiments.sentiment_report import final_lines, write_results
 
@@ -108,3 +108,25 @@ def test_over_optimization_is_in_standardized_units(tmp_path):
     assert float(rows["ppo_kl3"][4]) == pytest.approx(0.25 / vader_sd, abs=0.01)
     assert float(rows["dpo_beta0p1"][3]) == pytest.approx(0.1 * 6.0 / rm_sd, abs=0.01)
     assert float(rows["dpo_beta0p1"][4]) == pytest.approx(0.5 / vader_sd, abs=0.01)
+
+
+def test_reward_model_pair_accuracy_counts_every_untied_pair_of_the_first_k():
+    """The reward model's validation (and held-out) accuracy: every pair of a prompt's first k samples, ordered as
+    the ground truth orders them; pairs the truth ties are left out."""
+    truth = np.asarray([[0.5, 0.1, 0.1], [0.0, 0.0, 0.0], [0.2, 0.3, -0.4]])
+    scores = np.asarray([[1.0, 2.0, 0.0], [3.0, 2.0, 1.0], [0.0, 1.0, 5.0]])
+    # prompt 0: (0,1) wrong, (0,2) right, (1,2) tied; prompt 1: all tied; prompt 2: (0,1) right, (0,2), (1,2) wrong
+    assert sentiment_rlhf.pair_accuracy(scores, truth, 3) == (2 / 5, 5)
+    assert sentiment_rlhf.pair_accuracy(scores, truth, 2) == (1 / 2, 2)  # the first two samples only
+
+
+def test_the_sweep_chooses_the_highest_validation_reward_within_the_kl_cap():
+    """A rate that moves fast is not penalized for its later points past the cap, nor rewarded for them."""
+    rows = [{"learning_rate": 1e-4, "updates": 40, "reward": 0.20, "kl": 1.0},
+            {"learning_rate": 1e-4, "updates": 80, "reward": 0.25, "kl": 2.0},
+            {"learning_rate": 1e-3, "updates": 40, "reward": 0.40, "kl": 5.5},
+            {"learning_rate": 1e-3, "updates": 80, "reward": 0.60, "kl": 12.0}]
+    assert sentiment_sweep.best_under_kl(rows, 6.0) is rows[2]
+    assert sentiment_sweep.best_under_kl(rows, 2.0) is rows[1]
+    assert sentiment_sweep.best_under_kl(rows, 20.0) is rows[3]
+    assert sentiment_sweep.best_under_kl(rows, 0.5) is None

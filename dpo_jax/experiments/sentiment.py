@@ -25,6 +25,7 @@ Stages (each cached under the cache directory, keyed by what it depends on):
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import time
@@ -61,6 +62,17 @@ from dpo_jax.train.trainer import Trainer
 
 def _key(*parts: Any) -> str:
     return fingerprint(list(parts))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 5))
+def sequence_kl(ref_params: Any, model: ModelConfig, ids: jax.Array, mask: jax.Array, logps: jax.Array,
+                prompt_length: int) -> jax.Array:
+    """[B] Σ_t log π − log π_ref over each sampled response (`logps`: π's, [B, L] after `prompt_length`), in one
+    compiled pass (op by op, a decoder's forward costs a dispatch per primitive at every evaluation)."""
+    hidden = Decoder(model).apply({"params": ref_params}, ids, attention_mask=mask)
+    kernel, bias = unembedding(ref_params, model)
+    ref = token_logprobs(hidden, kernel, ids, bias=bias)[:, prompt_length:]
+    return jnp.sum((logps - ref) * mask[:, prompt_length:], axis=1)
 
 
 class Stages:
@@ -214,11 +226,11 @@ class Stages:
         if self.c.reward_model.steps < 1:
             self.log("reward_model.steps = 0: no reward model, no Best-of-N")
             return [], {}
-        key = _key(self.sft_key, self.c.pairs.to_dict(), self.c.reward_model.to_dict(), self.c.train.batch_pairs)
-        rm = self.reward_model = sentiment_rlhf.RewardModelStage(self, key)
+        key = _key(self.sft_key, self.c.pairs.to_dict(), self.c.reward_model.steps, self.c.train.batch_pairs)
+        rm = self.reward_model = sentiment_rlhf.RewardModelStage(self, key)  # each rate's model keyed by it
         summary = rm.on_test_sentences()
         points, more = sentiment_rlhf.best_of_n(self, rm, *self.test_prefixes())
-        return points, {**summary, **more}
+        return points, {**summary, **more, **rm.summary()}
 
     def ppo(self) -> list[dict[str, Any]]:
         """PPO's and PPO-GT's points (sentiment_ppo.py); none without a reward model or training steps."""
@@ -250,11 +262,8 @@ class Stages:
             np.asarray(out.mask[i]) == 1]) for i in range(len(prompts))], skip_special_tokens=True)
         full = jnp.concatenate([jnp.asarray(prompts), out.tokens], 1)
         full_mask = jnp.concatenate([jnp.asarray(mask), out.mask], 1)
-        model = self.model_config()
-        hidden = Decoder(model).apply({"params": ref_params}, full, attention_mask=full_mask)
-        kernel, bias = unembedding(ref_params, model)
-        ref_lp = token_logprobs(hidden, kernel, full, bias=bias)[:, prompts.shape[1]:]
-        kl = np.asarray(jnp.sum((out.logps - ref_lp) * out.mask, axis=1), np.float64)
+        kl = np.asarray(sequence_kl(ref_params, self.model_config(), full, full_mask, out.logps, prompts.shape[1]),
+                        np.float64)
         rm = getattr(self, "reward_model", None)
         rm_score = None if rm is None else rm.score(np.asarray(full), np.asarray(full_mask))
         return self.reward(texts), kl, rm_score, texts

@@ -3,11 +3,13 @@ the test prefixes never share (Stages.validation_prefixes).
 
 For each family of `sweep.families`, its representative setting — DPO and its relatives at `sweep.dpo_method`
 (or their first configured method), PPO and PPO-GT at target KL `sweep.target_kl` — is trained from π_SFT at the
-first training seed with every rate of `sweep.learning_rates`, each final policy sampled on the validation
-prefixes, and the rate with the highest validation reward − `sweep.beta` · KL (the objective r − β·KL that DPO and
-PPO both maximize) is used for all of that family's runs. The runs are the families' full budget; they are not
-counted in the equal-terms table (tuning is the same for every family, and stated beside it). The choice is cached
-under the cache directory, keyed by everything it depends on.
+first training seed with every rate of `sweep.learning_rates` and evaluated on the validation prefixes every
+`eval.every` updates, as the test runs are. Chosen: the rate whose run reaches the highest validation reward at a
+KL(π‖π_SFT) within `sweep.max_kl` — a point of the reward-vs-KL frontier the comparison is about. (An earlier
+criterion, the final reward − 0.1·KL, mixed VADER units with nats and picked the smallest rate of the grid for
+every family: the rate that moves least.) The rate is used for all of that family's runs. The sweep's runs are the
+families' full budget; they are not counted in the equal-terms table (tuning is the same for every family, and
+stated beside it). The choice is cached under the cache directory, keyed by everything it depends on.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dpo_jax.experiments.sentiment_ppo import PPORuns, Setting, target_setting
 from dpo_jax.fingerprint import fingerprint
 
 PPO_FAMILIES = {"PPO": "ppo", "PPO-GT": "ppo_gt"}
-FIELDS = ("family", "setting", "learning_rate", "reward", "kl", "objective", "chosen")
+FIELDS = ("family", "setting", "learning_rate", "updates", "reward", "kl", "chosen")
 
 
 def _setting_of(st: Any, fam: str) -> tuple[str, Any]:
@@ -84,7 +86,14 @@ def sweep(st: Any) -> list[str]:
     return lines(rows, s, len(st.validation_prefixes()[0]))
 
 
+def best_under_kl(rows: list[dict[str, Any]], max_kl: float) -> dict[str, Any] | None:
+    """The evaluation with the highest reward among those with KL ≤ max_kl (None when none is)."""
+    eligible = [r for r in rows if r["kl"] <= max_kl]
+    return max(eligible, key=lambda r: r["reward"]) if eligible else None
+
+
 def _run(st: Any, families: list[str]) -> list[dict[str, Any]]:
+    """Every sweep run's validation evaluations (one row each), each family's chosen one marked."""
     s = st.c.sweep
     prompts, mask = st.validation_prefixes()
     seed = st.c.seeds[0]
@@ -93,32 +102,49 @@ def _run(st: Any, families: list[str]) -> list[dict[str, Any]]:
     rows = []
     for fam in families:
         name, setting = _setting_of(st, fam)
-        results = []
+        runs = []
         for learning_rate in s.learning_rates:
-            t0 = time.perf_counter()
+            t0, run = time.perf_counter(), []
+
+            def evaluate(updates: int, policy: Any, learning_rate: float = float(learning_rate), run=run) -> None:
+                vader, kl = st.evaluate(policy, st.sft_params, prompts, mask, seed)[:2]
+                run.append({"family": fam, "setting": name, "learning_rate": learning_rate, "updates": int(updates),
+                            "reward": float(vader.mean()), "kl": float(kl.mean()), "chosen": False})
+
             if fam in PPO_FAMILIES:
-                policy = st.ppo_runs.run(setting, seed, lambda *_: None, float(learning_rate))
+                st.ppo_runs.run(setting, seed, evaluate, float(learning_rate))
             else:
-                policy = st.train_method(name, setting, seed, learning_rate=float(learning_rate))
-            vader, kl = st.evaluate(policy, st.sft_params, prompts, mask, seed)[:2]
-            reward, mean_kl = float(vader.mean()), float(kl.mean())
-            results.append({"family": fam, "setting": name, "learning_rate": float(learning_rate), "reward": reward,
-                            "kl": mean_kl, "objective": reward - s.beta * mean_kl, "chosen": False})
-            st.log(f"sweep {name} lr {learning_rate:g}: validation reward {reward:+.3f}, KL {mean_kl:.2f}, "
-                   f"objective {results[-1]['objective']:+.3f} ({time.perf_counter() - t0:.0f} s)")
-        max(results, key=lambda r: r["objective"])["chosen"] = True
-        rows += results
+                st.train_method(name, setting, seed, evaluate, learning_rate=float(learning_rate))
+            best = best_under_kl(run, s.max_kl)
+            st.log(f"sweep {name} lr {learning_rate:g}: " + (
+                f"best validation reward {best['reward']:+.3f} at KL {best['kl']:.2f} ({best['updates']} updates)"
+                if best else f"no evaluation within KL {s.max_kl:g}") +
+                f"; final {run[-1]['reward']:+.3f} at KL {run[-1]['kl']:.2f} ({time.perf_counter() - t0:.0f} s)")
+            runs += run
+        chosen = best_under_kl(runs, s.max_kl)
+        if chosen is None:
+            raise ValueError(f"config.sweep.max_kl = {s.max_kl:g}: no {fam} run of the sweep has a validation "
+                             "evaluation within it (the first comes after eval.every updates); raise max_kl, or "
+                             "evaluate earlier")
+        chosen["chosen"] = True
+        rows += runs
     return rows
 
 
 def lines(rows: list[dict[str, Any]], s: Any, prefixes: int) -> list[str]:
     out = ["", "## Learning rates, chosen on validation prefixes", "",
-           f"Each family's representative setting trained at every rate, its final policy sampled on {prefixes} "
-           "validation prefixes (held-out sentences the test prefixes never use); chosen: the highest validation "
-           f"reward − {s.beta:g} · KL, used for every run of the family. Every family is tuned this way "
-           "(sweep.csv).", "",
-           "| family | setting | learning rate | validation reward | KL | reward − β·KL | |",
-           "|---|---|---|---|---|---|---|"]
-    out += [f"| {r['family']} | {r['setting']} | {r['learning_rate']:g} | {r['reward']:+.3f} | {r['kl']:.2f} | "
-            f"{r['objective']:+.3f} | {'**chosen**' if r['chosen'] else ''} |" for r in rows]
+           f"Each family's representative setting trained at every rate and evaluated on {prefixes} validation "
+           "prefixes (held-out sentences the test prefixes never use) after every evaluation period, as the test "
+           f"runs are; chosen: the rate reaching the highest validation reward at KL ≤ {s.max_kl:g} nats, used for "
+           "every run of the family. Every family is tuned this way (sweep.csv has every evaluation).", "",
+           f"| family | setting | learning rate | best reward at KL ≤ {s.max_kl:g} (KL, updates) | final reward (KL) "
+           "| |", "|---|---|---|---|---|---|"]
+    runs: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for r in rows:
+        runs.setdefault((r["family"], r["learning_rate"]), []).append(r)
+    for (fam, learning_rate), run in runs.items():
+        best = best_under_kl(run, s.max_kl)
+        at = f"{best['reward']:+.3f} ({best['kl']:.2f}, {best['updates']})" if best else "—"
+        out.append(f"| {fam} | {run[0]['setting']} | {learning_rate:g} | {at} | {run[-1]['reward']:+.3f} "
+                   f"({run[-1]['kl']:.2f}) | {'**chosen**' if any(r['chosen'] for r in run) else ''} |")
     return out
