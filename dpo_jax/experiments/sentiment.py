@@ -49,12 +49,12 @@ from dpo_jax.experiments.sentiment_pairs import load_pairs, ranked_pairs, save_p
 from dpo_jax.experiments.sentiment_points import family, make_point
 from dpo_jax.experiments.sentiment_report import write_results
 from dpo_jax.fingerprint import fingerprint
-from dpo_jax.logprobs import token_logprobs
 from dpo_jax.metrics import MetricWriter
 from dpo_jax.models.config import ModelConfig, shaped_config
-from dpo_jax.models.decoder import Decoder, init_params, unembedding
+from dpo_jax.models.decoder import init_params
 from dpo_jax.models.generate import SamplingConfig, generate
 from dpo_jax.rlhf import best_of_n as bon
+from dpo_jax.rlhf.ppo import response_logps
 from dpo_jax.train.engine import build_engine, default_engine_config
 from dpo_jax.train.reference_source import NO_REFERENCE, ReferenceTables
 from dpo_jax.train.trainer import Trainer
@@ -64,15 +64,13 @@ def _key(*parts: Any) -> str:
     return fingerprint(list(parts))
 
 
-@functools.partial(jax.jit, static_argnums=(1, 5))
-def sequence_kl(ref_params: Any, model: ModelConfig, ids: jax.Array, mask: jax.Array, logps: jax.Array,
-                prompt_length: int) -> jax.Array:
-    """[B] Σ_t log π − log π_ref over each sampled response (`logps`: π's, [B, L] after `prompt_length`), in one
-    compiled pass (op by op, a decoder's forward costs a dispatch per primitive at every evaluation)."""
-    hidden = Decoder(model).apply({"params": ref_params}, ids, attention_mask=mask)
-    kernel, bias = unembedding(ref_params, model)
-    ref = token_logprobs(hidden, kernel, ids, bias=bias)[:, prompt_length:]
-    return jnp.sum((logps - ref) * mask[:, prompt_length:], axis=1)
+@functools.partial(jax.jit, static_argnums=1)
+def sequence_kl(ref_params: Any, model: ModelConfig, ids: jax.Array, mask: jax.Array, logps: jax.Array) -> jax.Array:
+    """[B] Σ_t log π − log π_ref over each sampled response (`logps`: π's at temperature 1, the last [B, L] of
+    `ids`), in one compiled pass (op by op, a decoder's forward costs a dispatch per primitive per evaluation)."""
+    length = logps.shape[1]
+    ref = response_logps(ref_params, model, ids, mask, length, temperature=1.0)
+    return jnp.sum((logps - ref) * mask[:, -length:], axis=1)
 
 
 class Stages:
@@ -262,8 +260,7 @@ class Stages:
             np.asarray(out.mask[i]) == 1]) for i in range(len(prompts))], skip_special_tokens=True)
         full = jnp.concatenate([jnp.asarray(prompts), out.tokens], 1)
         full_mask = jnp.concatenate([jnp.asarray(mask), out.mask], 1)
-        kl = np.asarray(sequence_kl(ref_params, self.model_config(), full, full_mask, out.logps, prompts.shape[1]),
-                        np.float64)
+        kl = np.asarray(sequence_kl(ref_params, self.model_config(), full, full_mask, out.logps), np.float64)
         rm = getattr(self, "reward_model", None)
         rm_score = None if rm is None else rm.score(np.asarray(full), np.asarray(full_mask))
         return self.reward(texts), kl, rm_score, texts

@@ -208,17 +208,17 @@ def _rlhf_lines(c: ml_collections.ConfigDict, points: list[dict[str, Any]], sft:
                 rm: dict[str, float]) -> list[str]:
     if not rm:
         return []
-    sweep = rm.get("rm_sweep", [])
+    sweep = rm["rm_sweep"]
     chosen = (f"learning rate {rm['rm_learning_rate']:g}, the best of {len(sweep)} by validation pair accuracy "
-              "(below)" if len(sweep) > 1 else f"learning rate {rm.get('rm_learning_rate', 0):g} as configured")
+              "(below)" if len(sweep) > 1 else f"learning rate {rm['rm_learning_rate']:g} as configured")
     lines = ["", "## Reward model (RLHF stage 2)", "",
              f"π_SFT's body + a score head, {c.reward_model.steps} Bradley-Terry steps on the same pairs and batches "
              f"as every method; {chosen}. Validation: {c.pairs.samples_per_prefix} π_SFT samples of each "
              "validation prefix, every pair of them ordered by VADER (ties left out) — prefixes the test never "
              "uses.", "",
              "| measure | value |", "|---|---|",
-             f"| validation pair accuracy ({rm.get('rm_validation_pairs', 0)} pairs) | "
-             f"{rm.get('rm_validation_accuracy', float('nan')):.3f} |",
+             f"| validation pair accuracy ({rm['rm_validation_pairs']} pairs) | "
+             f"{rm['rm_validation_accuracy']:.3f} |",
              f"| held-out pair accuracy (π_SFT sample pairs on the held-out prefixes, ordered by VADER; "
              f"{rm['rm_heldout_pairs']} pairs) | {rm['rm_heldout_accuracy']:.3f} |",
              f"| Pearson r with VADER, those samples | {rm['rm_vader_r_samples']:.3f} |",

@@ -64,8 +64,9 @@ def sweep(st: Any) -> list[str]:
     swept = [(f, name, setting if isinstance(setting, Setting) else _without_seeds(setting.to_dict()))
              for f in families for name, setting in [_setting_of(st, f)]]
     ppo = {k: v for k, v in st.c.ppo.to_dict().items() if k not in ("targets", "betas")}  # the runs' other settings
+    rm = getattr(st, "reward_model", None)  # PPO's reward: the one the reward-model stage kept
     key = fingerprint([st.sft_key, st.c.pairs.to_dict(), st.c.train.to_dict(), ppo, s.to_dict(), st.c.eval.to_dict(),
-                       swept, st.c.seeds[0], st.c.reward_model.to_dict()])
+                       swept, st.c.seeds[0], st.c.reward_model.steps, rm and rm.learning_rate])
     path = os.path.join(st.cache, f"sweep-{key}.json")
     if os.path.isfile(path):
         with open(path) as f:
