@@ -18,7 +18,15 @@ ours, ... — so drift in the machine hits all of them; ratios are reported per 
 prompt median 90 words (σ = 0.9 in log space), responses median 60 (σ = 0.8), each clipped to [4, 256], max_length
 512 and max_prompt_length 256 (the paper's HH settings). These parameters are chosen to match HH's published shape
 — multi-turn prompts with a long tail to the 256 cap, responses mostly under 100 tokens — not fitted to an HH
-tokenization here (no HH data is available offline); mean packed pair ≈ 290 tokens, longest ≈ 640.
+tokenization here (no HH data is available offline); mean packed pair ≈ 290 tokens, longest ≈ 640. --lengths
+ragged_long: the same medians with a longer tail (σ 1.2 and 1.1, clipped to [4, 512]; max_length 1024,
+max_prompt_length 512).
+
+Ours runs with the library's defaults unless a flag says otherwise (--layout, --batch-tokens, --ours-model,
+--ours-data, --ours-train); the first run prints every config key that differs from the defaults, and the JSON keeps
+them per run. With the packed default and no --batch-tokens, the batch is the token budget derived for --pairs
+(config.train.global_batch_pairs), so ours runs one epoch of the pairs in however many steps that takes and steady
+steps are compared per pair. Every run starts with an empty compile cache unless --compile-cache shares one.
 
 Measured per run: end-to-end time (data preparation, model init, the reference pass, compilation, every step, the
 final checkpoint), the reference pass, steady-state step time (median over steps after the first two), peak RSS.
@@ -71,13 +79,17 @@ def write_tokenizer(directory: str, vocab_size: int) -> None:
 
 
 RAGGED = dict(prompt_median=90, prompt_sigma=0.9, response_median=60, response_sigma=0.8, low=4, high=256)
+# --lengths ragged_long: the same medians with a longer tail (σ 1.2 / 1.1, clipped at 512 words; max_length 1024)
+RAGGED_LONG = dict(prompt_median=90, prompt_sigma=1.2, response_median=60, response_sigma=1.1, low=4, high=512)
+LENGTH_LIMITS = {"fixed": (PROMPT_TOKENS + RESPONSE_TOKENS, PROMPT_TOKENS), "ragged": (512, 256),
+                 "ragged_long": (1024, 512)}  # (max_length, max_prompt_length)
 
 
 def pair_lengths(rng, lengths: str) -> tuple[int, int, int]:
     """(prompt, chosen, rejected) word counts; responses exclude the EOS each system adds."""
     if lengths == "fixed":
         return PROMPT_TOKENS, RESPONSE_TOKENS - 1, RESPONSE_TOKENS - 1
-    r = RAGGED
+    r = RAGGED if lengths == "ragged" else RAGGED_LONG
     draw = lambda median, sigma: int(min(max(rng.lognormal(math.log(median), sigma), r["low"]), r["high"]))  # noqa
     return (draw(r["prompt_median"], r["prompt_sigma"]), draw(r["response_median"], r["response_sigma"]) - 1,
             draw(r["response_median"], r["response_sigma"]) - 1)
@@ -121,11 +133,11 @@ def settings(args, work_dir: str, precompute: bool = False) -> dict:
                 model_dir=os.path.join(work_dir, "model"),
                 data_path=os.path.join(work_dir, "pairs.jsonl"), model=MODEL, pairs=args.pairs, steps=args.steps,
                 seed=args.seed, learning_rate=1e-6, clip_grad_norm=1.0, beta=0.1,
-                max_length=PROMPT_TOKENS + RESPONSE_TOKENS if args.lengths == "fixed" else 512,
-                max_prompt_length=PROMPT_TOKENS if args.lengths == "fixed" else 256, lengths=args.lengths,
+                max_length=LENGTH_LIMITS[args.lengths][0], max_prompt_length=LENGTH_LIMITS[args.lengths][1],
+                lengths=args.lengths,
                 precompute=precompute, scan_layers=args.scan_layers, layout=args.layout, mode=args.mode,
                 seq_len=args.seq_len, batch_tokens=args.batch_tokens, ours_model=ours_model(args),
-                ours_data=ours_data(args))
+                ours_data=ours_data(args), ours_train=ours_train(args))
 
 
 def ours_model(args) -> dict:
@@ -141,6 +153,13 @@ def ours_data(args) -> dict:
     from dpo_jax.data.pipeline import default_data_config
 
     return _fields("--ours-data", getattr(args, "ours_data", ""), default_data_config(), "config.data")
+
+
+def ours_train(args) -> dict:
+    """--ours-train KEY=VALUE,...: our config.train fields (e.g. exact_pairs=true), as --ours-model."""
+    from dpo_jax.train.engine import default_train_config
+
+    return _fields("--ours-train", getattr(args, "ours_train", ""), default_train_config(), "config.train")
 
 
 def _fields(flag: str, spec: str, defaults, section: str) -> dict:
@@ -192,7 +211,7 @@ def run_ours(s: dict) -> dict:
     t_start = time.perf_counter()
     import jax
 
-    from dpo_jax import reference
+    from dpo_jax import compile_cache, reference
     from dpo_jax.data import storage
     from dpo_jax.train import run as train_run
     from transformers import AutoTokenizer  # noqa: F401  (imported lazily by the loop; TRL's is before its clock)
@@ -231,15 +250,18 @@ def run_ours(s: dict) -> dict:
     o.weight_decay, o.clip_grad_norm = 0.0, s["clip_grad_norm"]
 
     t.global_batch_tokens = s.get("batch_tokens", 0)
+    t.update(s.get("ours_train", {}))
+    compile_cache.configure(d.cache_dir)  # as `dpo-jax train` does: on, here empty (the run's own cache directory)
     t0 = time.perf_counter()
-    if t.global_batch_tokens:  # one epoch of the bench's pairs, however many token-budget steps that takes
+    if d.layout == "packed":  # one epoch of the bench's pairs, however many (token-budget) steps that takes
         from dpo_jax.data.pipeline import build_loaders
 
         loaders = build_loaders(d, global_batch_pairs=t.global_batch_pairs, seed=t.seed, steps=1,
                                 tokenizer=AutoTokenizer.from_pretrained(d.tokenizer),
-                                global_batch_tokens=t.global_batch_tokens)
+                                global_batch_tokens=t.global_batch_tokens, exact_pairs=t.exact_pairs)
         t.steps = o.total_steps = t.save_every = loaders["train"].batches_in(0)
         loaders["train"].close()
+    differs = config_changes(c, train_run.default_run_config())
     train_run.train(c)
     t_end = time.perf_counter()
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
@@ -252,8 +274,20 @@ def run_ours(s: dict) -> dict:
         "pairs_per_step": statistics.mean(r["num_pairs"] for r in records),
         "tokens": {"processed_per_step": max(r["num_tokens"] for r in records), "layout": s["layout"]},
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "versions": {"jax": jax.__version__}, "devices": [str(x) for x in jax.devices()],
+        "versions": {"jax": jax.__version__}, "devices": [str(x) for x in jax.devices()], "config": differs,
     }
+
+
+def config_changes(config, defaults, prefix: str = "") -> dict:
+    """config.KEY: value for every leaf that differs from the defaults (what a reader needs to rerun a number)."""
+    out, missing = {}, object()
+    for key, value in config.items():
+        base = defaults[key] if defaults is not None and key in defaults else missing
+        if hasattr(value, "items"):
+            out.update(config_changes(value, None if base is missing else base, f"{prefix}{key}."))
+        elif base is missing or value != base:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
 # ----- the driver ---------------------------------------------------------------------------------------------------
@@ -343,13 +377,18 @@ def main() -> None:
     p.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--layout", default="packed", choices=("packed", "shared_prompt", "pairs"),
                    help="our batch layout (config.data.layout); TRL always runs a row per response")
-    p.add_argument("--lengths", default="fixed", choices=("fixed", "ragged"),
-                   help="fixed 48 + 80 tokens, or HH-shaped ragged lengths (see the module docstring)")
+    p.add_argument("--lengths", default="fixed", choices=tuple(LENGTH_LIMITS),
+                   help="fixed 48 + 80 tokens, or HH-shaped ragged lengths, or those with a longer tail (see the "
+                   "module docstring)")
     p.add_argument("--seq-len", type=int, default=0, help="our row length (config.data.seq_buckets=(N,)); 0: the "
                    "layout's default (the longest row of the data)")
     p.add_argument("--batch-tokens", type=int, default=0,
-                   help="ours: token-budget batches (config.train.global_batch_tokens, packed layout) over one epoch "
-                   "of the same pairs; steady steps are then compared per pair")
+                   help="ours: an explicit token budget (config.train.global_batch_tokens, packed layout); 0: the "
+                   "default, a budget derived from the data for --pairs (config.train.exact_pairs: --ours-train). "
+                   "Ours runs one epoch of the same pairs; steady steps are compared per pair")
+    p.add_argument("--compile-cache", default="", help="a compile cache directory all our runs share: repeat 0 "
+                   "compiles (cold), later repeats load (warm); default: each run's own, empty")
+    p.add_argument("--ours-train", default="", help="KEY=VALUE,...: our config.train fields (e.g. exact_pairs=true)")
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ", ".join(SYSTEMS))
     p.add_argument("--ours-model", default="", help="KEY=VALUE,...: our config.model fields for this invocation "
                    "(e.g. attention_query_block=0 against the default)")
@@ -374,12 +413,18 @@ def main() -> None:
     env = {**os.environ, "TMPDIR": work_dir, "HF_HOME": os.path.join(work_dir, "hf"), "TQDM_DISABLE": "1",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("XLA_FLAGS", None)  # one real CPU device, as a user's run on this machine
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # a cache of the caller's would make our runs warm
+    # Our compile cache: each run's own, empty (cold), unless --compile-cache shares one (repeat 0 fills it).
+    ours_env = {"DPO_JAX_COMPILE_CACHE": os.path.abspath(args.compile_cache)} if args.compile_cache else {}
     runs = []
     systems = [x for x in (SYSTEMS if args.mode == "dpo" else SYSTEMS[:2]) if x in args.systems.split(",")]
     for rep in range(args.repeats):
         for system in systems:
             if system == "ours":
-                r = launch(sys.executable, os.path.abspath(__file__), s, env)
+                r = launch(sys.executable, os.path.abspath(__file__), s, {**env, **ours_env})
+                if rep == 0:  # which flags made our numbers (paths are this run's)
+                    print("ours: config as run, where it differs from the defaults: " +
+                          " ".join(f"{k}={v}" for k, v in r["config"].items()), flush=True)
             else:
                 trl_s = {**s, "precompute": system == "trl_precompute"}
                 r = launch(python, os.path.join(HERE, "trl_worker.py"), trl_s, env)

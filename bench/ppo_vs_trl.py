@@ -1,6 +1,7 @@
 """PPO throughput, dpo_jax vs TRL's PPOTrainer, in one invocation on one machine.
 
-    python bench/ppo_vs_trl.py [--iterations 8] [--repeats 3] [--work-dir DIR] [--out docs/bench/ppo_vs_trl.json]
+    python bench/ppo_vs_trl.py [--iterations 8] [--repeats 3] [--systems ours,trl] [--compile-cache DIR]
+        [--work-dir DIR] [--out docs/bench/ppo_vs_trl.json]
 
 Both systems run the same PPO job: the DPO bench's GPT-2-shaped model (6 layers, width 512, vocab 8192, random init
 written once as an HF checkpoint) as policy and π_ref, a reward model made from it (the same body + a score head,
@@ -12,6 +13,9 @@ plus the update; generation is timed separately. Runs are fresh processes, inter
 
 TRL removed PPOTrainer after 1.12 (trl.experimental.ppo; huggingface/trl#7020), so its side runs trl==1.12.0 in its
 own virtualenv under the work directory (with torch==2.13.0 and this environment's transformers).
+
+Ours runs `dpo-jax ppo`'s defaults but for the job's settings above (the first run prints the config keys that
+differ), with an empty compile cache per run (cold) unless --compile-cache shares one (repeat 0 fills it).
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ def run_ours(s: dict) -> dict:
     t_start = time.perf_counter()
     import jax
 
+    from dpo_jax import compile_cache
     from dpo_jax.commands import ppo as ppo_run
     from dpo_jax.rlhf import ppo
 
@@ -89,6 +94,7 @@ def run_ours(s: dict) -> dict:
     t.run_dir, t.tensorboard = run_dir, False
     o = c.optimizer
     o.name, o.learning_rate, o.warmup_steps, o.clip_grad_norm, o.weight_decay = "adamw", 1e-6, 0, 1.0, 0.0
+    compile_cache.configure(os.path.join(run_dir, "cache"))  # as `dpo-jax ppo` does: here empty, unless shared
     t0 = time.perf_counter()
     ppo_run.main(c)
     t_end = time.perf_counter()
@@ -98,7 +104,7 @@ def run_ours(s: dict) -> dict:
             "iteration_s": [r["num_tokens"] / r["tokens_per_second"] for r in records], "generation_s": generation,
             "scores": [r["objective/scores"] for r in records], "kl": [r["objective/kl"] for r in records],
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "versions": {"jax": jax.__version__}}
+            "versions": {"jax": jax.__version__}, "config": common.config_changes(c, ppo_run.default_config())}
 
 
 def steady(xs: list[float]) -> float:
@@ -112,6 +118,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", default=os.path.join(os.path.dirname(common.default_work_dir()), "ppo_vs_trl"))
     p.add_argument("--out", default="")
+    p.add_argument("--compile-cache", default="", help="a compile cache directory all our runs share: repeat 0 "
+                   "compiles (cold), later repeats load (warm); default: each run's own, empty")
+    p.add_argument("--systems", default="ours,trl", help="comma-separated subset of ours, trl")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -119,7 +128,8 @@ def main() -> None:
         return
     work_dir = os.path.abspath(args.work_dir)
     os.makedirs(work_dir, exist_ok=True)
-    python = common.trl_python(work_dir, TRL_PPO_VERSION, "trl-ppo-venv")
+    systems = [x for x in ("ours", "trl") if x in args.systems.split(",")]
+    python = common.trl_python(work_dir, TRL_PPO_VERSION, "trl-ppo-venv") if "trl" in systems else None
     s = dict(work_dir=work_dir, tokenizer_dir=os.path.join(work_dir, "tokenizer"),
              model_dir=os.path.join(work_dir, "model"), rm_dir=os.path.join(work_dir, "reward_model"),
              prompts_path=os.path.join(work_dir, "prompts.jsonl"), iterations=args.iterations, seed=args.seed,
@@ -133,9 +143,12 @@ def main() -> None:
     env = {**os.environ, "TMPDIR": work_dir, "HF_HOME": os.path.join(work_dir, "hf"), "TQDM_DISABLE": "1",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("XLA_FLAGS", None)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # a cache of the caller's would make our runs warm
+    if args.compile_cache:
+        env["DPO_JAX_COMPILE_CACHE"] = os.path.abspath(args.compile_cache)
     runs = []
     for rep in range(args.repeats):
-        for system in ("ours", "trl"):
+        for system in systems:
             script = os.path.abspath(__file__) if system == "ours" else os.path.join(HERE, "trl_ppo_worker.py")
             cmd = [sys.executable, script, "--worker", json.dumps(s)] if system == "ours" else [python, script,
                                                                                               json.dumps(s)]
@@ -145,17 +158,20 @@ def main() -> None:
             r = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
             r["repeat"] = rep
             runs.append(r)
+            if system == "ours" and rep == 0:  # which flags made our numbers (paths are this run's)
+                print("ours: config as run, where it differs from the defaults: " +
+                      " ".join(f"{k}={v}" for k, v in r["config"].items()), flush=True)
             print(f"repeat {rep} {system:5s} end-to-end {r['end_to_end_s']:6.1f} s | steady iteration "
                   f"{steady(r['iteration_s']):.2f} s of which generation {steady(r['generation_s']):.2f} s | "
                   f"peak RSS {r['peak_rss_mib']:,.0f} MiB", flush=True)
         common.clean_work_dir(work_dir)
     ratios = []
-    for rep in range(args.repeats):
+    for rep in range(args.repeats if systems == ["ours", "trl"] else 0):
         ours, trl = (next(r for r in runs if r["repeat"] == rep and r["system"] == x) for x in ("ours", "trl"))
         ratios.append({"repeat": rep, "end_to_end": trl["end_to_end_s"] / ours["end_to_end_s"],
                        "steady_iteration": steady(trl["iteration_s"]) / steady(ours["iteration_s"]),
                        "generation": steady(trl["generation_s"]) / steady(ours["generation_s"])})
-    median = {k: statistics.median(r[k] for r in ratios) for k in ratios[0] if k != "repeat"}
+    median = {k: statistics.median(r[k] for r in ratios) for k in (ratios[0] if ratios else ()) if k != "repeat"}
     for r in ratios:
         print(f"repeat {r['repeat']}: end-to-end {r['end_to_end']:.2f}x, steady iteration {r['steady_iteration']:.2f}x,"
               f" generation {r['generation']:.2f}x (TRL time / ours)")

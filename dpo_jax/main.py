@@ -83,6 +83,9 @@ def _run_config_command(command: str, module, entry, argv: list[str]) -> None:
         absl_logging.set_verbosity(absl_logging.WARNING)  # orbax/TFDS INFO lines would bury the run's own output
         if len(rest) > 1:
             raise app.UsageError(f"unexpected arguments: {' '.join(rest[1:])}")
+        from dpo_jax import compile_cache
+
+        compile_cache.configure(compile_cache.cache_dir_of(flags.FLAGS.config))  # on unless the user turned it off
         try:
             entry(flags.FLAGS.config)
         except ValueError as e:  # bad config, data or checkpoint: the message names the key, file or line

@@ -54,6 +54,23 @@ def test_ragged_pairs_follow_the_documented_hh_shape():
     assert (lengths[:, 0] == r["high"]).mean() > 0.01  # the long tail reaches the 256 cap, as HH's prompts do
     assert bench.pair_lengths(rng, "fixed") == (bench.PROMPT_TOKENS, bench.RESPONSE_TOKENS - 1,
                                                 bench.RESPONSE_TOKENS - 1)
+    long = np.asarray([bench.pair_lengths(rng, "ragged_long") for _ in range(2000)])  # same medians, longer tail
+    assert abs(np.median(long[:, 0]) - r["prompt_median"]) < 10 and long.max() <= bench.RAGGED_LONG["high"]
+    assert np.percentile(long.sum(1), 99) > 1.3 * np.percentile(lengths.sum(1), 99)
+    # nothing truncated: prompt + response + EOS within max_length, the prompt within max_prompt_length
+    assert (long[:, 0] + long[:, 1:].max(1)).max() + 1 <= bench.LENGTH_LIMITS["ragged_long"][0]
+    assert long[:, 0].max() <= bench.LENGTH_LIMITS["ragged_long"][1]
+
+
+def test_the_bench_reports_every_config_key_that_differs_from_the_defaults():
+    from dpo_jax.train.run import default_run_config
+
+    bench = _bench_module("dpo_vs_trl")
+    c = default_run_config()
+    assert bench.config_changes(c, default_run_config()) == {}
+    c.train.global_batch_tokens, c.data.seq_buckets, c.model.lora.rank = 2304, (576,), 8
+    assert bench.config_changes(c, default_run_config()) == {
+        "train.global_batch_tokens": 2304, "data.seq_buckets": [576], "model.lora.rank": 8}
 
 
 def test_scaling_point_reports_consistent_flops_and_memory():

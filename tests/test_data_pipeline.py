@@ -338,3 +338,48 @@ def test_build_loaders_from_the_data_config(tokenizer, tmp_path, capsys):
     c.format, c.truncation_mode = "generic", "middle"
     with pytest.raises(ValueError, match="truncation_mode = 'middle'"):
         build_loaders(c, global_batch_pairs=4, seed=0)
+
+
+def test_the_packed_default_derives_a_token_budget_that_divides_and_resumes(tokenizer, tmp_path):
+    """No token budget set: the packed layout derives one from the train split's lengths — a row count the mesh and
+    the micro-batches divide, whose mean pairs per step is the nearest to the request — and a loader rebuilt at a
+    mid-epoch position gives the batches the first would have; exact_pairs keeps exactly the pairs."""
+    from dpo_jax.data.pipeline import build_loaders, default_data_config
+
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    c = default_data_config()
+    c.train_path = _write_hh(tmp_path / "train.jsonl", 96)  # responses of 1 to 7 words: ragged packed pairs
+    c.tokenizer, c.cache_dir, c.max_length, c.max_prompt_length = str(tmp_path / "tok"), str(tmp_path / "c"), 64, 32
+    c.seq_buckets = (80,)  # rows that hold several pairs
+    kw = dict(global_batch_pairs=12, seed=0, data_parallel_size=2, micro_batches=2)
+    train = build_loaders(c, **kw)["train"]
+    rows, seq_len = train.planned_rows, train.buckets[0]
+    assert (train.budget, train.requested_pairs, train.global_batch_tokens) == ("derived", 12, rows * seq_len)
+    assert rows % 4 == 0 and 4 <= rows < 12  # dp x micro-batches; several pairs share a row
+    gap = abs(train.mean_pairs(0) - 12)
+    for other in (rows - 4, rows + 4):  # the neighbouring budgets the mesh allows carry pairs further from 12
+        if other > 0:
+            near = build_loaders(c, **kw, global_batch_tokens=other * seq_len)["train"]
+            assert near.budget == "explicit" and abs(near.mean_pairs(0) - 12) >= gap
+            near.close()
+    first = [next(train) for _ in range(5)]
+    assert len({int(b["example_mask"].sum()) for b in first}) > 1  # the pairs per step vary
+    again = build_loaders(c, **kw, train_state=LoaderState(np.asarray(0, np.int64), np.asarray(3, np.int64)))
+    for want in first[3:]:
+        got = next(again["train"])
+        assert all(np.array_equal(got[k], want[k]) for k in want)
+    exact = build_loaders(c, **kw, exact_pairs=True)["train"]
+    assert exact.budget == "" and exact.planned_rows % 4 == 0
+    # The step's window covers the reference pass, which reads the split in file order: with a score group per batch
+    # shard (no micro-batches) that pass's fullest group held 96 scored tokens where the shuffled plan's held 88, and
+    # a step built for 88 dropped scored tokens from the reference log-probs (first DPO loss 0.61, not ln 2).
+    grouped = build_loaders(c, global_batch_pairs=12, seed=0, data_parallel_size=2, exact_pairs=True)["train"]
+    assert grouped.score_groups == 2
+    for loader in (train, exact, grouped):
+        assert loader.score_window >= loader.one_pass(prefetch=0).score_window > 0
+    assert [int(next(exact)["example_mask"].sum()) for _ in range(7)] == [12] * 7  # 96 pairs: 8 batches of 12
+    for loader in (train, again["train"], exact, grouped):
+        loader.close()
+    with pytest.raises(ValueError, match=r"config.train.exact_pairs = True asks for 12 pairs a step, but "
+                                         r"config.train.global_batch_tokens = 256 asks for a token budget"):
+        build_loaders(c, **kw, exact_pairs=True, global_batch_tokens=256)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dpo_jax.data.loader import PreferenceLoader
-from dpo_jax.data.packing import (CHOSEN, PROMPT, REJECTED, fill_batches, first_fit_decreasing, pack_pair, pack_row,
+from dpo_jax.data.packing import (CHOSEN, PROMPT, REJECTED, budget_rows, fill_batches, first_fit_decreasing, pack_pair, pack_row,
                                   packed_length)
 from dpo_jax.data.layout import PAIRS, PackedPairs, scored_span
 from dpo_jax.logprobs import scored_mask
@@ -320,3 +320,19 @@ def test_a_packed_token_budget_tiny_run_resumes_exactly_after_sigkill(tmp_path):
     overrides = _overrides(tmp_path / "killed", cache, **extra)
     kill_and_resume(_cli(overrides), "[train] step 9")
     assert_same_lines(_train_lines(tmp_path / "killed"), want)
+
+
+def test_a_derived_token_budget_is_the_row_count_nearest_the_requested_pairs():
+    """Hand cases of `budget_rows` (the packed layout's default batch): rows of 40 tokens."""
+    ten = [10] * 64  # four pairs fill a row
+    assert budget_rows(ten, 40, 8, 8, 1, 1) == 2  # 8 pairs: two full rows
+    assert budget_rows(ten, 40, 8, 10, 1, 1) == 3  # 8 or 12 pairs are as near 10: ties take more rows
+    assert budget_rows(ten, 40, 8, 8, 4, 1) == 4  # the mesh divides rows by 4: 16 pairs is the nearest it can do
+    assert budget_rows(ten, 40, 2, 8, 1, 1) == 4  # at most 2 pairs a row
+    assert budget_rows([40] * 64, 40, 8, 6, 2, 1) == 6  # a pair a row (fixed lengths): exactly the pairs
+    assert budget_rows([30, 10] * 32, 40, 8, 6, 1, 1) == 3  # a 30 and a 10 share each row
+    assert budget_rows([30, 10] * 32, 40, 8, 6, 4, 1) == 4  # 8 pairs on 4 rows, the mesh's least
+    assert budget_rows([40] * 8, 40, 8, 64, 8, 1) == 8  # a split smaller than a batch: the rows that hold it all
+    assert budget_rows([40] * 80, 40, 8, 64, 8, 1) == 64  # never more rows than a pair each
+    with pytest.raises(ValueError, match="pairs = 0 and multiple = 1 must be >= 1"):
+        budget_rows(ten, 40, 8, 0, 1, 1)

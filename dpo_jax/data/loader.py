@@ -127,6 +127,8 @@ class PreferenceLoader:
         self._stop = threading.Event()
         self.global_batch_tokens, self._epoch_plan = int(global_batch_tokens), None
         self.pack_lookahead = int(pack_lookahead)
+        # what the run asked for (pipeline.build_loaders): "explicit" or "derived" token budget, "" for pair counts
+        self.requested_pairs, self.budget = global_batch_pairs, "explicit" if global_batch_tokens else ""
         self.score_spans = None if score_spans is None else np.asarray(score_spans)
         if self.global_batch_tokens and self.layout.rows_per_pair != 0:
             raise ValueError(f"config.train.global_batch_tokens = {self.global_batch_tokens} budgets packed rows; "
@@ -213,6 +215,10 @@ class PreferenceLoader:
     def batches_in(self, epoch: int) -> int:
         """Batches in epoch `epoch` (varies with the epoch only for token-budget batches)."""
         return len(self._batches(epoch)) if self.global_batch_tokens else self.batches_per_epoch
+
+    def mean_pairs(self, epoch: int = 0) -> float:
+        """Real pairs per batch of epoch `epoch`, on average (its last, remainder batch included)."""
+        return self.num_examples / self.batches_in(epoch)
 
     # ----- the pure part ------------------------------------------------------------------------------------------
 

@@ -125,3 +125,29 @@ def fill_batches(lengths, capacity: int, max_per_row: int, rows: int, lookahead:
         waiting = sorted(aside + waiting[examined:])
         batches.append(batch)
     return batches
+
+
+def budget_rows(lengths, capacity: int, max_per_row: int, pairs: int, multiple: int, lookahead: int,
+                sample: int = 4096) -> int:
+    """Rows per global batch for a requested `pairs` per step: the multiple of `multiple` (what the mesh and the
+    micro-batches divide) whose token-budget batches (`fill_batches`) carry on average the nearest to `pairs` pairs
+    on a fixed sample of the split (ties: the larger), at most the rows of one pair each. Deterministic: a pure
+    function of its arguments, so a resumed run derives the same budget."""
+    lengths = np.asarray(lengths, np.int64)
+    if pairs < 1 or multiple < 1:
+        raise ValueError(f"budget_rows: pairs = {pairs} and multiple = {multiple} must be >= 1")
+    if len(lengths) > sample:
+        lengths = lengths[np.sort(np.random.default_rng(0).permutation(len(lengths))[:sample])]
+    most = -(-pairs // multiple)  # in multiples: one pair a row can always carry `pairs`
+    full = pairs * float(lengths.mean()) / capacity / multiple  # if every row were full
+    best = None
+    for k in range(max(1, min(int(full), -(-len(lengths) // multiple))), most + 1):
+        batches = fill_batches(lengths, capacity, max_per_row, k * multiple, lookahead)
+        whole = batches[:-1] or batches  # the epoch's last batch is a remainder
+        carried = sum(len(row) for batch in whole for row in batch) / len(whole)
+        gap = abs(carried - pairs)
+        if best is None or gap <= best[0]:
+            best = (gap, k)
+        if carried >= pairs or len(batches) == 1:  # more rows carry more pairs (or none: one batch holds all)
+            break
+    return best[1] * multiple

@@ -6,11 +6,13 @@ import os
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from dpo_jax.data import storage
 from dpo_jax.data.formats import FORMATS, detect_format, iter_rows
 from dpo_jax.data.layout import get_layout, rounded_max
 from dpo_jax.data.loader import LoaderState, PreferenceLoader
+from dpo_jax.data.packing import budget_rows
 from dpo_jax.data.tokenize import TRUNCATION_MODES, Lengths
 
 CACHE_ENV = "DPO_JAX_CACHE"
@@ -92,10 +94,14 @@ def build_loaders(
     micro_batches: int = 1,
     steps: int = 0,
     global_batch_tokens: int = 0,
+    exact_pairs: bool = False,
 ) -> dict[str, PreferenceLoader]:
     """{'train': loader (endless, resumable from `train_state`), 'eval': one pass (if eval_path is set)}.
     global_batch_tokens > 0: token-budget batches for both splits (packed layout; loader.py) — one row count, so
-    one compiled shape serves training and evaluation."""
+    one compiled shape serves training and evaluation. 0 with the packed layout: a budget derived from the train
+    split's lengths (`packing.budget_rows`: on average `global_batch_pairs` pairs a step), unless `exact_pairs`
+    (exactly `global_batch_pairs` pairs a step, rows planned for the fullest batch). The train loader records
+    `requested_pairs` and `budget` ("explicit", "derived" or "" for exact pairs)."""
     if not config.train_path:
         raise ValueError("config.data.train_path is empty: point it at a local data file or directory")
     layout = get_layout(config.layout, config.max_pairs_per_row)
@@ -129,15 +135,31 @@ def build_loaders(
                   else 0,
                   rows_multiple=max(data_parallel_size * micro_batches // process_count, micro_batches))
 
+    if global_batch_tokens and exact_pairs:
+        raise ValueError(f"config.train.exact_pairs = True asks for {global_batch_pairs} pairs a step, but "
+                         f"config.train.global_batch_tokens = {global_batch_tokens} asks for a token budget: set one")
+
+    def seq_len_of(split: str) -> tuple[np.ndarray, Any]:
+        lengths = layout.row_lengths(prepared[split])
+        return lengths, tuple(config.seq_buckets) or layout.default_seq_len(lengths, config.max_length)
+
+    budget = "explicit" if global_batch_tokens else ""
+    if layout.rows_per_pair == 0 and not global_batch_tokens and not exact_pairs:
+        lengths, seq_len = seq_len_of("train")
+        row_len = seq_len if isinstance(seq_len, int) else seq_len[0]
+        rows = budget_rows(lengths, row_len, layout.max_pairs_per_row, global_batch_pairs,
+                           common["rows_multiple"] * process_count, config.pack_lookahead)
+        common["global_batch_tokens"], budget = rows * row_len, "derived"
+
     def split_loader(split: str, **kwargs) -> PreferenceLoader:
         p = prepared[split]
-        lengths = layout.row_lengths(p)
-        seq_len = tuple(config.seq_buckets) or layout.default_seq_len(lengths, config.max_length)
+        lengths, seq_len = seq_len_of(split)
         spans = layout.score_spans(p)
         return PreferenceLoader(p.source, lengths=lengths, seq_len=seq_len, score_window=rounded_max(spans),
                                 score_spans=spans, **common, **kwargs)
 
     loaders = {"train": split_loader("train", shuffle=config.shuffle, state=train_state, plan_steps=steps)}
+    loaders["train"].requested_pairs, loaders["train"].budget = global_batch_pairs, budget
     if "eval" in prepared:
         loaders["eval"] = split_loader("eval", shuffle=False, num_epochs=1)
     if layout.rows_per_pair == 0:
@@ -146,5 +168,10 @@ def build_loaders(
         most = max(loader.pairs_per_row for loader in loaders.values())
         for loader in loaders.values():
             loader.use_pairs_per_row(most)
+        # The reference pass reads the train split in file order (`one_pass`): batches the shuffled plan never saw,
+        # whose fullest score group can hold more scored tokens. One step serves both, so the train loader's window
+        # covers that pass too — else the pass would gather too few positions and drop scored tokens silently.
+        train = loaders["train"]
+        train.score_window = max(train.score_window, train.one_pass(prefetch=0).score_window)
     return loaders
 

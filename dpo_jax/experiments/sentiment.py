@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dpo_jax import reference
+from dpo_jax import compile_cache, reference
 from dpo_jax.compile_clock import CompileClock
 from dpo_jax.convert import native
 from dpo_jax.data.loader import PreferenceLoader
@@ -364,8 +364,7 @@ class Stages:
 def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
     start = time.perf_counter()
     stages = Stages(c)
-    if jax.config.jax_compilation_cache_dir is None:  # a re-run loads its compiled programs (none set already)
-        jax.config.update("jax_compilation_cache_dir", os.path.join(stages.cache, "xla"))
+    compile_cache.configure(c.cache_dir)  # a re-run loads its compiled programs (called from the library too)
     with stages.timed("corpus and tokenizer"):
         stages.data()
     with stages.timed("π_SFT"):

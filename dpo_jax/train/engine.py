@@ -30,7 +30,12 @@ def default_train_config() -> ml_collections.ConfigDict:
     # epoch's order, give or take data.pack_lookahead (data.layout = packed only); the pairs per step vary, losses
     # and metrics average over the real ones. Faster on ragged data (no half-empty rows); a fixed pair count is what
     # reproduces the paper.
-    c.global_batch_tokens = 0
+    c.global_batch_tokens = 0  # 0 with the packed layout: derived from the data (exact_pairs below)
+    # The packed layout's default batch is a token budget derived from the train split's lengths, so a step carries
+    # on average global_batch_pairs pairs while its rows fill as a tuned budget fills them (data/packing.py
+    # budget_rows; ~1.5x faster on HH-shaped data, docs/PERFORMANCE.md). True: exactly global_batch_pairs a step,
+    # rows planned for the fullest batch (what reproduces a paper's batch exactly).
+    c.exact_pairs = False
     c.micro_batches = 1  # gradient accumulation: global batch = micro_batches x micro-batch
     c.seed = 0
     c.logprob_chunk_size = 128

@@ -95,6 +95,20 @@ class Run:
             loader.close()
 
 
+def batch_report(train: PreferenceLoader, processes: int) -> str:
+    """One line: the batch a step gets — requested against realized pairs for a token budget."""
+    if not train.budget:
+        return f"batch: {train.global_batch} pairs a step (config.train.exact_pairs or an unpacked layout)"
+    rows = f"{train.planned_rows * processes} packed rows of {train.buckets[0]} tokens"
+    if train.budget == "explicit":
+        how = f"config.train.global_batch_tokens = {train.global_batch_tokens}"
+    else:
+        how = (f"derived from the data for config.train.global_batch_pairs = {train.requested_pairs}; "
+               "config.train.exact_pairs = True keeps exactly that many")
+    return (f"batch: a token budget of {rows} a step ({how}): requested {train.requested_pairs} pairs a step, "
+            f"realized {train.mean_pairs(0):.2f} on average over epoch 0")
+
+
 def build_run(c: ml_collections.ConfigDict, compile_train_step: bool = False) -> Run:
     """Processes -> tokenizer and model source -> mesh -> input -> engine -> resume -> reference -> evals."""
     # ----- processes and run directory
@@ -118,11 +132,9 @@ def build_run(c: ml_collections.ConfigDict, compile_train_step: bool = False) ->
                             process_index=jax.process_index(), process_count=jax.process_count(),
                             tokenizer=tokenizer, train_state=None if restored is None else restored[0],
                             micro_batches=c.train.micro_batches, steps=c.train.steps,
-                            global_batch_tokens=c.train.global_batch_tokens)
-    if c.train.global_batch_tokens and main:
-        print(f"token budget: {loaders['train'].planned_rows * jax.process_count()} packed rows of "
-              f"{loaders['train'].buckets[0]} tokens a step (config.train.global_batch_tokens = "
-              f"{c.train.global_batch_tokens}); the pairs per step vary", flush=True)
+                            global_batch_tokens=c.train.global_batch_tokens, exact_pairs=c.train.exact_pairs)
+    if main:
+        print(batch_report(loaders["train"], jax.process_count()), flush=True)
     windows = [loader.score_window for loader in loaders.values()]
     window = max(windows) if all(windows) else 0  # one step serves every split; 0: a split has no window
     groups = {loader.score_groups for loader in loaders.values()}  # built alike: the same for every split
