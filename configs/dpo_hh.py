@@ -5,6 +5,8 @@ growing over ~2,500 steps, eval likewise; policy and reference samples in sample
 
 Recipe (paper §6): DPO β = 0.1 from the SFT model of configs/sft_hh.py (also the reference, precomputed once),
 batch 64 pairs, RMSprop lr 1e-6 with 150 warmup steps, grad-norm clip 10, max_length 512 / prompt 256, keep_end.
+The batch is 64 pairs on average (packed rows under a token budget derived from the data: the fast default);
+`--config.train.exact_pairs=True` gives exactly 64 every step, as the paper's code does.
 ARG: model=pythia-1.4b|pythia-2.8b|pythia-6.9b, and `lora` (e.g. `configs/dpo_hh.py:model=pythia-6.9b,lora`):
 rank-16 adapters (alpha 32) on the attention and MLP projections, the frozen base held in bfloat16, the reference
 = the base with the adapters off (no second copy, no tables), lr 5e-6 (adapters need a higher rate than full

@@ -6,7 +6,7 @@ Where, first match wins:
   1. $DPO_JAX_COMPILE_CACHE: a directory, or `off` (also 0, false, none) for no persistent cache at all;
   2. JAX's own setting, if the user made one (JAX_COMPILATION_CACHE_DIR or jax.config): left as it is;
   3. <the command's cache directory>/xla — config.data.cache_dir or config.cache_dir, else $DPO_JAX_CACHE or
-     ~/.cache/dpo_jax (data/pipeline.py default_cache_dir), the one place a run writes outside its run directory.
+     ~/.cache/dpo_jax (`default_cache_dir`, below), the one place a run writes outside its run directory.
 
 The directory is capped at MAX_BYTES (least recently used entries go first) unless JAX_COMPILATION_CACHE_MAX_SIZE
 says otherwise. The cache holds compiler output only: a changed program, flag, device or jax version is a new key.
@@ -19,14 +19,19 @@ import os
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
-from dpo_jax.data.pipeline import default_cache_dir
-
+CACHE_ENV = "DPO_JAX_CACHE"
 ENV = "DPO_JAX_COMPILE_CACHE"
 OFF = ("off", "0", "false", "none")
 MAX_BYTES = 8 << 30
 # JAX keeps only programs that took at least this long to compile (its default: 1 s). Most of a small run's
 # programs compile in 0.1-1 s, and loading one costs milliseconds.
 MIN_COMPILE_SECONDS = 0.2
+
+
+def default_cache_dir() -> str:
+    """Where caches go unless the config says otherwise: $DPO_JAX_CACHE, else ~/.cache/dpo_jax (every layer's
+    caches: data, tokenizers, reference tables, the sentiment stages, compiled programs)."""
+    return os.path.expanduser(os.environ.get(CACHE_ENV, "~/.cache/dpo_jax"))
 
 
 def cache_dir_of(config) -> str:

@@ -19,7 +19,7 @@ FLOORS = (
     ("data", "convert", "flops", "reference"),
     ("models", "losses", "logprobs"),
     ("config", "parsing", "sharding", "summaries", "metrics", "fingerprint", "distributed", "compile_target",
-     "compile_clock"),
+     "compile_clock", "compile_cache"),
 )
 
 

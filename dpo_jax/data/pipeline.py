@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import ml_collections
 import numpy as np
 
+from dpo_jax.compile_cache import default_cache_dir
 from dpo_jax.data import storage
 from dpo_jax.data.formats import FORMATS, detect_format, iter_rows
 from dpo_jax.data.layout import get_layout, rounded_max
@@ -15,12 +15,6 @@ from dpo_jax.data.loader import LoaderState, PreferenceLoader
 from dpo_jax.data.packing import budget_rows
 from dpo_jax.data.tokenize import TRUNCATION_MODES, Lengths
 
-CACHE_ENV = "DPO_JAX_CACHE"
-
-
-def default_cache_dir() -> str:
-    """Where caches go unless the config says otherwise: $DPO_JAX_CACHE, else ~/.cache/dpo_jax."""
-    return os.path.expanduser(os.environ.get(CACHE_ENV, "~/.cache/dpo_jax"))
 
 
 def default_data_config() -> ml_collections.ConfigDict:
