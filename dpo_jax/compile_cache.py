@@ -35,12 +35,10 @@ def default_cache_dir() -> str:
 
 
 def cache_dir_of(config) -> str:
-    """The command config's cache directory setting ("" when it has none)."""
-    if config is None:
-        return ""
+    """A command config's cache directory setting: data.cache_dir or cache_dir ("" when it has neither)."""
     if "data" in config and "cache_dir" in config.data:
         return config.data.cache_dir
-    return config.get("cache_dir", "") if hasattr(config, "get") else ""
+    return config.get("cache_dir", "")
 
 
 def configure(cache_dir: str = "") -> str | None:

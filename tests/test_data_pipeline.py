@@ -354,7 +354,7 @@ def test_the_packed_default_derives_a_token_budget_that_divides_and_resumes(toke
     kw = dict(global_batch_pairs=12, seed=0, data_parallel_size=2, micro_batches=2)
     train = build_loaders(c, **kw)["train"]
     rows, seq_len = train.planned_rows, train.buckets[0]
-    assert (train.budget, train.requested_pairs, train.global_batch_tokens) == ("derived", 12, rows * seq_len)
+    assert (train.budget, train.global_batch, train.global_batch_tokens) == ("derived", 12, rows * seq_len)
     assert rows % 4 == 0 and 4 <= rows < 12  # dp x micro-batches; several pairs share a row
     gap = abs(train.mean_pairs(0) - 12)
     for other in (rows - 4, rows + 4):  # the neighbouring budgets the mesh allows carry pairs further from 12

@@ -127,8 +127,8 @@ class PreferenceLoader:
         self._stop = threading.Event()
         self.global_batch_tokens, self._epoch_plan = int(global_batch_tokens), None
         self.pack_lookahead = int(pack_lookahead)
-        # what the run asked for (pipeline.build_loaders): "explicit" or "derived" token budget, "" for pair counts
-        self.requested_pairs, self.budget = global_batch_pairs, "explicit" if global_batch_tokens else ""
+        # where the batch comes from (pipeline.build_loaders marks a "derived" budget): "" for pair counts
+        self.budget = "explicit" if global_batch_tokens else ""
         self.score_spans = None if score_spans is None else np.asarray(score_spans)
         if self.global_batch_tokens and self.layout.rows_per_pair != 0:
             raise ValueError(f"config.train.global_batch_tokens = {self.global_batch_tokens} budgets packed rows; "

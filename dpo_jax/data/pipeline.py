@@ -95,7 +95,7 @@ def build_loaders(
     one compiled shape serves training and evaluation. 0 with the packed layout: a budget derived from the train
     split's lengths (`packing.budget_rows`: on average `global_batch_pairs` pairs a step), unless `exact_pairs`
     (exactly `global_batch_pairs` pairs a step, rows planned for the fullest batch). The train loader records
-    `requested_pairs` and `budget` ("explicit", "derived" or "" for exact pairs)."""
+    which in `budget` ("explicit", "derived" or "" for exact pairs)."""
     if not config.train_path:
         raise ValueError("config.data.train_path is empty: point it at a local data file or directory")
     layout = get_layout(config.layout, config.max_pairs_per_row)
@@ -153,7 +153,7 @@ def build_loaders(
                                 score_spans=spans, **common, **kwargs)
 
     loaders = {"train": split_loader("train", shuffle=config.shuffle, state=train_state, plan_steps=steps)}
-    loaders["train"].requested_pairs, loaders["train"].budget = global_batch_pairs, budget
+    loaders["train"].budget = budget
     if "eval" in prepared:
         loaders["eval"] = split_loader("eval", shuffle=False, num_epochs=1)
     if layout.rows_per_pair == 0:

@@ -103,9 +103,9 @@ def batch_report(train: PreferenceLoader, processes: int) -> str:
     if train.budget == "explicit":
         how = f"config.train.global_batch_tokens = {train.global_batch_tokens}"
     else:
-        how = (f"derived from the data for config.train.global_batch_pairs = {train.requested_pairs}; "
+        how = (f"derived from the data for config.train.global_batch_pairs = {train.global_batch}; "
                "config.train.exact_pairs = True keeps exactly that many")
-    return (f"batch: a token budget of {rows} a step ({how}): requested {train.requested_pairs} pairs a step, "
+    return (f"batch: a token budget of {rows} a step ({how}): requested {train.global_batch} pairs a step, "
             f"realized {train.mean_pairs(0):.2f} on average over epoch 0")
 
 
