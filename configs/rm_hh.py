@@ -7,8 +7,10 @@ is 0.6-0.7). Export with `dpo-jax export --run runs/rm_hh_pythia-2.8b --to-hf OU
 `AutoModelForSequenceClassification` and serves Best-of-N (`dpo-jax best-of-n`) and PPO.
 
 Recipe: one epoch (~2,500 steps of 64 pairs; reward models overfit after one, Stiennon et al. 2020), AdamW lr 1e-5
-with 150 warmup steps, gradient-norm clip 10, max_length 512 / max_prompt_length 256, shared-prompt rows (one
-packed row gives both scores), bf16 compute with float32 params, FSDP over all devices. Not run here (no TPU pod).
+with 150 warmup steps, gradient-norm clip 10, max_length 512 / max_prompt_length 256, the default packed layout
+(several pairs a row, each pair's prompt once: one row gives both scores of every pair in it; a token budget derived
+from the data for 64 pairs a step on average — 3.5x TRL's RewardTrainer end to end on the bench's HH-shaped lengths,
+docs/PERFORMANCE.md), bf16 compute with float32 params, FSDP over all devices. Not run here (no TPU pod).
 ARG: model=pythia-1.4b|pythia-2.8b|pythia-6.9b (micro-batching as configs/sft_hh.py).
 """
 
@@ -22,7 +24,6 @@ _spec.loader.exec_module(_sft)
 
 def get_config(arg=None):
     c = _sft.hh_config(arg, "reward", "rm_hh")
-    c.data.layout = "shared_prompt"
     c.train.eval_samples = 0  # a reward model scores; it does not sample
     c.optimizer.name, c.optimizer.learning_rate, c.optimizer.warmup_steps = "adamw", 1e-5, 150
     return c

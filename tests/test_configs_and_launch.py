@@ -35,7 +35,7 @@ def test_paper_recipes_are_what_the_paper_says():
             hh.optimizer.warmup_steps, hh.optimizer.clip_grad_norm) == (0.1, 64, "rmsprop", 1e-6, 150, 10.0)
     assert load_config_file(os.path.join(REPO, "configs", "sft_hh.py")).train.mode == "sft"
     rm = load_config_file(os.path.join(REPO, "configs", "rm_hh.py"))
-    assert (rm.train.mode, rm.data.layout, rm.train.eval_samples) == ("reward", "shared_prompt", 0)
+    assert (rm.train.mode, rm.data.layout, rm.train.eval_samples) == ("reward", "packed", 0)
     assert load_config_file(os.path.join(REPO, "configs", "dpo_tldr.py")).dpo.beta == 0.5
     with pytest.raises(ConfigError, match="bad config argument 'size=7b'"):
         load_config_file(os.path.join(REPO, "configs", "dpo_hh.py:size=7b"))
