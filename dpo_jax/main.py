@@ -22,6 +22,8 @@ COMMANDS = {  # name: (module under dpo_jax/commands/, summary)
     "convert": ("convert", "HF checkpoint directory <-> dpo_jax model checkpoint"),
     "ppo": ("ppo", "PPO from an SFT policy against a reward model or function (RLHF)"),
     "best-of-n": ("best_of_n", "Best-of-N from a policy, ranked by a reward model"),
+    "judge-agreement": ("judge_agreement", "a judge's agreement with human labels (and humans' with each other) "
+                        "and its position bias, before trusting its win rates"),
     "smoke": ("smoke", "toy DPO run on synthetic preferences: the loss math end to end, in seconds"),
     "plan": ("plan", "compile a train config for a TPU topology on this host: fits?, memory, estimated time"),
 }
@@ -29,7 +31,7 @@ COMMANDS = {  # name: (module under dpo_jax/commands/, summary)
 
 def _usage() -> str:
     lines = ["usage: dpo-jax COMMAND [--config FILE[:ARG]] [--config.KEY=VALUE ...]", "", "commands:"]
-    lines += [f"  {name:<11} {doc}" for name, (_, doc) in COMMANDS.items()]
+    lines += [f"  {name:<15} {doc}" for name, (_, doc) in COMMANDS.items()]
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 """The sentiment experiment end to end at a reduced scale: DPO beats π_SFT's reward, and the KL estimate behaves."""
 
 import csv
+import json
 import os
 import pickle
 import subprocess
@@ -171,6 +172,15 @@ def test_win_rates_generalization_and_judge_validation_are_reported(result):
     assert [(r["method"], float(r["temperature"])) for r in rows] == [
         (m, t) for m in policies for t in (0.0, 0.25, 0.5, 0.75, 1.0)]
     assert all(int(r["valid"]) == 64 and int(r["invalid"]) == 0 for r in rows)  # VADER always answers
+    # like terms: the human side cut to the policy's budget; lengths, EOS rate and the length-controlled win rate
+    budget = c.eval.max_new_tokens
+    assert all(0 < float(r["baseline_length"]) <= budget and 0 < float(r["length"]) <= budget for r in rows)
+    assert all(0 <= float(r["eos_rate"]) <= 1 and 0 <= float(r["lc_win_rate"]) <= 1 for r in rows)
+    with open(os.path.join(c.out_dir, "winrate_outcomes.jsonl")) as f:  # per-prompt outcomes behind every row
+        saved = {(o["method"], o["prefixes"], o["temperature"]): o for o in map(json.loads, f) if o["seed"] == 0}
+    for r in rows:
+        win = saved[(r["method"], "movies", float(r["temperature"]))]["win"]
+        assert len(win) == 64 and np.mean(win) == pytest.approx(float(r["win_rate"]))
     mean = {m: sum(float(r["win_rate"]) for r in rows if r["method"] == m) / 5 for m in policies}
     # DPO's higher reward shows against the humans too (measured +0.12 over the five temperatures' 320 verdicts,
     # about 3 standard errors; asserted without a margin)

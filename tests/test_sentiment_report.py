@@ -130,3 +130,20 @@ def test_the_sweep_chooses_the_highest_validation_reward_within_the_kl_cap():
     assert sentiment_sweep.best_under_kl(rows, 2.0) is rows[1]
     assert sentiment_sweep.best_under_kl(rows, 20.0) is rows[3]
     assert sentiment_sweep.best_under_kl(rows, 0.5) is None
+
+
+def test_the_human_baseline_is_cut_to_the_policy_s_budget():
+    """Like terms: the human continuation a policy's completion is judged against is at most the policy's budget."""
+    from types import SimpleNamespace
+
+    from dpo_jax.experiments.sentiment_winrate import WinRates
+
+    budget = 4
+    st = SimpleNamespace(c=SimpleNamespace(eval=SimpleNamespace(max_new_tokens=budget)),
+                         tokenizer=SimpleNamespace(decode=lambda ids: " ".join(map(str, ids))),
+                         prefixes=lambda ids, n, seed, sources, skip: (np.zeros((2, 3)), np.ones((2, 3)),
+                                                                       np.array([0, 1]), np.array([2, 3])))
+    sentences = [list(range(10)), [100, 101, 102, 103, 104, 105]]
+    block = WinRates._prefix_set(SimpleNamespace(st=st), sentences, 2, 0)
+    assert block["prefix"] == ["0 1", "100 101 102"]
+    assert block["human"] == ["2 3 4 5", "103 104 105"] and block["human_length"].tolist() == [budget, 3]

@@ -66,6 +66,23 @@ def test_win_rates_against_chosen_and_another_run_recompute_from_the_completions
         assert float(row["low"]) == pytest.approx(want["low"])
     assert {r["baseline"] for r in records} <= {r["baseline"] for r in records if r["method"] == "sft"}
     assert any(r["completion"] for r in records)
+    # like terms: the preferred response cut to the policy's 12 new tokens, on a seeded sample of the eval prompts
+    from dpo_jax.data.tokenizers import load_tokenizer
+    from dpo_jax.evaluation import agreement
+    from dpo_jax.train.evaluation import seeded_sample
+    from dpo_jax.train.model_source import tokenizer_dir
+
+    c = _eval_config(runs)
+    tok = load_tokenizer(c.data, tokenizer_dir(c.model))
+    with open(c.data.eval_path) as f:
+        split = [json.loads(line) for line in f]
+    picked = seeded_sample(len(split), 8, 0)
+    assert len(split) > 8 and list(picked) != list(range(8))
+    responses = [agreement.read_labelled_pairs(c.data.eval_path).chosen[i] for i in picked]
+    full = [len(tok(x, add_special_tokens=False)["input_ids"]) for x in responses]
+    cut = {r["prompt_index"]: r["baseline_length"] for r in records}
+    assert max(full) > 12 and max(cut.values()) == 12  # a response longer than the budget was cut to it
+    assert all(r["baseline_length"] <= 12 and r["length"] <= 12 for r in records)
 
     out2 = str(root / "vs_sft")
     eval_command.evaluate(_eval_config(runs, runs=f"sft={dirs['sft']}", baseline="sft", out_dir=out2))
@@ -129,6 +146,23 @@ def test_reward_model_and_endpoint_judges_through_eval(runs, tmp_path):
     assert np.min(np.abs(a - b)) > 1e-4  # no near-ties that rounding could flip
     assert float(row["win_rate"]) == pytest.approx(win_rate(np.where(a > b, 1.0, 0.0))["win_rate"])
 
+    # the same reward model as `dpo-jax judge-agreement`'s judge on the eval split's labelled pairs (HH format: the
+    # human label is `chosen`), against the independent path above
+    from dpo_jax.commands import judge_agreement
+    from dpo_jax.evaluation.agreement import read_labelled_pairs
+
+    tok.save_pretrained(str(tmp_path / "tok"))
+    a_c = judge_agreement.default_config()
+    a_c.data_path, a_c.out_dir, a_c.tokenizer, a_c.limit = c.data.eval_path, str(tmp_path / "agree"), \
+        str(tmp_path / "tok"), 6
+    a_c.judge.kind, a_c.judge.model.source, a_c.judge.model.path = "reward_model", "checkpoint", str(tmp_path / "rm")
+    (agree,) = judge_agreement.main(a_c)
+    labelled = read_labelled_pairs(c.data.eval_path, 6)
+    rows_of = lambda texts: [tok(p + t)["input_ids"] for p, t in zip(labelled.prompts, texts)]  # noqa: E731
+    width = max(len(ids) for ids in rows_of(labelled.chosen) + rows_of(labelled.rejected))
+    s_c, s_r = score(rows_of(labelled.chosen)), score(rows_of(labelled.rejected))
+    assert agree["judged"] == 6 and agree["majority"] == pytest.approx(np.mean(s_c > s_r))
+
     stub = Stub()
     try:
         out = str(tmp_path / "llm_judge")
@@ -137,9 +171,15 @@ def test_reward_model_and_endpoint_judges_through_eval(runs, tmp_path):
         c.winrate.judge.endpoint.update(base_url=stub.url, model="stub", template="dialogue", backoff_s=0.01)
         eval_command.evaluate(c)
         rows, records = _read(out)
-        assert [int(r["valid"]) + int(r["invalid"]) for r in rows] == [8, 8] and len(stub.requests) == 16
-        assert len(open(os.path.join(out, "verdicts.jsonl")).read().splitlines()) == 16
+        # 8 prompts at 2 temperatures, a quarter of them (seeded) asked in both orders
+        assert [int(r["valid"]) + int(r["invalid"]) + int(r["failed"]) for r in rows] == [8, 8]
+        assert [int(r["asked_twice"]) for r in rows] == [2, 2] and len(stub.requests) == 20
+        assert len(open(os.path.join(out, "verdicts.jsonl")).read().splitlines()) == 20
+        assert all(r["shown"] in ("candidate first", "baseline first") and r["reply"].endswith(r["verdict"])
+                   and r["outcome"] in (0.0, 1.0) for r in records)
+        assert sum("verdict_other_order" in r for r in records) == 4
+        assert "Position bias" in open(os.path.join(out, "winrate.md")).read()
         eval_command.evaluate(c)  # resumed from the verdict cache: nothing asked again, the same table
-        assert len(stub.requests) == 16 and _read(out)[0] == rows
+        assert len(stub.requests) == 20 and _read(out)[0] == rows
     finally:
         stub.close()

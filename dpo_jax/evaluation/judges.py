@@ -14,7 +14,8 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from dpo_jax.evaluation.winrate import outcomes_from_scores
+from dpo_jax.evaluation.agreement import agreement
+from dpo_jax.evaluation.winrate import Judged, check_lengths, outcomes_from_scores
 from dpo_jax.parsing import load_callable
 from dpo_jax.train.model_source import load_reward_scorer
 
@@ -24,6 +25,9 @@ class Judge(Protocol):
 
     def compare(self, prompts: Sequence[str], candidates: Sequence[str], baselines: Sequence[str]) -> np.ndarray:
         """[N] outcomes for the candidate against the baseline on each prompt."""
+
+    def judge(self, prompts: Sequence[str], candidates: Sequence[str], baselines: Sequence[str]) -> Judged:
+        """The outcomes with a record per comparison and the set's summary fields."""
 
 
 @dataclasses.dataclass
@@ -41,9 +45,15 @@ class ScoreJudge:
         return out
 
     def compare(self, prompts: Sequence[str], candidates: Sequence[str], baselines: Sequence[str]) -> np.ndarray:
-        _check_lengths(prompts, candidates, baselines)
+        return self.judge(prompts, candidates, baselines).outcomes
+
+    def judge(self, prompts: Sequence[str], candidates: Sequence[str], baselines: Sequence[str]) -> Judged:
+        """Scores are symmetric: no order, no position bias; the record is both scores."""
+        check_lengths(prompts, candidates, baselines)
         both = self.scores([p + c for p, c in zip(prompts, candidates)] + [p + b for p, b in zip(prompts, baselines)])
-        return outcomes_from_scores(both[:len(prompts)], both[len(prompts):])
+        mine, theirs = both[:len(prompts)], both[len(prompts):]
+        records = [{"candidate_score": float(x), "baseline_score": float(y)} for x, y in zip(mine, theirs)]
+        return Judged(outcomes_from_scores(mine, theirs), records, {})
 
 
 def function_judge(spec: str, name: str | None = None, key: str = "config.winrate.judge.function") -> ScoreJudge:
@@ -61,18 +71,14 @@ def reward_model_judge(model_section: Any, tokenizer: Any, mesh: Any, rules: Any
 
 
 def pair_agreement(judge_scores: np.ndarray, human: np.ndarray, pairs: np.ndarray) -> dict[str, float]:
-    """How often a score judge orders pairs (i, j) [K, 2] as the human ratings do (§6.4's judge-vs-human agreement):
-    pairs the humans rate equally are left out; a judge tie counts half."""
+    """How often a score judge orders pairs (i, j) [K, 2] as the human ratings do (§6.4's judge-vs-human agreement),
+    with its 95 % interval (agreement.py, the `judge-agreement` command's code): pairs the humans rate equally are
+    left out; a judge tie counts half."""
     s, h = np.asarray(judge_scores, np.float64), np.asarray(human, np.float64)
     i, j = pairs[:, 0], pairs[:, 1]
     keep = h[i] != h[j]
-    judged = outcomes_from_scores(s[i][keep], s[j][keep])
-    truth = (h[i][keep] > h[j][keep]).astype(np.float64)
-    agree = np.where(judged == 0.5, 0.5, (judged == truth).astype(np.float64))
-    return {"agreement": float(agree.mean()) if agree.size else float("nan"), "pairs": int(agree.size)}
-
-
-def _check_lengths(prompts: Sequence, candidates: Sequence, baselines: Sequence) -> None:
-    if not len(prompts) == len(candidates) == len(baselines):
-        raise ValueError(f"a comparison needs as many prompts, candidates and baselines; got {len(prompts)}, "
-                         f"{len(candidates)}, {len(baselines)}")
+    figures = agreement(outcomes_from_scores(s[i][keep], s[j][keep]), (h[i][keep] > h[j][keep])[:, None] * 1.0)
+    interval = figures["majority"]
+    low_high = (interval.low, interval.high) if interval else (float("nan"),) * 2
+    return {"agreement": interval.estimate if interval else float("nan"), "low": low_high[0], "high": low_high[1],
+            "pairs": figures["majority_pairs"]}

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpo_jax.evaluation.judges import Judge
-from dpo_jax.evaluation.winrate import win_rate
+from dpo_jax.evaluation.winrate import length_fields, win_rate
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.generate import SamplingConfig, generate_chunks
 
@@ -44,17 +44,36 @@ def sample_sweep(params: Any, model: ModelConfig, prompt_ids: np.ndarray, prompt
 
 
 def win_rates(judge: Judge, method: str, temperatures: Sequence[float], prompts: Sequence[str],
-              completions: Sequence[Sequence[str]], baselines: Sequence[Sequence[str]] | Sequence[str]
-              ) -> list[dict[str, Any]]:
-    """One win-rate row per temperature: completions[i] (at temperatures[i]) against baselines[i] — a list per
-    temperature (another policy at the same temperature) or one list for all (a dataset's reference)."""
+              completions: Sequence[Sequence[str]], baselines: Sequence[Sequence[str]] | Sequence[str],
+              lengths: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One win-rate row per temperature — completions[i] (at temperatures[i]) against baselines[i], a list per
+    temperature (another policy at the same temperature) or one list for all (a dataset's reference) — with the
+    judge's failures and position bias; and a record per judgment (for completions.jsonl). lengths[i]: (the
+    completions' tokens, whether each ended with EOS, the baselines' tokens) — adds the length columns."""
     fixed = len(baselines) == len(prompts) and all(isinstance(b, str) for b in baselines)
-    rows = []
+    rows, records = [], []
     for i, t in enumerate(temperatures):
         base = baselines if fixed else baselines[i]
-        rows.append({"method": method, "temperature": float(t), **win_rate(judge.compare(prompts, completions[i],
-                                                                                         base))})
-    return rows
+        judged = judge.judge(prompts, completions[i], base)
+        extra = {} if lengths is None else length_fields(judged.outcomes, *lengths[i])
+        rows.append({"method": method, "temperature": float(t), **win_rate(judged.outcomes), **judged.summary,
+                     **extra})
+        records += [{"method": method, "temperature": float(t), "prompt_index": j, "prompt": p, "completion": x,
+                     "baseline": b,
+                     "outcome": None if np.isnan(o) else float(o), **r,
+                     **({} if lengths is None else {"length": int(lengths[i][0][j]), "eos": bool(lengths[i][1][j]),
+                                                    "baseline_length": int(lengths[i][2][j])})}
+                    for j, (p, x, b, o, r) in enumerate(zip(prompts, completions[i], base, judged.outcomes,
+                                                            judged.records))]
+    return rows, records
+
+
+def token_lengths(tokens: np.ndarray, mask: np.ndarray, eos_id: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Sampled completions' lengths in tokens and whether each ended with EOS (before the budget ran out)."""
+    mask = np.asarray(mask) == 1
+    ended = (np.asarray(tokens) == eos_id) & mask if eos_id is not None else np.zeros_like(mask)
+    return mask.sum(1), ended.any(1)
 
 
 def decode_completions(tokenizer: Any) -> Callable[[np.ndarray, np.ndarray], list[str]]:

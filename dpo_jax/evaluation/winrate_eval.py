@@ -23,11 +23,11 @@ import numpy as np
 from dpo_jax.evaluation import winrate
 from dpo_jax.evaluation.endpoint import EndpointConfig, EndpointJudge
 from dpo_jax.evaluation.judges import Judge, function_judge, reward_model_judge
-from dpo_jax.evaluation.sampling import check_temperatures, decode_completions, sample_sweep, win_rates
+from dpo_jax.evaluation.sampling import check_temperatures, decode_completions, sample_sweep, token_lengths, win_rates
 from dpo_jax.models.generate import SamplingConfig
 from dpo_jax.models.placement import place_on_mesh
 from dpo_jax.train.checkpoint import RunCheckpoints
-from dpo_jax.train.evaluation import sample_prompts
+from dpo_jax.train.evaluation import sample_prompts, seeded_sample
 from dpo_jax.train.export import restore_params
 from dpo_jax.train.model_source import default_model_config
 from dpo_jax.train.modes import get_mode
@@ -45,19 +45,22 @@ def default_winrate_config() -> ml_collections.ConfigDict:
         base_url="",  # an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (vLLM)
         model="",  # the served model's name
         api_key_env="OPENAI_API_KEY",  # environment variable holding the key (unset: no Authorization header)
-        template="summarization",  # summarization | dialogue (the paper's App. C.2 prompts) | a template file
-        max_concurrency=8, max_retries=5, backoff_s=1.0, timeout_s=120.0, max_tokens=256,
+        template="summarization",  # summarization (= _concise) | summarization_simple | dialogue (the paper's
+        #   App. C.2 prompts) | a template file
+        temperature=0.0,  # the judge's sampling temperature
+        both_orders=0.25,  # share of comparisons (seeded) also asked in the other order: position bias
+        max_concurrency=8, max_retries=5, backoff_s=1.0, max_wait_s=60.0, timeout_s=120.0, max_tokens=256,
         cache="",  # verdict cache (JSONL); empty: OUT_DIR/verdicts.jsonl
     ))
     c = ml_collections.ConfigDict()
     c.temperatures = (0.0, 0.25, 0.5, 0.75, 1.0)  # the paper's sweep (0 = greedy)
-    c.prompts = 256  # the first N examples of the eval split
+    c.prompts = 256  # N examples of the eval split, drawn with `seed` (all of them if it has fewer)
     c.max_new_tokens = 128
     c.baseline = "chosen"  # the eval split's preferred response, or the name of one of `runs`
     c.name = "policy"  # this run's line in the tables
     c.runs = ""  # more policies side by side: "name=RUN_DIR,name=RUN_DIR" (runs of `dpo-jax train`, same shape)
     c.batch_rows = 64  # sampling chunk (rows per generate call); must divide over the mesh's batch axes
-    c.seed = 0  # sampling keys and the judge's A/B order
+    c.seed = 0  # the prompt sample, sampling keys and the judge's A/B order
     c.out_dir = ""  # empty: RUN_DIR/winrate
     c.judge = j
     return c
@@ -83,6 +86,9 @@ def check(c: ml_collections.ConfigDict, run_dir: str) -> dict[str, str]:
         raise ValueError("config.winrate.judge.function is empty ('module:name' or 'file.py:name')")
     if w.judge.kind == "endpoint" and not (w.judge.endpoint.base_url and w.judge.endpoint.model):
         raise ValueError("config.winrate.judge.endpoint.base_url and .model must be set for the endpoint judge")
+    if w.judge.kind == "endpoint" and not 0 <= w.judge.endpoint.both_orders <= 1:
+        raise ValueError(f"config.winrate.judge.endpoint.both_orders = {w.judge.endpoint.both_orders}: a share of the "
+                         "comparisons, in [0, 1]")
     if w.judge.kind == "endpoint" and jax.process_count() > 1:
         raise ValueError("the endpoint judge runs on one process; run the sampling evaluation single-host")
     runs = parse_runs(w.runs)
@@ -108,18 +114,27 @@ def check(c: ml_collections.ConfigDict, run_dir: str) -> dict[str, str]:
 
 
 def build_judge(c: ml_collections.ConfigDict, tokenizer: Any, mesh: Any, out_dir: str) -> Judge:
-    j = c.winrate.judge
+    return judge_for(c.winrate.judge, c.winrate.seed, out_dir, tokenizer, mesh, c.mesh.rules, c.winrate.batch_rows)
+
+
+def judge_for(j: ml_collections.ConfigDict, seed: int, out_dir: str, tokenizer: Any = None, mesh: Any = None,
+              rules: Any = None, batch_rows: int = 64, key: str = "config.winrate.judge") -> Judge:
+    """The judge a `winrate.judge`-shaped section names (`key` in errors); tokenizer and mesh: a reward model's."""
     if j.kind == "function":
-        return function_judge(j.function)
+        if not j.function:
+            raise ValueError(f"{key}.function is empty ('module:name' or 'file.py:name')")
+        return function_judge(j.function, key=f"{key}.function")
     if j.kind == "reward_model":
-        return reward_model_judge(j.model, tokenizer, mesh, c.mesh.rules, j.max_length, c.winrate.batch_rows,
+        return reward_model_judge(j.model, tokenizer, mesh, rules, j.max_length, batch_rows,
                                   name=f"reward model {j.model.path}")
     e = j.endpoint
+    if not (e.base_url and e.model):
+        raise ValueError(f"{key}.endpoint.base_url and .model must be set for the endpoint judge")
     return EndpointJudge(EndpointConfig(
         base_url=e.base_url, model=e.model, cache_path=e.cache or os.path.join(out_dir, "verdicts.jsonl"),
         template=e.template, api_key_env=e.api_key_env, max_concurrency=e.max_concurrency,
-        max_retries=e.max_retries, backoff_s=e.backoff_s, timeout_s=e.timeout_s, max_tokens=e.max_tokens,
-        seed=c.winrate.seed))
+        max_retries=e.max_retries, backoff_s=e.backoff_s, max_wait_s=e.max_wait_s, timeout_s=e.timeout_s,
+        temperature=e.temperature, max_tokens=e.max_tokens, seed=seed, both_orders=e.both_orders))
 
 
 def evaluate_winrate(run: Any, runs: dict[str, str]) -> list[dict[str, Any]]:
@@ -131,11 +146,14 @@ def evaluate_winrate(run: Any, runs: dict[str, str]) -> list[dict[str, Any]]:
         raise ValueError("config.winrate needs an eval split (config.data.eval_path): its prompts and preferred "
                          "responses")
     tok, pad = run.tokenizer, run.tokenizer.pad_token_id or 0
-    ids, mask = sample_prompts(run.loaders["eval"], w.prompts, pad)
-    source = [run.loaders["eval"].source[i] for i in range(len(ids))]
+    split = run.loaders["eval"].source
+    picked = seeded_sample(len(split), w.prompts, w.seed)
+    ids, mask = sample_prompts(run.loaders["eval"], w.prompts, pad, picked)
     prompts = tok.batch_decode([r[m == 1] for r, m in zip(ids, mask)], skip_special_tokens=True)
-    chosen = tok.batch_decode([np.asarray(s["chosen_input_ids"])[np.asarray(s["chosen_loss_mask"]) == 1]
-                               for s in source], skip_special_tokens=True)
+    # like terms: the preferred response cut to the policy's budget (the same prompt text goes to the judge for both)
+    responses = [np.asarray(s["chosen_input_ids"])[np.asarray(s["chosen_loss_mask"]) == 1][:w.max_new_tokens]
+                 for s in (split[int(i)] for i in picked)]
+    chosen = tok.batch_decode(responses, skip_special_tokens=True)
     temps = check_temperatures(w.temperatures, "winrate.temperatures")
     sampling = SamplingConfig(max_new_tokens=w.max_new_tokens, eos_id=tok.eos_token_id, pad_id=pad)
     decode = decode_completions(tok)
@@ -143,12 +161,13 @@ def evaluate_winrate(run: Any, runs: dict[str, str]) -> list[dict[str, Any]]:
 
     def completions(params, model):
         sweep = sample_sweep(params, model, ids, mask, temps, sampling, jax.random.key(w.seed), w.batch_rows)
-        return [decode(t, m) for t, m in sweep]
+        return [decode(t, m) for t, m in sweep], [token_lengths(t, m, tok.eos_token_id) for t, m in sweep]
 
-    texts = {w.name: completions(run.state.params, run.model)}
+    texts, lengths = {}, {}
+    texts[w.name], lengths[w.name] = completions(run.state.params, run.model)
     for name, path in runs.items():
         _, model, params, step = restore_params(path)
-        texts[name] = completions(place_on_mesh(model, params, mesh, c.mesh.rules)[0], model)
+        texts[name], lengths[name] = completions(place_on_mesh(model, params, mesh, c.mesh.rules)[0], model)
         print(f"[winrate] {name}: sampled step {step} of {path}", flush=True)
     judge = build_judge(c, tok, mesh, out_dir)
     baseline = chosen if w.baseline == "chosen" else texts[w.baseline]
@@ -156,14 +175,15 @@ def evaluate_winrate(run: Any, runs: dict[str, str]) -> list[dict[str, Any]]:
     for name, sweep in texts.items():
         if name == w.baseline:
             continue
-        mine = win_rates(judge, name, temps, prompts, sweep, baseline)
+        base_lengths = [np.asarray([len(r) for r in responses]) if w.baseline == "chosen" else
+                        lengths[w.baseline][i][0] for i in range(len(temps))]
+        mine, judged = win_rates(judge, name, temps, prompts, sweep, baseline,
+                                 [(*lengths[name][i], base_lengths[i]) for i in range(len(temps))])
         rows += mine
-        for i, t in enumerate(temps):
-            base = baseline if w.baseline == "chosen" else baseline[i]
-            records += [{"method": name, "temperature": t, "prompt": p, "completion": x, "baseline": b}
-                        for p, x, b in zip(prompts, sweep[i], base)]
+        records += judged
     label = "the eval split's preferred responses" if w.baseline == "chosen" else f"{w.baseline} at each temperature"
-    winrate.write_tables(rows, out_dir, baseline=label, judge=judge.name)
+    differences = winrate.paired_differences(records, w.name)
+    winrate.write_tables(rows, out_dir, baseline=label, judge=judge.name, differences=differences)
     winrate.plot(rows, os.path.join(out_dir, "winrate.png"), title=f"win rate vs {label} ({judge.name})")
     with open(os.path.join(out_dir, "completions.jsonl"), "w") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)

@@ -3,8 +3,9 @@ in miniature.
 
 - Win rate vs temperature: each policy completes `winrate.prefixes` held-out movie-review prefixes at every
   temperature of `winrate.temperatures` (0 = greedy); VADER judges each completion against the same sentence's
-  human-written continuation (the analogue of TL;DR's reference summaries), ties counted half, 95 % Wilson
-  intervals (evaluation/winrate.py).
+  human-written continuation (the analogue of TL;DR's reference summaries) cut to the policy's token budget (like
+  terms: length moves VADER), ties counted half, 95 % Wilson intervals, with each side's mean length, the EOS rate and
+  the length-controlled win rate (evaluation/winrate.py).
 - Generalization: the same policies, trained on movie reviews only, complete prefixes of Amazon product reviews,
   NYT editorials and tweets (the vaderSentiment archive's other ground-truth files; the analogue of evaluating
   TL;DR policies on CNN/DailyMail) at temperature 1: mean VADER reward and win rate against the human continuation.
@@ -18,6 +19,7 @@ go through it in fixed-size chunks with per-row temperatures.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import time
 from typing import Any
@@ -27,7 +29,7 @@ import numpy as np
 
 from dpo_jax.evaluation import intervals, winrate
 from dpo_jax.evaluation.judges import ScoreJudge, pair_agreement
-from dpo_jax.evaluation.sampling import check_temperatures, decode_completions
+from dpo_jax.evaluation.sampling import check_temperatures, decode_completions, token_lengths
 from dpo_jax.experiments import sentiment_corpus as corpus
 from dpo_jax.experiments.sentiment_points import family
 from dpo_jax.experiments.sentiment_report import COLORS
@@ -60,12 +62,14 @@ class WinRates:
         self.seconds = 0.0
 
     def _prefix_set(self, ids: list[list[int]], n: int, seed: int, skip: int = 0) -> dict[str, Any]:
-        """Prefixes as the experiment draws them, with each sentence's human continuation as text."""
+        """Prefixes as the experiment draws them, with each sentence's human continuation as text — cut to the
+        policy's budget (eval.max_new_tokens), so that both sides of a comparison may be equally long."""
         st = self.st
         prompts, mask, rows, lengths = st.prefixes(ids, n, seed, sources=True, skip=skip)
-        dec = st.tokenizer.decode
+        dec, budget = st.tokenizer.decode, st.c.eval.max_new_tokens
+        human = [ids[r][k:k + budget] for r, k in zip(rows, lengths)]
         return {"ids": prompts, "mask": mask, "prefix": [dec(ids[r][:k]) for r, k in zip(rows, lengths)],
-                "human": [dec(ids[r][k:]) for r, k in zip(rows, lengths)]}
+                "human": [dec(h) for h in human], "human_length": np.asarray([len(h) for h in human])}
 
     def add(self, method: str, params: Any, seed: int = 0) -> None:
         """Samples a method's policy (trained at `seed`) on every prompt set and judges the completions; the
@@ -83,14 +87,17 @@ class WinRates:
         sampling = SamplingConfig(max_new_tokens=st.c.eval.max_new_tokens, eos_id=st.eos, pad_id=st.pad)
         out = generate_chunks(params, st.model_config(), ids, mask, keys, sampling, temps, CHUNK)
         texts = decode_completions(st.tokenizer)(out.tokens, out.mask)
+        length, eos = token_lengths(out.tokens, out.mask, st.eos)
         offset = 0
         for domain, t in blocks:
             block = self.sets[domain]
-            mine, offset = texts[offset:offset + len(block["ids"])], offset + len(block["ids"])
+            here = slice(offset, offset + len(block["ids"]))
+            mine, offset = texts[here], here.stop
             wins = self.judge.compare(block["prefix"], mine, block["human"])
             rewards = self.judge.scores([p + x for p, x in zip(block["prefix"], mine)])
             self.outcomes[(method, seed, domain, t)] = {"win": wins, "reward": rewards}
-            rate = winrate.win_rate(wins)
+            rate = {**winrate.win_rate(wins),
+                    **winrate.length_fields(wins, length[here], eos[here], block["human_length"])}
             if domain == "movies" and first:
                 self.rows.append({"method": method, "temperature": t, **rate})
             if t == 1.0 and domain != "validation" and first:  # generalization: every domain at temperature 1
@@ -116,8 +123,15 @@ class WinRates:
         return out
 
     def write(self, out_dir: str, validation: list[dict[str, Any]], kl: dict[str, float]) -> list[str]:
-        """winrate.csv/md/png and generalization.csv; returns results.md's lines (kl: each method's final KL)."""
-        baseline = "the human-written continuation of the same held-out sentence"
+        """winrate.csv/md/png, generalization.csv and winrate_outcomes.jsonl (per method, seed, prefix set and
+        temperature: every prompt's outcome and reward); returns results.md's lines (kl: each method's final KL)."""
+        baseline = (f"the human-written continuation of the same held-out sentence, cut to the policy's "
+                    f"{self.st.c.eval.max_new_tokens}-token budget")
+        with open(os.path.join(out_dir, "winrate_outcomes.jsonl"), "w") as f:  # every interval recomputable
+            for (method, seed, domain, t), o in self.outcomes.items():
+                f.write(json.dumps({"method": method, "seed": seed, "prefixes": domain, "temperature": t,
+                                    "win": [None if w != w else float(w) for w in o["win"]],
+                                    "reward": [float(r) for r in o["reward"]]}) + "\n")
         winrate.write_tables(self.rows, out_dir, baseline=baseline, judge="VADER")
         self._plot(os.path.join(out_dir, "winrate.png"))
         with open(os.path.join(out_dir, "generalization.csv"), "w", newline="") as f:
@@ -132,6 +146,7 @@ class WinRates:
                  f"Each final policy completes {len(self.sets['movies']['ids'])} held-out movie-review prefixes at "
                  "each temperature (winrate.png plots each family's setting chosen on validation prefixes, below).", "",
                  winrate.markdown_table(self.rows, baseline=baseline, judge="VADER"), "",
+                 winrate.length_table(self.rows), "",
                  "## Generalization to new input distributions (§6.3)", "",
                  f"The same policies (trained on movie reviews only) on {len(self.sets['movies']['ids'])} prefixes per "
                  "domain, sampled at temperature 1: mean VADER reward / win rate against the human continuation. "
@@ -146,8 +161,8 @@ class WinRates:
         lines += ["", "## Judge validation (§6.4)", "",
                   "How often a judge orders a random pair of held-out human-written sentences as their mean human "
                   "ratings do (pairs the humans rate equally left out; judge ties count half):", ""]
-        lines += [f"- {v['judge']} on {v['domain']}: {100 * v['agreement']:.1f} % of {v['pairs']} pairs"
-                  for v in validation]
+        lines += [f"- {v['judge']} on {v['domain']}: {100 * v['agreement']:.1f} % of {v['pairs']} pairs "
+                  f"[{100 * v['low']:.1f}, {100 * v['high']:.1f}]" for v in validation]
         lines += ["", f"Sampling and judging for these sections took {self.seconds:.0f} s."]
         return lines
 

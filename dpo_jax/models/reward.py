@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.decoder import Decoder
 from dpo_jax.models.placement import place_on_mesh
-from dpo_jax.sharding import batch_sharding, on_mesh
+from dpo_jax.sharding import batch_sharding, data_parallel_size, on_mesh
 
 Array = jax.Array
 _LM_HEAD = ("lm_head_kernel", "lm_head_bias")
@@ -91,7 +91,7 @@ def make_scorer(config: ModelConfig, mesh: Mesh, rules: Any, param_shardings: An
 
 
 def score_texts(score: Callable[[dict, np.ndarray, np.ndarray], Array], params: dict, tokenizer, texts: list[str],
-                max_length: int, batch_rows: int = 256) -> np.ndarray:
+                max_length: int, batch_rows: int = 256, multiple: int = 1) -> np.ndarray:
     """Scores of whole texts (prompt + response as one string) [len(texts)] float32: each tokenized, keeping its
     last `max_length` tokens, right-padded to a multiple of 64 so a few shapes serve any texts, then scored in
     fixed chunks of `batch_rows` (see `make_scorer`; rows must divide over the mesh's batch axes)."""
@@ -102,13 +102,14 @@ def score_texts(score: Callable[[dict, np.ndarray, np.ndarray], Array], params: 
     mask = np.zeros_like(ids)
     for i, e in enumerate(encoded):
         ids[i, :len(e)], mask[i, :len(e)] = e, 1
-    return score_rows(score, params, ids, mask, batch_rows)
+    return score_rows(score, params, ids, mask, batch_rows, multiple)
 
 
 def score_rows(score: Callable[[Any, np.ndarray, np.ndarray], Array], params: Any, ids: np.ndarray,
-               mask: np.ndarray, batch_rows: int = 1024) -> np.ndarray:
-    """A scoring pass over many rows in fixed-size chunks (one compile); [rows] float32."""
-    rows = min(batch_rows, len(ids))
+               mask: np.ndarray, batch_rows: int = 1024, multiple: int = 1) -> np.ndarray:
+    """A scoring pass over many rows in fixed-size chunks (one compile); [rows] float32. Fewer rows than a chunk
+    make a smaller chunk, rounded up to `multiple` (what the mesh's batch axes divide; the extra rows repeat)."""
+    rows = min(batch_rows, -(-len(ids) // multiple) * multiple)
     out = []
     for start in range(0, len(ids), rows):
         take = np.arange(start, start + rows) % len(ids)
@@ -125,11 +126,12 @@ class RewardScorer:
         self.config = config
         self.params, shardings = place_on_mesh(config, params, mesh, rules)
         self.score = make_scorer(config, mesh, rules, shardings)
+        self.multiple = data_parallel_size(mesh, rules)  # a chunk's rows divide over the batch axes
 
     def rows(self, ids: np.ndarray, mask: np.ndarray, batch_rows: int = 1024) -> np.ndarray:
         """Scores of token rows (prompt + response, left- or right-padded) [rows] float32, in fixed chunks."""
-        return score_rows(self.score, self.params, ids, mask, batch_rows)
+        return score_rows(self.score, self.params, ids, mask, batch_rows, self.multiple)
 
     def texts(self, tokenizer, texts: list[str], max_length: int, batch_rows: int = 256) -> np.ndarray:
         """Scores of whole texts [len(texts)] float32 (see `score_texts`)."""
-        return score_texts(self.score, self.params, tokenizer, texts, max_length, batch_rows)
+        return score_texts(self.score, self.params, tokenizer, texts, max_length, batch_rows, self.multiple)

@@ -24,11 +24,14 @@ def evaluate_split(engine: Engine, params: Any, loader: PreferenceLoader, refere
     return summaries.finalize(total)
 
 
-def sample_prompts(eval_loader: PreferenceLoader | None, k: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first k eval examples' prompts, left-padded: (ids, mask) [k, longest prompt]."""
+def sample_prompts(eval_loader: PreferenceLoader | None, k: int, pad_id: int, indices: Any = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The prompts of eval examples `indices` (default: the first k), left-padded: (ids, mask) [k, longest prompt]."""
     if eval_loader is None:
         raise ValueError("config.train.eval_samples > 0 needs an eval split (config.data.eval_path)")
-    rows = [eval_loader.source[i] for i in range(min(k, len(eval_loader.source)))]
+    if indices is None:
+        indices = range(min(k, len(eval_loader.source)))
+    rows = [eval_loader.source[int(i)] for i in indices]
     prompts = [np.asarray(r["chosen_input_ids"])[np.asarray(r["chosen_loss_mask"]) == 0] for r in rows]
     width = max(len(p) for p in prompts)
     ids = np.full((len(prompts), width), pad_id, np.int32)
@@ -36,6 +39,11 @@ def sample_prompts(eval_loader: PreferenceLoader | None, k: int, pad_id: int) ->
     for i, p in enumerate(prompts):
         ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
     return ids, mask
+
+
+def seeded_sample(n: int, k: int, seed: int) -> np.ndarray:
+    """k of n example indices drawn with `seed` (all n when k >= n), in file order."""
+    return np.arange(n) if k >= n else np.sort(np.random.default_rng([seed, 2]).choice(n, k, replace=False))
 
 
 def sample_completions(params: Any, model: ModelConfig, prompts: tuple[np.ndarray, np.ndarray], tokenizer,
