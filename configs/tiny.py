@@ -12,6 +12,11 @@ eval accuracy 1.0 and loss < 1e-4 by step 30, as the tiny data's preference is e
 rank-8 adapters of every projection, the reference = the base with the adapters off, computed in the step), or
 any preference loss type (ipo, hinge, ...), which trains DPO with that loss.
 
+MODE online_dpo (`dpo-jax train --config configs/tiny.py:online_dpo`, ~1 min): online DPO — each step samples 4
+completions for each of 16 prompts from the current policy, scores them with `polite_reward` below, and takes a DPO
+step on the best vs the worst (rlhf/online_dpo.py). Expected: objective/kl 0 at step 1, objective/scores rising as
+the policy learns the polite answers' words, rewards/accuracies above 0.5; checkpoints at steps 10, 20, 30.
+
 MODE best_of_n is the config of `dpo-jax best-of-n` (another schema: commands/best_of_n.py) for the RLHF
 baseline on the same data, after an SFT policy and a reward model from it:
   dpo-jax train --config configs/tiny.py:sft && dpo-jax export --run runs/tiny_sft --to-hf runs/tiny_sft_hf
@@ -109,10 +114,15 @@ def get_config(arg=None):
         c.model.lora.targets = ("q", "k", "v", "o", "fc_in", "fc_out")
         c.dpo.reference, c.dpo.beta = "base", 0.1
         c.optimizer.learning_rate = 1e-2
+    elif mode == "online_dpo":  # pairs sampled from the policy each step, scored by polite_reward (best vs worst)
+        c.train.mode, c.data.layout, c.dpo.reference, c.dpo.beta = "online_dpo", "pairs", "per_batch", 0.1
+        c.online.samples_per_prompt, c.online.max_new_tokens, c.online.temperature = 4, 16, 1.0
+        c.online.reward_kind, c.online.reward_function = "function", f"{os.path.abspath(__file__)}:polite_reward"
+        c.train.steps, c.train.save_every, c.train.eval_every, c.train.eval_samples = 30, 10, 0, 0
     elif mode == "dpo" or mode in loss_types():
         c.dpo.loss_type = "sigmoid" if mode == "dpo" else mode
         c.dpo.beta = 0.1
     else:
         raise ValueError(f"configs/tiny.py: unknown MODE {mode!r}; use dpo, sft, unlikelihood, reward, lora, "
-                         "best_of_n, ppo or a loss type")
+                         "online_dpo, best_of_n, ppo or a loss type")
     return c

@@ -88,13 +88,15 @@ class Stub:
     TRUNC one body cut short and RESET one dropped connection first; while not `healthy`: EMPTY content null, HTML
     a proxy's page, ERROR an error object, CUT a reply cut at max_tokens."""
 
-    def __init__(self, always_a=False):
+    def __init__(self, always_a=False, fail_after=None):
         self.requests: list[str] = []
+        self.fail_after, self.answered = fail_after, set()  # 503 for every request after the first `fail_after`
         self.times: dict[str, list[float]] = {}
         self.shown_first: list[str] = []
         self.once: set[str] = set()
         self.healthy, self.always_a = False, always_a
         self.authorization: list[str] = []
+        self.bodies: list[str] = []
         stub = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -114,10 +116,13 @@ class Stub:
                 stub.authorization.append(self.headers.get("Authorization", ""))
                 text = body["messages"][0]["content"]
                 prompt = re.search(r"(?:Query: |Post:\n)(.*)\n", text).group(1)
+                stub.bodies.append(text)
                 stub.requests.append(prompt)
                 stub.times.setdefault(prompt, []).append(time.time())
                 first = prompt not in stub.once
                 stub.once.add(prompt)
+                if stub.fail_after is not None and len(stub.requests) > stub.fail_after:
+                    return self.send(503, b"down", [("Retry-After", "0")])
                 if "BROKEN" in prompt or ("RATE" in prompt and first):
                     return self.send(503 if "BROKEN" in prompt else 429, b"busy", [("Retry-After", "0")])
                 if "DATED" in prompt and first:
@@ -148,6 +153,7 @@ class Stub:
                 stub.shown_first.append(a)
                 pick = "A" if stub.always_a or a.count("good") >= b.count("good") else "B"
                 reply = "I cannot tell." if "MALFORMED" in prompt else f"Comparison: {pick} is nicer.\nMore helpful: {pick}"
+                stub.answered.add(text)
                 self.send(200, _chat(reply), [("Content-Type", "application/json")])
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)

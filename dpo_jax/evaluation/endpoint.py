@@ -44,14 +44,16 @@ import numpy as np
 from dpo_jax.evaluation.judge_templates import load_template, template_version
 from dpo_jax.evaluation.verdicts import both_orders, candidate_outcome, order_statistics, parse_verdict, swaps
 from dpo_jax.evaluation.winrate import Judged, check_lengths
+from dpo_jax.train.trainer import RunError
 
 RETRYABLE = (408, 425, 429, 500, 502, 503, 504)
 CACHE_VERSION = 2  # records of other versions (v1 stored failures as answers) are asked again
 RAW_CHARS = 8000  # of each reply body kept in the cache
 
 
-class JudgeError(RuntimeError):
-    pass
+class JudgeError(RunError):
+    """The endpoint cannot answer; the message names the URL and how many verdicts are kept (a `dpo-jax` command
+    prints it and exits 1)."""
 
 
 class UnusableReply(ValueError):

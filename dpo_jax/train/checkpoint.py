@@ -35,20 +35,24 @@ class RunCheckpoints:
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "extra"))
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "extra", "reference"))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, *, loader: LoaderState, window: dict[str, Mean] | None,
-             model: ModelConfig, mode: str) -> None:
+             model: ModelConfig, mode: str, reference: Any = None) -> None:
+        """reference: a reference that moves during training (TR-DPO), saved beside the state."""
         extra = {
             "loader": {"epoch": int(loader.epoch), "step": int(loader.step)},
             "window": None if window is None else {k: [float(v.total), float(v.count)] for k, v in window.items()},
             **_identity(model, mode),
         }
-        saved = self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                                 extra=ocp.args.JsonSave(extra)), force=True)
+        items = {"state": ocp.args.StandardSave(state), "extra": ocp.args.JsonSave(extra)}
+        if reference is not None:
+            items["reference"] = ocp.args.StandardSave(reference)
+        saved = self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         if not saved:
             raise RuntimeError(f"orbax did not save step {step} in {self.directory} (latest: {self.latest_step()})")
 
@@ -74,6 +78,14 @@ class RunCheckpoints:
         """The train state of checkpoint `step`, restored directly onto `abstract_state`'s shardings."""
         return self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state))).state
+
+    def restore_reference(self, step: int, abstract_params: Any) -> Any:
+        """The moving reference saved with checkpoint `step` (TR-DPO), onto `abstract_params`' shardings."""
+        if not os.path.isdir(os.path.join(self.directory, str(step), "reference")):
+            raise CheckpointMismatch(f"{self.directory}/{step}: no reference saved with this checkpoint, but this run "
+                                     "moves its reference (config.dpo.ref_sync_every > 0); use a new run directory")
+        return self.manager.restore(step, args=ocp.args.Composite(
+            reference=ocp.args.StandardRestore(abstract_params))).reference
 
     def restore(self, step: int, abstract_state: Any, *, model: ModelConfig, mode: str):
         """(state, loader state, logging window) of checkpoint `step`, after checking it fits this run."""

@@ -49,6 +49,9 @@ def default_dpo_config() -> ml_collections.ConfigDict:
     # precompute: one cached pass, no reference on device during training; per_batch: a resident copy run on each
     # batch; base (LoRA): the same base weights with the adapters off, run inside each step — no copy, no tables
     c.reference = "precompute"
+    # TR-DPO: every N > 0 steps π_ref <- alpha * π + (1 - alpha) * π_ref (alpha = 1: a hard copy); needs per_batch
+    c.ref_sync_every = 0
+    c.ref_sync_alpha = 1.0
     c.unlikelihood_alpha = 1.0
     return c
 

@@ -36,6 +36,7 @@ class Mode:
     uses_reference: Callable[["StepConfig"], bool]  # whether the step reads reference log-probs
     validate: Callable[["StepConfig"], None]  # raises ValueError naming the config key
     both_rows: bool = False  # per_token over both rows' tokens (language modelling), not the chosen rows' only
+    online: bool = False  # its pairs are sampled from the policy during training (the data gives the prompts)
 
 
 _REGISTRY: dict[str, Mode] = {}
@@ -43,11 +44,11 @@ _REGISTRY: dict[str, Mode] = {}
 
 def register_mode(name: str, *, head: str = "lm", batch_keys: Mapping[str, int] | None = None,
                   per_token: bool = False, uses_reference: Callable[["StepConfig"], bool] = lambda c: False,
-                  validate: Callable[["StepConfig"], None] = lambda c: None, both_rows: bool = False
-                  ) -> Callable[[LossFn], LossFn]:
+                  validate: Callable[["StepConfig"], None] = lambda c: None, both_rows: bool = False,
+                  online: bool = False) -> Callable[[LossFn], LossFn]:
     def wrap(fn: LossFn) -> LossFn:
         _REGISTRY[name] = Mode(name, fn, head, dict(batch_keys or {}), per_token, uses_reference, validate,
-                               both_rows)
+                               both_rows, online)
         return fn
     return wrap
 
@@ -82,9 +83,8 @@ def _dpo_validate(c: StepConfig) -> None:
     losses.validate_loss_args(c.loss_type, c.beta, c.label_smoothing, **dict(c.loss_kwargs))
 
 
-@register_mode("dpo", uses_reference=_dpo_uses_reference, validate=_dpo_validate)
-def _dpo(params: Any, batch: dict[str, jax.Array], c: StepConfig, rng: jax.Array | None):
-    """Any registered preference loss (losses.py) on the pair's log-probs and the reference's."""
+def _dpo_terms(params: Any, batch: dict[str, jax.Array], c: StepConfig, rng: jax.Array | None):
+    """(Σ loss, metrics, the policy's pair log-probs, the reference's chosen and rejected sums)."""
     lp = pair_logprobs(params, batch, c, rng)
     mask = batch["example_mask"].astype(jnp.float32)
     ref_c, ref_r = batch.get("ref_chosen_logps"), batch.get("ref_rejected_logps")
@@ -96,8 +96,45 @@ def _dpo(params: Any, batch: dict[str, jax.Array], c: StepConfig, rng: jax.Array
         lp.chosen_sums, lp.rejected_sums, ref_c, ref_r, loss_type=c.loss_type, beta=c.beta,
         label_smoothing=c.label_smoothing, reference_free=c.reference_free, chosen_lengths=lp.chosen_counts,
         rejected_lengths=lp.rejected_counts, example_mask=mask, **dict(c.loss_kwargs))
-    return jnp.sum(per_example * mask), losses.preference_metrics(per_example, cr, rr, lp.chosen_sums,
-                                                                  lp.rejected_sums, mask)
+    metrics = losses.preference_metrics(per_example, cr, rr, lp.chosen_sums, lp.rejected_sums, mask)
+    return jnp.sum(per_example * mask), metrics, lp, ref_c, ref_r
+
+
+@register_mode("dpo", uses_reference=_dpo_uses_reference, validate=_dpo_validate)
+def _dpo(params: Any, batch: dict[str, jax.Array], c: StepConfig, rng: jax.Array | None):
+    """Any registered preference loss (losses.py) on the pair's log-probs and the reference's."""
+    total, metrics, *_ = _dpo_terms(params, batch, c, rng)
+    return total, metrics
+
+
+def _online_validate(c: StepConfig) -> None:
+    _dpo_validate(c)
+    if not _dpo_uses_reference(c):
+        raise ValueError(f"config.train.mode = 'online_dpo' reports the policy's KL to the reference; "
+                         f"config.dpo.loss_type = {c.loss_type!r} (or reference_free) has none: use a loss with a "
+                         "reference")
+
+
+@register_mode("online_dpo", uses_reference=_dpo_uses_reference, validate=_online_validate, online=True,
+               batch_keys={"scores_mean": 1, "scores_margin": 1, "contain_eos": 1})
+def _online_dpo(params: Any, batch: dict[str, jax.Array], c: StepConfig, rng: jax.Array | None):
+    """DPO on pairs the policy sampled this step (best vs worst of k, formed by rlhf/online_dpo.py), with TRL's
+    online-DPO metrics: the sampled pair's KL(π‖π_ref) estimate Σ log π − log π_ref (the mean of its two
+    sequences), entropy −Σ log π, the scores (all k samples' mean; best − worst), β·KL as the non-score reward."""
+    total, metrics, lp, ref_c, ref_r = _dpo_terms(params, batch, c, rng)
+    if "scores_mean" not in batch:  # the eval step, on the data's own pairs: DPO's metrics only
+        return total, metrics
+    mask = batch["example_mask"].astype(jnp.float32)
+    stop = jax.lax.stop_gradient
+    kl = stop((lp.chosen_sums - ref_c + lp.rejected_sums - ref_r) / 2)
+    scores = batch["scores_mean"]
+    return total, {**metrics, "objective/kl": Mean.of(kl, mask),
+                   "objective/entropy": Mean.of(stop(-(lp.chosen_sums + lp.rejected_sums) / 2), mask),
+                   "objective/non_score_reward": Mean.of(-c.beta * kl, mask),
+                   "objective/rlhf_reward": Mean.of(scores - c.beta * kl, mask),
+                   "objective/scores": Mean.of(scores, mask),
+                   "objective/scores_margin": Mean.of(batch["scores_margin"], mask),
+                   "val/contain_eos_token": Mean.of(batch["contain_eos"], mask)}
 
 
 def _logps_metrics(lp, mask: jax.Array) -> dict[str, Mean]:

@@ -29,7 +29,7 @@ from dpo_jax.train.model_source import model_loader, source_identity
 class NoReference:
     params = None
 
-    def attach(self, local: dict, split: str) -> dict:
+    def attach(self, local: dict, split: str, state: Any = None) -> dict:
         return local
 
 
@@ -42,7 +42,7 @@ class ReferenceTables:
     def __init__(self, tables: dict[str, reference.ReferenceTable]):
         self.tables = tables
 
-    def attach(self, local: dict, split: str) -> dict:
+    def attach(self, local: dict, split: str, state: Any = None) -> dict:
         return {**local, **self.tables[split].lookup(local["example_id"])}
 
 
@@ -50,10 +50,40 @@ class PerBatchReference:
     def __init__(self, engine: Engine, params: Any):
         self.engine, self.params = engine, params
 
-    def attach(self, local: dict, split: str) -> dict:
+    def attach(self, local: dict, split: str, state: Any = None) -> dict:
         sc, sr, _, _ = (np.asarray(x) for x in self.engine.reference_logps(self.params, local))
         b, p = len(local["example_id"]), jax.process_index()
         return {**local, "ref_chosen_logps": sc[p * b:(p + 1) * b], "ref_rejected_logps": sr[p * b:(p + 1) * b]}
+
+
+class SyncedReference:
+    """TR-DPO (Gorbatovski et al. 2024): a resident reference moved toward the policy, π_ref ← α·π + (1 − α)·π_ref,
+    before the step after every `every`-th update (α = 1: a hard copy). Attaches like `PerBatchReference`, given
+    the train state (the Trainer's rollout hook); every = 0: never moved. `synced` is the step of the last move."""
+
+    def __init__(self, inner: PerBatchReference, every: int, alpha: float):
+        if every < 0 or not 0 < alpha <= 1:
+            raise ValueError(f"config.dpo.ref_sync_every = {every} must be >= 0 and config.dpo.ref_sync_alpha = "
+                             f"{alpha} in (0, 1]")
+        self.inner, self.every, self.alpha, self.synced = inner, every, alpha, 0
+        self._move = jax.jit(lambda ref, policy: jax.tree.map(
+            lambda r, p: (alpha * p.astype(jnp.float32) + (1 - alpha) * r.astype(jnp.float32)).astype(r.dtype),
+            ref, policy), donate_argnums=0)
+
+    @property
+    def params(self) -> Any:
+        return self.inner.params
+
+    def sync(self, policy_params: Any, step: int) -> None:
+        self.inner.params = self._move(self.inner.params, policy_params)
+        self.synced = step
+
+    def attach(self, local: dict, split: str, state: Any = None) -> dict:
+        if state is not None and self.every and split == "train":
+            step = int(jax.device_get(state.step))
+            if step and step % self.every == 0 and step != self.synced:
+                self.sync(state.params, step)
+        return self.inner.attach(local, split)
 
 
 def reference_model_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -10,7 +10,7 @@ step and example ids.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -28,7 +28,9 @@ from dpo_jax.train.compile_ahead import CompileAhead
 from dpo_jax.train.engine import Engine, build_engine, default_engine_config
 from dpo_jax.train.evaluation import evaluate_split, sample_completions, sample_prompts
 from dpo_jax.train.model_source import default_model_config, for_mode, model_loader, tokenizer_dir
-from dpo_jax.train.reference_source import prepare_reference
+from dpo_jax.train.modes import get_mode
+from dpo_jax.train.online_config import default_online_config
+from dpo_jax.train.reference_source import NO_REFERENCE, SyncedReference, prepare_reference
 from dpo_jax.train.run_dir import RunDirectory
 from dpo_jax.train.trainer import Trainer
 
@@ -51,6 +53,7 @@ def default_run_config() -> ml_collections.ConfigDict:
     t.sample_temperature = 1.0
     t.peak_tflops_per_device = 0.0  # for MFU; 0: from the device kind when known (TPU v4/v5/v6, H100/H200, A100)
     t.tensorboard = True
+    c.online = default_online_config()  # train.mode = online_dpo: sampling and scoring (rlhf/online_dpo.py)
     return c
 
 
@@ -137,6 +140,8 @@ def build_run(c: ml_collections.ConfigDict, compile_train_step: bool = False) ->
         print(batch_report(loaders["train"], jax.process_count()), flush=True)
     windows = [loader.score_window for loader in loaders.values()]
     window = max(windows) if all(windows) else 0  # one step serves every split; 0: a split has no window
+    if get_mode(c.train.mode).online and window:  # the step also scores sampled completions (pairs layout)
+        window = max(window, -(-c.online.max_new_tokens // 8) * 8)
     groups = {loader.score_groups for loader in loaders.values()}  # built alike: the same for every split
     if len(groups) != 1:
         raise RuntimeError(f"the splits' loaders planned different score groups {sorted(groups)}")
@@ -181,16 +186,46 @@ def build_run(c: ml_collections.ConfigDict, compile_train_step: bool = False) ->
     return Run(c, tokenizer, loaders, engine, state, start, log_window, reference, directory, prompts)
 
 
-def train(c: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Runs (or resumes) training; returns the last logged train metrics."""
-    run = build_run(c, compile_train_step=True)
+def check_reference_sync(c: ml_collections.ConfigDict) -> None:
+    """TR-DPO's reference updates need a resident reference: refused, saying why, for tables and for LoRA's base."""
+    every = c.dpo.ref_sync_every
+    if every and c.dpo.reference != "per_batch":
+        raise ValueError(f"config.dpo.ref_sync_every = {every} moves the reference during training, which needs "
+                         f"config.dpo.reference = 'per_batch' (a resident copy); got {c.dpo.reference!r}: precomputed "
+                         "tables are fixed log-probs of the initial policy, and 'base' is LoRA's frozen base")
+
+
+def train(c: ml_collections.ConfigDict, make_rollout: Callable[[Run, Any], Callable] | None = None
+          ) -> dict[str, Any]:
+    """Runs (or resumes) training; returns the last logged train metrics. make_rollout(run, reference): the
+    Trainer's rollout hook, given the run and its reference (attach(local, split, state)) — online DPO's sampler;
+    TR-DPO's reference sync (config.dpo.ref_sync_every) goes through the same hook."""
+    check_reference_sync(c)
+    online = get_mode(c.train.mode).online
+    if online and make_rollout is None:
+        raise ValueError("config.train.mode = 'online_dpo' samples its pairs: run it with `dpo-jax train` "
+                         "(commands/train.py), which adds the sampler")
+    run = build_run(c, compile_train_step=not online)
     t = c.train
     try:
         if run.prompts is not None and run.start == 0:
             ref = run.reference.params if run.reference.params is not None else run.state.params
             run.writer.samples(0, "reference", run.samples(ref))
-        trainer = Trainer(run.engine, steps=t.steps, reference=run.reference, writer=run.writer,
-                          log_every=t.log_every, checkpoints=run.directory.checkpoints, save_every=t.save_every,
+        reference, rollout = run.reference, None
+        if c.dpo.ref_sync_every:
+            reference = SyncedReference(run.reference, c.dpo.ref_sync_every, c.dpo.ref_sync_alpha)
+            if run.start:  # the moved reference as saved with the checkpoint (before any move at that step)
+                reference.inner.params = run.directory.checkpoints.restore_reference(
+                    run.start, abstract(reference.params))
+        if make_rollout is not None:
+            rollout = make_rollout(run, reference)
+        elif reference is not run.reference:
+            def rollout(local, state):
+                return reference.attach(local, "train", state)
+        trainer = Trainer(run.engine, steps=t.steps, reference=run.reference if rollout is None else NO_REFERENCE,
+                          writer=run.writer, log_every=t.log_every, checkpoints=run.directory.checkpoints,
+                          save_every=t.save_every, rollout=rollout,
+                          moving_reference=(lambda: reference.params) if c.dpo.ref_sync_every else None,
                           eval_every=t.eval_every, evaluate=run.evaluate if "eval" in run.loaders else None,
                           peak_tflops=t.peak_tflops_per_device or peak_tflops(jax.devices()[0].device_kind))
         _, last = trainer.fit(run.state, run.loaders["train"], start=run.start, window=run.window)

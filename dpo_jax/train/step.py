@@ -103,7 +103,8 @@ def make_steps(
 
     train = jax.jit(on_mesh(train_step, mesh), in_shardings=(state_shardings, batch_shardings),
                     out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-    evaluate = jax.jit(on_mesh(eval_step, mesh), in_shardings=(state_shardings.params, batch_shardings),
+    eval_shardings = {k: batch_sharding(mesh, rules, n) for k, n in c.batch_keys(train=False).items()}
+    evaluate = jax.jit(on_mesh(eval_step, mesh), in_shardings=(state_shardings.params, eval_shardings),
                        out_shardings=replicated)
     return train, evaluate
 

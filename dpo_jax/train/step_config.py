@@ -52,9 +52,11 @@ class StepConfig:
     def needs_reference(self) -> bool:
         return modes.get_mode(self.mode).uses_reference(self)
 
-    def batch_keys(self) -> dict[str, int]:
-        """Batch fields the step takes, with their ranks."""
+    def batch_keys(self, train: bool = True) -> dict[str, int]:
+        """Batch fields the step takes, with their ranks. An online mode's own fields come from its sampler, so its
+        eval step (the data's pairs) takes the others only."""
         keys = {k: 2 for k in self.layout.row_keys} | {"example_mask": 1}
         if self.needs_reference and not self.base_reference:
             keys |= {"ref_chosen_logps": 1, "ref_rejected_logps": 1}
-        return keys | dict(modes.get_mode(self.mode).batch_keys)
+        mode = modes.get_mode(self.mode)
+        return keys if mode.online and not train else keys | dict(mode.batch_keys)

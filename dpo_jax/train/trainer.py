@@ -99,17 +99,19 @@ class Trainer:
     evaluate(step, state): called every `eval_every` steps and after the last one; its time is not in tokens/s.
     peak_tflops: per device, for MFU (0: not reported).
     rollout(batch, state): turns each host batch into the step's batch with the current state (PPO: prompts ->
-    sampled responses, log-probs, values and scores; rlhf/ppo.py `Rollouts`)."""
+    sampled responses, log-probs, values and scores; rlhf/ppo.py `Rollouts`).
+    moving_reference(): a reference that moves during training (TR-DPO), saved with each checkpoint."""
 
     def __init__(self, engine: TrainEngine, *, steps: int, reference=NO_REFERENCE, writer: MetricWriter | None = None,
                  name: str = "train", log_every: int = 0, checkpoints: RunCheckpoints | None = None,
                  save_every: int = 0, eval_every: int = 0,
                  evaluate: Callable[[int, Any], None] | None = None, peak_tflops: float = 0.0,
-                 rollout: Callable[[dict, Any], dict] | None = None):
+                 rollout: Callable[[dict, Any], dict] | None = None,
+                 moving_reference: Callable[[], Any] | None = None):
         self.engine, self.steps, self.reference, self.writer, self.name = engine, steps, reference, writer, name
         self.log_every, self.checkpoints, self.save_every = log_every, checkpoints, save_every
         self.eval_every, self.evaluate, self.peak_tflops = eval_every, evaluate, peak_tflops
-        self.rollout = rollout
+        self.rollout, self.moving_reference = rollout, moving_reference
         self.history: list[dict[str, float]] = []  # every log point: {"step", metric: value}
 
     def fit(self, state: Any, batches: Iterator[dict], *, start: int = 0,
@@ -170,7 +172,8 @@ class Trainer:
                     check_finite(pending, checkpoints)
                     pending = []
                     checkpoints.save(step, state, loader=batches.state, window=window, model=engine.model,
-                                     mode=engine.kind)
+                                     mode=engine.kind,
+                                     reference=None if self.moving_reference is None else self.moving_reference())
                 if evaluate_now:
                     t_eval = time.perf_counter()
                     self.evaluate(step, state)
