@@ -145,7 +145,7 @@ def _train_logs(c) -> list[dict]:
 def test_the_tiny_online_run_raises_its_reward_and_logs_trl_s_metrics(tmp_path, cache):
     from dpo_jax.commands.train import train
 
-    c = _tiny(tmp_path, "online_dpo", cache, **{"train.log_every": 5})
+    c = _tiny(tmp_path, "online_dpo", cache, **{"train.log_every": 5, "train.steps": 20})
     train(c)
     with open(os.path.join(c.train.run_dir, "metrics.jsonl")) as f:
         logs = [json.loads(line) for line in f if '"split": "train"' in line]
