@@ -17,6 +17,11 @@ completions for each of 16 prompts from the current policy, scores them with `po
 step on the best vs the worst (rlhf/online_dpo.py). Expected: objective/kl 0 at step 1, objective/scores rising as
 the policy learns the polite answers' words, rewards/accuracies above 0.5; checkpoints at steps 10, 20, 30.
 
+MODE iterative_dpo (`dpo-jax train --config configs/tiny.py:iterative_dpo`): iterative DPO — two rounds, each
+sampling 4 completions for 64 prompts from the current policy, labelling best vs worst with `polite_reward`, and
+training 8 DPO steps on those pairs (rlhf/iterative_dpo.py); RUN_DIR/round_*/pairs.jsonl and policy/. Expected:
+round 1's pairs scored higher on average than round 0's (the log line's mean score).
+
 MODE best_of_n is the config of `dpo-jax best-of-n` (another schema: commands/best_of_n.py) for the RLHF
 baseline on the same data, after an SFT policy and a reward model from it:
   dpo-jax train --config configs/tiny.py:sft && dpo-jax export --run runs/tiny_sft --to-hf runs/tiny_sft_hf
@@ -119,10 +124,15 @@ def get_config(arg=None):
         c.online.samples_per_prompt, c.online.max_new_tokens, c.online.temperature = 4, 16, 1.0
         c.online.reward_kind, c.online.reward_function = "function", f"{os.path.abspath(__file__)}:polite_reward"
         c.train.steps, c.train.save_every, c.train.eval_every, c.train.eval_samples = 30, 10, 0, 0
+    elif mode == "iterative_dpo":  # 2 rounds: sample 64 prompts x 4 from the policy, polite_reward labels, DPO
+        c.iterative.rounds, c.iterative.prompts_per_round, c.iterative.steps_per_round = 2, 64, 8
+        c.online.samples_per_prompt, c.online.max_new_tokens, c.online.temperature = 4, 16, 1.0
+        c.online.reward_kind, c.online.reward_function = "function", f"{os.path.abspath(__file__)}:polite_reward"
+        c.train.eval_samples, c.train.save_every, c.train.log_every = 0, 8, 4
     elif mode == "dpo" or mode in loss_types():
         c.dpo.loss_type = "sigmoid" if mode == "dpo" else mode
         c.dpo.beta = 0.1
     else:
         raise ValueError(f"configs/tiny.py: unknown MODE {mode!r}; use dpo, sft, unlikelihood, reward, lora, "
-                         "online_dpo, best_of_n, ppo or a loss type")
+                         "online_dpo, iterative_dpo, best_of_n, ppo or a loss type")
     return c

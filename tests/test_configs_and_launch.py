@@ -11,7 +11,8 @@ from dpo_jax.train.state import make_optimizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
-VARIANTS = {"tiny.py": ["dpo", "sft", "unlikelihood", "simpo", "reward", "best_of_n", "ppo"],
+VARIANTS = {"tiny.py": ["dpo", "sft", "unlikelihood", "simpo", "reward", "best_of_n", "ppo", "online_dpo",
+                        "iterative_dpo"],
             "rm_hh.py": ["model=pythia-1.4b"], "sft_hh.py": ["model=pythia-6.9b"],
             "dpo_hh.py": ["model=pythia-1.4b"], "dpo_ultrafeedback.py": ["model=llama-3-8b"],
             "sentiment.py": ["full"]}

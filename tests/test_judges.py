@@ -152,7 +152,8 @@ class Stub:
                                  re.DOTALL).groups()
                 stub.shown_first.append(a)
                 pick = "A" if stub.always_a or a.count("good") >= b.count("good") else "B"
-                reply = "I cannot tell." if "MALFORMED" in prompt else f"Comparison: {pick} is nicer.\nMore helpful: {pick}"
+                reply = "I cannot tell." if "MALFORMED" in prompt else \
+                    f"Comparison: {pick} is nicer.\nMore helpful: {pick}"
                 stub.answered.add(text)
                 self.send(200, _chat(reply), [("Content-Type", "application/json")])
 

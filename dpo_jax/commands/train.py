@@ -27,18 +27,23 @@ def default_config() -> ml_collections.ConfigDict:
 default_run_config = default_config  # the name config files use
 
 def train(c: ml_collections.ConfigDict) -> dict:
-    """A run; online DPO (train.mode = online_dpo) adds its sampler (rlhf/online_dpo.py)."""
-    if c.train.mode == "online_dpo":
-        from dpo_jax.rlhf.online_dpo import train_online
+    """A run; online DPO (train.mode = online_dpo) adds its sampler (rlhf/online_dpo.py), iterative DPO
+    (iterative.rounds > 0) runs rounds of them (rlhf/iterative_dpo.py)."""
+    if c.train.mode != "online_dpo" and not c.iterative.rounds:
+        return run.train(c)
+    judge = None
+    if c.online.reward_kind == "judge":
+        if c.online.judge.kind not in ("function", "endpoint"):
+            raise ValueError(f"config.online.judge.kind = {c.online.judge.kind!r}: 'function' or 'endpoint' (a "
+                             "reward model scores each sample: online.reward_kind = 'model')")
+        judge = judge_for(c.online.judge, c.train.seed, os.path.abspath(c.train.run_dir), key="config.online.judge")
+    if c.iterative.rounds:
+        from dpo_jax.rlhf.iterative_dpo import train_iterative
 
-        judge = None
-        if c.online.reward_kind == "judge":
-            if c.online.judge.kind not in ("function", "endpoint"):
-                raise ValueError(f"config.online.judge.kind = {c.online.judge.kind!r}: 'function' or 'endpoint' (a "
-                                 "reward model scores each sample: online.reward_kind = 'model')")
-            judge = judge_for(c.online.judge, c.train.seed, os.path.abspath(c.train.run_dir), key="config.online.judge")
-        return train_online(c, judge)
-    return run.train(c)
+        return train_iterative(c, judge)
+    from dpo_jax.rlhf.online_dpo import train_online
+
+    return train_online(c, judge)
 
 
 main = exits_on_run_error(train, "train")

@@ -16,8 +16,8 @@ from typing import Sequence
 import numpy as np
 
 _MARKUP = str.maketrans({c: " " for c in "*_`#>\"'“”‘’«»[]"})
-_LABEL = re.compile(r"\s*(?:the\s+|my\s+)?(?:final\s+)?(?:preferred|preference|more\s+helpful|better|answer|verdict|choice|winner|"
-                    r"decision|better\s+(?:summary|response|answer)|more\s+helpful\s+response)"
+_LABEL = re.compile(r"\s*(?:the\s+|my\s+)?(?:final\s+)?(?:preferred|preference|more\s+helpful|better|answer|verdict|"
+                    r"choice|winner|decision|better\s+(?:summary|response|answer)|more\s+helpful\s+response)"
                     r"(?:\s+(?:summary|response|answer|choice))?\s*", re.IGNORECASE)
 _ANSWER = re.compile(r"\s*(?:(?i:summary|response|option|answer|assistant)\s+)?([AB])\s*(?:\([^()]*\))?\s*[.!]*\s*")
 

@@ -213,8 +213,9 @@ def length_table(rows: list[dict[str, Any]]) -> str:
 
 def paired_differences(records: list[dict[str, Any]], first: str) -> str:
     """Markdown: `first`'s win rate minus each other method's, per temperature, from the per-prompt outcomes (the
-    records' `outcome` at `prompt_index`) — paired by prompt, prompts either side has no verdict for left out — with a 95 % bootstrap
-    interval (intervals.difference_interval); "ahead" or "behind" only where it excludes 0. '' for one method."""
+    records' `outcome` at `prompt_index`) — paired by prompt, prompts either side has no verdict for left out —
+    with a 95 % bootstrap interval (intervals.difference_interval); "ahead" or "behind" only where it excludes 0.
+    '' for one method."""
     from dpo_jax.evaluation.intervals import difference_interval
 
     outcomes: dict[tuple[str, float], dict[str, float]] = {}

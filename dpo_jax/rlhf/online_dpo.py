@@ -132,14 +132,48 @@ def judge_scores(judge: Any, decode: Callable, prompt_width: int) -> Callable[..
     return score
 
 
+def check_reward(o: Any, judge: Any) -> None:
+    """The `online` section's reward settings, checked before anything is built; errors name the key."""
+    from dpo_jax.parsing import load_callable
+
+    if o.reward_kind not in ("function", "model", "judge"):
+        raise ValueError(f"config.online.reward_kind = {o.reward_kind!r}: 'function', 'model' or 'judge'")
+    if o.reward_kind == "judge" and (judge is None or o.samples_per_prompt != 2):
+        raise ValueError("config.online.reward_kind = 'judge' compares two samples: set "
+                         f"config.online.samples_per_prompt = 2 (got {o.samples_per_prompt}) and config.online.judge")
+    if o.reward_kind == "function":
+        load_callable(o.reward_function, "config.online.reward_function")
+    if o.samples_per_prompt < 2 or o.max_new_tokens < 1:
+        raise ValueError(f"config.online.samples_per_prompt = {o.samples_per_prompt} must be >= 2 and "
+                         f"config.online.max_new_tokens = {o.max_new_tokens} >= 1")
+
+
+def make_score(c: Any, tokenizer: Any, mesh: Any, judge: Any, prompt_width: int) -> Callable[..., np.ndarray]:
+    """score(rows, row mask, texts) -> [n] of config.online's reward: a host function of the decoded texts, a reward
+    model's scoring pass (placed on `mesh`), or a pairwise judge of consecutive sample pairs (k = 2)."""
+    from dpo_jax.parsing import load_callable
+    from dpo_jax.train.model_source import load_reward_scorer
+
+    o = c.online
+    check_reward(o, judge)
+    if o.reward_kind == "judge":
+        def decode(rows, row_mask):
+            return tokenizer.batch_decode([r[m == 1] for r, m in zip(rows, row_mask)], skip_special_tokens=True)
+
+        return judge_scores(judge, decode, prompt_width)
+    if o.reward_kind == "function":
+        function = load_callable(o.reward_function, "config.online.reward_function")
+        return lambda rows, row_mask, texts: np.asarray(function(texts), np.float64)
+    scorer = load_reward_scorer(o.reward_model, len(tokenizer), mesh, c.mesh.rules, "online.reward_model")
+    return lambda rows, row_mask, texts: scorer.rows(rows, row_mask, len(rows))
+
+
 def train_online(c: Any, judge: Any = None) -> dict[str, Any]:
     """`dpo-jax train` with train.mode = "online_dpo": the run (train/run.py) with OnlineRollouts as its hook.
     judge: online.reward_kind = "judge" — a pairwise judge built by the command (evaluation sits above this layer);
     k must be 2. A judge that cannot answer (the endpoint down) stops the run; its verdicts so far stay cached,
     so the resumed run (same prompts, same samples: the keys follow the step) asks none of them again."""
-    from dpo_jax.parsing import load_callable
     from dpo_jax.train import run as train_run
-    from dpo_jax.train.model_source import load_reward_scorer
 
     o = c.online
     if c.data.layout != "pairs":
@@ -149,16 +183,7 @@ def train_online(c: Any, judge: Any = None) -> dict[str, Any]:
         raise ValueError(f"config.dpo.reference = {c.dpo.reference!r}: online DPO samples new pairs every step, which "
                          "precomputed tables cannot cover; use 'per_batch' (the initial policy kept on device) or "
                          "'base' (LoRA: the base with the adapters off)")
-    if o.samples_per_prompt < 2 or o.max_new_tokens < 1:
-        raise ValueError(f"config.online.samples_per_prompt = {o.samples_per_prompt} must be >= 2 and "
-                         f"config.online.max_new_tokens = {o.max_new_tokens} >= 1")
-    if o.reward_kind not in ("function", "model", "judge"):
-        raise ValueError(f"config.online.reward_kind = {o.reward_kind!r}: 'function', 'model' or 'judge'")
-    if o.reward_kind == "judge" and (judge is None or o.samples_per_prompt != 2):
-        raise ValueError("config.online.reward_kind = 'judge' compares two samples: set "
-                         f"config.online.samples_per_prompt = 2 (got {o.samples_per_prompt}) and config.online.judge")
-    function = load_callable(o.reward_function, "config.online.reward_function") \
-        if o.reward_kind == "function" else None
+    check_reward(o, judge)
 
     def make_rollout(run: Any, reference: Any) -> OnlineRollouts:
         tokenizer, pad = run.tokenizer, run.tokenizer.pad_token_id or 0
@@ -166,18 +191,7 @@ def train_online(c: Any, judge: Any = None) -> dict[str, Any]:
         def decode(rows, row_mask):
             return tokenizer.batch_decode([r[m == 1] for r, m in zip(rows, row_mask)], skip_special_tokens=True)
 
-        if function is not None:
-            def score(rows, row_mask, texts):
-                return np.asarray(function(texts), np.float64)
-        elif judge is not None:
-            score = judge_scores(judge, decode, c.data.max_prompt_length)
-        else:
-            scorer = load_reward_scorer(o.reward_model, len(tokenizer), run.engine.mesh, c.mesh.rules,
-                                        "online.reward_model")
-
-            def score(rows, row_mask, texts):
-                return scorer.rows(rows, row_mask, len(rows))
-
+        score = make_score(c, tokenizer, run.engine.mesh, judge, c.data.max_prompt_length)
         sampling = SamplingConfig(max_new_tokens=o.max_new_tokens, temperature=o.temperature,
                                   eos_id=tokenizer.eos_token_id, pad_id=pad)
         return OnlineRollouts(run.engine, run.loaders["train"].source, reference, score, decode, sampling,

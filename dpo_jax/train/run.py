@@ -29,7 +29,7 @@ from dpo_jax.train.engine import Engine, build_engine, default_engine_config
 from dpo_jax.train.evaluation import evaluate_split, sample_completions, sample_prompts
 from dpo_jax.train.model_source import default_model_config, for_mode, model_loader, tokenizer_dir
 from dpo_jax.train.modes import get_mode
-from dpo_jax.train.online_config import default_online_config
+from dpo_jax.train.online_config import default_iterative_config, default_online_config
 from dpo_jax.train.reference_source import NO_REFERENCE, SyncedReference, prepare_reference
 from dpo_jax.train.run_dir import RunDirectory
 from dpo_jax.train.trainer import Trainer
@@ -54,6 +54,7 @@ def default_run_config() -> ml_collections.ConfigDict:
     t.peak_tflops_per_device = 0.0  # for MFU; 0: from the device kind when known (TPU v4/v5/v6, H100/H200, A100)
     t.tensorboard = True
     c.online = default_online_config()  # train.mode = online_dpo: sampling and scoring (rlhf/online_dpo.py)
+    c.iterative = default_iterative_config()  # rounds > 0: iterative DPO (rlhf/iterative_dpo.py)
     return c
 
 
