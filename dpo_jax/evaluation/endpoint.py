@@ -183,7 +183,9 @@ class EndpointJudge:
     def cache_key(self, body: dict[str, Any]) -> str:
         """Everything that shapes the reply: the endpoint, the body (model, messages, temperature, max tokens) and
         the template's version."""
-        shaped = {"v": CACHE_VERSION, "endpoint": self.endpoint, "template": self.template_version, "body": body}
+        # the whole URL but its user:password (hashed: a query may carry a key; its api-version still counts)
+        endpoint = hashlib.sha256(self.url.encode()).hexdigest()
+        shaped = {"v": CACHE_VERSION, "endpoint": endpoint, "template": self.template_version, "body": body}
         return hashlib.sha256(json.dumps(shaped, sort_keys=True).encode()).hexdigest()
 
     # ----- one request ---------------------------------------------------------------------------------------------
