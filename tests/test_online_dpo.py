@@ -27,10 +27,10 @@ def test_pairs_from_scores_take_the_best_and_the_worst_and_drop_all_equal_rows()
         pairs_from_scores(np.array([[0.0, np.nan]]))
 
 
-def _low_tokens(rows, row_mask, texts):
+def _low_tokens(rows, row_mask, texts, prompt_width=H.PROMPT):
     """A learnable reward: the share of the completion's tokens in the low half of the vocabulary."""
-    completion = rows[:, H.PROMPT:]
-    real = row_mask[:, H.PROMPT:] > 0
+    completion = rows[:, prompt_width:]
+    real = row_mask[:, prompt_width:] > 0
     return ((completion < H.MODEL.vocab_size // 2) & real).sum(1) / np.maximum(real.sum(1), 1)
 
 

@@ -24,7 +24,7 @@ import ml_collections
 
 from dpo_jax import sharding
 from dpo_jax.evaluation import agreement as agree
-from dpo_jax.evaluation.winrate_eval import JUDGES, default_winrate_config, judge_for
+from dpo_jax.evaluation.winrate_eval import check_judge, default_winrate_config, judge_for
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -51,8 +51,7 @@ FIELDS = ("judge", "pairs", "judged", "majority", "majority_low", "majority_high
 def main(c: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     if not c.data_path:
         raise ValueError("config.data_path is empty: point it at a file of human-labelled pairs")
-    if c.judge.kind not in JUDGES:
-        raise ValueError(f"config.judge.kind = {c.judge.kind!r}: choose one of {', '.join(JUDGES)}")
+    check_judge(c.judge, "config.judge")
     templates = [t.strip() for t in c.templates.split(",") if t.strip()]
     if templates and c.judge.kind != "endpoint":
         raise ValueError(f"config.templates = {c.templates!r} is for the endpoint judge (config.judge.kind = "

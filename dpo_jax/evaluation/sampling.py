@@ -17,7 +17,7 @@ import numpy as np
 from dpo_jax.evaluation.judges import Judge
 from dpo_jax.evaluation.winrate import length_fields, win_rate
 from dpo_jax.models.config import ModelConfig
-from dpo_jax.models.generate import SamplingConfig, generate_chunks
+from dpo_jax.models.generate import SamplingConfig, ended_with_eos, generate_chunks
 
 
 def check_temperatures(temperatures: Sequence[float], key: str = "temperatures") -> tuple[float, ...]:
@@ -71,9 +71,7 @@ def win_rates(judge: Judge, method: str, temperatures: Sequence[float], prompts:
 
 def token_lengths(tokens: np.ndarray, mask: np.ndarray, eos_id: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Sampled completions' lengths in tokens and whether each ended with EOS (before the budget ran out)."""
-    mask = np.asarray(mask) == 1
-    ended = (np.asarray(tokens) == eos_id) & mask if eos_id is not None else np.zeros_like(mask)
-    return mask.sum(1), ended.any(1)
+    return (np.asarray(mask) == 1).sum(1), ended_with_eos(tokens, mask, eos_id)
 
 
 def decode_completions(tokenizer: Any) -> Callable[[np.ndarray, np.ndarray], list[str]]:

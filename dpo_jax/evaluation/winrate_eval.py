@@ -80,15 +80,7 @@ def check(c: ml_collections.ConfigDict, run_dir: str) -> dict[str, str]:
     """Everything that can be wrong before a model is loaded or a token sampled; returns the other runs."""
     w = c.winrate
     check_temperatures(w.temperatures, "winrate.temperatures")
-    if w.judge.kind not in JUDGES:
-        raise ValueError(f"config.winrate.judge.kind = {w.judge.kind!r}: choose one of {', '.join(JUDGES)}")
-    if w.judge.kind == "function" and not w.judge.function:
-        raise ValueError("config.winrate.judge.function is empty ('module:name' or 'file.py:name')")
-    if w.judge.kind == "endpoint" and not (w.judge.endpoint.base_url and w.judge.endpoint.model):
-        raise ValueError("config.winrate.judge.endpoint.base_url and .model must be set for the endpoint judge")
-    if w.judge.kind == "endpoint" and not 0 <= w.judge.endpoint.both_orders <= 1:
-        raise ValueError(f"config.winrate.judge.endpoint.both_orders = {w.judge.endpoint.both_orders}: a share of the "
-                         "comparisons, in [0, 1]")
+    check_judge(w.judge)
     if w.judge.kind == "endpoint" and jax.process_count() > 1:
         raise ValueError("the endpoint judge runs on one process; run the sampling evaluation single-host")
     runs = parse_runs(w.runs)
@@ -113,6 +105,19 @@ def check(c: ml_collections.ConfigDict, run_dir: str) -> dict[str, str]:
     return runs
 
 
+def check_judge(j: ml_collections.ConfigDict, key: str = "config.winrate.judge") -> None:
+    """A judge section's settings, before anything is loaded or sampled; errors name `key`."""
+    if j.kind not in JUDGES:
+        raise ValueError(f"{key}.kind = {j.kind!r}: choose one of {', '.join(JUDGES)}")
+    if j.kind == "function" and not j.function:
+        raise ValueError(f"{key}.function is empty ('module:name' or 'file.py:name')")
+    if j.kind == "endpoint" and not (j.endpoint.base_url and j.endpoint.model):
+        raise ValueError(f"{key}.endpoint.base_url and .model must be set for the endpoint judge")
+    if j.kind == "endpoint" and not 0 <= j.endpoint.both_orders <= 1:
+        raise ValueError(f"{key}.endpoint.both_orders = {j.endpoint.both_orders}: a share of the comparisons, "
+                         "in [0, 1]")
+
+
 def build_judge(c: ml_collections.ConfigDict, tokenizer: Any, mesh: Any, out_dir: str) -> Judge:
     return judge_for(c.winrate.judge, c.winrate.seed, out_dir, tokenizer, mesh, c.mesh.rules, c.winrate.batch_rows)
 
@@ -120,16 +125,13 @@ def build_judge(c: ml_collections.ConfigDict, tokenizer: Any, mesh: Any, out_dir
 def judge_for(j: ml_collections.ConfigDict, seed: int, out_dir: str, tokenizer: Any = None, mesh: Any = None,
               rules: Any = None, batch_rows: int = 64, key: str = "config.winrate.judge") -> Judge:
     """The judge a `winrate.judge`-shaped section names (`key` in errors); tokenizer and mesh: a reward model's."""
+    check_judge(j, key)
     if j.kind == "function":
-        if not j.function:
-            raise ValueError(f"{key}.function is empty ('module:name' or 'file.py:name')")
         return function_judge(j.function, key=f"{key}.function")
     if j.kind == "reward_model":
         return reward_model_judge(j.model, tokenizer, mesh, rules, j.max_length, batch_rows,
                                   name=f"reward model {j.model.path}")
     e = j.endpoint
-    if not (e.base_url and e.model):
-        raise ValueError(f"{key}.endpoint.base_url and .model must be set for the endpoint judge")
     return EndpointJudge(EndpointConfig(
         base_url=e.base_url, model=e.model, cache_path=e.cache or os.path.join(out_dir, "verdicts.jsonl"),
         template=e.template, api_key_env=e.api_key_env, max_concurrency=e.max_concurrency,

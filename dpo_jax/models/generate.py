@@ -15,7 +15,7 @@ The temperature is an argument of the compiled function, not part of its static 
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +54,15 @@ class Samples(NamedTuple):
     sampling_logps: Array  # [B, N] float32 log-prob under the sampling distribution
     mask: Array  # [B, N] 1 for generated tokens up to and including EOS
     lengths: Array  # [B] number of generated tokens (EOS included)
+
+
+def ended_with_eos(tokens: Any, mask: Any, eos_id: int | None) -> np.ndarray:
+    """[..., N] sampled tokens and their mask -> [...] bool: the sample ended with EOS before its budget ran out
+    (all False without an EOS id). Host arrays."""
+    tokens = np.asarray(tokens)
+    if eos_id is None:
+        return np.zeros(tokens.shape[:-1], bool)
+    return np.any((tokens == eos_id) & (np.asarray(mask) > 0), -1)
 
 
 def filter_logits(raw: Array, s: SamplingConfig, temperature: Array | None = None) -> Array:

@@ -29,7 +29,7 @@ from dpo_jax.data.tokenizers import load_tokenizer
 from dpo_jax.models.generate import SamplingConfig
 from dpo_jax.models.placement import place_on_mesh
 from dpo_jax.rlhf.best_of_n import sample_n
-from dpo_jax.rlhf.online_dpo import check_reward, make_score, pairs_from_scores
+from dpo_jax.rlhf.online_dpo import check_reward, make_score, pairs_from_scores, row_decoder, score_samples
 from dpo_jax.train import run as train_run
 from dpo_jax.train.export import restore_params
 from dpo_jax.train.model_source import model_loader, model_with_head, tokenizer_dir
@@ -58,17 +58,16 @@ def _section(source: str, path: str, like: ml_collections.ConfigDict) -> ml_coll
 
 
 def sample_pairs(c: ml_collections.ConfigDict, policy: ml_collections.ConfigDict, tokenizer: Any, round_: int,
-                 score: Callable[..., np.ndarray], path: str) -> dict[str, int]:
-    """Round `round_`'s pair set from `policy` (a model section), written to `path`; returns its counts."""
+                 prompts: list[Any], score: Callable[..., np.ndarray], mesh: Any, path: str) -> dict[str, int]:
+    """Round `round_`'s pair set from `policy` (a model section, placed on `mesh`) on a draw from `prompts` (the
+    train split's), written to `path`; returns its counts."""
     o, i = c.online, c.iterative
-    prompts = read_prompts(c.data.train_path, c.data.format)
     rng = np.random.default_rng([c.train.seed, round_])
     picked = np.sort(rng.choice(len(prompts), min(i.prompts_per_round, len(prompts)), replace=False))
     prompts = [prompts[j] for j in picked]
     pad = tokenizer.pad_token_id or 0
     ids, mask = encode_prompts(prompts, tokenizer, c.data.max_prompt_length, pad)
     model, load = model_with_head(policy, len(tokenizer), "lm", "iterative policy")
-    mesh = sharding.make_mesh(c.mesh)
     params, _ = place_on_mesh(model, load(), mesh, c.mesh.rules)
     sampling = SamplingConfig(max_new_tokens=o.max_new_tokens, temperature=o.temperature,
                               eos_id=tokenizer.eos_token_id, pad_id=pad)
@@ -76,16 +75,10 @@ def sample_pairs(c: ml_collections.ConfigDict, policy: ml_collections.ConfigDict
     samples = sample_n(params, model, ids, mask, k, jax.random.fold_in(jax.random.key(c.train.seed + 17), round_),
                        sampling)
     tokens, generated = np.asarray(samples.tokens), np.asarray(samples.mask)
-    rows = np.concatenate([np.repeat(ids, k, 0), tokens.reshape(len(ids) * k, -1)], 1)
-    row_mask = np.concatenate([np.repeat(mask, k, 0), generated.reshape(len(ids) * k, -1)], 1)
-    texts = tokenizer.batch_decode([t[m > 0] for t, m in zip(tokens.reshape(len(ids) * k, -1),
-                                                              generated.reshape(len(ids) * k, -1))],
-                                   skip_special_tokens=True)
-    whole = tokenizer.batch_decode([r[m == 1] for r, m in zip(rows, row_mask)], skip_special_tokens=True)
-    scores = np.asarray(score(rows, row_mask, whole), np.float64).reshape(len(ids), k)
-    eos = tokenizer.eos_token_id
-    ended = np.any((tokens == eos) & (generated > 0), -1) if eos is not None else np.zeros(scores.shape, bool)
-    scores = scores - o.missing_eos_penalty * ~ended
+    decode = row_decoder(tokenizer)
+    scores, _ = score_samples(ids, mask, tokens, generated, score, decode, tokenizer.eos_token_id,
+                              o.missing_eos_penalty)
+    texts = decode(tokens.reshape(len(ids) * k, -1), generated.reshape(len(ids) * k, -1))  # the completions alone
     best, worst, keep = pairs_from_scores(scores)
     counts = {"prompts": len(prompts), "pairs": 0, "ties": int((~keep).sum()), "identical": 0,
               "mean_score": float(scores.mean())}
@@ -125,8 +118,9 @@ def train_iterative(c: ml_collections.ConfigDict, judge: Any = None) -> dict[str
         if not os.path.isdir(initial.path):
             model, load = model_loader(c.model, len(tokenizer))
             native.save_model(initial.path, model, jax.device_get(load()))
-    score = make_score(c, tokenizer, sharding.make_mesh(c.mesh), judge, c.data.max_prompt_length)
-    policy, last = initial, {}
+    mesh = sharding.make_mesh(c.mesh)
+    score = make_score(c, tokenizer, mesh, judge)
+    policy, last, prompts = initial, {}, None  # prompts: read once, when a round first samples
     for r in range(c.iterative.rounds):
         round_dir = os.path.join(run_dir, f"round_{r}")
         saved = os.path.join(round_dir, "policy")
@@ -136,7 +130,8 @@ def train_iterative(c: ml_collections.ConfigDict, judge: Any = None) -> dict[str
             continue
         pairs = os.path.join(round_dir, "pairs.jsonl")
         if not os.path.isfile(pairs):
-            counts = sample_pairs(c, policy, tokenizer, r, score, pairs)
+            prompts = prompts if prompts is not None else read_prompts(c.data.train_path, c.data.format)
+            counts = sample_pairs(c, policy, tokenizer, r, prompts, score, mesh, pairs)
             print(f"[iterative] round {r}: {counts['pairs']} pairs from {counts['prompts']} prompts (mean score "
                   f"{counts['mean_score']:+.4f}; {counts['ties']} all-equal, {counts['identical']} identical texts "
                   f"dropped) -> {pairs}", flush=True)

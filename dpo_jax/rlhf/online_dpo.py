@@ -22,7 +22,7 @@ import numpy as np
 
 from dpo_jax.data.layout import PAIRS
 from dpo_jax.data.loader import host_batch
-from dpo_jax.models.generate import SamplingConfig
+from dpo_jax.models.generate import SamplingConfig, ended_with_eos
 from dpo_jax.rlhf.best_of_n import sample_n
 
 
@@ -45,6 +45,28 @@ def prompt_tokens(example: dict) -> np.ndarray:
     return np.asarray(example["chosen_input_ids"])[:int(np.argmax(mask)) if mask.any() else len(mask)]
 
 
+def row_decoder(tokenizer: Any) -> Callable[[np.ndarray, np.ndarray], list[str]]:
+    """(rows, row mask) -> the texts of the masked tokens, special tokens skipped."""
+    def decode(rows, row_mask):
+        return tokenizer.batch_decode([r[m == 1] for r, m in zip(rows, row_mask)], skip_special_tokens=True)
+    return decode
+
+
+def score_samples(prompt_ids: np.ndarray, prompt_mask: np.ndarray, tokens: np.ndarray, generated: np.ndarray,
+                  score: Callable[..., np.ndarray], decode: Callable, eos_id: int | None, missing_eos_penalty: float
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """k samples a prompt (tokens and masks [P, k, N] after left-padded prompts [P, W]) -> (scores [P, k], less
+    `missing_eos_penalty` where a sample did not end; ended [P, k]). Rows go to `score` prompt-major."""
+    p, k = tokens.shape[:2]
+    rows = np.concatenate([np.repeat(prompt_ids, k, 0), tokens.reshape(p * k, -1)], 1)
+    row_mask = np.concatenate([np.repeat(prompt_mask, k, 0), generated.reshape(p * k, -1)], 1)
+    scores = np.asarray(score(rows, row_mask, decode(rows, row_mask), prompt_ids.shape[1]), np.float64).reshape(-1)
+    if scores.shape != (p * k,):
+        raise ValueError(f"the reward gave {scores.size} scores for {p * k} samples")
+    ended = ended_with_eos(tokens, generated, eos_id)
+    return scores.reshape(p, k) - missing_eos_penalty * ~ended, ended
+
+
 def left_padded(prompts: list[np.ndarray], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     ids = np.full((len(prompts), width), pad_id, np.int32)
     mask = np.zeros((len(prompts), width), np.int32)
@@ -59,7 +81,7 @@ class OnlineRollouts:
     """The Trainer's rollout hook (train/trainer.py): a host batch of the preference data -> a DPO batch of pairs the
     current policy sampled from its prompts, reference log-probs attached.
 
-    score(rows, row mask, texts) -> [n] scores of n samples (prompt + completion, left-padded prompts); reference:
+    score(rows, row mask, texts, prompt width) -> [n] scores of n samples (make_score); reference:
     attaches reference log-probs given the state (train/reference_source.py; SyncedReference moves it, TR-DPO).
     seq_len = prompt width + new tokens."""
 
@@ -82,15 +104,8 @@ class OnlineRollouts:
         samples = sample_n(state.params, self.engine.model, ids, mask, self.k,
                            jax.random.fold_in(jax.random.key(self.seed), step), self.sampling)
         tokens, generated = np.asarray(samples.tokens), np.asarray(samples.mask)  # [P, k, N]
-        eos = self.sampling.eos_id
-        ended = np.any((tokens == eos) & (generated > 0), -1) if eos is not None else np.zeros(tokens.shape[:2], bool)
-        flat = lambda x: x.reshape(len(real) * self.k, *x.shape[2:])  # noqa: E731
-        rows = np.concatenate([np.repeat(ids, self.k, 0), flat(tokens)], 1)
-        row_mask = np.concatenate([np.repeat(mask, self.k, 0), flat(generated)], 1)
-        scores = np.asarray(self.score(rows, row_mask, self.decode(rows, row_mask)), np.float64).reshape(-1)
-        if scores.shape != (len(real) * self.k,):
-            raise ValueError(f"online DPO: the reward gave {scores.size} scores for {len(real) * self.k} samples")
-        scores = scores.reshape(len(real), self.k) - self.missing_eos_penalty * ~ended
+        scores, ended = score_samples(ids, mask, tokens, generated, self.score, self.decode, self.sampling.eos_id,
+                                      self.missing_eos_penalty)
         best, worst, keep = pairs_from_scores(scores)
         self.pairs += int(keep.sum())
         self.ties += int((~keep).sum())
@@ -120,10 +135,10 @@ class OnlineRollouts:
         return self.reference.attach(batch, "train", state)
 
 
-def judge_scores(judge: Any, decode: Callable, prompt_width: int) -> Callable[..., np.ndarray]:
+def judge_scores(judge: Any, decode: Callable) -> Callable[..., np.ndarray]:
     """A pairwise judge (evaluation/judges.py interface) as the score of k = 2 samples: the first sample against the
     second, scores (o, 1 − o) for outcome o; a tie or no verdict (invalid, failed) scores both ½ — no pair."""
-    def score(rows, row_mask, texts):
+    def score(rows, row_mask, texts, prompt_width):
         prompts = decode(rows[0::2, :prompt_width], row_mask[0::2, :prompt_width])
         completions = decode(rows[:, prompt_width:], row_mask[:, prompt_width:])
         outcome = np.asarray(judge.compare(prompts, completions[0::2], completions[1::2]), np.float64)
@@ -148,24 +163,22 @@ def check_reward(o: Any, judge: Any) -> None:
                          f"config.online.max_new_tokens = {o.max_new_tokens} >= 1")
 
 
-def make_score(c: Any, tokenizer: Any, mesh: Any, judge: Any, prompt_width: int) -> Callable[..., np.ndarray]:
-    """score(rows, row mask, texts) -> [n] of config.online's reward: a host function of the decoded texts, a reward
-    model's scoring pass (placed on `mesh`), or a pairwise judge of consecutive sample pairs (k = 2)."""
+def make_score(c: Any, tokenizer: Any, mesh: Any, judge: Any) -> Callable[..., np.ndarray]:
+    """score(rows, row mask, texts, prompt width) -> [n] of config.online's reward: a host function of the decoded
+    texts, a reward model's scoring pass (placed on `mesh`), or a pairwise judge of consecutive sample pairs
+    (k = 2; the first `prompt width` columns of a row are its prompt)."""
     from dpo_jax.parsing import load_callable
     from dpo_jax.train.model_source import load_reward_scorer
 
     o = c.online
     check_reward(o, judge)
     if o.reward_kind == "judge":
-        def decode(rows, row_mask):
-            return tokenizer.batch_decode([r[m == 1] for r, m in zip(rows, row_mask)], skip_special_tokens=True)
-
-        return judge_scores(judge, decode, prompt_width)
+        return judge_scores(judge, row_decoder(tokenizer))
     if o.reward_kind == "function":
         function = load_callable(o.reward_function, "config.online.reward_function")
-        return lambda rows, row_mask, texts: np.asarray(function(texts), np.float64)
+        return lambda rows, row_mask, texts, prompt_width: np.asarray(function(texts), np.float64)
     scorer = load_reward_scorer(o.reward_model, len(tokenizer), mesh, c.mesh.rules, "online.reward_model")
-    return lambda rows, row_mask, texts: scorer.rows(rows, row_mask, len(rows))
+    return lambda rows, row_mask, texts, prompt_width: scorer.rows(rows, row_mask, len(rows))
 
 
 def train_online(c: Any, judge: Any = None) -> dict[str, Any]:
@@ -187,14 +200,11 @@ def train_online(c: Any, judge: Any = None) -> dict[str, Any]:
 
     def make_rollout(run: Any, reference: Any) -> OnlineRollouts:
         tokenizer, pad = run.tokenizer, run.tokenizer.pad_token_id or 0
-
-        def decode(rows, row_mask):
-            return tokenizer.batch_decode([r[m == 1] for r, m in zip(rows, row_mask)], skip_special_tokens=True)
-
-        score = make_score(c, tokenizer, run.engine.mesh, judge, c.data.max_prompt_length)
+        score = make_score(c, tokenizer, run.engine.mesh, judge)
         sampling = SamplingConfig(max_new_tokens=o.max_new_tokens, temperature=o.temperature,
                                   eos_id=tokenizer.eos_token_id, pad_id=pad)
-        return OnlineRollouts(run.engine, run.loaders["train"].source, reference, score, decode, sampling,
-                              o.samples_per_prompt, c.data.max_prompt_length, o.missing_eos_penalty, c.train.seed)
+        return OnlineRollouts(run.engine, run.loaders["train"].source, reference, score, row_decoder(tokenizer),
+                              sampling, o.samples_per_prompt, c.data.max_prompt_length, o.missing_eos_penalty,
+                              c.train.seed)
 
     return train_run.train(c, make_rollout)

@@ -29,7 +29,7 @@ from dpo_jax.logprobs import DEFAULT_CHUNK_SIZE, token_logprobs
 from dpo_jax.models import lora
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.decoder import Decoder, logical_axes, unembedding
-from dpo_jax.models.generate import SamplingConfig, generate
+from dpo_jax.models.generate import SamplingConfig, ended_with_eos, generate
 from dpo_jax.models.reward import token_scores
 from dpo_jax.rlhf import ppo_math
 from dpo_jax.rlhf.best_of_n import sample_keys
@@ -329,8 +329,8 @@ class Rollouts:
         texts = self.decode(np.asarray(full), np.asarray(full_mask))
         scores = np.asarray(self.score(np.asarray(full), np.asarray(full_mask), texts), np.float32)
         if self.missing_eos_penalty and c.sampling.eos_id is not None:
-            tokens, gen = np.asarray(samples.tokens), np.asarray(samples.mask)
-            scores = scores - self.missing_eos_penalty * ~np.any((tokens == c.sampling.eos_id) & (gen > 0), 1)
+            scores = scores - self.missing_eos_penalty * ~ended_with_eos(samples.tokens, samples.mask,
+                                                                           c.sampling.eos_id)
         return {"input_ids": full, "attention_mask": full_mask, "response_mask": samples.mask, "old_logps": old_logps,
                 "ref_logps": ref_logps, "old_values": values, "scores": scores, "example_id": local["example_id"],
                 "texts": texts}

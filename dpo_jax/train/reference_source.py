@@ -65,7 +65,7 @@ class SyncedReference:
         if every < 0 or not 0 < alpha <= 1:
             raise ValueError(f"config.dpo.ref_sync_every = {every} must be >= 0 and config.dpo.ref_sync_alpha = "
                              f"{alpha} in (0, 1]")
-        self.inner, self.every, self.alpha, self.synced = inner, every, alpha, 0
+        self.inner, self.every, self.synced = inner, every, 0
         self._move = jax.jit(lambda ref, policy: jax.tree.map(
             lambda r, p: (alpha * p.astype(jnp.float32) + (1 - alpha) * r.astype(jnp.float32)).astype(r.dtype),
             ref, policy), donate_argnums=0)
