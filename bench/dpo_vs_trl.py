@@ -292,6 +292,32 @@ def config_changes(config, defaults, prefix: str = "") -> dict:
 
 # ----- the driver ---------------------------------------------------------------------------------------------------
 
+def peer_parser(doc: str, work_dir_name: str, systems: str) -> argparse.ArgumentParser:
+    """The flags every peer bench (PPO, online DPO) shares; the caller adds its length flag."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work-dir", default=os.path.join(os.path.dirname(default_work_dir()), work_dir_name))
+    p.add_argument("--out", default="")
+    p.add_argument("--compile-cache", default="", help="a compile cache directory all our runs share: repeat 0 "
+                   "compiles (cold), later repeats load (warm); default: each run's own, empty")
+    p.add_argument("--systems", default=systems, help="comma-separated subset of " + systems.replace(",", ", "))
+    p.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    return p
+
+
+def peer_env(work_dir: str, compile_cache: str = "") -> dict:
+    """The environment every run of a bench gets: offline, quiet, temporary files under the work directory, and
+    no compile cache of the caller's (our runs start cold unless `compile_cache` is shared on purpose)."""
+    env = {**os.environ, "TMPDIR": work_dir, "HF_HOME": os.path.join(work_dir, "hf"), "TQDM_DISABLE": "1",
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("XLA_FLAGS", None)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # a cache of the caller's would make our runs warm
+    if compile_cache:
+        env["DPO_JAX_COMPILE_CACHE"] = os.path.abspath(compile_cache)
+    return env
+
+
 def launch(python: str, script: str, s: dict, env: dict) -> dict:
     proc = subprocess.run([python, script, json.dumps(s)] if script.endswith("_worker.py")
                           else [python, script, "--worker", json.dumps(s)],

@@ -20,13 +20,11 @@ differ), with an empty compile cache per run (cold) unless --compile-cache share
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -112,16 +110,9 @@ def steady(xs: list[float]) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = common.peer_parser(__doc__, "ppo_vs_trl", "ours,trl")
     p.add_argument("--iterations", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--work-dir", default=os.path.join(os.path.dirname(common.default_work_dir()), "ppo_vs_trl"))
-    p.add_argument("--out", default="")
-    p.add_argument("--compile-cache", default="", help="a compile cache directory all our runs share: repeat 0 "
-                   "compiles (cold), later repeats load (warm); default: each run's own, empty")
-    p.add_argument("--systems", default="ours,trl", help="comma-separated subset of ours, trl")
-    p.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    p.set_defaults(repeats=3)
     args = p.parse_args()
     if args.worker:
         print(json.dumps(run_ours(json.loads(args.worker))), flush=True)
@@ -140,22 +131,12 @@ def main() -> None:
     common.write_checkpoint(s["model_dir"], args.seed, s["tokenizer_dir"])
     write_reward_model(s["model_dir"], s["rm_dir"], args.seed)
     write_prompts(s["prompts_path"], args.iterations * PROMPTS_PER_ITERATION, common.MODEL["vocab_size"], args.seed)
-    env = {**os.environ, "TMPDIR": work_dir, "HF_HOME": os.path.join(work_dir, "hf"), "TQDM_DISABLE": "1",
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("XLA_FLAGS", None)
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # a cache of the caller's would make our runs warm
-    if args.compile_cache:
-        env["DPO_JAX_COMPILE_CACHE"] = os.path.abspath(args.compile_cache)
+    env = common.peer_env(work_dir, args.compile_cache)
     runs = []
     for rep in range(args.repeats):
         for system in systems:
             script = os.path.abspath(__file__) if system == "ours" else os.path.join(HERE, "trl_ppo_worker.py")
-            cmd = [sys.executable, script, "--worker", json.dumps(s)] if system == "ours" else [python, script,
-                                                                                              json.dumps(s)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if proc.returncode:
-                raise RuntimeError(f"{system} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-            r = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+            r = common.launch(sys.executable if system == "ours" else python, script, s, env)
             r["repeat"] = rep
             runs.append(r)
             if system == "ours" and rep == 0:  # which flags made our numbers (paths are this run's)

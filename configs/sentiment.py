@@ -25,8 +25,9 @@ from dpo_jax.experiments.sentiment_config import default_config, method
 
 
 def full_config() -> ml_collections.ConfigDict:
-    """Every family at three seeds — DPO at 4 β (the paper's 0.05, 0.1, 1, 5), PPO and PPO-GT at the paper's target
-    KLs {3, 6, 9, 12}, cDPO, IPO, Unlikelihood, Preferred-FT, Best-of-N to N = 64 — with every family's learning
+    """Every family at three seeds — DPO and online DPO at 4 β (the paper's 0.05, 0.1, 1, 5), PPO and PPO-GT at the
+    paper's target KLs {3, 6, 9, 12}, TR-DPO at one setting, cDPO, IPO, Unlikelihood, Preferred-FT, Best-of-N to
+    N = 64 — with every family's learning
     rate (and the reward model's) chosen on validation prefixes, evaluated every 20 updates. π_SFT, the pairs and
     the budget are the default's (1,280 VADER labels, 80 updates a run), so the default job's cached stages are
     reused and the two runs compare point for point."""
@@ -37,11 +38,14 @@ def full_config() -> ml_collections.ConfigDict:
     c.best_of_n.ns = (1, 2, 4, 16, 64)
     c.ppo.targets = (3.0, 6.0, 9.0, 12.0)
     c.sweep.learning_rates = (1e-4, 3e-4, 1e-3)
-    c.sweep.families = ("DPO", "PPO", "PPO-GT", "cDPO", "IPO", "Unlikelihood", "Preferred-FT")
+    c.sweep.families = ("DPO", "PPO", "PPO-GT", "Online DPO", "TR-DPO", "cDPO", "IPO", "Unlikelihood", "Preferred-FT")
     c.reward_model.learning_rates = (3e-4, 1e-3, 3e-3)
     methods = {}
     for beta in (0.05, 0.1, 1.0, 5.0):
         methods[f"dpo_beta{beta:g}".replace('.', 'p')] = method("dpo", beta=beta)
+        methods[f"online_dpo_beta{beta:g}".replace('.', 'p')] = method("online_dpo", beta=beta)
+    # TR-DPO at one setting: TRL's default soft update (α = 0.6), every 20 of the 80 updates
+    methods["tr_dpo_beta0p1"] = method("dpo", beta=0.1, ref_sync_every=20, ref_sync_alpha=0.6)
     methods["unlikelihood_alpha1"] = method("unlikelihood", unlikelihood_alpha=1.0)
     methods["cdpo_beta0p1"] = method("dpo", beta=0.1, label_smoothing=0.2)
     methods["ipo_beta0p1"] = method("dpo", loss_type="ipo", beta=0.1)

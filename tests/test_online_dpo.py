@@ -40,8 +40,8 @@ def _rollouts(engine, ref_params, k=3, tokens=6):
                "chosen_loss_mask": np.array([0] * H.PROMPT + [1, 1])} for _ in range(8)]
     sampling = SamplingConfig(max_new_tokens=tokens, temperature=1.0, eos_id=None, pad_id=0)
     reference = PerBatchReference(engine, ref_params)
-    return OnlineRollouts(engine, source, reference, _low_tokens, lambda rows, mask: [""] * len(rows), sampling,
-                          k, H.PROMPT, 0.0, seed=3), source
+    return OnlineRollouts(engine, lambda i: prompt_tokens(source[i]), reference, _low_tokens,
+                          lambda rows, mask: [""] * len(rows), sampling, k, H.PROMPT, 0.0, seed=3), source
 
 
 def test_an_online_step_is_an_offline_dpo_step_on_the_pairs_it_sampled():

@@ -55,7 +55,11 @@ def result(tmp_path_factory):
     c.sweep.learning_rates, c.sweep.families, c.sweep.prefixes = (3e-4, 1e-3), ("DPO",), 128
     c.seeds = (0,)
     c.methods = ml_collections.ConfigDict({"dpo_beta0p1": sentiment_config.method("dpo", seeds=(0, 1), beta=0.1),
-                                           "preferred_ft": sentiment_config.method("sft")})  # DPO: its own seeds
+                                           "preferred_ft": sentiment_config.method("sft"),  # DPO: its own seeds
+                                           "online_dpo_beta0p1": sentiment_config.method("online_dpo", beta=0.1),
+                                           "tr_dpo_beta0p1": sentiment_config.method("dpo", beta=0.1,
+                                                                                     ref_sync_every=20,
+                                                                                     ref_sync_alpha=0.6)})
     c.winrate.prefixes, c.winrate.validation_pairs = 64, 1000
     return c, run_at_default_level(c)[0]
 
@@ -88,7 +92,8 @@ def test_outputs_are_written(result):
     with open(os.path.join(c.out_dir, "results.csv")) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(r["points"]) and {row["method"] for row in rows} == {
-        "sft", "best_of_n", "ppo_kl3", "ppo_gt_kl3", "dpo_beta0p1", "preferred_ft"}
+        "sft", "best_of_n", "ppo_kl3", "ppo_gt_kl3", "dpo_beta0p1", "preferred_ft", "online_dpo_beta0p1",
+        "tr_dpo_beta0p1"}
     assert {"seed", "step", "family", "rm_score", "vader", "kl"} <= set(rows[0])
     # every DPO and PPO point carries the reward model's score of its samples
     assert all(row["rm_score"] != "" for row in rows if row["family"] in ("DPO", "PPO", "PPO-GT"))
@@ -110,11 +115,16 @@ def test_the_equal_terms_table_counts_what_each_run_used(result):
     labelled = c.pairs.prefixes * c.pairs.samples_per_prefix  # every prefix's samples, scored by VADER once
     iterations, batch, rollouts = c.train.steps // c.ppo.epochs, c.train.batch_pairs, c.ppo.rollouts
     assert set(runs) == {("dpo_beta0p1", 0), ("dpo_beta0p1", 1), ("preferred_ft", 0), ("ppo_kl3", 0),
-                         ("ppo_gt_kl3", 0)}  # the sweep's runs are tuning, stated in their own table
+                         ("ppo_gt_kl3", 0), ("online_dpo_beta0p1", 0), ("tr_dpo_beta0p1", 0)}  # sweeps: tuning
     want = {"updates": c.train.steps, "sequences": c.train.steps * 2 * batch, "ground_truth_labels": labelled,
             "reward_model_queries": 0, "samples_generated": labelled}
     for key, value in want.items():
-        assert runs["dpo_beta0p1", 1][key] == value, key
+        assert runs["dpo_beta0p1", 1][key] == value and runs["tr_dpo_beta0p1", 0][key] == value, key
+    # online DPO: its own samples are its labels, every one of them scored by VADER as it trains
+    sampled = c.train.steps * c.online.prompts * c.online.samples_per_prompt
+    assert {k: runs["online_dpo_beta0p1", 0][k] for k in want} == {
+        "updates": c.train.steps, "sequences": c.train.steps * 2 * c.online.prompts, "ground_truth_labels": sampled,
+        "reward_model_queries": 0, "samples_generated": sampled}
     ppo = {"updates": iterations * c.ppo.epochs, "sequences": iterations * rollouts * c.ppo.epochs,
            "learning_rate": c.ppo.learning_rate}
     assert runs["ppo_kl3", 0] | ppo == runs["ppo_kl3", 0] and runs["ppo_gt_kl3", 0] | ppo == runs["ppo_gt_kl3", 0]
@@ -168,7 +178,8 @@ def test_win_rates_generalization_and_judge_validation_are_reported(result):
     c, _ = result
     with open(os.path.join(c.out_dir, "winrate.csv")) as f:
         rows = list(csv.DictReader(f))
-    policies = ["sft", "ppo_kl3", "ppo_gt_kl3", "dpo_beta0p1", "preferred_ft"]  # in training order
+    policies = ["sft", "ppo_kl3", "ppo_gt_kl3", "dpo_beta0p1", "online_dpo_beta0p1", "preferred_ft",
+                "tr_dpo_beta0p1"]  # in training order (config.methods iterates by name)
     assert [(r["method"], float(r["temperature"])) for r in rows] == [
         (m, t) for m in policies for t in (0.0, 0.25, 0.5, 0.75, 1.0)]
     assert all(int(r["valid"]) == 64 and int(r["invalid"]) == 0 for r in rows)  # VADER always answers
@@ -315,3 +326,15 @@ def test_methods_are_named_entries_whose_unknown_fields_name_the_method(result):
     stages.data()
     with pytest.raises(ValueError, match=r"config.methods.typo.dpo: unknown key\(s\) \['bta'\]; valid: beta, "):
         stages.engine_for("typo", S.method("dpo", bta=0.5), 1e-3, 4, None)
+
+
+def test_online_settings_that_cannot_make_pairs_are_refused_before_anything_runs(tmp_path):
+    c = sentiment_config.default_config()
+    c.out_dir, c.cache_dir = str(tmp_path / "out"), str(tmp_path / "cache")
+    c.online.samples_per_prompt = 1
+    with pytest.raises(ValueError, match=r"config.online.samples_per_prompt = 1 >= 2"):
+        S.run(c)
+    c.online.samples_per_prompt, c.online.temperature = 2, 0.0
+    with pytest.raises(ValueError, match=r"config.online.temperature = 0.0 must be > 0"):
+        S.run(c)
+    assert not os.path.exists(c.out_dir)  # refused before the first stage

@@ -25,9 +25,10 @@ def _point(method, seed, step, reward, kl, noise=0.0, rm=True):
 
 def test_families_keep_cdpo_ipo_and_fixed_coefficient_ppo_out_of_the_paper_s_families():
     assert [family(m) for m in ("dpo_beta0p1", "cdpo_beta0p1", "ipo_beta0p1", "ppo_kl3", "ppo_gt_kl3", "ppo_beta1",
-                                "ppo_gt_beta1", "best_of_n", "unlikelihood_alpha1", "preferred_ft", "sft")] == [
+                                "ppo_gt_beta1", "best_of_n", "unlikelihood_alpha1", "preferred_ft", "sft",
+                                "online_dpo_beta1", "tr_dpo_beta0p1")] == [
         "DPO", "cDPO", "IPO", "PPO", "PPO-GT", "PPO (fixed β)", "PPO-GT (fixed β)", "Best-of-N", "Unlikelihood",
-        "Preferred-FT", "π_SFT"]
+        "Preferred-FT", "π_SFT", "Online DPO", "TR-DPO"]
 
 
 def test_points_round_trip_with_their_per_prompt_outcomes(tmp_path):

@@ -10,7 +10,7 @@ Stages (each cached under the cache directory, keyed by what it depends on):
                 VADER and the human ratings), and Best-of-N from π_SFT ranked by it (rlhf/best_of_n.py: one pass of
                 max N samples per held-out prefix, every N read off it; KL = log N − (N−1)/N);
  6. methods  — DPO (several β), conservative DPO, IPO, Unlikelihood (α sweep) and Preferred-FT, each from π_SFT with
-                the reference log-probs precomputed once; every `eval_every` steps, completions for held-out test
+                the reference log-probs precomputed once; online DPO and TR-DPO (sentiment_online.py); every `eval_every` steps, completions for held-out test
                 prefixes give the mean reward and the mean sequence-level KL(π‖π_ref) = Σ_t log π − log π_ref over
                 the sampled tokens (a Monte-Carlo estimate: ≥ 0 in expectation, 0 for π = π_ref). It is unbiased
                 only for samples from π itself, so evaluation samples at temperature 1 whatever
@@ -42,7 +42,7 @@ from dpo_jax.convert import native
 from dpo_jax.data.loader import PreferenceLoader
 from dpo_jax.data.pipeline import default_cache_dir
 from dpo_jax.experiments import sentiment_corpus as corpus
-from dpo_jax.experiments import sentiment_ppo, sentiment_rlhf, sentiment_sweep, sentiment_winrate
+from dpo_jax.experiments import sentiment_online, sentiment_ppo, sentiment_rlhf, sentiment_sweep, sentiment_winrate
 from dpo_jax.experiments.sentiment_budget import Usage, write_budget
 from dpo_jax.experiments.sentiment_config import method
 from dpo_jax.experiments.sentiment_pairs import load_pairs, ranked_pairs, save_pairs
@@ -185,8 +185,7 @@ class Stages:
                  ) -> tuple[np.ndarray, ...]:
         """(prompts, mask) of n sentences' prefixes (sentiment_corpus.draw_prefixes), after the first `skip` of
         the draw; with `sources`, also each row's sentence index and prefix length."""
-        p = self.c.pairs
-        out = corpus.draw_prefixes(ids, n, seed, p.min_prefix, p.max_prefix, self.pad, skip)
+        out = corpus.draw_prefixes(ids, n, seed, self.c.pairs.min_prefix, self.c.pairs.max_prefix, self.pad, skip)
         return out if sources else out[:2]
 
     def pairs(self) -> None:
@@ -321,17 +320,20 @@ class Stages:
         learning_rate = learning_rate if swept else self.learning_rates.get(family(name), t.learning_rate)
         usage = Usage(name, seed, learning_rate, ground_truth_labels=self.pair_samples,
                       samples_generated=self.pair_samples)
+        if sentiment_online.is_online(m):  # its labels are its own samples', counted as they are scored
+            usage.ground_truth_labels = usage.samples_generated = 0
         if (name, learning_rate) not in self.engines:  # one compiled step per method and rate, for every seed
-            engine = self.engine_for(name, m, learning_rate, t.batch_pairs, self.sft_params)
+            engine = self.engine_for(name, m, learning_rate, sentiment_online.batch_pairs(self, m), self.sft_params)
             self.engines[name, learning_rate] = engine, jax.tree.map(jnp.copy, engine.state)
         engine, initial = self.engines[name, learning_rate]
         engine = usage.count_steps(engine)
+        rollout, batches = sentiment_online.rollout(self, m, engine, initial, seed, usage)  # online DPO, TR-DPO
+        tables = engine.config.needs_reference and rollout is None
         trainer = Trainer(engine, steps=t.steps, writer=MetricWriter(None), name=f"{name} seed {seed}",
-                          reference=ReferenceTables({"train": self.reference_table()})
-                          if engine.config.needs_reference else NO_REFERENCE,
-                          eval_every=self.c.eval.every if evaluate else 0,
+                          reference=ReferenceTables({"train": self.reference_table()}) if tables else NO_REFERENCE,
+                          rollout=rollout, eval_every=self.c.eval.every if evaluate else 0,
                           evaluate=(lambda step, state: evaluate(step, state.params)) if evaluate else None)
-        final = trainer.fit(jax.tree.map(jnp.copy, initial), self.pair_loader(seed))[0].params  # the step donates
+        final = trainer.fit(jax.tree.map(jnp.copy, initial), batches or self.pair_loader(seed))[0].params  # donated
         if not swept:
             self.usages.append(usage.done())
         return final
@@ -354,15 +356,14 @@ class Stages:
 
     def pair_loader(self, seed: int = 0) -> PreferenceLoader:
         """The preference pairs in a training seed's order (the same for every method at that seed)."""
-        return PreferenceLoader(self.pair_source, global_batch_pairs=self.c.train.batch_pairs,
-                                seq_len=self._seq_len(), seed=self.c.seed + 1000 * seed, prefetch=0, pad_id=self.pad)
-
-    def _seq_len(self) -> int:
-        return self.c.pairs.max_prefix + max(self.c.pairs.max_new_tokens, 1)
+        seq_len = self.c.pairs.max_prefix + max(self.c.pairs.max_new_tokens, 1)
+        return PreferenceLoader(self.pair_source, global_batch_pairs=self.c.train.batch_pairs, seq_len=seq_len,
+                                seed=self.c.seed + 1000 * seed, prefetch=0, pad_id=self.pad)
 
 
 def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
     start = time.perf_counter()
+    sentiment_online.check(c)
     stages = Stages(c)
     compile_cache.configure(c.cache_dir)  # a re-run loads its compiled programs (called from the library too)
     with stages.timed("corpus and tokenizer"):

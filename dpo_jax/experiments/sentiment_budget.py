@@ -3,7 +3,7 @@ budget.csv.
 
 Per run: optimizer updates and the sequences they read (counted at the engine's train step), ground-truth (VADER)
 labels behind its training signal, reward-model queries, completions generated for training, and wall-clock
-seconds. Pair-based methods (DPO and relatives, Preferred-FT, Unlikelihood) and the reward model behind PPO share
+seconds. Online DPO is charged its own samples, each labelled by VADER as it trains (sentiment_online.py). Pair-based methods (DPO and relatives, Preferred-FT, Unlikelihood) and the reward model behind PPO share
 one set of pairs: each is charged the pairs' labels and samples in full (they are the data it trained on).
 Evaluation is the same for every run and not counted.
 """
@@ -89,7 +89,8 @@ def write_budget(out_dir: str, usages: list[Usage]) -> list[str]:
              "Counted as the runs ran (budget.csv has every run). Sequences: read by the optimizer updates, summed "
              "(a DPO update reads a pair's two responses). Ground-truth labels: VADER queries behind the training "
              "signal — the preference pairs' labelled samples for every pair-based method and for PPO through its "
-             "reward model, the rollouts' rewards for PPO-GT. Samples: completions generated for training.", "",
+             "reward model, the rollouts' rewards for PPO-GT, the policy's own samples for online DPO. Samples: "
+             "completions generated for training.", "",
              "| method | family | runs | learning rate | updates | sequences | ground-truth labels | "
              "reward-model queries | samples generated | seconds per run |",
              "|---|---|---|---|---|---|---|---|---|---|"]

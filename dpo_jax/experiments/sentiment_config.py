@@ -46,23 +46,29 @@ def default_config() -> ml_collections.ConfigDict:
     # (sentiment_sweep.py); empty: the configured rates
     c.sweep = ml_collections.ConfigDict(dict(learning_rates=(), families=("DPO", "PPO", "PPO-GT"),
                                              dpo_method="dpo_beta0p1", target_kl=6.0, max_kl=6.0, prefixes=256))
+    # online DPO (sentiment_online.py): each update samples `samples_per_prompt` completions for each of `prompts`
+    # train prefixes from the current policy, VADER labels them, DPO on the best vs the worst; 8 x 2 x 80 updates =
+    # 1,280 VADER labels, the pairs' and PPO-GT's count
+    c.online = ml_collections.ConfigDict(dict(prompts=8, samples_per_prompt=2, temperature=1.0))
     # every final policy's win rate vs the human continuation per temperature, its reward and win rate on other
     # domains' prefixes, and the judges' agreement with human ratings (sentiment_winrate.py); prefixes = 0: off
     c.winrate = ml_collections.ConfigDict(dict(temperatures=(0.0, 0.25, 0.5, 0.75, 1.0), prefixes=128,
                                                domains=("amazon", "nyt", "tweets"), validation_pairs=2000))
     # every compared method, by name: its train.mode and the engine dpo-section fields it sets; all get the same
     # steps, batch, learning rate and evaluation (e.g. --config.methods.dpo_beta1.dpo.beta=2)
-    # DPO at two β, as many settings and seeds as PPO's and PPO-GT's two targets (a family's envelope rises with its
-    # number of runs). Preferred-FT, Unlikelihood, cDPO, IPO and more β: configs/sentiment.py:full (the default job's
-    # 12 minutes hold these four families)
+    # DPO and online DPO at the same two β, as many settings and seeds as PPO's and PPO-GT's two targets (a family's
+    # envelope rises with its number of runs). Preferred-FT, Unlikelihood, cDPO, IPO, TR-DPO and more β:
+    # configs/sentiment.py:full (the default job's 12 minutes hold these five families)
     c.methods = ml_collections.ConfigDict({
         "dpo_beta0p05": method("dpo", beta=0.05), "dpo_beta1": method("dpo", beta=1.0),
+        "online_dpo_beta0p05": method("online_dpo", beta=0.05), "online_dpo_beta1": method("online_dpo", beta=1.0),
     })
     return c
 
 
 def method(mode: str, seeds: tuple[int, ...] = (), **dpo: Any) -> ml_collections.ConfigDict:
-    """A compared method: train.mode (dpo, sft = Preferred-FT, unlikelihood), its training seeds (empty: the
-    experiment's `seeds`) and the `dpo` config fields it sets (loss_type, beta, label_smoothing,
-    unlikelihood_alpha, loss_kwargs ...; unset ones keep their defaults)."""
+    """A compared method: train.mode (dpo, sft = Preferred-FT, unlikelihood, online_dpo), its training seeds
+    (empty: the experiment's `seeds`) and the `dpo` config fields it sets (loss_type, beta, label_smoothing,
+    unlikelihood_alpha, loss_kwargs, ref_sync_every and ref_sync_alpha = TR-DPO ...; unset ones keep their
+    defaults)."""
     return ml_collections.ConfigDict({"mode": mode, "seeds": tuple(seeds), "dpo": dpo})

@@ -15,11 +15,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-# method-name prefix -> family, first match wins (cDPO and IPO are their own families: the paper's Figure 2 has
-# neither, so they stay out of DPO's envelope; so are PPO runs at a fixed coefficient, off the paper's protocol)
+# method-name prefix -> family, first match wins (cDPO, IPO, online DPO and TR-DPO are their own families: the
+# paper's Figure 2 has none of them, so they stay out of DPO's envelope; so are PPO runs at a fixed coefficient, off
+# the paper's protocol)
 FAMILIES = (("ppo_gt_beta", "PPO-GT (fixed β)"), ("ppo_beta", "PPO (fixed β)"), ("ppo_gt", "PPO-GT"), ("ppo", "PPO"),
-            ("best_of_n", "Best-of-N"), ("cdpo", "cDPO"), ("ipo", "IPO"), ("dpo", "DPO"),
-            ("unlikelihood", "Unlikelihood"), ("preferred_ft", "Preferred-FT"), ("sft", "π_SFT"))
+            ("best_of_n", "Best-of-N"), ("online_dpo", "Online DPO"), ("tr_dpo", "TR-DPO"), ("cdpo", "cDPO"),
+            ("ipo", "IPO"), ("dpo", "DPO"), ("unlikelihood", "Unlikelihood"), ("preferred_ft", "Preferred-FT"), ("sft", "π_SFT"))
 COLUMNS = ("family", "method", "seed", "step", "vader", "kl", "rm_score")
 
 

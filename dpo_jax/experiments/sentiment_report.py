@@ -42,7 +42,8 @@ def write_results(c: ml_collections.ConfigDict, points: list[dict[str, Any]], va
 
 COLORS = {"DPO": "tab:blue", "PPO": "tab:red", "PPO-GT": "tab:orange", "PPO (fixed β)": "tab:pink",
           "PPO-GT (fixed β)": "gold", "Best-of-N": "black", "cDPO": "tab:cyan",
-          "IPO": "tab:brown", "Unlikelihood": "tab:green", "Preferred-FT": "tab:purple", "π_SFT": "black"}
+          "IPO": "tab:brown", "Unlikelihood": "tab:green", "Preferred-FT": "tab:purple", "π_SFT": "black",
+          "Online DPO": "tab:olive", "TR-DPO": "navy"}
 
 
 def final_points(points: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -103,7 +104,8 @@ def plot_frontier(points: list[dict[str, Any]], path: str) -> None:
     by_family: dict[str, list[dict[str, Any]]] = {}
     for p in points:
         by_family.setdefault(p["family"], []).append(p)
-    markers = {"cDPO": "^", "IPO": "s", "PPO-GT": "v", "Best-of-N": "D", "PPO (fixed β)": "x", "PPO-GT (fixed β)": "+"}
+    markers = {"cDPO": "^", "IPO": "s", "PPO-GT": "v", "Best-of-N": "D", "PPO (fixed β)": "x", "PPO-GT (fixed β)": "+",
+               "Online DPO": "P", "TR-DPO": "h"}
     for fam, pts in by_family.items():
         color = COLORS.get(fam, "gray")
         if fam == "π_SFT":
@@ -254,19 +256,22 @@ def _matched_kl_lines(c: ml_collections.ConfigDict, points: list[dict[str, Any]]
              f"Budget: {t.steps} optimizer updates for every trained family — DPO and relatives of {t.batch_pairs} "
              f"pairs ({2 * t.batch_pairs} sequences); PPO and PPO-GT of {c.ppo.rollouts // c.ppo.minibatches} "
              f"sequences, {t.steps // (c.ppo.epochs * c.ppo.minibatches)} iterations of {c.ppo.rollouts} rollouts x "
-             f"{c.ppo.epochs} epochs x {c.ppo.minibatches} minibatch(es) (the equal-terms table counts every "
+             f"{c.ppo.epochs} epochs x {c.ppo.minibatches} minibatch(es)"
+             + (f"; online DPO of at most {c.online.prompts} pairs, each the best and the worst of "
+                f"{c.online.samples_per_prompt} samples of a prompt from the current policy, labelled by VADER"
+                if "Online DPO" in present else "") + " (the equal-terms table counts every "
              "label and sample); learning rates as chosen below. PPO and PPO-GT run the paper's "
              f"protocol: the adaptive KL controller (from coefficient {c.ppo.init_kl_coef:g}, horizon "
              f"{c.ppo.horizon:g} episodes) toward each target KL ({', '.join(f'{x:g}' for x in c.ppo.targets)})"
              + (f", plus fixed coefficients {', '.join(f'{x:g}' for x in c.ppo.betas)}" if c.ppo.betas else "")
              + ". Runs (settings × seeds): "
              + ", ".join(f"{f} {n}" for f, n in runs.items() if f != "π_SFT") + ". A family's envelope is over "
-             "every evaluated point of its runs (frontier.png); DPO's holds plain DPO only (cDPO and IPO are their "
-             "own families). Best-of-N's KL is the analytic bound, the others' a Monte-Carlo estimate. Gaps are "
+             "every evaluated point of its runs (frontier.png); DPO's holds plain DPO only (cDPO, IPO, online DPO and "
+             "TR-DPO are their own families). Best-of-N's KL is the analytic bound, the others' a Monte-Carlo estimate. Gaps are "
              "measured on a grid over the KL range both families cover, each with a 95 % bootstrap interval (each "
              "setting's seeds and the shared prompts redrawn): \"ahead\" only where the interval excludes 0.", ""]
     dpo = runs_of(points, "DPO")
-    for other in ("PPO", "PPO-GT", "Best-of-N", "cDPO", "IPO"):
+    for other in ("PPO", "PPO-GT", "Best-of-N", "Online DPO", "TR-DPO", "cDPO", "IPO"):
         if other in present:
             lines.append("- " + intervals.describe_gap(intervals.envelope_gap(dpo, runs_of(points, other)),
                                                        ("DPO", other)))

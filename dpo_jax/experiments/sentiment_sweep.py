@@ -1,13 +1,13 @@
 """The sentiment experiment's learning-rate selection: every family tuned the same way, on validation prefixes that
 the test prefixes never share (Stages.validation_prefixes).
 
-For each family of `sweep.families`, its representative setting — DPO and its relatives at `sweep.dpo_method`
-(or their first configured method), PPO and PPO-GT at target KL `sweep.target_kl` — is trained from π_SFT at the
-first training seed with every rate of `sweep.learning_rates` and evaluated on the validation prefixes every
-`eval.every` updates, as the test runs are. Chosen: the rate whose run reaches the highest validation reward at a
-KL(π‖π_SFT) within `sweep.max_kl` — a point of the reward-vs-KL frontier the comparison is about. (An earlier
-criterion, the final reward − 0.1·KL, mixed VADER units with nats and picked the smallest rate of the grid for
-every family: the rate that moves least.) The rate is used for all of that family's runs. The sweep's runs are the
+For each family of `sweep.families`, its representative setting — DPO at `sweep.dpo_method`, online DPO at the
+same β, PPO and PPO-GT at target KL `sweep.target_kl`, the others at their first configured method — is trained
+from π_SFT at the first training seed with every rate of `sweep.learning_rates` and evaluated on the validation
+prefixes every `eval.every` updates, as the test runs are. Chosen: the rate whose run reaches the highest
+validation reward at a KL(π‖π_SFT) within `sweep.max_kl` — a point of the reward-vs-KL frontier the comparison
+is about. (An earlier criterion, the final reward − 0.1·KL, mixed VADER units with nats and picked the smallest
+rate of the grid for every family: the rate that moves least.) The rate is used for all of that family's runs. The sweep's runs are the
 families' full budget; they are not counted in the equal-terms table (tuning is the same for every family, and
 stated beside it). The choice is cached under the cache directory, keyed by everything it depends on.
 """
@@ -34,7 +34,7 @@ def _setting_of(st: Any, fam: str) -> tuple[str, Any]:
     if fam in PPO_FAMILIES:
         setting = target_setting(st.c.ppo, PPO_FAMILIES[fam], s.target_kl)
         return setting.name, setting
-    names = [s.dpo_method] if fam == "DPO" else []
+    names = {"DPO": [s.dpo_method], "Online DPO": [f"online_{s.dpo_method}"]}.get(fam, [])  # the same β
     names += [n for n in st.c.methods if family(n) == fam]
     name = next((n for n in names if n in st.c.methods), None)
     if name is None:
@@ -57,7 +57,7 @@ def sweep(st: Any) -> list[str]:
         return []
     if not s.learning_rates:
         return ["", "## Learning rates", "", f"As configured, not swept in this run (config.sweep.learning_rates is "
-                f"empty): {st.c.train.learning_rate:g} for DPO and the other pair-based methods, "
+                f"empty): {st.c.train.learning_rate:g} for DPO, its relatives and online DPO, "
                 f"{st.c.ppo.learning_rate:g} for PPO and PPO-GT. configs/sentiment.py:full chooses every family's "
                 "on validation prefixes."]
     families = [f for f in s.families if f not in PPO_FAMILIES or getattr(st, "reward_model", None)]

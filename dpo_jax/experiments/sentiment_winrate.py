@@ -36,7 +36,7 @@ from dpo_jax.experiments.sentiment_report import COLORS
 from dpo_jax.models.generate import SamplingConfig, generate_chunks
 
 CHUNK = 1024  # rows per generate call
-COMPARED = ("DPO", "PPO", "PPO-GT")  # the families whose chosen settings the summary compares
+COMPARED = ("DPO", "PPO", "PPO-GT", "Online DPO")  # the families whose chosen settings the summary compares
 
 
 class WinRates:
@@ -179,7 +179,7 @@ class WinRates:
         return np.stack([o[key] for (m, _, d, t2), o in self.outcomes.items() if (m, d, t2) == (method, domain, t)])
 
     def _summary(self, domains: list[str], kl: dict[str, float]) -> list[str]:
-        """DPO's chosen setting against PPO's and PPO-GT's: win-rate differences per temperature and reward
+        """DPO's chosen setting against PPO's, PPO-GT's and online DPO's: win-rate differences per temperature and reward
         differences per new domain, each with its 95 % interval over seeds and prompts (paired by prompt)."""
         best = {f: self._best(f) for f in COMPARED}
         if not best["DPO"]:
@@ -191,7 +191,7 @@ class WinRates:
                  ". Differences below are DPO's minus the other's on the test prefixes, with 95 % bootstrap intervals "
                  "over seeds and prompts (paired by prompt): \"ahead\" only where the interval excludes 0. Win rates "
                  "do not hold KL fixed; the frontier above does."]
-        for f in ("PPO", "PPO-GT"):
+        for f in COMPARED[1:]:
             if best[f]:
                 diffs = [(t, intervals.difference_interval(self._per_seed(best["DPO"], "movies", t, "win"),
                                                            self._per_seed(best[f], "movies", t, "win")))
@@ -203,7 +203,7 @@ class WinRates:
                                  f"T {t:g}: {100 * d.estimate:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}] points"
                                  for t, d in diffs) + ").")
         new = [d for d in domains if d != "movies"]
-        for f in ("PPO", "PPO-GT"):
+        for f in COMPARED[1:]:
             if best[f] and new:
                 diffs = [(d, intervals.difference_interval(self._per_seed(best["DPO"], d, 1.0, "reward"),
                                                            self._per_seed(best[f], d, 1.0, "reward"))) for d in new]

@@ -21,7 +21,9 @@ from dpo_jax.models.pair_attention import pair_attention
 from dpo_jax.models.rotary import apply_rotary
 
 Array = jax.Array
-Cache = dict[str, Array]  # {"k", "v"}: [layers, B, S, kv_heads, head_dim]
+# {"k", "v"}: [layers, B, kv_heads, S, head_dim] — slots next to head_dim, so the decode step's two attention
+# matmuls read a layer's cache as it lies (with S before the heads, XLA:CPU transposed it every token)
+Cache = dict[str, Array]
 
 _ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -155,17 +157,14 @@ class Attention(nn.Module):
         if c.position_embedding == "rotary":
             q, k = apply_rotary(q, positions, c), apply_rotary(k, positions, c)
         new_cache = None
-        if layer_cache is not None:  # write this step's keys/values at cache_index, attend over the whole cache
-            k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype),
-                                                        cache_index, axis=1)
-            v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype),
-                                                        cache_index, axis=1)
-            new_cache = {"k": k_all, "v": v_all}
-            k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
-        # softmax_custom_jvp: the softmax's derivative as y · (g − Σ y·g) rather than through exp / sum (JAX's
-        # default still): a third less attention backward work (docs/PERFORMANCE.md), same values
-        with jax.softmax_custom_jvp(True):
-            out = causal_attention(q, k, v, mask, c, blocks=layer_cache is None, shared_segment=self.shared_segment)
+        if layer_cache is not None:  # decoding: returns only this step's keys/values; the Decoder writes them
+            k, v = (jnp.swapaxes(x, 1, 2).astype(layer_cache[n].dtype) for n, x in (("k", k), ("v", v)))
+            out, new_cache = cached_attention(q, k, v, layer_cache, mask, cache_index, c), {"k": k, "v": v}
+        else:
+            # softmax_custom_jvp: the softmax's derivative as y · (g − Σ y·g) rather than through exp / sum (JAX's
+            # default still): a third less attention backward work (docs/PERFORMANCE.md), same values
+            with jax.softmax_custom_jvp(True):
+                out = causal_attention(q, k, v, mask, c, blocks=True, shared_segment=self.shared_segment)
         out = _dense(c, c.hidden_size, ("heads", "head_dim", "embed"), "o", c.attn_out_bias, in_axes=(-2, -1))(out)
         return out, new_cache
 
@@ -199,6 +198,39 @@ def causal_attention(q: Array, k: Array, v: Array, mask: Array | dict, config: M
         jax.nn.dot_product_attention(q[:, lo:hi], k[:, :hi], v[:, :hi], mask=mask[:, :, lo:hi, :hi],
                                      scale=config.head_dim**-0.5, implementation=impl)
         for lo, hi in zip([0] + ends[:-1], ends)], axis=1)
+
+
+def cached_attention(q: Array, k: Array, v: Array, cache: Cache, mask: Array, cache_index: Array | int,
+                     config: ModelConfig) -> Array:
+    """T new queries [B, T, H, D] over a layer cache's keys [B, KV, S, D] and their own T keys [B, KV, T, D],
+    without writing the cache: two score blocks under one softmax (one max, one sum). Writing the new keys into a layer's cache slice
+    first, as a plain attention call needs, copies that layer's whole cache every decoded token — most of a decode
+    step's memory traffic (docs/PERFORMANCE.md, "Sampling"); the Decoder instead writes every layer's new keys into
+    the stacked cache once, in place. The cache's slots [cache_index, cache_index + T) are stale (not yet written):
+    masked there, their mask entries serve the new block. A query with no visible key at all (a left-padding
+    prompt slot) gets a uniform average, as XLA's masked attention gives it; nothing reads it."""
+    b, t, h, d = q.shape
+    kv, s = k.shape[1], cache["k"].shape[2]
+    qg = q.reshape(b, t, kv, h // kv, d)
+    slot = jnp.arange(s)
+    stale = (slot >= cache_index) & (slot < cache_index + t)
+    old_mask = (mask & ~stale)[:, :, None]  # [B, 1, 1, T, S] against scores [B, KV, G, T, S]
+    new_mask = jax.lax.dynamic_slice_in_dim(mask, cache_index, t, axis=3)[:, :, None]
+    scale, lowest = d**-0.5, jnp.finfo(jnp.float32).min
+
+    def scores(keys, keep):
+        raw = jnp.einsum("btkgd,bksd->bkgts", qg, keys.astype(q.dtype), preferred_element_type=jnp.float32)
+        return jnp.where(keep, raw * scale, lowest)
+
+    old, new = scores(cache["k"], old_mask), scores(k, new_mask)
+    top = jnp.maximum(old.max(-1, keepdims=True), new.max(-1, keepdims=True))
+    p_old, p_new = jnp.exp(old - top), jnp.exp(new - top)
+    total = p_old.sum(-1) + p_new.sum(-1)  # [B, KV, G, T]
+    out = (jnp.einsum("bkgts,bksd->btkgd", p_old.astype(q.dtype), cache["v"].astype(q.dtype),
+                      preferred_element_type=jnp.float32) +
+           jnp.einsum("bkgts,bksd->btkgd", p_new.astype(q.dtype), v.astype(q.dtype),
+                      preferred_element_type=jnp.float32))
+    return (out / jnp.moveaxis(total, 3, 1)[..., None]).reshape(b, t, h, d).astype(q.dtype)
 
 
 class Mlp(nn.Module):
@@ -313,7 +345,7 @@ class Decoder(nn.Module):
         c = self.config
         b, t = input_ids.shape
         if attention_mask is None:
-            attention_mask = jnp.ones((b, t) if cache is None else (b, cache["k"].shape[2]), jnp.int32)
+            attention_mask = jnp.ones((b, t) if cache is None else (b, cache["k"].shape[3]), jnp.int32)
         if positions is None:
             if cache is not None:
                 raise ValueError("Decoder: pass positions explicitly when decoding with a cache")
@@ -353,6 +385,9 @@ class Decoder(nn.Module):
                 x, lc = block(c, shared_segment, name=f"layers_{i}")(x, positions, mask, cache_index, layer_cache)
                 new_layers.append(lc)
             new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new_layers)
+        if cache is not None:  # every layer's new keys/values [L, B, KV, T, D] into the cache, one in-place write
+            new_cache = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], new_cache[name], cache_index, axis=3)
+                         for name in cache}
 
         x = Norm(c, name="final_norm")(x)
         if c.head == "score":  # a reward model: one scalar per token, read at the last one (models/reward.py)
@@ -388,7 +423,7 @@ def logits(params: dict, config: ModelConfig, hidden: Array) -> Array:
 
 def init_cache(config: ModelConfig, batch: int, length: int, dtype: Any = None) -> Cache:
     """An empty KV cache for `length` slots (prompt + new tokens)."""
-    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+    shape = (config.num_layers, batch, config.num_kv_heads, length, config.head_dim)
     dtype = jnp.dtype(dtype or config.dtype)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 

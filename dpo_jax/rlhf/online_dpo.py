@@ -81,14 +81,16 @@ class OnlineRollouts:
     """The Trainer's rollout hook (train/trainer.py): a host batch of the preference data -> a DPO batch of pairs the
     current policy sampled from its prompts, reference log-probs attached.
 
-    score(rows, row mask, texts, prompt width) -> [n] scores of n samples (make_score); reference:
+    prompt_of(example id) -> the prompt's tokens (`prompt_tokens` of a prepared pair; the sentiment experiment's
+    prefixes); score(rows, row mask, texts, prompt width) -> [n] scores of n samples (make_score); reference:
     attaches reference log-probs given the state (train/reference_source.py; SyncedReference moves it, TR-DPO).
     seq_len = prompt width + new tokens."""
 
-    def __init__(self, engine: Any, source: Any, reference: Any, score: Callable[..., np.ndarray], decode: Callable,
-                 sampling: SamplingConfig, samples_per_prompt: int, prompt_width: int, missing_eos_penalty: float,
-                 seed: int):
-        self.engine, self.source, self.reference, self.score, self.decode = engine, source, reference, score, decode
+    def __init__(self, engine: Any, prompt_of: Callable[[int], np.ndarray], reference: Any,
+                 score: Callable[..., np.ndarray], decode: Callable, sampling: SamplingConfig, samples_per_prompt: int,
+                 prompt_width: int, missing_eos_penalty: float, seed: int):
+        self.engine, self.prompt_of, self.reference, self.score = engine, prompt_of, reference, score
+        self.decode = decode
         self.sampling, self.k, self.width = sampling, samples_per_prompt, prompt_width
         self.missing_eos_penalty, self.seed = missing_eos_penalty, seed
         self.seq_len = prompt_width + sampling.max_new_tokens
@@ -99,7 +101,7 @@ class OnlineRollouts:
         real = [int(i) for i in local["example_id"] if i >= 0]
         if not real:
             raise ValueError("online DPO: a batch without a single real prompt")
-        prompts = [prompt_tokens(self.source[i]) for i in real]
+        prompts = [np.asarray(self.prompt_of(i)) for i in real]
         ids, mask = left_padded(prompts, self.width, self.sampling.pad_id)
         samples = sample_n(state.params, self.engine.model, ids, mask, self.k,
                            jax.random.fold_in(jax.random.key(self.seed), step), self.sampling)
@@ -203,7 +205,8 @@ def train_online(c: Any, judge: Any = None) -> dict[str, Any]:
         score = make_score(c, tokenizer, run.engine.mesh, judge)
         sampling = SamplingConfig(max_new_tokens=o.max_new_tokens, temperature=o.temperature,
                                   eos_id=tokenizer.eos_token_id, pad_id=pad)
-        return OnlineRollouts(run.engine, run.loaders["train"].source, reference, score, row_decoder(tokenizer),
+        source = run.loaders["train"].source
+        return OnlineRollouts(run.engine, lambda i: prompt_tokens(source[i]), reference, score, row_decoder(tokenizer),
                               sampling, o.samples_per_prompt, c.data.max_prompt_length, o.missing_eos_penalty,
                               c.train.seed)
 
