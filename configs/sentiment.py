@@ -2,20 +2,22 @@
 
 The DPO paper's controlled-sentiment experiment (§6.1, Fig. 2) in miniature; dpo_jax/experiments/sentiment.py has
 the stages. Default: DPO at β ∈ {0.05, 1}, PPO and PPO-GT by the adaptive KL controller at target KL ∈ {3, 9}, two
-training seeds each (four runs per family), and Best-of-N; 80 updates per run at equal
-ground-truth budgets (1,280 VADER labels behind DPO's pairs and PPO-GT's rollouts alike); learning rates as
+training seeds each (four runs per family), Best-of-N, and online DPO at DPO's two β (one seed each: the 12-minute
+trade); 80 updates per run at equal ground-truth budgets (1,280 VADER labels behind DPO's pairs, PPO-GT's rollouts
+and online DPO's own samples alike); learning rates as
 configured (the default job does not sweep them; `:full` does, on validation prefixes). Output in runs/sentiment:
 results.md, results.csv + outcomes.npz, budget.csv, frontier.png, winrate.png, winrate.md, winrate.csv,
 generalization.csv, overoptimization.png, samples.jsonl, pairs.jsonl (docs/sentiment/ has a copy of a real run;
 its results.md has the measured times per stage).
 
-Expected (default; measured 10 min 7 s on 2 CPU cores from an empty cache, matmul peak 145 GFLOP/s): VADER vs
+Expected (default; measured 10 min 30 s on 2 CPU cores from an empty cache, matmul peak 126 GFLOP/s): VADER vs
 human ratings r = 0.450; π_SFT +0.113 on held-out prefixes; DPO β = 0.05 +0.419 (KL 9.5), β = 1 +0.205 (KL 0.9);
-PPO target 3 / 9 +0.240 / +0.448 (KL 3.2 / 14.5); PPO-GT target 3 / 9 +0.317 / +0.471 (KL 3.4 / 8.3); the reward
-model 0.584 on held-out pairs; at matched KL DPO level with PPO, PPO-GT and Best-of-N on every shared range.
+PPO target 3 / 9 +0.240 / +0.448 (KL 3.2 / 14.5); PPO-GT target 3 / 9 +0.317 / +0.471 (KL 3.4 / 8.3); online DPO
+β = 0.05 / 1 +0.253 / +0.179 (KL 3.7 / 1.3); the reward model 0.584 on held-out pairs; at matched KL DPO level with
+PPO, PPO-GT and Best-of-N on every shared range, ahead of online DPO on 12 % of theirs.
 
-`:full`: every family at three seeds, the paper's four target KLs, four β, cDPO, IPO, Unlikelihood and
-Preferred-FT, every family's learning rate (and the reward model's) chosen on validation prefixes, into
+`:full`: every family at three seeds, the paper's four target KLs, four β (DPO and online DPO), TR-DPO, cDPO, IPO,
+Unlikelihood and Preferred-FT, every family's learning rate (and the reward model's) chosen on validation prefixes, into
 runs/sentiment_full; results in docs/sentiment/full/.
 """
 
