@@ -67,7 +67,7 @@ class ModelConfig:
     attention_impl: str | None = None  # None: automatic (the Pallas kernel on TPU, else XLA's); "xla", "cudnn"
     #   (jax.nn.dot_product_attention's), or "pallas" (models/pair_attention.py; interpret mode off TPU)
     attention_query_block: int = 0  # > 0: XLA attention over T >= 1.5 x this skips the causal upper triangle in
-    #   query blocks of about this many rows (decoder.causal_attention); 0: one dense T x T
+    #   query blocks of about this many rows (attention.causal_attention); 0: one dense T x T
     lora_rank: int = 0  # > 0: low-rank adapters (models/lora.py) on the `lora_targets` projections
     lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank (PEFT's convention)
     lora_targets: tuple[str, ...] = ()  # projection names: q, k, v, o, gate, up, down, fc_in, fc_out
