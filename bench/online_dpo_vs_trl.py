@@ -15,9 +15,10 @@ the update is the rest of the step. Runs are fresh processes, interleaved (ours,
 TRL runs trl==1.16.0 (OnlineDPOTrainer in trl.experimental.online_dpo) in the DPO bench's virtualenv under the work
 directory, twice a repeat: `trl` on OnlineDPOConfig's defaults, which turn gradient checkpointing on and with it the
 sampler's KV cache off (every new token recomputes the whole sequence), and `trl_cache` with
-gradient_checkpointing=False (the KV cache on: TRL's fastest setting on this machine, the fairer peer). Ours runs `dpo-jax train` with train.mode = "online_dpo" on the defaults but for the job's settings (the
-first run prints the config keys that differ), with an empty compile cache per run (cold) unless --compile-cache
-shares one (repeat 0 fills it).
+gradient_checkpointing=False (the KV cache on: TRL's fastest setting on this machine, the fairer peer). Ours runs
+`dpo-jax train` with train.mode = "online_dpo" on the defaults but for the job's settings (the first run prints the
+config keys that differ), with an empty compile cache per run (cold) unless --compile-cache shares one (repeat 0 fills
+it).
 """
 
 from __future__ import annotations

@@ -10,9 +10,10 @@ Stages (each cached under the cache directory, keyed by what it depends on):
                 VADER and the human ratings), and Best-of-N from π_SFT ranked by it (rlhf/best_of_n.py: one pass of
                 max N samples per held-out prefix, every N read off it; KL = log N − (N−1)/N);
  6. methods  — DPO (several β), conservative DPO, IPO, Unlikelihood (α sweep) and Preferred-FT, each from π_SFT with
-                the reference log-probs precomputed once; online DPO and TR-DPO (sentiment_online.py); every `eval_every` steps, completions for held-out test
-                prefixes give the mean reward and the mean sequence-level KL(π‖π_ref) = Σ_t log π − log π_ref over
-                the sampled tokens (a Monte-Carlo estimate: ≥ 0 in expectation, 0 for π = π_ref). It is unbiased
+                the reference log-probs precomputed once; online DPO and TR-DPO (sentiment_online.py); every
+                `eval_every` steps, completions for held-out test prefixes give the mean reward and the mean
+                sequence-level KL(π‖π_ref) = Σ_t log π − log π_ref over the sampled tokens (a Monte-Carlo
+                estimate: ≥ 0 in expectation, 0 for π = π_ref). It is unbiased
                 only for samples from π itself, so evaluation samples at temperature 1 whatever
                 `pairs.temperature` the preference pairs were drawn at;
  7. win rates — every final policy (π_SFT, each method, PPO, PPO-GT) sampled at temperatures 0 … 1 on held-out
@@ -318,10 +319,8 @@ class Stages:
         t = self.c.train
         swept = learning_rate is not None
         learning_rate = learning_rate if swept else self.learning_rates.get(family(name), t.learning_rate)
-        usage = Usage(name, seed, learning_rate, ground_truth_labels=self.pair_samples,
-                      samples_generated=self.pair_samples)
-        if sentiment_online.is_online(m):  # its labels are its own samples', counted as they are scored
-            usage.ground_truth_labels = usage.samples_generated = 0
+        pairs = 0 if sentiment_online.is_online(m) else self.pair_samples  # online: its samples, counted as scored
+        usage = Usage(name, seed, learning_rate, ground_truth_labels=pairs, samples_generated=pairs)
         if (name, learning_rate) not in self.engines:  # one compiled step per method and rate, for every seed
             engine = self.engine_for(name, m, learning_rate, sentiment_online.batch_pairs(self, m), self.sft_params)
             self.engines[name, learning_rate] = engine, jax.tree.map(jnp.copy, engine.state)

@@ -3,8 +3,9 @@ budget.csv.
 
 Per run: optimizer updates and the sequences they read (counted at the engine's train step), ground-truth (VADER)
 labels behind its training signal, reward-model queries, completions generated for training, and wall-clock
-seconds. Online DPO is charged its own samples, each labelled by VADER as it trains (sentiment_online.py). Pair-based methods (DPO and relatives, Preferred-FT, Unlikelihood) and the reward model behind PPO share
-one set of pairs: each is charged the pairs' labels and samples in full (they are the data it trained on).
+seconds. Pair-based methods (DPO and relatives, Preferred-FT, Unlikelihood) and the reward model behind PPO share
+one set of pairs: each is charged the pairs' labels and samples in full (they are the data it trained on). Online
+DPO is charged its own samples instead, each labelled by VADER as it trains (sentiment_online.py).
 Evaluation is the same for every run and not counted.
 """
 

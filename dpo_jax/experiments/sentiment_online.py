@@ -45,13 +45,15 @@ def rollout(st: Any, m: ml_collections.ConfigDict, engine: Any, initial: Any, se
             ) -> tuple[Callable[[dict, Any], dict] | None, Iterator[dict] | None]:
     """(the Trainer's rollout hook, its batches) for a method that samples its pairs or moves its reference;
     (None, None) for the others (the precomputed table and the pair loader). `initial`: π_SFT's train state on
-    device; the reference is a copy of its params (the step donates the state, TR-DPO moves the copy)."""
+    device; the reference is a copy of its params (the step donates the state, TR-DPO moves the copy), moved for
+    an online method with `ref_sync_every` too, as `dpo-jax train` moves it."""
     if not (is_online(m) or moves_reference(m)):
         return None, None
     reference = PerBatchReference(engine, jax.tree.map(jnp.copy, initial.params))
+    if moves_reference(m):  # TR-DPO, offline or online
+        reference = SyncedReference(reference, m.dpo.ref_sync_every, m.dpo.get("ref_sync_alpha", 1.0))
     if not is_online(m):
-        synced = SyncedReference(reference, m.dpo.ref_sync_every, m.dpo.get("ref_sync_alpha", 1.0))
-        return (lambda local, state: synced.attach(local, "train", state)), st.pair_loader(seed)
+        return (lambda local, state: reference.attach(local, "train", state)), st.pair_loader(seed)
     o, p = st.c.online, st.c.pairs
     prompts, mask = st.prefixes(st.train_ids, p.prefixes, st.c.seed + 1)  # the pairs' (and PPO's) prefixes
     label = usage.count_scores(lambda rows, row_mask, texts: st.reward(texts), ground_truth=True)

@@ -20,7 +20,8 @@ import numpy as np
 # the paper's protocol)
 FAMILIES = (("ppo_gt_beta", "PPO-GT (fixed β)"), ("ppo_beta", "PPO (fixed β)"), ("ppo_gt", "PPO-GT"), ("ppo", "PPO"),
             ("best_of_n", "Best-of-N"), ("online_dpo", "Online DPO"), ("tr_dpo", "TR-DPO"), ("cdpo", "cDPO"),
-            ("ipo", "IPO"), ("dpo", "DPO"), ("unlikelihood", "Unlikelihood"), ("preferred_ft", "Preferred-FT"), ("sft", "π_SFT"))
+            ("ipo", "IPO"), ("dpo", "DPO"), ("unlikelihood", "Unlikelihood"), ("preferred_ft", "Preferred-FT"),
+            ("sft", "π_SFT"))
 COLUMNS = ("family", "method", "seed", "step", "vader", "kl", "rm_score")
 
 

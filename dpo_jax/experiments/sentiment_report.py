@@ -267,9 +267,10 @@ def _matched_kl_lines(c: ml_collections.ConfigDict, points: list[dict[str, Any]]
              + ". Runs (settings × seeds): "
              + ", ".join(f"{f} {n}" for f, n in runs.items() if f != "π_SFT") + ". A family's envelope is over "
              "every evaluated point of its runs (frontier.png); DPO's holds plain DPO only (cDPO, IPO, online DPO and "
-             "TR-DPO are their own families). Best-of-N's KL is the analytic bound, the others' a Monte-Carlo estimate. Gaps are "
-             "measured on a grid over the KL range both families cover, each with a 95 % bootstrap interval (each "
-             "setting's seeds and the shared prompts redrawn): \"ahead\" only where the interval excludes 0.", ""]
+             "TR-DPO are their own families). Best-of-N's KL is the analytic bound, the others' a Monte-Carlo "
+             "estimate. Gaps are measured on a grid over the KL range both families cover, each with a 95 % "
+             "bootstrap interval (each setting's seeds and the shared prompts redrawn): \"ahead\" only where the "
+             "interval excludes 0.", ""]
     dpo = runs_of(points, "DPO")
     for other in ("PPO", "PPO-GT", "Best-of-N", "Online DPO", "TR-DPO", "cDPO", "IPO"):
         if other in present:

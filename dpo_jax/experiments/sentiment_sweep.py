@@ -1,15 +1,15 @@
 """The sentiment experiment's learning-rate selection: every family tuned the same way, on validation prefixes that
 the test prefixes never share (Stages.validation_prefixes).
 
-For each family of `sweep.families`, its representative setting — DPO at `sweep.dpo_method`, online DPO at the
-same β, PPO and PPO-GT at target KL `sweep.target_kl`, the others at their first configured method — is trained
-from π_SFT at the first training seed with every rate of `sweep.learning_rates` and evaluated on the validation
-prefixes every `eval.every` updates, as the test runs are. Chosen: the rate whose run reaches the highest
-validation reward at a KL(π‖π_SFT) within `sweep.max_kl` — a point of the reward-vs-KL frontier the comparison
-is about. (An earlier criterion, the final reward − 0.1·KL, mixed VADER units with nats and picked the smallest
-rate of the grid for every family: the rate that moves least.) The rate is used for all of that family's runs. The sweep's runs are the
-families' full budget; they are not counted in the equal-terms table (tuning is the same for every family, and
-stated beside it). The choice is cached under the cache directory, keyed by everything it depends on.
+For each family of `sweep.families`, its representative setting — DPO at `sweep.dpo_method`, online DPO at the same β,
+PPO and PPO-GT at target KL `sweep.target_kl`, the others at their first configured method — is trained from π_SFT at
+the first training seed with every rate of `sweep.learning_rates` and evaluated on the validation prefixes every
+`eval.every` updates, as the test runs are. Chosen: the rate whose run reaches the highest validation reward at a
+KL(π‖π_SFT) within `sweep.max_kl` — a point of the reward-vs-KL frontier the comparison is about. (An earlier
+criterion, the final reward − 0.1·KL, mixed VADER units with nats and picked the smallest rate of the grid for every
+family: the rate that moves least.) The rate is used for all of that family's runs. The sweep's runs are the families'
+full budget; they are not counted in the equal-terms table (tuning is the same for every family, and stated beside
+it). The choice is cached under the cache directory, keyed by everything it depends on.
 """
 
 from __future__ import annotations

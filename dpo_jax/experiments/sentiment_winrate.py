@@ -179,8 +179,8 @@ class WinRates:
         return np.stack([o[key] for (m, _, d, t2), o in self.outcomes.items() if (m, d, t2) == (method, domain, t)])
 
     def _summary(self, domains: list[str], kl: dict[str, float]) -> list[str]:
-        """DPO's chosen setting against PPO's, PPO-GT's and online DPO's: win-rate differences per temperature and reward
-        differences per new domain, each with its 95 % interval over seeds and prompts (paired by prompt)."""
+        """DPO's chosen setting against PPO's, PPO-GT's and online DPO's: win-rate differences per temperature and
+        reward differences per new domain, each with its 95 % interval over seeds and prompts (paired by prompt)."""
         best = {f: self._best(f) for f in COMPARED}
         if not best["DPO"]:
             return []

@@ -68,20 +68,20 @@ def attention_impl(config: ModelConfig) -> str | None:
     return config.attention_impl
 
 
-def causal_attention(q: Array, k: Array, v: Array, mask: Array | dict, config: ModelConfig, blocks: bool,
+def causal_attention(q: Array, k: Array, v: Array, mask: Array | dict, config: ModelConfig,
                      shared_segment: int | None = None) -> Array:
-    """`mask` a dict of per-token inputs (Decoder: the Pallas kernel's path): the kernel, which builds the mask
-    itself. Else `jax.nn.dot_product_attention` under the boolean mask; with `blocks` (queries and keys the same T
-    tokens) and XLA's attention, the queries go in blocks of about `config.attention_query_block` rows, block i
-    attending only the keys up to its own end. The causal upper triangle, masked for every query anyway, is then
-    never computed — at 576 tokens in three blocks a third of the T × T work. Exact: each query's softmax sees the
-    same unmasked keys."""
+    """Attention of T tokens over themselves (training and scoring passes; decoding is `cached_attention`). `mask` a
+    dict of per-token inputs (Decoder: the Pallas kernel's path): the kernel, which builds the mask itself. Else
+    `jax.nn.dot_product_attention` under the boolean mask; with XLA's attention the queries go in blocks of about
+    `config.attention_query_block` rows, block i attending only the keys up to its own end. The causal upper triangle,
+    masked for every query anyway, is then never computed — at 576 tokens in three blocks a third of the T × T work.
+    Exact: each query's softmax sees the same unmasked keys."""
     if isinstance(mask, dict):
         return pair_attention(q, k, v, **mask, shared_segment=shared_segment, sliding_window=config.sliding_window,
                               scale=config.head_dim**-0.5, interpret=target_platform() != "tpu")
-    impl = config.attention_impl if config.attention_impl != "pallas" else None  # decoding: XLA's
+    impl = config.attention_impl
     t, size = q.shape[1], config.attention_query_block
-    n = round(t / size) if size and blocks and impl != "cudnn" else 1
+    n = round(t / size) if size and impl != "cudnn" else 1
     if n < 2:
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=config.head_dim**-0.5, implementation=impl)
     ends = [round(t * (i + 1) / n) for i in range(n)]
@@ -91,15 +91,14 @@ def causal_attention(q: Array, k: Array, v: Array, mask: Array | dict, config: M
         for lo, hi in zip([0] + ends[:-1], ends)], axis=1)
 
 
-def cached_attention(q: Array, k: Array, v: Array, cache: Cache, mask: Array, cache_index: Array | int,
-                     config: ModelConfig) -> Array:
-    """T new queries [B, T, H, D] over a layer cache's keys [B, KV, S, D] and their own T keys [B, KV, T, D],
-    without writing the cache: two score blocks under one softmax (one max, one sum). Writing the new keys into a layer's cache slice
-    first, as a plain attention call needs, copies that layer's whole cache every decoded token — most of a decode
-    step's memory traffic (docs/PERFORMANCE.md, "Sampling"); the Decoder instead writes every layer's new keys into
-    the stacked cache once, in place. The cache's slots [cache_index, cache_index + T) are stale (not yet written):
-    masked there, their mask entries serve the new block. A query with no visible key at all (a left-padding
-    prompt slot) gets a uniform average, as XLA's masked attention gives it; nothing reads it."""
+def cached_attention(q: Array, k: Array, v: Array, cache: Cache, mask: Array, cache_index: Array | int) -> Array:
+    """T new queries [B, T, H, D] over a layer cache's keys [B, KV, S, D] and their own T keys [B, KV, T, D], without
+    writing the cache: two score blocks under one softmax (one max, one sum). Writing the new keys into a layer's cache
+    slice first, as a plain attention call needs, copies that layer's whole cache every decoded token — most of a decode
+    step's memory traffic (docs/PERFORMANCE.md, "Sampling"); the Decoder instead writes every layer's new keys into the
+    stacked cache once, in place. The cache's slots [cache_index, cache_index + T) are stale (not yet written): masked
+    there, their mask entries serve the new block. A query with no visible key at all (a left-padding prompt slot) gets
+    a uniform average, as XLA's masked attention gives it; nothing reads it."""
     b, t, h, d = q.shape
     kv, s = k.shape[1], cache["k"].shape[2]
     qg = q.reshape(b, t, kv, h // kv, d)

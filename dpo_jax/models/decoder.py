@@ -158,12 +158,12 @@ class Attention(nn.Module):
         new_cache = None
         if layer_cache is not None:  # decoding: returns only this step's keys/values; the Decoder writes them
             k, v = (jnp.swapaxes(x, 1, 2).astype(layer_cache[n].dtype) for n, x in (("k", k), ("v", v)))
-            out, new_cache = cached_attention(q, k, v, layer_cache, mask, cache_index, c), {"k": k, "v": v}
+            out, new_cache = cached_attention(q, k, v, layer_cache, mask, cache_index), {"k": k, "v": v}
         else:
             # softmax_custom_jvp: the softmax's derivative as y · (g − Σ y·g) rather than through exp / sum (JAX's
             # default still): a third less attention backward work (docs/PERFORMANCE.md), same values
             with jax.softmax_custom_jvp(True):
-                out = causal_attention(q, k, v, mask, c, blocks=True, shared_segment=self.shared_segment)
+                out = causal_attention(q, k, v, mask, c, shared_segment=self.shared_segment)
         out = _dense(c, c.hidden_size, ("heads", "head_dim", "embed"), "o", c.attn_out_bias, in_axes=(-2, -1))(out)
         return out, new_cache
 
